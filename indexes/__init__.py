@@ -1,0 +1,1 @@
+"""Indexing an image collection into FAISS + SQLite, and searching it."""

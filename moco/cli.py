@@ -1,0 +1,9 @@
+"""Subcommands of the `moco` package: pretrain, export."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register this package's subcommands on the `moco-search` parser."""

@@ -1,0 +1,54 @@
+"""Backbones by name, with the small-image stem used by MoCo's CIFAR demo.
+
+The official CIFAR-10 demo of MoCo replaces ResNet's 7x7/2 conv + max-pool stem with a 3x3/1 conv
+and no pool: on images of about 96 px and less the ImageNet stem throws away 4x of the resolution
+before the first block. ``small_stem=True`` does the same here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch.nn as nn
+import torchvision.models as tvm
+
+ENCODERS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": tvm.resnet18,
+    "resnet34": tvm.resnet34,
+    "resnet50": tvm.resnet50,
+    "resnet101": tvm.resnet101,
+    "resnet152": tvm.resnet152,
+    "wide_resnet50_2": tvm.wide_resnet50_2,
+}
+"""torchvision constructors, always called with ``weights=None``: nothing is downloaded."""
+
+_FEATURE_DIM = {"resnet18": 512, "resnet34": 512}
+
+
+def check_arch(arch: str) -> str:
+    """Return ``arch`` or raise a ``ValueError`` naming the valid choices."""
+    if arch not in ENCODERS:
+        raise ValueError(f"Unknown arch {arch!r}; valid names: {', '.join(sorted(ENCODERS))}")
+    return arch
+
+
+def feature_dim(arch: str) -> int:
+    """Width of the pooled features of ``arch`` (the input of its ``fc``)."""
+    return _FEATURE_DIM.get(check_arch(arch), 2048)
+
+
+def build_encoder(arch: str, num_classes: int = 0, small_stem: bool = False) -> nn.Module:
+    """A randomly initialised backbone; ``num_classes=0`` gives ``fc = Identity`` (features out).
+
+    Args:
+        arch: a key of ``ENCODERS``.
+        num_classes: width of the final linear layer, or 0 for none.
+        small_stem: 3x3 stride-1 first conv and no max-pool, for small images.
+    """
+    net = ENCODERS[check_arch(arch)](weights=None)
+    if small_stem:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    dim = net.fc.in_features
+    net.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+    return net

@@ -1,0 +1,246 @@
+"""Frozen, self-describing encoders: a safetensors file beside a JSON config.
+
+An encoder directory holds ``model.safetensors`` (the query-encoder backbone, head removed) and
+``config.json`` (arch, stem, feature dim and the preprocessing it was trained with, as timm's
+pretrained config). Whoever loads it (indexing, search, probes) rebuilds the transform from the
+config and never guesses. ``content_hash`` (SHA-256 of the weights file) names the encoder, so a
+collection can refuse vectors from another one.
+
+Checkpoints are read with ``torch.load(weights_only=True)``: tensors and primitive types only.
+Besides this project's own training checkpoints, the official facebookresearch/moco (v1/v2,
+``module.encoder_q.*``) and moco-v3 (``module.base_encoder.*``) ResNet checkpoints are accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from moco.augment import IMAGENET_MEAN, IMAGENET_STD
+from moco.encoders import build_encoder, feature_dim
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or encoder that cannot be used, with the reason in the message."""
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    arch: str
+    small_stem: bool = False
+    feature_dim: int = 512
+    image_size: int = 224
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+    content_hash: str = ""
+    source: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_encoder(
+    backbone: nn.Module, cfg: EncoderConfig, out: str | os.PathLike, half: bool = False
+) -> EncoderConfig:
+    """Write ``backbone`` (fc removed) and ``cfg`` to the directory ``out``; return the config
+    with its ``content_hash`` filled in. ``half`` stores fp16 weights (half the size)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in backbone.state_dict().items()
+        if not k.startswith("fc.")
+    }
+    tmp = out / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / WEIGHTS)
+    cfg = dataclasses.replace(cfg, content_hash=sha256_file(out / WEIGHTS))
+    _atomic_write_text(out / CONFIG, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    return cfg
+
+
+def read_encoder_config(path: str | os.PathLike) -> EncoderConfig:
+    """The config of the encoder directory ``path``, without loading its weights."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise CheckpointError(f"Not an encoder directory (no {CONFIG}): {path}")
+    try:
+        return EncoderConfig.from_dict(json.loads((path / CONFIG).read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise CheckpointError(f"Unreadable encoder config {path / CONFIG}: {e}") from e
+
+
+def load_encoder(
+    path: str | os.PathLike, device: str | torch.device = "cpu", verify: bool = True
+) -> tuple[nn.Module, EncoderConfig]:
+    """The frozen encoder stored at ``path``: eval mode, no gradients, features out.
+
+    Examples:
+        >>> model, cfg = load_encoder("models/demo")  # doctest: +SKIP
+        >>> feats = model(eval_transform(cfg)(img)[None])  # 1 x cfg.feature_dim
+    """
+    path = Path(path)
+    cfg = read_encoder_config(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"Encoder weights missing: {weights}")
+    if verify and cfg.content_hash and sha256_file(weights) != cfg.content_hash:
+        raise CheckpointError(
+            f"Encoder weights {weights} do not match the hash in its config "
+            f"({cfg.content_hash[:12]}): the file was changed or is corrupt"
+        )
+    model = build_encoder(cfg.arch, num_classes=0, small_stem=cfg.small_stem)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(weights).items()}
+    model.load_state_dict(state, strict=True)
+    model.requires_grad_(False)
+    return model.eval().to(device), cfg
+
+
+def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
+    """``torch.load(weights_only=True)``, with clear errors instead of pickle tracebacks."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"Refusing {path}: it holds more than tensors and plain values, and loading it would "
+            f"run arbitrary code (torch.load weights_only=True said: {str(e).splitlines()[0]})"
+        ) from e
+    except Exception as e:
+        raise CheckpointError(f"Unreadable checkpoint {path}: {e}") from e
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"Unexpected checkpoint content in {path}: {type(ckpt).__name__}")
+    return ckpt
+
+
+_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.base_encoder.", "base_encoder.")
+
+
+def _infer_arch(state: dict[str, torch.Tensor]) -> str:
+    """ResNet depth from the number of blocks in layer3 and the block type."""
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("layer3.")}
+    n = max(blocks, default=-1) + 1
+    bottleneck = "layer1.0.conv3.weight" in state
+    table = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",
+             (True, 23): "resnet101", (True, 36): "resnet152"}
+    if (bottleneck, n) not in table:
+        raise CheckpointError(f"Cannot tell the ResNet depth of this checkpoint ({n} blocks)")
+    arch = table[(bottleneck, n)]
+    if arch == "resnet50" and state["layer1.0.conv1.weight"].shape[0] == 128:
+        arch = "wide_resnet50_2"
+    return arch
+
+
+def backbone_from_checkpoint(ckpt: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The query-encoder backbone weights (prefix and head stripped) and what is known of them.
+
+    Returns:
+        the state dict for ``build_encoder(arch)`` without ``fc``, and a dict with ``arch``,
+        ``small_stem``, ``source`` and, for this project's checkpoints, ``config``.
+    """
+    raw = ckpt.get("model") or ckpt.get("state_dict") or ckpt
+    prefix = next((p for p in _PREFIXES if any(k.startswith(p) for k in raw)), None)
+    if prefix is None:
+        raise CheckpointError(
+            "No MoCo query encoder in this checkpoint: expected keys starting with one of "
+            + ", ".join(_PREFIXES)
+        )
+    state = {
+        k[len(prefix) :]: v
+        for k, v in raw.items()
+        if k.startswith(prefix) and not k[len(prefix) :].startswith("fc.")
+    }
+    config = ckpt.get("config", {}) if isinstance(ckpt.get("config"), dict) else {}
+    model_cfg = config.get("model", {})
+    arch = model_cfg.get("arch") or _infer_arch(state)
+    small_stem = bool(model_cfg.get("small_stem", state["conv1.weight"].shape[-1] == 3))
+    source = "moco-search" if config else (
+        "facebookresearch/moco-v3" if "base_encoder" in prefix else "facebookresearch/moco"
+    )
+    return state, {"arch": arch, "small_stem": small_stem, "source": source, "config": config}
+
+
+def build_backbone(state: dict[str, torch.Tensor], arch: str, small_stem: bool) -> nn.Module:
+    """A backbone with ``state`` loaded; anything but the head missing or extra is an error."""
+    model = build_encoder(arch, num_classes=0, small_stem=small_stem)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"Checkpoint does not fit {arch} (small_stem={small_stem}): "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return model
+
+
+def export_encoder(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    image_size: int | None = None,
+    half: bool = False,
+) -> EncoderConfig:
+    """Write the frozen query-encoder backbone of ``checkpoint`` as an encoder directory."""
+    state, meta = backbone_from_checkpoint(load_checkpoint_file(checkpoint))
+    model = build_backbone(state, meta["arch"], meta["small_stem"])
+    train_cfg = meta["config"]
+    size = image_size or train_cfg.get("image_size") or 224
+    ours = bool(train_cfg)
+    cfg = EncoderConfig(
+        arch=meta["arch"],
+        small_stem=meta["small_stem"],
+        feature_dim=feature_dim(meta["arch"]),
+        image_size=int(size),
+        interpolation="bilinear",
+        crop_pct=1.0 if ours else 0.875,
+        source=meta["source"],
+        training=_training_summary(checkpoint) if ours else {},
+    )
+    return save_encoder(model, cfg, out, half=half)
+
+
+def _training_summary(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """What the run directory tells about how the encoder was trained (config, last epoch)."""
+    run = Path(checkpoint).parent
+    summary: dict[str, Any] = {"checkpoint": Path(checkpoint).name}
+    if (run / "config.json").is_file():
+        summary["config"] = json.loads((run / "config.json").read_text())
+    if (run / "log.jsonl").is_file():
+        lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+        summary["log"] = lines
+    return summary

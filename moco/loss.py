@@ -1,0 +1,47 @@
+"""InfoNCE over one positive key and K negatives from the queue (MoCo, eq. 1).
+
+https://arxiv.org/abs/1911.05722
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def moco_logits(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets of the (1+K)-way classification that InfoNCE is.
+
+    Args:
+        q: NxC normalised queries.
+        k: NxC normalised positive keys (one per query).
+        queue: CxK normalised negative keys.
+        temperature: T; the logits are divided by it.
+
+    Returns:
+        logits Nx(1+K) with the positive in column 0, and N zero labels.
+    """
+    q, k, queue = q.float(), k.float(), queue.float()  # the similarity is kept in fp32 under AMP
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # Nx1
+    l_neg = torch.einsum("nc,ck->nk", q, queue)  # NxK
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # Nx(1+K)
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return logits, labels
+
+
+def info_nce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean InfoNCE loss: cross-entropy of the positive among 1+K candidates."""
+    return F.cross_entropy(logits, labels)
+
+
+@torch.no_grad()
+def topk_accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1,)
+) -> list[float]:
+    """Percentage of rows whose label is among the top-k logits, for each k in ``ks``."""
+    maxk = min(max(ks), logits.shape[1])
+    top = logits.topk(maxk, dim=1).indices  # Nxmaxk
+    hit = top.eq(labels.unsqueeze(1))
+    return [100.0 * hit[:, : min(k, maxk)].any(dim=1).float().mean().item() for k in ks]

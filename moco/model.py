@@ -1,0 +1,173 @@
+"""MoCo: a query encoder, a momentum key encoder and a FIFO queue of negative keys.
+
+MoCo v1 https://arxiv.org/abs/1911.05722, v2 https://arxiv.org/abs/2003.04297.
+Symbols, as in the papers:
+    K: number of negative keys held in the queue (65536 in the paper; small data needs less).
+    m: momentum of the key encoder, ``theta_k <- m * theta_k + (1 - m) * theta_q`` (0.999).
+    T: softmax temperature (0.07 in v1, 0.2 in v2).
+    dim: width of the normalised embedding compared by the loss (128).
+BatchNorm leaks information between the samples of a batch, which lets the model cheat on the
+pretext task. The official code shuffles the key batch across GPUs ("shuffle BN"); on one device
+the official CIFAR demo splits BatchNorm into ``bn_splits`` groups and shuffles the keys between
+them, which is what ``bn_splits > 1`` does here. Under DDP the key batch is shuffled across ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moco.encoders import build_encoder, feature_dim
+from moco.loss import info_nce, moco_logits
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet18"
+    small_stem: bool = False
+    dim: int = 128
+    K: int = 65536
+    m: float = 0.999
+    T: float = 0.2
+    mlp: bool = True
+    symmetric: bool = False
+    bn_splits: int = 1
+    sync_bn: bool = False
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """BatchNorm with statistics over ``num_splits`` interleaved groups of the batch.
+
+    Emulates per-GPU BatchNorm on one device (official CIFAR demo). Its state dict is that of a
+    plain ``BatchNorm2d``, so an exported encoder uses ordinary BatchNorm.
+    """
+
+    def __init__(self, num_features: int, num_splits: int, **kw: object) -> None:
+        super().__init__(num_features, **kw)
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        s = self.num_splits
+        if not self.training or n % s:
+            return super().forward(x)
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        out = F.batch_norm(
+            x.reshape(n // s, c * s, h, w), mean, var, self.weight.repeat(s),
+            self.bias.repeat(s), True, self.momentum, self.eps,
+        ).reshape(n, c, h, w)
+        self.running_mean.copy_(mean.view(s, c).mean(0))
+        self.running_var.copy_(var.view(s, c).mean(0))
+        self.num_batches_tracked.add_(1)
+        return out
+
+
+def _split_bn(module: nn.Module, splits: int) -> nn.Module:
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            bn = SplitBatchNorm(child.num_features, splits, eps=child.eps, momentum=child.momentum)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            _split_bn(child, splits)
+    return module
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0 (no gradient flows back)."""
+    if not _distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class MoCo(nn.Module):
+    """Query encoder trained by backprop, key encoder by momentum, queue of K negatives."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder_q = self._make_encoder(cfg)
+        self.encoder_k = self._make_encoder(cfg)
+        self.encoder_k.load_state_dict(self.encoder_q.state_dict())
+        for p in self.encoder_k.parameters():
+            p.requires_grad = False  # only the momentum update changes the key encoder
+        self.register_buffer("queue", F.normalize(torch.randn(cfg.dim, cfg.K), dim=0))  # CxK
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @staticmethod
+    def _make_encoder(cfg: ModelConfig) -> nn.Module:
+        net = build_encoder(cfg.arch, num_classes=cfg.dim, small_stem=cfg.small_stem)
+        if cfg.mlp:  # v2: a 2-layer MLP head replaces the linear fc
+            width = feature_dim(cfg.arch)
+            net.fc = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), net.fc)
+        if cfg.bn_splits > 1:
+            _split_bn(net, cfg.bn_splits)
+        if cfg.sync_bn:
+            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        return net
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """theta_k <- m * theta_k + (1 - m) * theta_q."""
+        q_params = list(self.encoder_q.parameters())
+        k_params = list(self.encoder_k.parameters())
+        torch._foreach_mul_(k_params, self.cfg.m)
+        torch._foreach_add_(k_params, q_params, alpha=1.0 - self.cfg.m)
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Replace the oldest keys with ``keys`` (NxC, gathered from all ranks), FIFO."""
+        keys = concat_all_gather(keys.float())[-self.cfg.K :]
+        n, ptr = keys.shape[0], int(self.queue_ptr)
+        idx = (torch.arange(n, device=keys.device) + ptr) % self.cfg.K  # wraps past the end
+        self.queue[:, idx] = keys.T
+        self.queue_ptr[0] = (ptr + n) % self.cfg.K
+
+    @torch.no_grad()
+    def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
+        """Key features of a shuffled batch, so that BatchNorm groups differ from the queries'."""
+        if _distributed():
+            world, rank = dist.get_world_size(), dist.get_rank()
+            x = concat_all_gather(im_k)
+            perm = torch.randperm(x.shape[0], device=x.device)
+            dist.broadcast(perm, src=0)
+            n = im_k.shape[0]
+            k = F.normalize(self.encoder_k(x[perm.view(world, n)[rank]]), dim=1)
+            k_all = concat_all_gather(k)
+            return k_all[torch.argsort(perm)].view(world, n, -1)[rank]  # un-shuffle
+        perm = torch.randperm(im_k.shape[0], device=im_k.device)
+        k = F.normalize(self.encoder_k(im_k[perm]), dim=1)
+        return k[torch.argsort(perm)]
+
+    def forward(
+        self, im_q: torch.Tensor, im_k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One training step's loss; also updates the key encoder and the queue.
+
+        Returns:
+            loss, and the logits Nx(1+K) and labels of the (im_q, im_k) pair for accuracy.
+        """
+        self.momentum_update()
+        q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
+        k = self._keys(im_k)  # NxC
+        logits, labels = moco_logits(q, k, self.queue.clone().detach(), self.cfg.T)
+        loss = info_nce(logits, labels)
+        keys = k
+        if self.cfg.symmetric:  # swap the roles of the two views and average
+            q2 = F.normalize(self.encoder_q(im_k), dim=1)
+            k2 = self._keys(im_q)
+            loss = 0.5 * (loss + info_nce(*moco_logits(q2, k2, self.queue.clone(), self.cfg.T)))
+            keys = torch.cat([k, k2])
+        self.enqueue(keys)
+        return loss, logits, labels

@@ -1,0 +1,37 @@
+"""Dependencies point one way: app -> indexes -> moco."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {"moco": {"indexes", "app", "launch"}, "indexes": {"app", "launch"}, "app": {"launch"}}
+
+
+def imported_packages(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_no_upward_imports(package: str) -> None:
+    files = sorted((ROOT / package).rglob("*.py"))
+    assert files, f"{package}/ has no modules"
+    bad = {
+        str(f.relative_to(ROOT)): sorted(imported_packages(f) & FORBIDDEN[package]) for f in files
+    }
+    assert not {f: b for f, b in bad.items() if b}
+
+
+def test_detector_sees_imports(tmp_path: Path) -> None:
+    f = tmp_path / "m.py"
+    f.write_text("import indexes.store\nfrom app import ui\nfrom . import sibling\n")
+    assert imported_packages(f) == {"indexes", "app"}
