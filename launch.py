@@ -14,9 +14,13 @@ from collections.abc import Sequence
 
 from app import cli as app_cli
 from indexes import cli as indexes_cli
+from indexes import probe_cli
 from moco import cli as moco_cli
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FileExistsError)
+USER_ERRORS = (
+    ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FileExistsError,
+    FloatingPointError,
+)
 """Raised for bad input (paths, flags, files); shown as one line, never as a traceback."""
 
 
@@ -27,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: off)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (moco_cli, indexes_cli, app_cli):
+    for module in (moco_cli, indexes_cli, probe_cli, app_cli):
         module.add_commands(sub)
     return parser
 

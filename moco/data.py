@@ -168,6 +168,6 @@ def collate_skip(batch: list[tuple[Any, int]]) -> tuple[Any, list[int]]:
     """Collate the good items; return them with the indexes of the broken ones."""
     from torch.utils.data import default_collate
 
-    good = [b for b in batch if b[0] is not None]
+    good = [x for x, _ in batch if x is not None]
     bad = [i for x, i in batch if x is None]
     return (default_collate(good) if good else None), bad

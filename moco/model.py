@@ -40,7 +40,7 @@ class ModelConfig:
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
-    """BatchNorm with statistics over ``num_splits`` interleaved groups of the batch.
+    """BatchNorm with statistics over ``num_splits`` consecutive groups of the batch.
 
     Emulates per-GPU BatchNorm on one device (official CIFAR demo). Its state dict is that of a
     plain ``BatchNorm2d``, so an exported encoder uses ordinary BatchNorm.
@@ -51,18 +51,20 @@ class SplitBatchNorm(nn.BatchNorm2d):
         self.num_splits = num_splits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
         s = self.num_splits
-        if not self.training or n % s:
+        if not self.training or x.shape[0] % s:
             return super().forward(x)
-        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
-        out = F.batch_norm(
-            x.reshape(n // s, c * s, h, w), mean, var, self.weight.repeat(s),
-            self.bias.repeat(s), True, self.momentum, self.eps,
-        ).reshape(n, c, h, w)
-        self.running_mean.copy_(mean.view(s, c).mean(0))
-        self.running_var.copy_(var.view(s, c).mean(0))
-        self.num_batches_tracked.add_(1)
+        # Slicing along the batch keeps channels_last tensors dense (a reshape would copy).
+        chunks = x.chunk(s)
+        out = torch.cat(
+            [F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps) for c in chunks]
+        )
+        with torch.no_grad():  # running stats from the whole batch, as plain BatchNorm keeps them
+            mean = x.mean(dim=(0, 2, 3))
+            var = x.var(dim=(0, 2, 3), unbiased=True)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
+            self.num_batches_tracked.add_(1)
         return out
 
 

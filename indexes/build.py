@@ -1,0 +1,231 @@
+"""``index_images``: folders -> a collection (SQLite rows + exact vectors, FAISS index, manifest).
+
+The run is read -> embed -> write (clip-retrieval's runner): scan and diff against the database
+(``plan``), apply renames, deletions and metadata refreshes, then decode and embed the new and
+changed files in batches, committing each batch (rows and vectors together) in one transaction.
+Killed at any point, a re-run finds the committed batches unchanged and carries on; the FAISS
+file is brought up to date from the stored vectors at the end (``sync``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from indexes import embed, manifest, plan, scan, store, sync
+from indexes.embed import Decoded
+from indexes.scan import FileEntry
+from moco import EncoderConfig, read_encoder_config
+
+log = logging.getLogger(__name__)
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class IndexReport:
+    """What an index run did; ``errors`` counts files recorded with status=error, by reason."""
+
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    renamed: int = 0
+    unchanged: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    total: int = 0
+    duplicates: int = 0
+    index: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        errs = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())) or "none"
+        return (f"{self.total} images indexed ({self.added} added, {self.updated} updated, "
+                f"{self.renamed} renamed, {self.removed} removed, {self.unchanged} unchanged, "
+                f"{self.duplicates} exact copies) in {self.seconds:.1f}s; errors: {errs}")
+
+
+def _insert(db: store.Database, rid: int, e: FileEntry, d: Decoded, vec: object, now: float,
+            report: IndexReport) -> None:
+    """One row (and its vector when it is a new, unique image)."""
+    status, dup = ("error", None) if d.reason else ("ok", None)
+    if status == "ok":
+        row = db.execute("SELECT id FROM images WHERE sha256 = ? AND status = 'ok' LIMIT 1",
+                         [d.sha256]).fetchone()
+        if row:
+            status, dup = "duplicate", row[0]
+            report.duplicates += 1
+    else:
+        report.errors[d.reason] = report.errors.get(d.reason, 0) + 1
+    mtime = e.mtime_ns / 1e9 if e.mtime_ns is not None else None
+    cur = db.execute(
+        "INSERT INTO images (root_id, relpath, relpath_raw, size, mtime_ns, mtime, sha256, width, "
+        "height, format, label, status, reason, duplicate_of, indexed_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [rid, store.display(e.relpath_raw), e.relpath_raw, e.size, e.mtime_ns, mtime, d.sha256,
+         d.width, d.height, d.format, e.label, status, d.reason, dup, now])
+    if status == "ok":
+        db.execute("INSERT INTO vectors (id, v) VALUES (?, ?)", [cur.lastrowid, store.to_blob(vec)])
+
+
+def commit_batch(db: store.Database, items: list[tuple[FileEntry, int | None]],
+                 decoded: list[Decoded], vecs: object, root_ids: dict[str, int],
+                 report: IndexReport) -> None:
+    """Replace/insert the rows of one batch and their vectors in a single transaction."""
+    now = time.time()
+    good = iter(vecs)  # N_good x D, in item order
+    with db.conn:
+        for (e, old), d in zip(items, decoded, strict=True):
+            if old is not None:
+                store.delete_rows(db, [old])
+                report.updated += 1
+            else:
+                report.added += 1
+            _insert(db, root_ids[e.root], e, d, next(good) if d.tensor is not None else None,
+                    now, report)
+        store.bump_generation(db)
+
+
+def _apply_moves(db: store.Database, p: plan.Plan, root_ids: dict[str, int]) -> None:
+    with db.conn:
+        for i, e in p.renames:
+            db.execute("UPDATE images SET root_id=?, relpath=?, relpath_raw=?, mtime_ns=?, "
+                       "mtime=?, label=? WHERE id=?",
+                       [root_ids[e.root], store.display(e.relpath_raw), e.relpath_raw,
+                        e.mtime_ns, e.mtime_ns / 1e9, e.label, i])
+        store.delete_rows(db, p.delete)
+        for i, e in p.touch:
+            db.execute("UPDATE images SET size=?, mtime_ns=?, mtime=?, label=? WHERE id=?",
+                       [e.size, e.mtime_ns, e.mtime_ns / 1e9, e.label, i])
+        if p.delete:
+            store.bump_generation(db)
+
+
+def _resolve(roots: list[Path], collection: Path, encoder: Path | None,
+             old: dict | None) -> tuple[list[str], Path]:
+    if encoder is None:
+        if old is None:
+            raise ValueError(f"{collection} is a new collection: give the encoder to index with")
+        encoder = Path(old["encoder"]["path"])
+    names = [os.path.abspath(r) for r in roots] or list((old or {}).get("roots", []))
+    if not names:
+        raise ValueError("No image folders given to index")
+    for r in names:
+        if not os.path.isdir(r):
+            raise FileNotFoundError(f"Image folder not found: {r}")
+    return names, Path(encoder)
+
+
+@dataclass
+class Run:
+    """An index run between its plan and its end (shared with the distributed runner)."""
+
+    collection: Path
+    db: store.Database
+    encoder: Path
+    cfg: EncoderConfig
+    names: list[str]
+    root_ids: dict[str, int]
+    old: dict | None
+    plan: plan.Plan
+    report: IndexReport
+    t0: float
+
+
+def start_run(roots: list[Path], collection: Path, encoder: Path | None,
+              labels_csv: Path | None) -> Run:
+    """Check the encoder, scan, diff, and apply renames, deletions and refreshes."""
+    t0 = time.perf_counter()
+    collection = Path(collection)
+    old = manifest.read_manifest(collection) if (collection / manifest.MANIFEST_NAME).exists() \
+        else None
+    names, encoder = _resolve(list(roots), collection, encoder, old)
+    cfg = read_encoder_config(encoder)
+    if old:
+        manifest.check_encoder(old, cfg, encoder)
+    labels = scan.read_labels(labels_csv, names) if labels_csv else None
+    collection.mkdir(parents=True, exist_ok=True)
+    if old is None:  # name the encoder before the first vector is stored (crash safety)
+        old = {"encoder": manifest.encoder_entry(encoder, cfg), "feature_dim": cfg.feature_dim,
+               "metric": "inner_product", "roots": names, "index": {}, "generation": None}
+        manifest.write_manifest(collection, old)
+    db = store.open_store(collection / store.DB_NAME)
+    with db.conn:
+        root_ids = {r: store.root_id(db, r) for r in names}
+    entries = scan.scan(names, labels)
+    p = plan.make_plan(entries, plan.existing_rows(db, root_ids))
+    report = IndexReport(unchanged=p.unchanged, renamed=len(p.renames), removed=len(p.delete))
+    _apply_moves(db, p, root_ids)
+    return Run(collection, db, encoder, cfg, names, root_ids, old, p, report, t0)
+
+
+def finish_run(run: Run, index_type: str) -> IndexReport:
+    """Bring the FAISS index up to date and write the manifest (last, atomically)."""
+    db, report = run.db, run.report
+    m = dict(run.old or {})
+    m.update(encoder=manifest.encoder_entry(run.encoder, run.cfg),
+             feature_dim=run.cfg.feature_dim, metric="inner_product",
+             roots=sorted(set(m.get("roots", [])) | set(run.names)))
+    m["index"] = sync.update_index(run.collection, db, m, index_type)
+    m["generation"] = store.generation(db)
+    m["counts"] = store.status_counts(db)
+    report.total = int(m["counts"].get("ok", 0))
+    report.index = m["index"]
+    report.seconds = time.perf_counter() - run.t0
+    m["last_run"] = {k: v for k, v in vars(report).items() if k != "index"}
+    manifest.write_manifest(run.collection, m)
+    db.conn.close()
+    log.info("%s", report.summary())
+    return report
+
+
+def index_images(roots: list[Path], collection: Path, encoder: Path | None = None, *,
+                 labels_csv: Path | None = None, batch_size: int = 64, workers: int | None = None,
+                 device: str | None = None, index_type: str = "auto",
+                 progress: Progress | None = None) -> IndexReport:
+    """Index the images under ``roots`` into ``collection``, incrementally and crash-safely.
+
+    ``roots`` may be empty for an existing collection (re-scan its roots); ``encoder`` may be None
+    then too (the manifest names it). A different encoder than the collection's is refused.
+    """
+    run = start_run(roots, collection, encoder, labels_csv)
+    if run.plan.todo:
+        device = embed.default_device(device)
+        model, _ = embed.load_model(run.encoder, device)
+        _embed_todo(run, model, batch_size=batch_size,
+                    workers=embed.default_workers() if workers is None else workers,
+                    device=device, progress=progress)
+    return finish_run(run, index_type)
+
+
+def commit_failed(run: Run) -> list[tuple[FileEntry, int | None]]:
+    """Record files that failed ``stat``; return the rest of the to-do list (to decode)."""
+    failed = [t for t in run.plan.todo if t[0].error]
+    if failed:
+        commit_batch(run.db, failed, [Decoded(None, reason=e.error) for e, _ in failed], [],
+                     run.root_ids, run.report)
+    return [t for t in run.plan.todo if not t[0].error]
+
+
+def _embed_todo(run: Run, model: object, *, batch_size: int, workers: int, device: str,
+                progress: Progress | None) -> None:
+    """Decode + embed the to-do list in order and commit batch by batch."""
+    total = len(run.plan.todo)
+    bar = tqdm(total=total, unit="img", desc="indexing", mininterval=1.0, smoothing=0.1)
+    todo = commit_failed(run)
+    done = total - len(todo)
+    bar.update(done)
+    batches = embed.decode_batches([e.path for e, _ in todo], run.cfg, batch_size, workers)
+    for start, decoded in zip(range(0, len(todo), batch_size), batches, strict=True):
+        items = todo[start : start + len(decoded)]
+        vecs = embed.embed_decoded(model, decoded, device)
+        commit_batch(run.db, items, decoded, vecs, run.root_ids, run.report)
+        done += len(items)
+        bar.update(len(items))
+        if progress:
+            progress(done, total)
+    bar.close()

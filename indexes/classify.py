@@ -1,0 +1,317 @@
+"""Classifying a collection: a linear probe on its stored vectors, or kNN without training.
+
+The collection already holds one embedding per image, so training a probe costs only the linear
+layer: seconds for tens of thousands of images. Labels come from the collection's metadata
+(folder names or a labels CSV given at index time).
+
+How good is it? With many labels, a stratified held-out split says so. With few (1-5 per class),
+one split would test one or two images, so small label sets are cross-validated instead: every
+labelled image of a class with 2+ images is predicted once by a probe that did not see it. The
+result carries the number of test images and a 95% Wilson interval, and the probe that is saved
+is then retrained on every label.
+
+Layout inside the collection:
+    probes/<name>/probe.safetensors, probe.json   the probe, its classes, encoder hash, metrics
+    probes/<name>/confusion.png                   the held-out confusion matrix
+    meta.db, table ``predictions``                ``classify_all``'s label + confidence per image
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from indexes.collection import Collection
+from moco.knn import knn_predict
+from moco.metrics import (
+    ClassificationMetrics,
+    classification_metrics,
+    save_confusion_png,
+    stratified_folds,
+    stratified_split,
+)
+from moco.probe import (
+    LinearProbe,
+    ProbeConfig,
+    load_probe,
+    read_probe_meta,
+    save_probe,
+    train_probe,
+)
+
+PROBES_DIR = "probes"
+DEFAULT_PROBE = "default"
+CV_MAX_LABELS = 2000
+"""Up to this many labelled images, accuracy is cross-validated rather than split once."""
+PREDICTIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    id INTEGER PRIMARY KEY, label TEXT NOT NULL, confidence REAL NOT NULL, top5 TEXT NOT NULL,
+    method TEXT NOT NULL, encoder_hash TEXT NOT NULL, predicted_at REAL NOT NULL);
+"""
+
+
+def probe_dir(collection: Collection | str | os.PathLike, name: str = DEFAULT_PROBE) -> Path:
+    """Where the probe ``name`` of a collection lives; names are plain folder names."""
+    if not name or name != Path(name).name or name.startswith("."):
+        raise ValueError(f"Bad probe name {name!r}: use a plain name such as 'default'")
+    root = collection.path if isinstance(collection, Collection) else Path(collection)
+    return root / PROBES_DIR / name
+
+
+def _open(collection: Collection | str | os.PathLike) -> Collection:
+    return collection if isinstance(collection, Collection) else Collection.open(collection)
+
+
+def _encoder_hash(col: Collection) -> str:
+    return str(col.manifest["encoder"]["content_hash"])
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    """What ``train_collection_probe`` did and how reliable its accuracy estimate is."""
+
+    name: str
+    path: Path
+    classes: list[str]
+    n_labeled: int
+    method: str
+    metrics: ClassificationMetrics
+    confusion_png: Path | None
+    seconds: float
+
+    def summary(self) -> str:
+        lines = [f"probe {self.name!r}: {len(self.classes)} classes, {self.n_labeled} labelled "
+                 f"images; accuracy by {self.method}", "  " + self.metrics.summary()]
+        if self.metrics.n and self.metrics.n < 30:
+            lines.append(f"  only {self.metrics.n} test images: the interval is wide; label "
+                         "more images for a firmer estimate")
+        for cls, pc in sorted(self.metrics.per_class.items()):
+            lines.append(f"  {cls}: {pc['accuracy']:.0f}% of {int(pc['n'])}")
+        lines.append(f"saved to {self.path} ({self.seconds:.1f}s)")
+        return "\n".join(lines)
+
+
+def _heldout_scores(x: np.ndarray, y: np.ndarray, classes: list[str], cfg: ProbeConfig,
+                    val_fraction: float, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray,
+                                                                         str]:
+    """Scores of held-out images by probes that never saw them, their labels, and the method."""
+    if len(y) <= CV_MAX_LABELS and folds >= 2:
+        held = [f for f in stratified_folds(y, folds, seed=seed) if len(f)]
+        method = f"{folds}-fold cross-validation"
+    else:
+        held = [stratified_split(y, val_fraction, seed=seed)[1]]
+        method = f"a stratified {val_fraction:.0%} held-out split"
+    scores, truth = [], []
+    for va in held:
+        mask = np.ones(len(y), dtype=bool)
+        mask[va] = False
+        probe = train_probe(x[mask], y[mask], cfg, classes=classes)
+        with torch.inference_mode():
+            scores.append(probe(torch.from_numpy(x[va])).numpy())
+        truth.append(y[va])
+    if not scores:
+        return np.zeros((0, len(classes)), np.float32), np.zeros(0, np.int64), method
+    return np.concatenate(scores), np.concatenate(truth), method
+
+
+def train_collection_probe(collection: Collection | str | os.PathLike, *,
+                           name: str = DEFAULT_PROBE, cfg: ProbeConfig | None = None,
+                           val_fraction: float = 0.2, folds: int = 5,
+                           seed: int = 0) -> ProbeReport:
+    """Train, measure and save a linear probe on the labelled images of a collection.
+
+    Args:
+        collection: a ``Collection`` or its directory.
+        name: the probe's folder under ``probes/``.
+        cfg: probe training settings (``ProbeConfig.fast()``).
+        val_fraction: held-out share when there are more than ``CV_MAX_LABELS`` labels.
+        folds: cross-validation folds for smaller label sets (0 or 1: always one split).
+        seed: split and training seed.
+    """
+    t0 = time.perf_counter()
+    col = _open(collection)
+    out = probe_dir(col, name)
+    cfg = cfg or ProbeConfig.fast()
+    ids, labels = col.labeled()
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise ValueError(
+            f"A classifier needs labelled images of at least 2 classes; {col.path} has "
+            f"{len(ids)} labelled images in {len(classes)} class(es). Label images by folder "
+            "(ROOT/CLASS/IMAGE) or with `index --labels CSV`")
+    x = col.vectors(ids)
+    y = np.array([classes.index(v) for v in labels], dtype=np.int64)
+    scores, truth, method = _heldout_scores(x, y, classes, cfg, val_fraction, folds, seed)
+    metrics = classification_metrics(scores, truth, classes)
+    probe = train_probe(x, y, cfg, classes=classes, encoder_hash=_encoder_hash(col))
+    save_probe(probe, out, cfg=cfg, metrics={**metrics.to_dict(), "method": method,
+                                             "n_labeled": len(ids)})
+    png = save_confusion_png(metrics.confusion, classes, out / "confusion.png",
+                             title=f"{name}: held-out confusion ({metrics.n} images)"
+                             ) if metrics.n else None
+    return ProbeReport(name, out, classes, len(ids), method, metrics, png,
+                       round(time.perf_counter() - t0, 2))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Top-k labels of one image with their probabilities (probe) or vote shares (kNN)."""
+
+    source: str
+    labels: list[str]
+    probs: list[float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.source, "top": [{"label": lab, "p": round(p, 4)}
+                                              for lab, p in zip(self.labels, self.probs,
+                                                                strict=True)]}
+
+
+class Classifier:
+    """A probe or the kNN vote over a collection's labelled vectors, applied to unit vectors."""
+
+    def __init__(self, col: Collection, name: str = DEFAULT_PROBE, knn: bool = False,
+                 knn_k: int = 200, T: float = 0.1) -> None:
+        self.method = f"knn(k={knn_k},T={T})" if knn else f"probe:{name}"
+        self.knn_k, self.T = knn_k, T
+        self.probe: LinearProbe | None = None
+        if knn:
+            ids, labels = col.labeled()
+            if not ids.size:
+                raise ValueError(f"kNN needs labelled images; {col.path} has none")
+            self.classes = sorted(set(labels))
+            self.bank = col.vectors(ids)
+            self.bank_y = np.array([self.classes.index(v) for v in labels], dtype=np.int64)
+        else:
+            path = probe_dir(col, name)
+            if not path.is_dir():
+                raise FileNotFoundError(f"No probe {name!r} in {col.path}: run `probe train "
+                                        f"--collection {col.path}` first, or use --knn")
+            self.probe = load_probe(path, encoder_hash=_encoder_hash(col))
+            self.classes = self.probe.classes
+
+    def probabilities(self, vecs: np.ndarray) -> np.ndarray:
+        """NxC: softmax of the probe, or each class's share of the kNN votes."""
+        if self.probe is not None:
+            with torch.inference_mode():
+                return self.probe(torch.from_numpy(vecs)).softmax(1).numpy()
+        votes = knn_predict(self.bank, self.bank_y, vecs, len(self.classes), k=self.knn_k,
+                            T=self.T).numpy()
+        return votes / np.maximum(votes.sum(1, keepdims=True), 1e-30)
+
+    def top(self, vecs: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+        probs = self.probabilities(vecs)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return order, np.take_along_axis(probs, order, axis=1)
+
+
+def predict_images(collection: Collection | str | os.PathLike, images: Sequence[Any], *,
+                   name: str = DEFAULT_PROBE, knn: bool = False, k: int = 5, knn_k: int = 200,
+                   T: float = 0.1) -> list[Prediction]:
+    """Top-``k`` labels of image files (or bytes, PIL images) embedded as the collection's."""
+    col = _open(collection)
+    clf = Classifier(col, name=name, knn=knn, knn_k=knn_k, T=T)
+    order, probs = clf.top(col.embed(list(images)), k=k)
+    return [Prediction(str(src) if not isinstance(src, bytes) else "<bytes>",
+                       [clf.classes[j] for j in o], [float(p) for p in pr])
+            for src, o, pr in zip(images, order, probs, strict=True)]
+
+
+@dataclass(frozen=True)
+class ClassifyReport:
+    """How many unlabelled images ``classify_all`` labelled, and how."""
+
+    n: int
+    method: str
+    counts: dict[str, int]
+    low_confidence: int
+    seconds: float
+
+    def summary(self) -> str:
+        top = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items(), key=lambda kv: -kv[1]))
+        return (f"classified {self.n} unlabelled images with {self.method} in "
+                f"{self.seconds:.1f}s ({self.low_confidence} below 50% confidence)\n  {top}")
+
+
+def classify_all(collection: Collection | str | os.PathLike, *, name: str = DEFAULT_PROBE,
+                 knn: bool = False, knn_k: int = 200, T: float = 0.1,
+                 chunk: int = 4096) -> ClassifyReport:
+    """Predict every unlabelled indexed image; store label, confidence and top-5 in ``meta.db``.
+
+    The ``predictions`` table is replaced as a whole, so it always reflects one classifier.
+    """
+    t0 = time.perf_counter()
+    col = _open(collection)
+    clf = Classifier(col, name=name, knn=knn, knn_k=knn_k, T=T)
+    ids = [r.id for r in col.query_records("images.status = 'ok' AND images.label IS NULL")]
+    rows: list[tuple[Any, ...]] = []
+    now = time.time()
+    for start in range(0, len(ids), chunk):
+        part = ids[start : start + chunk]
+        order, probs = clf.top(col.vectors(part), k=5)
+        for i, o, p in zip(part, order, probs, strict=True):
+            top5 = json.dumps([[clf.classes[j], round(float(q), 4)] for j, q in zip(o, p,
+                                                                                  strict=True)])
+            rows.append((i, clf.classes[o[0]], float(p[0]), top5, clf.method,
+                         _encoder_hash(col), now))
+    _write_predictions(col.path, rows)
+    counts = Counter(r[1] for r in rows)
+    return ClassifyReport(len(rows), clf.method, dict(counts), sum(r[2] < 0.5 for r in rows),
+                          round(time.perf_counter() - t0, 2))
+
+
+def _connect(collection: Path) -> sqlite3.Connection:
+    db = collection / "meta.db"
+    if not db.is_file():
+        raise FileNotFoundError(f"Collection database missing: {db}")
+    conn = sqlite3.connect(str(db))
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def _write_predictions(collection: Path, rows: list[tuple[Any, ...]]) -> None:
+    conn = _connect(collection)
+    try:
+        with conn:  # one transaction: readers see the old table or the new one
+            conn.executescript(PREDICTIONS_SCHEMA)
+            conn.execute("DELETE FROM predictions")
+            conn.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    finally:
+        conn.close()
+
+
+def read_predictions(collection: Collection | str | os.PathLike,
+                     ids: Sequence[int] | None = None) -> dict[int, dict[str, Any]]:
+    """Stored predictions by image id (label, confidence, top5, method) of images still indexed."""
+    path = collection.path if isinstance(collection, Collection) else Path(collection)
+    conn = _connect(path)
+    try:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'predictions'").fetchone():
+            return {}
+        q = ("SELECT p.id, p.label, p.confidence, p.top5, p.method FROM predictions p "
+             "JOIN images i ON i.id = p.id AND i.status = 'ok'")
+        rows = conn.execute(q).fetchall()
+    finally:
+        conn.close()
+    wanted = None if ids is None else {int(i) for i in ids}
+    return {r[0]: {"label": r[1], "confidence": r[2], "top5": json.loads(r[3]), "method": r[4]}
+            for r in rows if wanted is None or r[0] in wanted}
+
+
+def list_probes(collection: Collection | str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The saved probes of a collection with their metadata (classes, metrics, encoder hash)."""
+    root = probe_dir(collection).parent
+    if not root.is_dir():
+        return {}
+    return {d.name: read_probe_meta(d) for d in sorted(root.iterdir())
+            if (d / "probe.json").is_file()}

@@ -1,0 +1,230 @@
+"""``Collection``: the read side of a collection directory (search, records, vectors, labels).
+
+Opening is cheap: the manifest, a SQLite connection and the FAISS index (memory-mapped where
+possible). The encoder is loaded on the first query that needs pixels embedded, so search by id
+and metadata access never pay for it. One lock guards the SQLite connection and the lazy model;
+FAISS searches run outside it, so concurrent searches from UI threads are safe.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from indexes import embed, manifest, store, sync, vectors
+from indexes.filters import Filters, allowed_ids
+from indexes.store import Record
+from moco import EncoderConfig, eval_transform, read_encoder_config
+
+EXACT_FILTER_MAX = 4096
+"""With an approximate index, filters matching at most this many images are scored exactly."""
+NEGATIVE_WEIGHT = 0.5
+Query = str | os.PathLike | bytes | Image.Image | int | np.ndarray
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result; ``score`` is the cosine similarity to the query."""
+
+    id: int
+    score: float
+    path: str
+    root: str
+    relpath: str
+    label: str | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_record(cls, r: Record, score: float) -> Hit:
+        return cls(r.id, score, r.path, r.root, r.relpath, r.label, r.meta())
+
+
+class Collection:
+    """A collection directory opened for search. Use ``Collection.open(path)``."""
+
+    def __init__(self, path: Path, device: str = "cpu", encoder: Path | None = None) -> None:
+        self.path = Path(path)
+        self.device = device
+        self._lock = threading.RLock()
+        self._db = store.open_store(self.path / store.DB_NAME, create=False)
+        self._encoder_dir = encoder
+        self._model: Any = None
+        self.reload()
+        if encoder is not None or Path(self.manifest["encoder"]["path"]).is_dir():
+            self._check_encoder()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, device: str = "cpu",
+             encoder: str | os.PathLike | None = None) -> Collection:
+        """Open ``path``; ``encoder`` overrides the manifest's path (same content hash needed)."""
+        path = Path(path)
+        manifest.read_manifest(path)  # a clear error for a non-collection
+        return cls(path, device, Path(encoder) if encoder else None)
+
+    def reload(self) -> None:
+        """Re-read manifest and index, to pick up a finished index run."""
+        with self._lock:
+            self.manifest = manifest.read_manifest(self.path)
+            self.encoder_config = EncoderConfig.from_dict(self.manifest["encoder"]["config"])
+            self.dim = int(self.manifest["feature_dim"])
+            self._params = dict(self.manifest.get("index", {}).get("params", {}))
+            self._exact = self.manifest.get("index", {}).get("factory", "Flat") == "Flat"
+            self._index = sync.open_index(self.path, self._db, self.manifest, mmap=True)
+
+    def close(self) -> None:
+        self._db.conn.close()
+
+    def __enter__(self) -> Collection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT count(*) FROM vectors").fetchone()[0])
+
+    # --- embedding -------------------------------------------------------------------------
+    def _encoder_path(self) -> Path:
+        return self._encoder_dir or Path(self.manifest["encoder"]["path"])
+
+    def _check_encoder(self) -> None:
+        path = self._encoder_path()
+        manifest.check_encoder(self.manifest, read_encoder_config(path), path)
+
+    def _get_model(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                path = self._encoder_path()
+                if not path.is_dir():
+                    raise FileNotFoundError(
+                        f"Encoder {path} of collection {self.path} not found; "
+                        "pass encoder= to Collection.open")
+                self._check_encoder()
+                self._model, cfg = embed.load_model(path, self.device)
+                self._transform = eval_transform(cfg)
+            return self._model
+
+    def embed(self, images: Sequence[Any]) -> np.ndarray:
+        """Embeddings (N x D float32, unit norm) of paths, bytes or PIL images, as indexed."""
+        model = self._get_model()
+        draft = embed.draft_size(self.encoder_config)
+        decoded = [embed.prepare(im, self._transform, draft) for im in images]
+        if not decoded:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return embed.embed_decoded(model, decoded, self.device)
+
+    def query_vector(self, query: Query | Sequence[Query], negatives: Sequence[Query] = (),
+                     negative_weight: float = NEGATIVE_WEIGHT) -> np.ndarray:
+        """mean(positives) - w * mean(negatives), renormalised (Rocchio); ints are stored ids."""
+        pos = list(query) if isinstance(query, (list, tuple)) else [query]
+        if not pos:
+            raise ValueError("A search needs at least one positive example")
+        q = self._as_vectors(pos).mean(axis=0)
+        if negatives:
+            q = q - negative_weight * self._as_vectors(list(negatives)).mean(axis=0)
+        norm = float(np.linalg.norm(q))
+        if norm < 1e-6:
+            raise ValueError("Positive and negative examples cancel out; nothing to search for")
+        return (q / norm).astype(np.float32)
+
+    def _as_vectors(self, items: list[Any]) -> np.ndarray:
+        out = np.empty((len(items), self.dim), dtype=np.float32)
+        ids = [j for j, x in enumerate(items) if isinstance(x, (int, np.integer))]
+        arrays = [j for j, x in enumerate(items) if isinstance(x, np.ndarray)]
+        pixels = [j for j in range(len(items)) if j not in set(ids) | set(arrays)]
+        if ids:
+            out[ids] = self.vectors([items[j] for j in ids])
+        for j in arrays:
+            v = np.asarray(items[j], dtype=np.float32).reshape(self.dim)
+            out[j] = v / max(float(np.linalg.norm(v)), 1e-12)
+        if pixels:
+            out[pixels] = self.embed([items[j] for j in pixels])
+        return out
+
+    # --- search ----------------------------------------------------------------------------
+    def search(self, query: Query | Sequence[Query], k: int = 10, *,
+               negatives: Sequence[Query] = (), filters: Filters | None = None,
+               min_score: float | None = None) -> list[Hit]:
+        """Nearest images to ``query`` (path, bytes, PIL image, id, vector, or a list of them)."""
+        return self.search_vector(self.query_vector(query, negatives), k, filters=filters,
+                                  min_score=min_score)
+
+    def search_id(self, id: int, k: int = 10, *, filters: Filters | None = None) -> list[Hit]:
+        """Nearest images to the stored image ``id`` (itself first, at score 1)."""
+        return self.search_vector(self.vectors([id])[0], k, filters=filters)
+
+    def search_vector(self, vector: np.ndarray, k: int = 10, *, filters: Filters | None = None,
+                      min_score: float | None = None) -> list[Hit]:
+        """Nearest images to a unit-norm ``vector`` of this collection's encoder."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        q = np.asarray(vector, dtype=np.float32).reshape(1, self.dim)
+        with self._lock:
+            allowed = allowed_ids(self._db, filters)
+        if allowed is not None and len(allowed) == 0:
+            return []
+        if allowed is not None and not self._exact and len(allowed) <= EXACT_FILTER_MAX:
+            scores = self.vectors(allowed) @ q[0]  # exact scores of the few that match
+            top = np.argsort(-scores, kind="stable")[:k]
+            found = [(int(allowed[j]), float(scores[j])) for j in top]
+        else:
+            found = vectors.knn(self._index, q, k, self._params, allowed)[0]
+        if min_score is not None:
+            found = [(i, s) for i, s in found if s >= min_score]
+        recs = self.records([i for i, _ in found])
+        return [Hit.from_record(r, s) for r, (_, s) in zip(recs, found, strict=True)]
+
+    # --- metadata and vectors --------------------------------------------------------------
+    def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The exact stored embeddings of ``ids`` (N x D), whatever the FAISS index type."""
+        with self._lock:
+            return store.get_vectors(self._db, list(np.asarray(ids).reshape(-1)), self.dim)
+
+    def records(self, ids: Sequence[int] | np.ndarray) -> list[Record]:
+        with self._lock:
+            return store.get_records(self._db, list(np.asarray(ids).reshape(-1)))
+
+    def query_records(self, where: str, params: Sequence[Any] = ()) -> list[Record]:
+        """Rows matching a SQL condition on ``images`` (parameterised), in id order."""
+        with self._lock:
+            return store.query_records(self._db, where, params)
+
+    def labeled(self) -> tuple[np.ndarray, list[str]]:
+        """Ids and labels of the indexed images that have a label, in id order."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, label FROM images WHERE status = 'ok' AND "
+                                    "label IS NOT NULL ORDER BY id").fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows]
+
+    def label_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._db.execute(
+                "SELECT label, count(*) FROM images WHERE status = 'ok' AND label IS NOT NULL "
+                "GROUP BY label ORDER BY label").fetchall())
+
+    def errors(self) -> list[Record]:
+        """Files that could not be indexed, each with its ``reason``."""
+        return self.query_records("images.status = 'error'")
+
+    def duplicates(self, threshold: float = 0.95) -> list[list[Hit]]:
+        """Groups of near-identical images (cosine >= threshold) and exact copies."""
+        from indexes.duplicates import find_duplicates
+
+        return find_duplicates(self, self._index, self._params, threshold)
+
+    def resolve_path(self, id: int) -> Path:
+        """The absolute path of image ``id``; refused if it would lie outside its root."""
+        r = self.records([id])[0]
+        path = os.path.normpath(r.path)
+        root = os.path.normpath(r.root)
+        if os.path.commonpath([root, path]) != root:
+            raise ValueError(f"Path of image {id} lies outside its root {root}")
+        return Path(path)

@@ -1,0 +1,71 @@
+"""Exporting a collection for use elsewhere: embeddings as ``.npy`` with ids, metadata as CSV.
+
+Vectors are streamed from SQLite into a memory-mapped ``.npy`` so that a million of them never sit
+twice in RAM. Row ``i`` of ``embeddings.npy`` belongs to ``ids.npy[i]`` and to the CSV row with
+that id.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from indexes import store
+from indexes.manifest import read_manifest
+
+CSV_COLUMNS = ("id", "path", "root", "relpath", "label", "status", "reason", "duplicate_of",
+               "width", "height", "format", "size", "mtime", "sha256", "indexed_at")
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    embeddings: Path
+    ids: Path
+    metadata: Path
+    count: int
+
+
+def export_embeddings(collection: str | os.PathLike, out: str | os.PathLike) -> ExportResult:
+    """Write ``embeddings.npy`` (N x D float32), ``ids.npy`` (N int64) and ``metadata.csv``."""
+    collection, out = Path(collection), Path(out)
+    dim = int(read_manifest(collection)["feature_dim"])
+    out.mkdir(parents=True, exist_ok=True)
+    db = store.open_store(collection / store.DB_NAME, create=False)
+    try:
+        n = int(db.execute("SELECT count(*) FROM vectors").fetchone()[0])
+        emb = np.lib.format.open_memmap(out / "embeddings.npy.tmp", mode="w+",
+                                        dtype=np.float32, shape=(n, dim))
+        ids = np.empty(n, dtype=np.int64)
+        pos = 0
+        for chunk_ids, vecs in store.iter_vectors(db, dim):
+            emb[pos : pos + len(chunk_ids)] = vecs
+            ids[pos : pos + len(chunk_ids)] = chunk_ids
+            pos += len(chunk_ids)
+        emb.flush()
+        del emb
+        os.replace(out / "embeddings.npy.tmp", out / "embeddings.npy")
+        np.save(out / "ids.npy", ids)
+        _write_csv(db, out / "metadata.csv")
+    finally:
+        db.conn.close()
+    return ExportResult(out / "embeddings.npy", out / "ids.npy", out / "metadata.csv", n)
+
+
+def _write_csv(db: store.Database, path: Path) -> None:
+    """All rows (errors included), paths in readable form; streamed, not loaded at once."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_COLUMNS)
+        cur = db.execute(f"SELECT {store.ROW_COLUMNS} FROM {store.FROM} ORDER BY images.id")
+        while rows := cur.fetchmany(10_000):
+            for row in rows:
+                r = store.Record.from_row(row)
+                values = {**vars(r), "path": store.display(os.fsencode(r.path)),
+                          "root": store.display(os.fsencode(r.root))}
+                w.writerow([values[c] for c in CSV_COLUMNS])
+    os.replace(tmp, path)

@@ -1,0 +1,60 @@
+"""``manifest.json``: what a collection directory holds, readable without opening anything else.
+
+It names the encoder (path, content hash, config and so its preprocessing), the feature dim and
+metric, the FAISS index type with its search parameters and measured recall, the counts, and the
+database ``generation`` the FAISS file was saved at. A reader whose database has moved on since
+(an index run killed before it saved the FAISS file) reconciles the index from stored vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from moco import EncoderConfig
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = 1
+
+
+def read_manifest(collection: str | os.PathLike) -> dict[str, Any]:
+    path = Path(collection) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"Not a collection (no {MANIFEST_NAME}): {collection}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"Collection {collection} has manifest format {manifest.get('format')}, "
+                         f"this version reads format {FORMAT}")
+    return manifest
+
+
+def write_manifest(collection: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Atomic replace (temp + rename), stamping ``updated``."""
+    path = Path(collection) / MANIFEST_NAME
+    manifest = {**manifest, "format": FORMAT, "updated": time.time()}
+    manifest.setdefault("created", manifest["updated"])
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def encoder_entry(path: str | os.PathLike, cfg: EncoderConfig) -> dict[str, Any]:
+    config = dataclasses.asdict(cfg)
+    config.pop("training", None)  # may hold a whole training log; the encoder dir keeps it
+    return {"path": str(Path(path).resolve()), "content_hash": cfg.content_hash, "config": config}
+
+
+def check_encoder(manifest: dict[str, Any], cfg: EncoderConfig, path: str | os.PathLike) -> None:
+    """Refuse an encoder other than the one the collection's vectors came from."""
+    want = manifest["encoder"]["content_hash"]
+    if cfg.content_hash != want:
+        raise ValueError(
+            f"Encoder mismatch: the collection was built with encoder {want[:16]} "
+            f"({manifest['encoder']['path']}), but {path} is encoder {cfg.content_hash[:16]}; "
+            "vectors of different encoders cannot be compared. Use the original encoder or "
+            "index into a new collection."
+        )

@@ -1,0 +1,101 @@
+"""Walking the image folders: which files exist now, their size, mtime and label.
+
+The file list comes from ``moco.list_images`` (the same files pretraining sees, symlink loops cut).
+Each file is then ``stat``-ed here, following links, so that a broken link or a link loop becomes
+a row with a reason instead of an exception. Paths are kept as bytes relative to their root.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from moco import list_images
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file found under a root now; ``error`` is set when it cannot even be ``stat``-ed."""
+
+    root: str
+    relpath_raw: bytes
+    size: int | None
+    mtime_ns: int | None
+    label: str | None
+    error: str | None = None
+
+    @property
+    def path(self) -> str:
+        return os.fsdecode(os.path.join(os.fsencode(self.root), self.relpath_raw))
+
+
+def stat_error(path: str) -> tuple[os.stat_result | None, str | None]:
+    """``os.stat`` of ``path`` or the reason it failed, in the words the database records."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None, "broken symlink" if os.path.islink(path) else "missing file"
+    except PermissionError:
+        return None, "permission denied"
+    except OSError as e:
+        return None, "symlink loop" if e.errno == errno.ELOOP else f"unreadable: {e.strerror}"
+    if not os.path.isfile(path):
+        return None, "not a file"
+    return st, None
+
+
+def folder_label(relpath_raw: bytes) -> str | None:
+    """The ImageFolder class: the first folder under the root, None for files at the top."""
+    parts = relpath_raw.split(b"/")
+    return parts[0].decode("utf-8", "backslashreplace") if len(parts) > 1 else None
+
+
+def read_labels(csv_path: str | os.PathLike, roots: list[str]) -> dict[str, str]:
+    """``path,label`` rows (path absolute or relative to one of ``roots``) as absolute -> label."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"Labels CSV not found: {csv_path}")
+    out: dict[str, str] = {}
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+            raise ValueError(f"{csv_path} needs a header with 'path' and 'label' columns, "
+                             f"found {reader.fieldnames}")
+        for row in reader:
+            p = row["path"]
+            candidates = [p] if os.path.isabs(p) else [os.path.join(r, p) for r in roots]
+            for c in candidates:
+                out[os.path.normpath(c)] = row["label"]
+    return out
+
+
+def scan(roots: list[str], labels: dict[str, str] | None = None) -> list[FileEntry]:
+    """Every image file under ``roots`` (absolute paths), sorted by root then relative path."""
+    entries: list[FileEntry] = []
+    for root in roots:
+        root_raw = os.fsencode(root)
+        for p in list_images(root):
+            rel_raw = os.fsencode(os.path.relpath(p, root))
+            path = os.fsdecode(os.path.join(root_raw, rel_raw))
+            label = (labels or {}).get(path, folder_label(rel_raw))
+            st, err = stat_error(path)
+            size = st.st_size if st else None
+            mtime = st.st_mtime_ns if st else None
+            entries.append(FileEntry(root, rel_raw, size, mtime, label, err))
+    return sorted(entries, key=lambda e: (e.root, e.relpath_raw))
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str | None:
+    """Content hash, or None if the file cannot be read (the decoder reports why later)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()

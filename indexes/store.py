@@ -1,0 +1,234 @@
+"""The SQLite database of a collection: one row per file, and the exact embeddings beside them.
+
+SQLite is the source of truth. A row and its vector are written in the same transaction, so a
+process killed at any moment leaves either both or neither; the FAISS index is derived from the
+``vectors`` table and can always be rebuilt from it. Ids come from ``AUTOINCREMENT`` so a deleted
+id is never reused: a stale FAISS file can then be reconciled by comparing id sets alone.
+
+Paths are stored twice: ``relpath_raw`` holds the exact bytes (``os.fsencode``), so file names that
+are not UTF-8 survive, and ``relpath`` a readable text form for display, globbing and CSV.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlite_utils import Database
+
+DB_NAME = "meta.db"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS roots (
+    id INTEGER PRIMARY KEY, path TEXT NOT NULL, path_raw BLOB NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    root_id INTEGER NOT NULL REFERENCES roots(id),
+    relpath TEXT NOT NULL, relpath_raw BLOB NOT NULL,
+    size INTEGER, mtime_ns INTEGER, mtime REAL, sha256 TEXT,
+    width INTEGER, height INTEGER, format TEXT, label TEXT,
+    status TEXT NOT NULL, reason TEXT, duplicate_of INTEGER, indexed_at REAL NOT NULL,
+    UNIQUE (root_id, relpath_raw));
+CREATE INDEX IF NOT EXISTS images_sha256 ON images (sha256);
+CREATE INDEX IF NOT EXISTS images_status_label ON images (status, label);
+CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, v BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+ROW_COLUMNS = (
+    "images.id, roots.path_raw, images.relpath_raw, images.relpath, images.size, images.mtime, "
+    "images.sha256, images.width, images.height, images.format, images.label, images.status, "
+    "images.reason, images.duplicate_of, images.indexed_at"
+)
+FROM = "images JOIN roots ON roots.id = images.root_id"
+
+
+def display(raw: bytes) -> str:
+    """Readable text of a file-system path; bytes that are not UTF-8 become ``\\xNN``."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def join_raw(root_raw: bytes, relpath_raw: bytes) -> str:
+    """The absolute path as a ``str`` that ``open`` accepts, non-UTF-8 bytes included."""
+    return os.fsdecode(os.path.join(root_raw, relpath_raw))
+
+
+@dataclass(frozen=True)
+class Record:
+    """One file of the collection as the database knows it.
+
+    ``path`` and ``root`` are real paths (``open`` accepts them, non-UTF-8 names included);
+    ``relpath`` is the readable form, with undecodable bytes shown as ``\\xNN``.
+    """
+
+    id: int
+    path: str
+    root: str
+    relpath: str
+    size: int | None
+    mtime: float | None
+    sha256: str | None
+    width: int | None
+    height: int | None
+    format: str | None
+    label: str | None
+    status: str
+    reason: str | None
+    duplicate_of: int | None
+    indexed_at: float
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Record:
+        id_, root_raw, rel_raw, rel, *rest = row
+        return cls(id_, join_raw(root_raw, rel_raw), os.fsdecode(root_raw), rel, *rest)
+
+    def meta(self) -> dict[str, Any]:
+        """The metadata a search hit carries."""
+        keys = ("size", "mtime", "sha256", "width", "height", "format", "status", "indexed_at")
+        return {k: getattr(self, k) for k in keys}
+
+
+def open_store(path: str | os.PathLike, create: bool = True) -> Database:
+    """The collection database (created if ``create``); WAL lets searches read during a run.
+
+    ``synchronous=NORMAL`` in WAL mode survives a killed process (not a power cut) and keeps
+    batch commits cheap.
+    """
+    path = Path(path)
+    if not create and not path.is_file():
+        raise FileNotFoundError(f"Collection database missing: {path}")
+    conn = sqlite3.connect(str(path), check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=30000")
+    if create:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(SCHEMA)
+    return Database(conn)
+
+
+def read_info(db: Database) -> dict[str, str]:
+    return {k: v for k, v in db.execute("SELECT key, value FROM info").fetchall()}
+
+
+def write_info(db: Database, **values: Any) -> None:
+    db.conn.executemany(
+        "INSERT OR REPLACE INTO info (key, value) VALUES (?, ?)",
+        [(k, str(v)) for k, v in values.items()],
+    )
+
+
+def generation(db: Database) -> int:
+    """A counter bumped by every transaction that changes the vectors (FAISS staleness check)."""
+    row = db.execute("SELECT value FROM info WHERE key = 'generation'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def bump_generation(db: Database) -> None:
+    write_info(db, generation=generation(db) + 1)
+
+
+def root_id(db: Database, root: str) -> int:
+    """The id of the root folder ``root`` (absolute), inserted if new."""
+    raw = os.fsencode(root)
+    row = db.execute("SELECT id FROM roots WHERE path_raw = ?", [raw]).fetchone()
+    if row:
+        return int(row[0])
+    return int(db.execute("INSERT INTO roots (path, path_raw) VALUES (?, ?)",
+                          [display(raw), raw]).lastrowid)
+
+
+def roots(db: Database) -> dict[int, str]:
+    return {i: os.fsdecode(raw) for i, raw in db.execute("SELECT id, path_raw FROM roots")}
+
+
+def to_blob(v: np.ndarray) -> bytes:
+    return np.ascontiguousarray(v, dtype=np.float32).tobytes()
+
+
+def get_vectors(db: Database, ids: Sequence[int], dim: int) -> np.ndarray:
+    """The stored embeddings of ``ids`` in that order (N x dim); a missing id raises KeyError."""
+    ids = [int(i) for i in ids]
+    found: dict[int, bytes] = {}
+    for chunk in _chunks(ids, 900):
+        q = f"SELECT id, v FROM vectors WHERE id IN ({','.join('?' * len(chunk))})"
+        found.update(db.execute(q, chunk).fetchall())
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise KeyError(f"No vector for ids {missing[:10]}")
+    out = np.empty((len(ids), dim), dtype=np.float32)
+    for row, i in enumerate(ids):
+        out[row] = np.frombuffer(found[i], dtype=np.float32)
+    return out
+
+
+def iter_vectors(db: Database, dim: int,
+                 chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """All stored vectors in id order, ``chunk`` at a time: (ids int64, vectors N x dim)."""
+    last = -1
+    while True:
+        rows = db.execute(
+            "SELECT id, v FROM vectors WHERE id > ? ORDER BY id LIMIT ?", [last, chunk]
+        ).fetchall()
+        if not rows:
+            return
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(-1, dim)
+        yield ids, vecs
+        last = int(ids[-1])
+
+
+def vector_ids(db: Database) -> np.ndarray:
+    return np.fromiter((r[0] for r in db.execute("SELECT id FROM vectors ORDER BY id")), np.int64)
+
+
+def get_records(db: Database, ids: Sequence[int]) -> list[Record]:
+    """Rows of ``ids`` in that order; unknown ids raise KeyError."""
+    ids = [int(i) for i in ids]
+    found: dict[int, Record] = {}
+    for chunk in _chunks(ids, 900):
+        q = f"SELECT {ROW_COLUMNS} FROM {FROM} WHERE images.id IN ({','.join('?' * len(chunk))})"
+        found.update((r[0], Record.from_row(r)) for r in db.execute(q, chunk))
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise KeyError(f"Unknown image ids {missing[:10]}")
+    return [found[i] for i in ids]
+
+
+def query_records(db: Database, where: str, params: Sequence[Any] = ()) -> list[Record]:
+    q = f"SELECT {ROW_COLUMNS} FROM {FROM} WHERE {where} ORDER BY images.id"
+    return [Record.from_row(r) for r in db.execute(q, list(params))]
+
+
+def delete_rows(db: Database, ids: Iterable[int]) -> None:
+    """Delete rows and their vectors; an exact copy left behind inherits the deleted vector.
+
+    Rows with ``status='duplicate'`` have no vector of their own (same bytes, same embedding), so
+    when their original goes, the first copy becomes ``ok`` with the original's vector.
+    Call inside a transaction.
+    """
+    for i in ids:
+        copies = [r[0] for r in db.execute(
+            "SELECT id FROM images WHERE duplicate_of = ? ORDER BY id", [i])]
+        vec = db.execute("SELECT v FROM vectors WHERE id = ?", [i]).fetchone()
+        if copies and vec:
+            heir, rest = copies[0], copies[1:]
+            db.execute("UPDATE images SET status='ok', duplicate_of=NULL WHERE id=?", [heir])
+            db.execute("INSERT OR REPLACE INTO vectors (id, v) VALUES (?, ?)", [heir, vec[0]])
+            for c in rest:
+                db.execute("UPDATE images SET duplicate_of = ? WHERE id = ?", [heir, c])
+        db.execute("DELETE FROM vectors WHERE id = ?", [i])
+        db.execute("DELETE FROM images WHERE id = ?", [i])
+
+
+def status_counts(db: Database) -> dict[str, int]:
+    return dict(db.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall())
+
+
+def _chunks(items: Sequence[int], n: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), n):
+        yield list(items[start : start + n])

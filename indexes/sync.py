@@ -1,0 +1,86 @@
+"""Keeping the FAISS file in step with the database, which is the source of truth.
+
+The manifest records the database ``generation`` the FAISS file was saved at. Equal generations
+mean the file is current. Otherwise (a run killed between committing rows and saving the index)
+the index is reconciled by id sets, which is exact because ids are never reused, or rebuilt from
+the stored vectors when its type cannot remove ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from sqlite_utils import Database
+
+from indexes import store, vectors
+
+log = logging.getLogger(__name__)
+
+
+def _fetch(db: Database, dim: int) -> vectors.FetchVectors:
+    return lambda ids: store.get_vectors(db, ids, dim)
+
+
+def build_from_store(db: Database, factory: str, dim: int) -> faiss.Index:
+    return vectors.build(factory, dim, store.vector_ids(db), _fetch(db, dim),
+                         store.iter_vectors(db, dim))
+
+
+def open_index(collection: Path, db: Database, manifest: dict[str, Any],
+               mmap: bool = False) -> faiss.Index:
+    """The collection's index, matching the database even after a crash (fixed in memory)."""
+    dim = int(manifest["feature_dim"])
+    entry = manifest.get("index", {})
+    path = collection / vectors.INDEX_NAME
+    current = manifest.get("generation") == store.generation(db)
+    if path.is_file():
+        index = vectors.load(path, mmap=mmap and current)
+        if current:
+            return index
+        log.warning("%s is behind its database; reconciling from stored vectors", path)
+        if vectors.reconcile(index, store.vector_ids(db), _fetch(db, dim)):
+            return index
+    return build_from_store(db, entry.get("factory", "Flat"), dim)
+
+
+def recall_sample(db: Database, dim: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Member vectors as queries and their exact top-10 ids (the recall reference)."""
+    ids = store.vector_ids(db)
+    size = min(len(ids), 1000 if len(ids) <= 100_000 else 300) if n else 0
+    pick = np.sort(np.random.default_rng(seed).choice(ids, size=size, replace=False))
+    queries = store.get_vectors(db, pick, dim)
+    return queries, vectors.exact_knn(queries, store.iter_vectors(db, dim), 10)
+
+
+def update_index(collection: Path, db: Database, manifest: dict[str, Any],
+                 index_type: str) -> dict[str, Any]:
+    """Bring the FAISS file up to date, choosing its type; return the manifest's index entry."""
+    dim = int(manifest["feature_dim"])
+    n = int(db.execute("SELECT count(*) FROM vectors").fetchone()[0])
+    factory = vectors.choose_factory(n) if index_type == "auto" else index_type
+    old = manifest.get("index", {})
+    path = collection / vectors.INDEX_NAME
+    gen = store.generation(db)
+    if old.get("factory") == factory and path.is_file() and manifest.get("generation") == gen:
+        return old
+    index = None
+    if old.get("factory") == factory and path.is_file():
+        index = vectors.load(path)
+        if not vectors.reconcile(index, store.vector_ids(db), _fetch(db, dim)):
+            index = None
+    if index is None:
+        log.info("building a %s index over %d vectors", factory, n)
+        index = build_from_store(db, factory, dim)
+    params: dict[str, Any] = {}
+    recall = 1.0
+    if n and factory != "Flat":
+        queries, truth = recall_sample(db, dim, n)
+        params, recall = vectors.tune(index, queries, truth)
+    vectors.save(index, path)
+    return {"type": index_type, "factory": factory, "params": params,
+            "recall_at_10": round(recall, 4), "ntotal": int(index.ntotal),
+            "file_bytes": path.stat().st_size}

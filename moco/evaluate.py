@@ -1,0 +1,283 @@
+"""How good is an encoder? kNN, linear probe and retrieval on labelled folders, plus baselines.
+
+``evaluate`` reads two ImageFolder trees (one subfolder per class), embeds them with the encoder's
+own ``eval_transform`` and reports, on the validation tree:
+    knn_top1: weighted kNN classifier (k=200, T=0.1), no training (moco.knn).
+    probe_top1/probe_top5: linear classifier on frozen features (moco.probe), cached features by
+        default or MoCo's full protocol (``protocol="paper"``).
+    mAP@10, recall@1/5/10: each validation image queries the training images; same label =
+        relevant.
+    view_recall@1: label-free; the share of held-out images whose second augmented view
+        (moco_transform) is the nearest neighbour of the first. Needs no labels at all.
+Baselines make the numbers mean something: ``"pixels"`` (downscaled pixel vectors) and
+``"random:ARCH[:small]"`` (the same architecture with random weights). Pretraining that does not
+beat them has not learned anything useful for these images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moco.augment import eval_transform, moco_transform
+from moco.data import ImageFiles, list_images
+from moco.encoders import build_encoder, feature_dim
+from moco.export import EncoderConfig, load_encoder
+from moco.knn import knn_predict
+from moco.metrics import classification_metrics, retrieval_metrics
+from moco.probe import (
+    ProbeConfig,
+    collate_indexed,
+    paper_train_transform,
+    train_probe,
+    train_probe_on_images,
+)
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("cached", "paper")
+PIXELS_SIZE = 16
+"""Side of the pixel baseline: 16x16x3 = 768 numbers, about the width of a ResNet feature."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of ``evaluate``; the probe preset follows ``protocol`` unless ``probe`` is given."""
+
+    protocol: str = "cached"
+    k: int = 200
+    T: float = 0.1
+    probe: ProbeConfig | None = None
+    batch_size: int = 64
+    device: str = "cpu"
+    workers: int = 0
+    monitor_size: int = 256
+    image_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"Unknown protocol {self.protocol!r}; valid: {PROTOCOLS}")
+
+    def probe_config(self) -> ProbeConfig:
+        if self.probe is not None:
+            return self.probe
+        return ProbeConfig.paper() if self.protocol == "paper" else ProbeConfig.fast()
+
+
+def image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None
+                 ) -> tuple[list[Path], np.ndarray, list[str]]:
+    """Images of an ImageFolder tree, their class indexes, and the class names (subfolders).
+
+    With ``classes`` given (the training tree's), images of other classes are left out, since
+    no classifier trained on ``classes`` can predict them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Image folder not found: {root}")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    names = list(classes) if classes is not None else found
+    extra = sorted(set(found) - set(names))
+    if extra:
+        log.warning("%s: leaving out classes absent from training: %s", root, extra[:10])
+    paths: list[Path] = []
+    labels: list[int] = []
+    for i, name in enumerate(names):
+        if (root / name).is_dir():
+            files = list_images(root / name)
+            paths += files
+            labels += [i] * len(files)
+    if not paths:
+        raise ValueError(f"No images in class subfolders of {root} (expected ROOT/CLASS/IMAGE)")
+    return paths, np.array(labels, dtype=np.int64), names
+
+
+def load_featurizer(spec: str | os.PathLike, device: str = "cpu", image_size: int | None = None,
+                    seed: int = 0) -> tuple[nn.Module, EncoderConfig, str]:
+    """A frozen feature extractor, its preprocessing config, and a display name.
+
+    Args:
+        spec: an encoder directory, ``"pixels"`` (downscaled pixels) or ``"random:ARCH[:small]"``
+            (randomly initialised ARCH, with the small-image stem if ``:small``).
+        image_size: input side for the baselines (pixels: 16; random: 32 with the small stem,
+            else 224).
+    """
+    text = str(spec)
+    if text == "pixels":
+        size = image_size or PIXELS_SIZE
+        cfg = EncoderConfig(arch="pixels", feature_dim=3 * size * size, image_size=size,
+                            crop_pct=1.0, source="baseline")
+        return nn.Flatten().eval(), cfg, f"pixels {size}x{size}"
+    if text.startswith("random:"):
+        parts = text.split(":")
+        small = parts[2:] == ["small"]
+        if len(parts) not in (2, 3) or (len(parts) == 3 and not small):
+            raise ValueError(f"Bad baseline {text!r}; expected random:ARCH or random:ARCH:small")
+        torch.manual_seed(seed)
+        model = build_encoder(parts[1], num_classes=0, small_stem=small)
+        model.requires_grad_(False)
+        cfg = EncoderConfig(arch=parts[1], small_stem=small, feature_dim=feature_dim(parts[1]),
+                            image_size=image_size or (32 if small else 224),
+                            crop_pct=1.0 if small else 0.875, source="random-init",
+                            content_hash=f"random-init-seed{seed}")
+        return model.eval().to(device), cfg, f"random-init {text[7:]}"
+    model, cfg = load_encoder(text, device=device)
+    return model, cfg, Path(text).name
+
+
+@torch.inference_mode()
+def extract_features(model: nn.Module, transform: Callable[[Any], torch.Tensor],
+                     paths: Sequence[Path], batch_size: int = 64, device: str = "cpu",
+                     workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Features (NxD float32, unnormalised) of the readable ``paths`` and their indexes.
+
+    Unreadable files are skipped (``moco.load_image`` decides), so the result may be shorter
+    than ``paths``; the second array says which paths the rows belong to.
+    """
+    loader = torch.utils.data.DataLoader(ImageFiles(list(paths), transform),
+                                         batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_indexed)
+    model = model.eval()
+    feats, kept = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        x, idx = batch
+        feats.append(model(x.to(device)).float().cpu().numpy())
+        kept.append(idx.numpy())
+    if not feats:
+        return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    return np.concatenate(feats), np.concatenate(kept).astype(np.int64)
+
+
+def view_recall(model: nn.Module, cfg: EncoderConfig, paths: Sequence[Path], n: int = 256,
+                seed: int = 0, batch_size: int = 64, device: str = "cpu") -> tuple[float, int]:
+    """Label-free monitor: recall@1 (percent) of each image's other augmented view.
+
+    Two MoCo v2 views of each of ``n`` images; for each first view, is the nearest second view
+    (among the ``n``) that of the same image? Chance is 1/n. Returns (recall, images used).
+    """
+    rng = np.random.default_rng(seed)
+    chosen = [paths[i] for i in sorted(rng.permutation(len(paths))[:n])]
+    aug = moco_transform(cfg.image_size, mean=tuple(cfg.mean), std=tuple(cfg.std))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        a, ia = extract_features(model, aug, chosen, batch_size=batch_size, device=device)
+        b, ib = extract_features(model, aug, chosen, batch_size=batch_size, device=device)
+    if len(a) < 2 or not np.array_equal(ia, ib):
+        return float("nan"), len(a)
+    sim = F.normalize(torch.from_numpy(a), dim=1) @ F.normalize(torch.from_numpy(b), dim=1).T
+    return 100.0 * (sim.argmax(1) == torch.arange(len(a))).float().mean().item(), len(a)
+
+
+def evaluate(encoder: str | os.PathLike, train_dir: str | os.PathLike,
+             val_dir: str | os.PathLike, cfg: EvalConfig | None = None) -> dict[str, Any]:
+    """All metrics of one encoder (or baseline spec, see ``load_featurizer``) as a flat dict.
+
+    Examples:
+        >>> r = evaluate("models/demo", "data/train", "data/val")  # doctest: +SKIP
+        >>> r["knn_top1"], r["probe_top1"], r["mAP@10"], r["view_recall@1"]
+    """
+    cfg = cfg or EvalConfig()
+    t0 = time.perf_counter()
+    tr_paths, tr_y, classes = image_folder(train_dir)
+    va_paths, va_y, _ = image_folder(val_dir, classes=classes)
+    model, enc, name = load_featurizer(encoder, device=cfg.device, image_size=cfg.image_size,
+                                       seed=cfg.seed)
+    tf = eval_transform(enc)
+    kw = {"batch_size": cfg.batch_size, "device": cfg.device, "workers": cfg.workers}
+    tr_x, tr_kept = extract_features(model, tf, tr_paths, **kw)
+    va_x, va_kept = extract_features(model, tf, va_paths, **kw)
+    if len(tr_x) == 0 or len(va_x) == 0:
+        raise ValueError(f"No readable images in {train_dir if len(tr_x) == 0 else val_dir}")
+    tr_y, va_y = tr_y[tr_kept], va_y[va_kept]
+    c = len(classes)
+
+    knn = knn_predict(tr_x, tr_y, va_x, num_classes=c, k=cfg.k, T=cfg.T).numpy()
+    pcfg = cfg.probe_config()
+    if cfg.protocol == "paper":
+        probe = train_probe_on_images(
+            model, [tr_paths[i] for i in tr_kept], tr_y, paper_train_transform(enc), pcfg,
+            classes=classes, encoder_hash=enc.content_hash, dim=enc.feature_dim,
+            device=cfg.device, workers=cfg.workers)
+    else:
+        probe = train_probe(tr_x, tr_y, pcfg, classes=classes, encoder_hash=enc.content_hash)
+    with torch.inference_mode():
+        probe_scores = probe.to("cpu")(torch.from_numpy(va_x)).numpy()
+    probe_m = classification_metrics(probe_scores, va_y, classes)
+    sim = (F.normalize(torch.from_numpy(va_x), dim=1)
+           @ F.normalize(torch.from_numpy(tr_x), dim=1).T).numpy()
+    retrieval = retrieval_metrics(sim, va_y, tr_y, ks=(1, 5, 10))
+    monitor, monitor_n = view_recall(model, enc, [va_paths[i] for i in va_kept],
+                                     n=cfg.monitor_size, seed=cfg.seed,
+                                     batch_size=cfg.batch_size, device=cfg.device)
+    return {
+        "encoder": name,
+        "spec": str(encoder),
+        "arch": enc.arch,
+        "content_hash": enc.content_hash,
+        "image_size": enc.image_size,
+        "classes": c,
+        "n_train": len(tr_x),
+        "n_val": len(va_x),
+        "skipped": (len(tr_paths) - len(tr_x)) + (len(va_paths) - len(va_x)),
+        "knn_top1": 100.0 * float((knn.argmax(1) == va_y).mean()),
+        "knn_k": min(cfg.k, len(tr_x)),
+        "probe_protocol": cfg.protocol,
+        "probe_top1": probe_m.top1,
+        "probe_top5": probe_m.top5,
+        "probe_top1_ci": list(probe_m.top1_ci),
+        "mAP@10": retrieval["mAP@10"],
+        "recall@1": retrieval["recall@1"],
+        "recall@5": retrieval["recall@5"],
+        "recall@10": retrieval["recall@10"],
+        "view_recall@1": monitor,
+        "monitor_images": monitor_n,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "probe_config": dataclasses.asdict(pcfg),
+    }
+
+
+def evaluate_many(specs: Sequence[str | os.PathLike], train_dir: str | os.PathLike,
+                  val_dir: str | os.PathLike, cfg: EvalConfig | None = None
+                  ) -> list[dict[str, Any]]:
+    """``evaluate`` for each encoder or baseline spec, one row each (same data, same settings)."""
+    return [evaluate(s, train_dir, val_dir, cfg) for s in specs]
+
+
+COLUMNS = ("encoder", "knn_top1", "probe_top1", "probe_top5", "mAP@10", "recall@1", "recall@5",
+           "recall@10", "view_recall@1", "seconds")
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of the main metrics (percent), one row per encoder."""
+    cells = [[r["encoder"]] + [f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c])
+                               for c in COLUMNS[1:]] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(COLUMNS)]
+    line = lambda vals: "  ".join(v.ljust(w) if i == 0 else v.rjust(w)  # noqa: E731
+                                  for i, (v, w) in enumerate(zip(vals, widths, strict=True)))
+    return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def write_json(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
+    """The rows as a JSON list (NaN written as null)."""
+    def clean(v: Any) -> Any:
+        return None if isinstance(v, float) and v != v else v
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{k: clean(v) for k, v in r.items()} for r in rows], indent=2)
+                    + "\n")
+    return path

@@ -1,0 +1,105 @@
+"""What a pretraining run reports: progress bar, ``log.jsonl``, TensorBoard, skipped files, plot.
+
+Only rank 0 writes (``enabled``); other ranks get a silent log so the loop has no branches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class RunLog:
+    def __init__(self, out: Path, cfg: Any, paths: list[Path], enabled: bool = True) -> None:
+        self.out, self.cfg, self.paths, self.enabled = out, cfg, paths, enabled
+        self.bad: set[int] = set()
+        self._tb: Any = None
+        if enabled:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+    @property
+    def tb(self) -> Any:
+        if self._tb is None and self.enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tb"))
+            except ImportError:  # tensorboard is optional at run time
+                self._tb = False
+        return self._tb
+
+    def progress(self, epoch: int, total: int, initial: int = 0) -> tqdm:
+        return tqdm(
+            total=total, initial=initial, disable=not self.enabled, unit="step", leave=False,
+            desc=f"epoch {epoch + 1}/{self.cfg.epochs}", dynamic_ncols=True,
+        )
+
+    def step(self, global_step: int, loss: float, lr: float) -> None:
+        if self.tb and global_step % 10 == 0:
+            self.tb.add_scalar("train/loss", loss, global_step)
+            self.tb.add_scalar("train/lr", lr, global_step)
+
+    def skipped(self, indexes: list[int]) -> None:
+        new = [i for i in indexes if i not in self.bad]
+        self.bad.update(new)
+        if self.enabled and new:
+            with open(self.out / "skipped.txt", "a") as f:
+                f.writelines(f"{self.paths[i]}\n" for i in new)
+
+    def epoch_end(self, epoch: int, stats: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"epoch": epoch, **stats, "skipped_files": len(self.bad)}
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb:
+            for k, v in stats.items():
+                self.tb.add_scalar(f"epoch/{k}", v, epoch)
+            self.tb.flush()
+        knn = f", kNN top-1 {stats['knn_top1']:.1f}%" if "knn_top1" in stats else ""
+        log.info(
+            "epoch %d/%d: loss %.4f, contrastive acc %.1f%%, %.0f img/s, lr %.4g%s",
+            epoch + 1, self.cfg.epochs, stats["loss"], stats["contrastive_acc"],
+            stats["images_per_s"], stats["lr"], knn,
+        )
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+
+    def finish(self) -> None:
+        """Close TensorBoard and draw the loss (and accuracy) curve to ``curves.png``."""
+        self.close()
+        if self.enabled and (self.out / "log.jsonl").is_file():
+            plot_run(self.out)
+
+
+def plot_run(run: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+    epochs = [r["epoch"] + 1 for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax[0].plot(epochs, [r["loss"] for r in rows], marker=".")
+    ax[0].set(xlabel="epoch", ylabel="InfoNCE loss", title="training loss")
+    ax[1].plot(epochs, [r["contrastive_acc"] for r in rows], marker=".", label="contrastive acc")
+    if any("knn_top1" in r for r in rows):
+        ax[1].plot(epochs, [r.get("knn_top1") for r in rows], marker=".", label="kNN top-1 (val)")
+    ax[1].set(xlabel="epoch", ylabel="%", title="accuracy")
+    ax[1].legend()
+    fig.tight_layout()
+    path = run / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

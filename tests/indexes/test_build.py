@@ -1,0 +1,134 @@
+"""index_images: a real encoder, real files, real FAISS and SQLite; incremental runs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexes import Collection, index_images
+from tests.indexes.conftest import consistency, image, write_images
+
+
+def build(images: Path, coll: Path, enc: Path | None, **kw: object):
+    return index_images([images], coll, enc, workers=0, batch_size=4, **kw)
+
+
+def test_every_image_finds_itself_first(images: Path, encoder_dir: Path, tmp_path: Path) -> None:
+    report = build(images, tmp_path / "c", encoder_dir)
+    assert (report.added, report.total, report.errors) == (16, 16, {})
+    with Collection.open(tmp_path / "c") as c:
+        assert len(c) == 16
+        ids, _ = c.labeled()
+        for rec in c.records(ids):
+            hits = c.search(rec.path, k=3)
+            assert hits[0].id == rec.id and hits[0].path == rec.path
+            assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+    assert consistency(tmp_path / "c") == {"ok": 16}
+
+
+def test_search_equals_brute_force(images: Path, encoder_dir: Path, tmp_path: Path) -> None:
+    build(images, tmp_path / "c", encoder_dir)
+    with Collection.open(tmp_path / "c") as c:
+        ids, _ = c.labeled()
+        vecs = c.vectors(ids)
+        np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+        q = c.embed([images / "dog" / "002.png"])[0]
+        order = np.argsort(-(vecs @ q), kind="stable")
+        hits = c.search(images / "dog" / "002.png", k=5)
+        assert [h.id for h in hits] == ids[order[:5]].tolist()
+        np.testing.assert_allclose([h.score for h in hits], (vecs @ q)[order[:5]], atol=1e-5)
+        assert len(c.search(q, k=100)) == 16  # k > n: no -1 padding surfaces
+        assert all(h.id > 0 for h in c.search(q, k=100))
+
+
+def test_query_by_bytes_and_pil_match_path(images: Path, encoder_dir: Path,
+                                           tmp_path: Path) -> None:
+    from PIL import Image
+
+    build(images, tmp_path / "c", encoder_dir)
+    p = images / "owl" / "001.png"
+    with Collection.open(tmp_path / "c") as c:
+        by_path = c.embed([p])
+        np.testing.assert_allclose(c.embed([p.read_bytes()]), by_path, atol=1e-5)
+        np.testing.assert_allclose(c.embed([Image.open(p)]), by_path, atol=1e-5)
+
+
+def test_incremental_add_change_delete_rename(images: Path, encoder_dir: Path,
+                                              tmp_path: Path) -> None:
+    coll = tmp_path / "c"
+    build(images, coll, encoder_dir)
+    with Collection.open(coll) as c:
+        old = {r.relpath: r for r in c.records(c.labeled()[0])}
+
+    again = build(images, coll, None)  # encoder from the manifest
+    assert (again.added, again.updated, again.removed, again.unchanged) == (0, 0, 0, 16)
+
+    write_images(images, {"fox": 2}, start_seed=100)  # add 2
+    image(200).save(images / "cat" / "000.png")  # change 1
+    os.utime(images / "cat" / "001.png", (1, 1))  # touch: same bytes, new mtime
+    (images / "dog" / "000.png").unlink()  # delete 1
+    (images / "owl" / "000.png").rename(images / "owl" / "renamed.png")  # rename 1
+    r = build(images, coll, None)
+    assert (r.added, r.updated, r.removed, r.renamed) == (2, 1, 1, 1)
+    assert r.unchanged == 16 - 3 and r.total == 17
+
+    with Collection.open(coll) as c:
+        new = {x.relpath: x for x in c.records(c.labeled()[0])}
+        assert "dog/000.png" not in new and "owl/000.png" not in new
+        assert new["owl/renamed.png"].id == old["owl/000.png"].id  # moved, not re-embedded
+        assert new["cat/001.png"].id == old["cat/001.png"].id
+        assert new["cat/000.png"].id != old["cat/000.png"].id  # new content, new id
+        assert c.search(images / "cat" / "000.png", k=1)[0].relpath == "cat/000.png"
+        assert c.search(images / "fox" / "001.png", k=1)[0].relpath == "fox/001.png"
+    assert consistency(coll) == {"ok": 17}
+
+
+def test_exact_copies_share_a_vector(images: Path, encoder_dir: Path, tmp_path: Path) -> None:
+    coll = tmp_path / "c"
+    shutil.copy(images / "cat" / "000.png", images / "cat" / "copy.png")
+    r = build(images, coll, encoder_dir)
+    assert r.duplicates == 1 and r.total == 16
+    with Collection.open(coll) as c:
+        (copy,) = c.query_records("images.status = 'duplicate'")
+        assert copy.relpath == "cat/copy.png"
+        assert c.records([copy.duplicate_of])[0].relpath == "cat/000.png"
+        assert [g[0].id for g in c.duplicates(threshold=1.5)] == [copy.duplicate_of]
+    (images / "cat" / "000.png").unlink()  # the copy inherits the vector
+    r = build(images, coll, None)
+    assert r.removed == 1 and r.total == 16
+    with Collection.open(coll) as c:
+        hit = c.search(images / "cat" / "copy.png", k=1)[0]
+        assert hit.relpath == "cat/copy.png" and hit.score > 0.999
+    consistency(coll)
+
+
+def test_wrong_encoder_is_refused(images: Path, encoder_dir: Path, other_encoder_dir: Path,
+                                  tmp_path: Path) -> None:
+    build(images, tmp_path / "c", encoder_dir)
+    with pytest.raises(ValueError, match="Encoder mismatch") as e:
+        build(images, tmp_path / "c", other_encoder_dir)
+    from moco import read_encoder_config
+
+    for enc in (encoder_dir, other_encoder_dir):
+        assert read_encoder_config(enc).content_hash[:16] in str(e.value)
+    with pytest.raises(ValueError, match="Encoder mismatch"):
+        Collection.open(tmp_path / "c", encoder=other_encoder_dir)
+
+
+def test_new_collection_needs_an_encoder(images: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="encoder"):
+        build(images, tmp_path / "c", None)
+    with pytest.raises(FileNotFoundError):
+        index_images([tmp_path / "nope"], tmp_path / "c", tmp_path)
+
+
+def test_labels_csv_overrides_folders(images: Path, encoder_dir: Path, tmp_path: Path) -> None:
+    csv = tmp_path / "labels.csv"
+    csv.write_text(f"path,label\ncat/000.png,tabby\n{images / 'dog' / '000.png'},pug\n")
+    build(images, tmp_path / "c", encoder_dir, labels_csv=csv)
+    with Collection.open(tmp_path / "c") as c:
+        assert c.label_counts() == {"cat": 5, "dog": 5, "owl": 4, "pug": 1, "tabby": 1}

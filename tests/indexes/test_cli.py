@@ -1,0 +1,99 @@
+"""The commands end to end through ``launch.main``, as a user runs them."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import launch
+from indexes import Collection
+from indexes.duplicates import brute_force_pairs
+
+
+@pytest.fixture
+def coll(images: Path, encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> Path:
+    shutil.copy(images / "cat" / "000.png", images / "cat" / "copy.png")
+    out = tmp_path / "c"
+    rc = launch.main(["index", str(images), "--collection", str(out), "--encoder",
+                      str(encoder_dir), "--workers", "0", "--batch-size", "4"])
+    assert rc == 0
+    assert "16 images indexed (17 added" in capsys.readouterr().out
+    return out
+
+
+def test_search_table_and_json(coll: Path, images: Path, capsys: pytest.CaptureFixture) -> None:
+    q = images / "dog" / "002.png"
+    assert launch.main(["search", "--collection", str(coll), str(q), "-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["rank", "score", "id", "label", "path"]
+    assert len(lines) == 4 and lines[1].split()[-1] == str(q.resolve())
+    assert launch.main(["search", "--collection", str(coll), str(q), "-k", "3", "--json",
+                        "--label", "cat"]) == 0
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 3 and {r["label"] for r in rows} == {"cat"}
+    assert launch.main(["search", "--collection", str(coll), "--id", str(rows[0]["id"]),
+                        "--json", "-k", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == rows[0]["id"]
+
+
+def test_user_mistakes_are_one_line(coll: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    assert launch.main(["search", "--collection", str(coll), str(tmp_path / "no.png")]) == 2
+    assert launch.main(["search", "--collection", str(tmp_path / "nothing"), "x.png"]) == 2
+    assert launch.main(["index", "--collection", str(tmp_path / "new")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(e.startswith("moco-search ") for e in err)
+
+
+def test_reindex_without_arguments_rescans(coll: Path, images: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    (images / "owl" / "000.png").unlink()
+    assert launch.main(["index", "--collection", str(coll), "--workers", "0"]) == 0
+    assert "1 removed, 16 unchanged" in capsys.readouterr().out
+
+
+def test_duplicates_match_brute_force(coll: Path, capsys: pytest.CaptureFixture) -> None:
+    with Collection.open(coll) as c:
+        ids = c.labeled()[0]
+        vecs = c.vectors(ids)
+        sims = np.sort((vecs @ vecs.T)[np.triu_indices(len(ids), 1)])
+        threshold = float(sims[-5] + sims[-4]) / 2  # 4 pairs above it, none on it
+        groups = c.duplicates(threshold)
+        pairs = brute_force_pairs(ids, vecs, threshold)
+        copy = c.query_records("images.status = 'duplicate'")[0]
+    grouped = [{h.id for h in g} for g in groups]
+    for a, b in pairs:
+        assert any({a, b} <= g for g in grouped)
+    assert any({copy.id, copy.duplicate_of} <= g for g in grouped)
+    assert launch.main(["duplicates", "--collection", str(coll), "--threshold",
+                        str(threshold), "--json"]) == 0
+    assert [[h["id"] for h in g] for g in json.loads(capsys.readouterr().out)] == [
+        [h.id for h in g] for g in groups]
+
+
+def test_export_embeddings(coll: Path, tmp_path: Path) -> None:
+    assert launch.main(["export-embeddings", "--collection", str(coll), "--out",
+                        str(tmp_path / "x")]) == 0
+    emb, ids = np.load(tmp_path / "x" / "embeddings.npy"), np.load(tmp_path / "x" / "ids.npy")
+    with open(tmp_path / "x" / "metadata.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert emb.shape == (16, 512) and emb.dtype == np.float32 and len(rows) == 17
+    with Collection.open(coll) as c:
+        np.testing.assert_array_equal(emb, c.vectors(ids))
+    assert {int(r["id"]) for r in rows if r["status"] == "ok"} == set(ids.tolist())
+
+
+def test_every_command_has_help() -> None:
+    parser = launch.build_parser()
+    sub = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name in ("index", "search", "duplicates", "export-embeddings"):
+        text = sub[name].format_help()
+        for action in sub[name]._actions:
+            if action.help and action.option_strings and action.dest != "help":
+                assert "default" in action.help or action.required, (name, action.dest)
+        assert text

@@ -1,0 +1,132 @@
+"""Collection: filters in SQL, several positives/negatives, ids, labels, paths, reload."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexes import Collection, Filters, index_images
+from tests.indexes.conftest import image, write_images
+
+
+@pytest.fixture
+def coll(images: Path, encoder_dir: Path, tmp_path: Path) -> Path:
+    image(77, size=(96, 80)).save(images / "owl" / "big.png")
+    os.utime(images / "cat" / "000.png", (1_000_000, 1_000_000))
+    index_images([images], tmp_path / "c", encoder_dir, workers=0)
+    return tmp_path / "c"
+
+
+def test_filters_match_sql_reference(coll: Path, images: Path) -> None:
+    cases = [
+        (Filters(label="dog"), lambda r: r.label == "dog"),
+        (Filters(path_glob="owl/*"), lambda r: r.relpath.startswith("owl/")),
+        (Filters(min_width=90), lambda r: r.width >= 90),
+        (Filters(min_height=81), lambda r: False),
+        (Filters(modified_before=2_000_000), lambda r: r.relpath == "cat/000.png"),
+        (Filters(modified_after=2_000_000, label="cat"),
+         lambda r: r.label == "cat" and r.relpath != "cat/000.png"),
+    ]
+    with Collection.open(coll) as c:
+        everything = c.records(c.labeled()[0])
+        for f, keep in cases:
+            want = {r.id for r in everything if keep(r)}
+            hits = c.search(images / "cat" / "001.png", k=100, filters=f)
+            assert {h.id for h in hits} == want, f
+            scores = [h.score for h in hits]
+            assert scores == sorted(scores, reverse=True)
+
+
+def test_filter_is_parameterised(coll: Path, images: Path) -> None:
+    with Collection.open(coll) as c:
+        assert c.search(images / "cat" / "001.png", filters=Filters(label="x' OR 1=1 --")) == []
+
+
+def test_min_score_and_k(coll: Path, images: Path) -> None:
+    with Collection.open(coll) as c:
+        hits = c.search(images / "dog" / "001.png", k=5)
+        assert len(hits) == 5
+        cut = hits[2].score
+        assert [h.id for h in c.search(images / "dog" / "001.png", k=5, min_score=cut)] == \
+            [h.id for h in hits[:3]]
+        with pytest.raises(ValueError, match="k must be"):
+            c.search(images / "dog" / "001.png", k=0)
+
+
+def test_positives_and_negatives(coll: Path, images: Path) -> None:
+    with Collection.open(coll) as c:
+        ids, _ = c.labeled()
+        vecs = c.vectors(ids)
+        a, b, n = (images / "cat" / "001.png", images / "dog" / "003.png",
+                   images / "owl" / "002.png")
+        va, vb, vn = c.embed([a, b, n])
+        q = (va + vb) / 2 - 0.5 * vn
+        q /= np.linalg.norm(q)
+        order = ids[np.argsort(-(vecs @ q), kind="stable")]
+        hits = c.search([a, b], k=6, negatives=[n])
+        assert [h.id for h in hits] == order[:6].tolist()
+        by_id = c.search([int(ids[0]), int(ids[1])], k=3)
+        np.testing.assert_allclose(c.query_vector([int(ids[0]), int(ids[1])]),
+                                   c.query_vector([vecs[0], vecs[1]]), atol=1e-6)
+        assert len(by_id) == 3
+        with pytest.raises(ValueError, match="cancel"):
+            c.query_vector([a], [a], negative_weight=1.0)
+
+
+def test_search_id_records_labels_vectors(coll: Path) -> None:
+    with Collection.open(coll) as c:
+        ids, labels = c.labeled()
+        assert len(ids) == len(c) == 17 and labels.count("owl") == 5
+        assert c.label_counts() == {"cat": 6, "dog": 6, "owl": 5}
+        hits = c.search_id(int(ids[4]), k=4)
+        assert hits[0].id == ids[4] and len(hits) == 4
+        assert c.search_id(int(ids[4]), k=20, filters=Filters(label="dog"))[0].label == "dog"
+        recs = c.records([ids[3], ids[1]])
+        assert [r.id for r in recs] == [ids[3], ids[1]]
+        assert c.vectors([ids[2]]).shape == (1, 512)
+        with pytest.raises(KeyError):
+            c.records([10_000])
+        assert c.encoder_config.image_size == 32 and c.manifest["counts"] == {"ok": 17}
+
+
+def test_resolve_path_stays_inside_roots(coll: Path, images: Path) -> None:
+    with Collection.open(coll) as c:
+        i = int(c.labeled()[0][0])
+        assert c.resolve_path(i) == images.resolve() / "cat" / "000.png"
+    db = sqlite3.connect(coll / "meta.db")
+    with db:
+        db.execute("UPDATE images SET relpath_raw = ? WHERE id = ?", [b"../../etc/passwd", i])
+    db.close()
+    with Collection.open(coll) as c, pytest.raises(ValueError, match="outside"):
+        c.resolve_path(i)
+
+
+def test_concurrent_searches_and_reload(coll: Path, images: Path) -> None:
+    with Collection.open(coll) as c:
+        ids = c.labeled()[0]
+        want = {int(i): c.search_id(int(i), k=3)[0].id for i in ids}
+        errors: list[BaseException] = []
+
+        def worker() -> None:
+            try:
+                for i in ids:
+                    assert c.search_id(int(i), k=3)[0].id == want[int(i)]
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        write_images(images, {"new": 2}, start_seed=300)
+        index_images([images], coll, None, workers=0)
+        assert len(c) == 19  # rows are read live; the index after reload
+        c.reload()
+        assert c.search(images / "new" / "001.png", k=1)[0].relpath == "new/001.png"

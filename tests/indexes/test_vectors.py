@@ -1,0 +1,98 @@
+"""FAISS side: exact search against numpy, approximate indexes tuned to their recall target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from indexes import Collection, Filters, index_images, vectors
+from tests.indexes.conftest import consistency
+
+
+def clustered(n: int, dim: int = 32, centers: int = 50, seed: int = 0) -> np.ndarray:
+    """Unit vectors around a few centres: the structure of real embeddings."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centers, dim))
+    x = c[rng.integers(0, centers, n)] + 0.3 * rng.standard_normal((n, dim))
+    x = x.astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def chunks(ids: np.ndarray, x: np.ndarray, size: int = 1000):
+    for s in range(0, len(ids), size):
+        yield ids[s : s + size], x[s : s + size]
+
+
+def test_flat_knn_equals_numpy_and_drops_minus_one() -> None:
+    x = clustered(300)
+    ids = np.arange(1000, 1300, dtype=np.int64)
+    index = vectors.build("Flat", 32, ids, lambda i: x[i - 1000], chunks(ids, x))
+    q = clustered(5, seed=1)
+    want = ids[np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :10]]
+    got = vectors.knn(index, q, 10)
+    assert [[i for i, _ in row] for row in got] == want.tolist()
+    allowed = ids[::50]  # 6 ids only, k = 10: FAISS pads with -1
+    got = vectors.knn(index, q, 10, allowed=allowed)
+    assert all(sorted(i for i, _ in row) == allowed.tolist() for row in got)
+    assert vectors.knn(vectors.new_index("Flat", 32), q, 10) == [[]] * 5
+
+
+@pytest.mark.parametrize("factory", ["IVF32,Flat", "HNSW16"])
+def test_approximate_index_tuned_to_recall(factory: str) -> None:
+    x = clustered(6000)
+    ids = np.arange(1, 6001, dtype=np.int64)
+    index = vectors.build(factory, 32, ids, lambda i: x[i - 1], chunks(ids, x))
+    assert vectors.index_ids(index).tolist() == ids.tolist()
+    q = x[::60]
+    truth = vectors.exact_knn(q, chunks(ids, x), 10)
+    params, recall = vectors.tune(index, q, truth)
+    assert recall >= vectors.TARGET_RECALL
+    assert recall == vectors.recall_at(vectors.knn(index, q, 10, params), truth)
+    assert set(params) == {"nprobe" if factory.startswith("IVF") else "efSearch"}
+
+
+def test_exact_knn_streams_chunks() -> None:
+    x = clustered(500)
+    ids = np.arange(500, dtype=np.int64) * 3
+    truth = vectors.exact_knn(x[:7], chunks(ids, x, size=64), 10)
+    want = ids[np.argsort(-(x[:7] @ x.T), axis=1, kind="stable")[:, :10]]
+    assert (np.sort(truth, axis=1) == np.sort(want, axis=1)).all()
+
+
+def test_reconcile_adds_and_removes() -> None:
+    x = clustered(100)
+    ids = np.arange(100, dtype=np.int64)
+    index = vectors.build("Flat", 32, ids, lambda i: x[i], chunks(ids, x))
+    want = np.concatenate([ids[10:], [200, 201]])
+    extra = {200: x[0], 201: x[1]}
+    assert vectors.reconcile(index, want, lambda i: np.stack([extra[int(j)] for j in i]))
+    assert vectors.index_ids(index).tolist() == want.tolist()
+    hnsw = vectors.build("HNSW8", 32, ids, lambda i: x[i], chunks(ids, x))
+    assert not vectors.reconcile(hnsw, ids[1:], lambda i: x[i])  # cannot remove: rebuild
+
+
+def test_choose_factory_by_size() -> None:
+    assert vectors.choose_factory(vectors.FLAT_MAX) == "Flat"
+    assert vectors.choose_factory(1_000_000) == "IVF4096,Flat"
+    with pytest.raises(ValueError, match="factory"):
+        vectors.new_index("NoSuchIndex", 8)
+
+
+def test_collection_with_approximate_index(images: Path, encoder_dir: Path,
+                                           tmp_path: Path) -> None:
+    index_images([images], tmp_path / "c", encoder_dir, workers=0, index_type="IVF4,Flat")
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["index"]["factory"] == "IVF4,Flat" and m["index"]["recall_at_10"] >= 0.95
+    assert isinstance(faiss.read_index(str(tmp_path / "c" / "index.faiss")), faiss.IndexIVFFlat)
+    with Collection.open(tmp_path / "c") as c:
+        for i in c.labeled()[0]:
+            assert c.search_id(int(i), k=1)[0].id == i
+        assert {h.label for h in c.search_id(int(i), k=20, filters=Filters(label="cat"))} == {
+            "cat"}
+    (images / "cat" / "000.png").unlink()
+    index_images([images], tmp_path / "c", None, workers=0, index_type="IVF4,Flat")
+    assert consistency(tmp_path / "c") == {"ok": 15}
