@@ -69,7 +69,7 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     a = np.asarray(im, dtype=np.float64)
     lo, hi = float(a.min()), float(a.max())
     a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return Image.fromarray(a.astype(np.uint8), mode="L")
+    return Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
 
 
 def load_image(
@@ -106,7 +106,8 @@ def load_image(
         raise ImageError("not an image", str(e)) from e
     except OSError as e:
         msg = str(e)
-        reason = "truncated" if "truncated" in msg or "broken data" in msg else "unreadable"
+        low = msg.lower()  # JPEG headers cut short: "Truncated File Read"
+        reason = "truncated" if "truncated" in low or "broken data" in low else "unreadable"
         raise ImageError(reason, msg) from e
     except Exception as e:  # Pillow plugins raise many types on hostile input
         raise ImageError("unreadable", f"{type(e).__name__}: {e}") from e

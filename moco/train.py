@@ -205,8 +205,11 @@ def _shard(n: int, epoch: int, cfg: TrainConfig, rank: int, world: int, skip: in
     return perm[rank::world][:per_rank][skip:]
 
 
-def _loader(ds: ImageFiles, idx: list[int], cfg: TrainConfig, world: int, epoch: int) -> DataLoader:
-    g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch)  # worker seeds, deterministic
+def _loader(
+    ds: ImageFiles, idx: list[int], cfg: TrainConfig, world: int, epoch: int, rank: int = 0
+) -> DataLoader:
+    # Worker seeds, deterministic; per rank, or every rank would draw the same augmentations.
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + epoch + 1_000_003 * rank)
     return DataLoader(
         torch.utils.data.Subset(ds, idx),
         batch_size=cfg.batch_size // world,
@@ -313,12 +316,13 @@ def train(cfg: TrainConfig) -> Path:
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            _seed_all(cfg.seed * 1_000_003 + epoch)  # each epoch reproducible on its own
+            # Each epoch reproducible on its own; ranks differ (augmentations with workers=0).
+            _seed_all(cfg.seed * 1_000_003 + epoch + 7919 * rank)
             skip = skip_steps if epoch == start_epoch else 0
-            if resumed is not None and epoch == start_epoch and skip == 0 and "rng" in resumed:
-                set_rng_state(resumed["rng"])
+            if resumed is not None and skip and "rng" in resumed:
+                set_rng_state(resumed["rng"])  # mid-epoch (Ctrl-C): continue the interrupted RNG
             idx = _shard(len(paths), epoch, cfg, rank, world, skip * (cfg.batch_size // world))
-            loader = _loader(dataset, idx, cfg, world, epoch)
+            loader = _loader(dataset, idx, cfg, world, epoch, rank)
             stats = _train_one_epoch(
                 step_fn, model, optimizer, loader, cfg, epoch, steps_per_epoch, skip, device, amp,
                 runlog,
@@ -344,12 +348,28 @@ def train(cfg: TrainConfig) -> Path:
     return ckpt_path
 
 
-def _batches(loader: DataLoader, runlog: RunLog) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(
+    loader: DataLoader, runlog: RunLog, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    world = dist.get_world_size() if dist.is_initialized() else 1
     for views, bad in loader:
+        n = 0 if views is None else views[0].shape[0]
+        if world > 1:
+            # Broken files shrink a rank's batch, but keys are all-gathered with one shape: every
+            # rank steps with the smallest batch (or all skip), and rank 0 logs everyone's files.
+            agree = torch.tensor([-n, len(bad)], device=device)
+            dist.all_reduce(agree, op=dist.ReduceOp.MAX)
+            n, most_bad = -int(agree[0]), int(agree[1])
+            if most_bad:
+                mine = torch.full((most_bad,), -1, dtype=torch.long, device=device)
+                mine[: len(bad)] = torch.tensor(bad, dtype=torch.long)
+                parts = [torch.empty_like(mine) for _ in range(world)]
+                dist.all_gather(parts, mine)
+                bad = [i for i in torch.cat(parts).tolist() if i >= 0]
         if bad:
             runlog.skipped(bad)
-        if views is not None:
-            yield views[0], views[1]
+        if n:
+            yield views[0][:n], views[1][:n]
 
 
 def _train_one_epoch(
@@ -373,7 +393,7 @@ def _train_one_epoch(
     bar = runlog.progress(epoch, total=steps, initial=skip)
     step = skip
     try:
-        for im_q, im_k in _batches(loader, runlog):
+        for im_q, im_k in _batches(loader, runlog, device):
             if step >= steps:
                 break
             frac = epoch + step / max(steps, 1)

@@ -1,0 +1,104 @@
+"""Classify-tab handlers: top-5 labels of a query, training probes, labelling from the gallery.
+
+The classifier is the collection's linear probe when one is trained (``default`` from the
+indexer's labels, ``ui`` from labels given here), otherwise the kNN vote over the labelled
+stored vectors, which needs no training at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from app.context import USER_PROBE, AppContext
+from app.handlers import UserError, decode_upload
+from app.probes import ProbeResult, train_on_ids
+from indexes.classify import DEFAULT_PROBE, list_probes
+
+KNN = "knn"
+Progress = Callable[[float, str], None]
+
+
+def methods(ctx: AppContext) -> list[str]:
+    """Classifiers on offer: the saved probes (best first), then kNN when labels exist."""
+    names = sorted(list_probes(ctx.collection), key=lambda n: (n != DEFAULT_PROBE, n))
+    if ctx.collection.label_counts():
+        names.append(KNN)
+    return names
+
+
+def default_method(ctx: AppContext) -> str | None:
+    found = methods(ctx)
+    return found[0] if found else None
+
+
+def classify(ctx: AppContext, image: Any, method: str | None = None,
+             k: int = 5) -> tuple[dict[str, float], str]:
+    """Top-``k`` labels with probabilities (probe) or vote shares (kNN), and a caption."""
+    method = method or default_method(ctx)
+    if method is None:
+        raise UserError("No labels yet: label a few images below (or index folders named by "
+                        "class) to classify.")
+    if method not in methods(ctx):
+        raise UserError(f"Unknown classifier {method!r}; available: {methods(ctx)}")
+    vec = ctx.collection.embed([decode_upload(image)])
+    try:
+        clf = ctx.classifier(method)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(str(e)) from e
+    order, probs = clf.top(vec, k=k)
+    top = {clf.classes[j]: float(p) for j, p in zip(order[0], probs[0], strict=True)}
+    how = "linear probe" if method != KNN else "kNN vote over the labelled images"
+    return top, f"Classified by {how} `{method}` ({len(clf.classes)} classes)."
+
+
+def probe_summary(ctx: AppContext, name: str | None) -> tuple[str, str | None]:
+    """The saved accuracy and confusion-matrix image of probe ``name``."""
+    probes = list_probes(ctx.collection)
+    if not name or name not in probes:
+        return "No probe trained yet: classification uses the kNN vote.", None
+    m = probes[name].get("metrics", {})
+    png = ctx.path / "probes" / name / "confusion.png"
+    acc = (f"top-1 {m['top1']:.1f}% (95% CI {m['top1_ci'][0]:.1f}-{m['top1_ci'][1]:.1f}%) on "
+           f"{m['n']} held-out images by {m.get('method', '?')}") if m.get("n") else \
+        "no held-out estimate"
+    return (f"**Probe `{name}`**: {len(probes[name].get('classes', []))} classes, "
+            f"{m.get('n_labeled', '?')} labelled images; {acc}.",
+            str(png) if png.is_file() else None)
+
+
+def train(ctx: AppContext, source: str, progress: Progress | None = None) -> ProbeResult:
+    """Train (or retrain) a probe on the indexer's labels (``default``) or the UI's (``ui``)."""
+    if source == DEFAULT_PROBE:
+        ids, labels = ctx.collection.labeled()
+        ids = [int(i) for i in ids]
+    elif source == USER_PROBE:
+        given = ctx.user_labels()
+        ids, labels = list(given), list(given.values())
+    else:
+        raise UserError(f"Unknown label source {source!r}; use {DEFAULT_PROBE!r} or "
+                        f"{USER_PROBE!r}")
+    if len(set(labels)) < 2:
+        raise UserError(f"Training needs labelled images of at least 2 classes; there are "
+                        f"{len(ids)} labelled images in {len(set(labels))} class(es).")
+    result = train_on_ids(ctx.collection, ids, labels, name=source, progress=progress)
+    ctx.forget_classifiers()
+    return result
+
+
+def label_image(ctx: AppContext, hit: dict[str, Any] | None, label: str | None) -> str:
+    """Give the selected result a label (empty removes it); report the labels so far."""
+    if not hit:
+        raise UserError("Select a result in the Search tab's gallery first.")
+    label = (label or "").strip()
+    if len(label) > 64 or any(c in label for c in "\n\r\t"):
+        raise UserError("Labels are one line of at most 64 characters.")
+    labels = ctx.set_user_label(int(hit["id"]), label or None)
+    counts: dict[str, int] = {}
+    for v in labels.values():
+        counts[v] = counts.get(v, 0) + 1
+    what = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none"
+    name = Path(hit.get("relpath") or str(hit["id"])).name
+    done = f"labelled {name} as **{label}**" if label else f"removed the label of {name}"
+    return f"{done}. Labels given here: {what}."

@@ -1,0 +1,118 @@
+"""The demo collection: the shipped emoji images indexed with the shipped encoder, on first use.
+
+``ensure_demo_collection`` builds it under the user's cache (``$MOCO_SEARCH_CACHE/demo``, else
+``~/.cache/moco-search/demo``) the first time, trains its probe on the images of the fixed
+``train`` split and measures it on the ``val`` split, and reuses it afterwards. It is rebuilt
+when the encoder (by content hash) or the image folder changes. The build goes to a temporary
+sibling directory that is renamed into place at the end, so an interrupted first run never
+leaves a half-built collection behind to be reused.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DEMO_IMAGES = HERE / "images"
+DEMO_ENCODER = HERE / "encoder"
+SPLIT_CSV = DEMO_IMAGES / "manifest.csv"
+EXAMPLE = "animals_nature"
+"""The demo opens with the first held-out image of this label as its example query."""
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("MOCO_SEARCH_CACHE")
+    return Path(base).expanduser() if base else Path.home() / ".cache" / "moco-search"
+
+
+def read_split(csv_path: Path = SPLIT_CSV) -> list[dict[str, str]]:
+    """Rows of the demo's ``manifest.csv``: path (relative to the images), label, split."""
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def demo_example(images: Path = DEMO_IMAGES) -> str | None:
+    """A held-out demo image to show as the example query (None if the images are missing)."""
+    csv_path = images / "manifest.csv"
+    if not csv_path.is_file():
+        return None
+    rows = read_split(csv_path)
+    val = [r for r in rows if r.get("split") == "val"] or rows
+    pick = next((r for r in val if r["label"] == EXAMPLE), val[0] if val else None)
+    return str(images / pick["path"]) if pick else None
+
+
+def _is_current(coll: Path, content_hash: str, images: Path) -> bool:
+    from indexes.classify import list_probes
+    from indexes.manifest import MANIFEST_NAME, read_manifest
+
+    if not (coll / MANIFEST_NAME).is_file():
+        return False
+    try:
+        m = read_manifest(coll)
+    except ValueError:
+        return False
+    return (m["encoder"]["content_hash"] == content_hash
+            and m.get("roots") == [os.path.abspath(images)]
+            and "default" in list_probes(coll))
+
+
+def train_demo_probe(coll: Path, images: Path) -> str:
+    """Train probe ``default`` on the ``train`` split; its accuracy is on the ``val`` split."""
+    from app.probes import train_on_ids
+    from indexes import Collection
+
+    split = {r["path"]: (r["label"], r.get("split", "train"))
+             for r in read_split(images / "manifest.csv")}
+    with Collection.open(coll) as col:
+        parts: dict[str, tuple[list[int], list[str]]] = {"train": ([], []), "val": ([], [])}
+        for rec in col.query_records("images.status = 'ok'"):
+            label, which = split.get(rec.relpath, (rec.label, "train"))
+            if label and which in parts:
+                parts[which][0].append(rec.id)
+                parts[which][1].append(label)
+        result = train_on_ids(col, parts["train"][0], parts["train"][1], name="default",
+                              heldout=parts["val"] if parts["val"][0] else None)
+    return result.markdown()
+
+
+def ensure_demo_collection(cache: Path | None = None, *, encoder: Path = DEMO_ENCODER,
+                           images: Path = DEMO_IMAGES,
+                           progress: Callable[[int, int], None] | None = None) -> Path:
+    """The demo collection's directory, built (index + probe) if missing or outdated.
+
+    Args:
+        cache: where to keep it (default ``cache_dir() / "demo"``).
+        encoder: the encoder directory (``model.safetensors`` + ``config.json``).
+        images: the demo image tree with its ``manifest.csv`` split.
+        progress: called with (done, total) while images are embedded.
+    """
+    from indexes import index_images
+    from moco import read_encoder_config
+
+    if not (Path(encoder) / "config.json").is_file():
+        raise FileNotFoundError(f"Demo encoder not found at {encoder}: it ships with the "
+                                "repository (app/demo/encoder/); pass --collection to use yours")
+    if not images.is_dir():
+        raise FileNotFoundError(f"Demo images not found at {images}")
+    cfg = read_encoder_config(encoder)
+    base = Path(cache) if cache is not None else cache_dir() / "demo"
+    coll = base / "collection"
+    if _is_current(coll, cfg.content_hash, images):
+        return coll
+    log.info("building the demo collection in %s (first run only)", coll)
+    tmp = base / "collection.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    base.mkdir(parents=True, exist_ok=True)
+    report = index_images([images], tmp, Path(encoder), progress=progress)
+    log.info("demo: %s", report.summary())
+    log.info("demo: %s", train_demo_probe(tmp, images))
+    shutil.rmtree(coll, ignore_errors=True)
+    os.replace(tmp, coll)
+    return coll

@@ -1,0 +1,117 @@
+"""Collection-tab handlers: counts, label histogram, errors, duplicates and a 2-D map.
+
+The map is a PCA projection of the stored vectors drawn with PIL into a fixed canvas, so a click
+on the image (pixel coordinates from Gradio's select event) maps straight back to the nearest
+point: no plotting library in the loop, and testable as plain arithmetic.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from app.context import AppContext
+
+MAP_W, MAP_H, MARGIN, LEGEND_W = 720, 520, 24, 170
+MAP_MAX_POINTS = 5000
+"""The map draws a random sample of at most this many images (deterministic seed)."""
+
+
+def stats_markdown(ctx: AppContext) -> str:
+    m = ctx.collection.manifest
+    counts = m.get("counts", {})
+    roots = "\n".join(f"- `{r}`" for r in m.get("roots", []))
+    labels = ctx.collection.label_counts()
+    return (f"**{len(ctx.collection)} images indexed** ({counts.get('duplicate', 0)} exact copies, "
+            f"{counts.get('error', 0)} errors), {len(labels)} labels, index "
+            f"`{m.get('index', {}).get('factory', '?')}`, {m.get('feature_dim')}-d vectors.\n\n"
+            f"Folders:\n{roots}")
+
+
+def label_histogram(ctx: AppContext) -> Any:
+    import pandas as pd
+
+    counts = ctx.collection.label_counts()
+    return pd.DataFrame({"label": list(counts), "images": list(counts.values())})
+
+
+def error_rows(ctx: AppContext, limit: int = 500) -> list[list[Any]]:
+    return [[r.relpath, r.reason or "?", r.root] for r in ctx.collection.errors()[:limit]]
+
+
+def duplicate_rows(ctx: AppContext, threshold: float = 0.95, limit: int = 200) -> list[list[Any]]:
+    """One row per near-duplicate group: its size and the members' relative paths."""
+    groups = ctx.collection.duplicates(threshold=float(threshold))[:limit]
+    return [[len(g), f"{min(h.score for h in g):.3f}", " | ".join(h.relpath for h in g)]
+            for g in groups]
+
+
+@dataclass(frozen=True)
+class EmbeddingMap:
+    """A drawn map: the image and, per point, its id and pixel position."""
+
+    image: Image.Image
+    ids: np.ndarray
+    xy: np.ndarray  # N x 2 pixel coordinates
+
+    def nearest(self, x: float, y: float, radius: float = 12.0) -> int | None:
+        """The id of the point drawn closest to pixel (x, y), if within ``radius``."""
+        if not len(self.ids):
+            return None
+        d = np.hypot(self.xy[:, 0] - x, self.xy[:, 1] - y)
+        j = int(np.argmin(d))
+        return int(self.ids[j]) if d[j] <= radius else None
+
+
+def palette(n: int) -> list[tuple[int, int, int]]:
+    out = []
+    for i in range(n):
+        r, g, b = colorsys.hsv_to_rgb(i / max(n, 1), 0.75, 0.85)
+        out.append((int(255 * r), int(255 * g), int(255 * b)))
+    return out
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """The first two principal components of the rows of ``x`` (N x 2)."""
+    x = x - x.mean(axis=0, keepdims=True)
+    if len(x) < 2:
+        return np.zeros((len(x), 2), np.float32)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return x @ vt[:2].T
+
+
+def embedding_map(ctx: AppContext, seed: int = 0) -> EmbeddingMap:
+    """PCA of the stored vectors, coloured by label (grey: unlabelled), with a legend."""
+    col = ctx.collection
+    recs = col.query_records("images.status = 'ok'")
+    rng = np.random.default_rng(seed)
+    if len(recs) > MAP_MAX_POINTS:
+        recs = [recs[j] for j in sorted(rng.choice(len(recs), MAP_MAX_POINTS, replace=False))]
+    ids = np.array([r.id for r in recs], dtype=np.int64)
+    labels = [r.label for r in recs]
+    img = Image.new("RGB", (MAP_W + LEGEND_W, MAP_H), "white")
+    draw = ImageDraw.Draw(img)
+    if not len(ids):
+        draw.text((MARGIN, MARGIN), "No images indexed yet.", fill="black")
+        return EmbeddingMap(img, ids, np.zeros((0, 2)))
+    p = pca_2d(col.vectors(ids))
+    lo, hi = p.min(axis=0), p.max(axis=0)
+    span = np.where(hi - lo > 1e-9, hi - lo, 1.0)
+    xy = np.empty_like(p)
+    xy[:, 0] = MARGIN + (p[:, 0] - lo[0]) / span[0] * (MAP_W - 2 * MARGIN)
+    xy[:, 1] = MAP_H - MARGIN - (p[:, 1] - lo[1]) / span[1] * (MAP_H - 2 * MARGIN)
+    names = sorted({v for v in labels if v})
+    colours = dict(zip(names, palette(len(names)), strict=True))
+    for (x, y), lab in zip(xy, labels, strict=True):
+        c = colours.get(lab, (160, 160, 160)) if lab else (160, 160, 160)
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=c)
+    for i, name in enumerate(names[:40]):
+        y = MARGIN + 16 * i
+        draw.rectangle([MAP_W + 4, y, MAP_W + 14, y + 10], fill=colours[name])
+        draw.text((MAP_W + 20, y - 2), name[:22], fill="black")
+    draw.text((MARGIN, MAP_H - 14), "PCA of the embeddings (click a point)", fill="black")
+    return EmbeddingMap(img, ids, xy)

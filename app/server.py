@@ -1,0 +1,125 @@
+"""Serving the UI: open the collection, build the demo, and launch it with safe settings.
+
+Safe by default: bound to 127.0.0.1; ``--host 0.0.0.0`` without ``--auth`` prints a warning; no
+share link unless asked; files are served only from the collection's roots (``allowed_paths``;
+Gradio resolves symlinks before checking); uploads are capped by ``max_file_size`` and decoded by
+``moco.load_image``; a bounded number of events run at once (``default_concurrency_limit``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How ``moco-search app`` serves (one field per command-line flag)."""
+
+    collection: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 7860
+    auth: str | None = None
+    share: bool = False
+    ready_and_exit: bool = False
+    device: str = "cpu"
+    concurrency: int = 4
+    max_file_size: str = "10mb"
+    encoder: Path | None = None
+    """Demo only: the encoder directory to build the demo collection with."""
+
+
+def parse_auth(auth: str | None) -> tuple[str, str] | None:
+    """``user:pass`` -> (user, pass); the password may contain ':'."""
+    if not auth:
+        return None
+    user, sep, password = auth.partition(":")
+    if not sep or not user or not password:
+        raise ValueError(f"--auth must look like user:password, got {auth.split(':')[0]!r}:...")
+    return user, password
+
+
+def exposure_warning(host: str, auth: str | None, share: bool) -> str | None:
+    """The warning to print when the UI is reachable by others without a password."""
+    if auth:
+        return None
+    if share:
+        return ("WARNING: --share publishes this UI on a public gradio.live link without "
+                "--auth: anyone with the link can search your images.")
+    if host not in LOOPBACK:
+        return (f"WARNING: serving on {host} without --auth: anyone who can reach this machine "
+                "can browse the indexed images. Add --auth user:password.")
+    return None
+
+
+def open_context(cfg: ServerConfig) -> Any:
+    """The ``AppContext`` of ``--collection``, or of the demo collection (built on first use)."""
+    from app.context import AppContext
+
+    if cfg.collection is None:
+        from app.demo import DEMO_ENCODER, demo_example, ensure_demo_collection
+
+        path = ensure_demo_collection(encoder=cfg.encoder or DEMO_ENCODER)
+        return AppContext.open(path, device=cfg.device, example=demo_example())
+    ctx = AppContext.open(cfg.collection, device=cfg.device)
+    first = ctx.collection.query_records(
+        "images.id = (SELECT min(id) FROM images WHERE status = 'ok')")
+    from app.handlers import safe_path
+
+    ctx.example = safe_path(ctx, first[0].path) if first else None
+    return ctx
+
+
+def launch(ctx: Any, cfg: ServerConfig) -> Any:
+    """Build and start the demo without blocking; return the running ``gr.Blocks``."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no phoning home
+    from app.ui import build_demo
+
+    warning = exposure_warning(cfg.host, cfg.auth, cfg.share)
+    if warning:
+        print(warning, file=sys.stderr)
+    demo = build_demo(ctx)
+    demo.queue(default_concurrency_limit=cfg.concurrency, max_size=256)
+    demo.launch(server_name=cfg.host, server_port=cfg.port, auth=parse_auth(cfg.auth),
+                share=cfg.share, allowed_paths=ctx.allowed_paths, max_file_size=cfg.max_file_size,
+                prevent_thread_lock=True, show_error=False, quiet=True, ssr_mode=False,
+                inbrowser=False, enable_monitoring=False)
+    return demo
+
+
+def self_check(url: str, ctx: Any, auth: str | None) -> int:
+    """Search the example query through the API, as a user's browser would; return #results."""
+    from gradio_client import Client, handle_file
+
+    if not ctx.example:
+        return 0
+    client = Client(url, auth=parse_auth(auth), verbose=False, download_files=False)
+    _, rows, _ = client.predict(handle_file(ctx.example), 5, "(any)", "", -1,
+                                api_name="/search")
+    return len(rows)
+
+
+def serve(cfg: ServerConfig) -> int:
+    """Open, launch and serve until interrupted (or, with ``ready_and_exit``, check and stop)."""
+    ctx = open_context(cfg)
+    demo = launch(ctx, cfg)
+    url = demo.local_url
+    try:
+        if cfg.ready_and_exit:
+            n = self_check(url, ctx, cfg.auth)
+            print(f"moco-search app: ready at {url} ({len(ctx.collection)} images; the example "
+                  f"query returned {n} results)")
+            return 0
+        print(f"moco-search app: serving {ctx.path} at {url} (Ctrl+C to stop)")
+        demo.block_thread()
+        return 0
+    finally:
+        demo.close()
+        ctx.collection.close()

@@ -1,0 +1,320 @@
+"""Benchmark of MoCo pretraining: images/s of one training step, and end to end from files.
+
+Prints tables and writes JSON to bench/results/bench_pretrain_<timestamp>.json.
+
+1. Compute only (pre-made tensors), resnet18 (small stem at <= 96 px as ``train`` picks it), for
+   each (image size, batch): the naive step that the official code and lightly run (one fp32 NCHW
+   forward+backward of the query encoder, one forward of the key encoder, plain BatchNorm, SGD,
+   queue update), beside this project's step with channels_last, split BatchNorm on/off,
+   torch.compile, and on CUDA bf16 autocast. Variants are measured in interleaved rounds (each
+   round times every variant once) and the median round is kept, so load drift hits all alike.
+   Goal: the project's default step >= 1.2x naive.
+2. End to end: JPEG files -> ``moco.train.make_dataset`` (pre-decoded cache) -> the trainer's
+   DataLoader with augmentation workers -> the same step, beside that step on pre-made tensors
+   measured just before and just after. Goal: >= 0.9x of compute only.
+
+Examples:
+    python bench/bench_pretrain.py --quick
+    python bench/bench_pretrain.py                  # CPU: 64 px batch 64, 224 px batch 32
+    python bench/bench_pretrain.py --device cuda    # bf16 + channels_last + compile vs fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from moco.model import MoCo, ModelConfig
+from moco.train import TrainConfig, _batches, _loader, make_dataset
+from moco.trainlog import RunLog
+
+RESULTS = Path(__file__).resolve().parent / "results"
+K = 4096
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    naive: bool = False
+    channels_last: bool = False
+    bn_splits: int = 1
+    compile: bool = False
+    amp: bool = False
+
+
+@dataclass
+class Runner:
+    """A model, its optimizer and a ``step(x1, x2)`` closure for one variant."""
+
+    variant: Variant
+    step: Callable[[torch.Tensor, torch.Tensor], None]
+    fmt: torch.memory_format
+    times: list[float] = field(default_factory=list)
+    compile_s: float = 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _naive_runner(mcfg: ModelConfig, device: torch.device) -> Callable[..., None]:
+    """The step of facebookresearch/moco and lightly, written out: fp32, NCHW, plain BN."""
+    model = MoCo(mcfg).to(device)  # only its encoders and queue are used
+    enc_q, enc_k = model.encoder_q, model.encoder_k
+    opt = torch.optim.SGD(enc_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    queue = model.queue  # CxK
+    ptr = [0]
+
+    def step(x1: torch.Tensor, x2: torch.Tensor) -> None:
+        q = F.normalize(enc_q(x1), dim=1)  # NxC
+        with torch.no_grad():
+            for pk, pq in zip(enc_k.parameters(), enc_q.parameters(), strict=True):
+                pk.mul_(mcfg.m).add_(pq.detach(), alpha=1 - mcfg.m)
+            k = F.normalize(enc_k(x2), dim=1)  # NxC, no shuffle on one device
+        l_pos = (q * k).sum(1, keepdim=True)  # Nx1
+        l_neg = q @ queue.clone().detach()  # NxK
+        logits = torch.cat([l_pos, l_neg], dim=1) / mcfg.T  # Nx(1+K)
+        loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        n = k.shape[0]
+        queue[:, ptr[0] : ptr[0] + n] = k.T
+        ptr[0] = (ptr[0] + n) % mcfg.K
+
+    return step
+
+
+def _our_runner(v: Variant, mcfg: ModelConfig, device: torch.device) -> Callable[..., None]:
+    """The step of ``moco.train._train_one_epoch``: MoCo.forward under autocast, SGD."""
+    model: nn.Module = MoCo(ModelConfig(**{**mcfg.__dict__, "bn_splits": v.bn_splits})).to(device)
+    if v.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    opt = torch.optim.SGD(
+        model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4
+    )
+    fn = torch.compile(model) if v.compile else model
+
+    def step(x1: torch.Tensor, x2: torch.Tensor) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=v.amp):
+            loss, _, _ = fn(x1, x2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def make_runner(v: Variant, size: int, device: torch.device) -> Runner:
+    mcfg = ModelConfig(arch="resnet18", small_stem=size <= 96, K=K, bn_splits=1)
+    step = _naive_runner(mcfg, device) if v.naive else _our_runner(v, mcfg, device)
+    fmt = torch.channels_last if v.channels_last else torch.contiguous_format
+    return Runner(v, step, fmt)
+
+
+def _inputs(batch: int, size: int, device: torch.device, fmt: torch.memory_format) -> list[Any]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=fmt)
+            for _ in range(2)]
+
+
+def _time_steps(r: Runner, x: list[torch.Tensor], steps: int, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        r.step(x[0], x[1])
+    _sync(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def compute_only(
+    variants: list[Variant], size: int, batch: int, rounds: int, steps: int, device: torch.device,
+    notes: list[str],
+) -> list[Runner]:
+    runners, inputs = [], {}
+    for v in variants:
+        torch.manual_seed(0)
+        r = make_runner(v, size, device)
+        x = inputs.setdefault(r.fmt, _inputs(batch, size, device, r.fmt))
+        t0 = time.perf_counter()
+        try:
+            for _ in range(3 if v.compile else 1):  # warm-up; compile happens here
+                _time_steps(r, x, 1, device)
+        except Exception as e:  # compile can fail on a machine without a working toolchain
+            notes.append(f"{v.name} at {size}px skipped: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        r.compile_s = time.perf_counter() - t0 if v.compile else 0.0
+        runners.append(r)
+    for _ in range(rounds):
+        for r in runners:
+            r.times.append(_time_steps(r, inputs[r.fmt], steps, device))
+    return runners
+
+
+def _write_images(root: Path, n: int, size: int) -> None:
+    """JPEGs with photo-like structure: smooth colour fields plus fine noise."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        low = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        im = Image.fromarray(low).resize((size, size * 3 // 4), Image.BICUBIC)
+        a = np.asarray(im, dtype=np.int16) + rng.integers(-12, 12, (size * 3 // 4, size, 3))
+        Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(root / f"{i:05d}.jpg", quality=90)
+
+
+def end_to_end(
+    best: Runner, size: int, batch: int, steps: int, workers: int, device: torch.device
+) -> dict[str, float]:
+    """Files -> cache -> augmenting DataLoader -> step, vs the same step on fixed tensors."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "images"
+        root.mkdir()
+        n = batch * (steps + 1)
+        _write_images(root, n, max(2 * size, 256))
+        cfg = TrainConfig(data=str(root), out=str(Path(tmp) / "run"), image_size=size,
+                          batch_size=batch, workers=workers, cache="on")
+        paths = sorted(root.iterdir())
+        t0 = time.perf_counter()
+        ds = make_dataset(cfg, paths)
+        cache_s = time.perf_counter() - t0
+        x = _inputs(batch, size, device, best.fmt)
+        before = _time_steps(best, x, max(2, steps // 3), device)
+        loader = _loader(ds, list(range(n)), cfg, world=1, epoch=0)
+        runlog = RunLog(Path(tmp) / "run", cfg, paths, enabled=False)
+        t_first, t_start, done = time.perf_counter(), 0.0, 0
+        for im_q, im_k in _batches(loader, runlog, device):
+            im_q = im_q.to(device, non_blocking=True, memory_format=best.fmt)
+            im_k = im_k.to(device, non_blocking=True, memory_format=best.fmt)
+            best.step(im_q, im_k)
+            if done == 0:  # the first batch waits for worker start-up: not steady state
+                _sync(device)
+                t_first, t_start = time.perf_counter() - t_first, time.perf_counter()
+            done += 1
+        _sync(device)
+        e2e = (time.perf_counter() - t_start) / (done - 1)
+        after = _time_steps(best, x, max(2, steps // 3), device)
+    compute = (before + after) / 2
+    return {
+        "variant": best.variant.name, "workers": workers, "steps": done - 1,
+        "cache_decode_s": round(cache_s, 2), "first_batch_s": round(t_first, 2),
+        "e2e_img_s": batch / e2e, "compute_img_s": batch / compute,
+        "ratio": compute / e2e,
+    }
+
+
+def variants_for(device: torch.device, compile_ok: bool) -> list[Variant]:
+    if device.type == "cuda":
+        vs = [
+            Variant("naive fp32 NCHW", naive=True),
+            Variant("ours fp32 channels_last", channels_last=True),
+            Variant("ours bf16 channels_last", channels_last=True, amp=True),
+            Variant("ours bf16 cl split-BN", channels_last=True, bn_splits=8, amp=True),
+            Variant("ours bf16 cl split-BN compile", channels_last=True, bn_splits=8, amp=True,
+                    compile=True),
+        ]
+    else:
+        vs = [
+            Variant("naive fp32 NCHW", naive=True),
+            Variant("ours NCHW (plain BN)"),
+            Variant("ours channels_last", channels_last=True),
+            Variant("ours NCHW split-BN", bn_splits=8),
+            Variant("ours channels_last split-BN (default)", channels_last=True, bn_splits=8),
+            Variant("ours cl split-BN compile", channels_last=True, bn_splits=8, compile=True),
+            Variant("ours cl compile", channels_last=True, compile=True),
+        ]
+    return [v for v in vs if compile_ok or not v.compile]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one round (sanity check)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 3)")
+    ap.add_argument("--steps", type=int, default=0, help="steps per round (default: 2 CPU, 10 GPU)")
+    ap.add_argument("--no-compile", action="store_true", help="skip torch.compile variants")
+    ap.add_argument("--workers", type=int, default=0, help="loader workers (default 2; GPU 8)")
+    ap.add_argument("--e2e-steps", type=int, default=0, help="end-to-end steps (default 8)")
+    ap.add_argument("--results", default=str(RESULTS), help=f"JSON folder (default: {RESULTS})")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    if args.quick:
+        settings = [(32, 16), (64, 16)]
+    else:
+        settings = [(64, 64), (224, 32)] + ([(224, 256)] if gpu else [])
+    rounds = args.rounds or (1 if args.quick else 3)
+    steps = args.steps or (1 if args.quick else 10 if gpu else 2)
+    e2e_steps = args.e2e_steps or (3 if args.quick else 40 if gpu else 8)
+    workers = args.workers or (8 if gpu else 2)
+    compile_ok = not args.no_compile and not (args.quick and not gpu)
+    notes: list[str] = []
+    if args.quick and not gpu:
+        notes.append("--quick on CPU: compile variants skipped")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    info = {
+        "device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
+        "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "load_avg_1min_start": load, "K": K, "rounds": rounds, "steps_per_round": steps,
+    }
+    rows: list[dict[str, Any]] = []
+    e2e_rows: list[dict[str, Any]] = []
+    for size, batch in settings:
+        runners = compute_only(variants_for(device, compile_ok), size, batch, rounds, steps,
+                               device, notes)
+        naive = statistics.median(runners[0].times)
+        print(f"\n{size} px, batch {batch} ({'small stem' if size <= 96 else 'ImageNet stem'}),"
+              f" {device}: images/s (median of {rounds} interleaved rounds x {steps} steps)")
+        head = ("variant", "img/s", "ms/step", "vs naive", "compile s")
+        print("  {:38s} {:>8s} {:>9s} {:>9s} {:>10s}".format(*head))
+        for r in runners:
+            t = statistics.median(r.times)
+            row = {"size": size, "batch": batch, "variant": r.variant.name, "img_s": batch / t,
+                   "ms_step": 1000 * t, "vs_naive": naive / t, "compile_s": round(r.compile_s, 1),
+                   "round_ms": [round(1000 * x, 1) for x in r.times]}
+            rows.append(row)
+            comp = f"{r.compile_s:10.0f}" if r.variant.compile else ""
+            name = r.variant.name
+            print(f"  {name:38s} {batch / t:8.1f} {1000 * t:9.0f} {naive / t:8.2f}x{comp}")
+        # End to end with the variant train() runs by default on this device.
+        default = next(r for r in runners if r.variant.bn_splits > 1 and r.variant.channels_last
+                       and not r.variant.compile)
+        e2e = end_to_end(default, size, batch, e2e_steps, workers, device)
+        e2e_rows.append({"size": size, "batch": batch, **e2e})
+        print(f"  end to end ({e2e['variant']}, {workers} workers, cache decode "
+              f"{e2e['cache_decode_s']} s, first batch {e2e['first_batch_s']} s): "
+              f"{e2e['e2e_img_s']:.1f} img/s vs compute-only {e2e['compute_img_s']:.1f} img/s "
+              f"= {e2e['ratio']:.2f}x (goal >= 0.9x)")
+        del runners
+    info["load_avg_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    for n in notes:
+        print("note:", n)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / f"bench_pretrain_{time.strftime('%Y%m%d_%H%M%S')}_{device.type}.json"
+    out.write_text(json.dumps({"info": info, "compute": rows, "end_to_end": e2e_rows,
+                               "notes": notes, "quick": args.quick}, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

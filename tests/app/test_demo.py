@@ -1,0 +1,53 @@
+"""``ensure_demo_collection``: built once (index + probe on the train split), then reused."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.demo import cache_dir, demo_example, ensure_demo_collection
+
+
+def demo_images(root: Path, tree: Any) -> Path:
+    tree(root, n=5)
+    with open(root / "manifest.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "name", "codepoints", "split"])
+        for label in sorted(p.name for p in root.iterdir() if p.is_dir()):
+            for i, p in enumerate(sorted((root / label).iterdir())):
+                w.writerow([f"{label}/{p.name}", label, p.stem, "", "val" if i == 0 else "train"])
+    return root
+
+
+def test_built_once_then_reused(tmp_path: Path, encoder_dir: Path, tree: Any,
+                                encoder_factory: Any) -> None:
+    from indexes.classify import list_probes
+
+    images = demo_images(tmp_path / "images", tree)
+    seen: list[tuple[int, int]] = []
+    coll = ensure_demo_collection(tmp_path / "cache", encoder=encoder_dir, images=images,
+                                  progress=lambda d, t: seen.append((d, t)))
+    assert (coll / "manifest.json").is_file() and seen[-1] == (15, 15)
+    probe = list_probes(coll)["default"]
+    assert probe["metrics"]["n"] == 3  # the val split only
+    assert not (tmp_path / "cache" / "collection.building").exists()
+    stamp = (coll / "manifest.json").stat().st_mtime_ns
+    assert ensure_demo_collection(tmp_path / "cache", encoder=encoder_dir, images=images) == coll
+    assert (coll / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    other = encoder_factory(tmp_path / "enc2", seed=1)
+    ensure_demo_collection(tmp_path / "cache", encoder=other, images=images)
+    assert (coll / "manifest.json").stat().st_mtime_ns != stamp  # new encoder: rebuilt
+    example = demo_example(images)
+    row = next(r for r in (images / "manifest.csv").read_text().split()
+               if example and Path(example).name in r)
+    assert row.endswith(",val")
+
+
+def test_cache_dir_and_missing_encoder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOCO_SEARCH_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    with pytest.raises(FileNotFoundError, match="Demo encoder"):
+        ensure_demo_collection(tmp_path, encoder=tmp_path / "none")

@@ -1,0 +1,213 @@
+"""Handlers as plain functions on a real tiny collection (no server, no mocks)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from app import classifying, encoder_info, handlers, overview
+from app.context import USER_PROBE
+from app.handlers import UserError
+
+
+def test_search_finds_the_query_first_with_captions(ctx: Any) -> None:
+    r = handlers.search(ctx, ctx.example, k=5)
+    assert len(r.hits) == len(r.gallery) == 5
+    assert r.hits[0].path == os.path.realpath(ctx.example)
+    assert r.hits[0].score == pytest.approx(1.0, abs=1e-4)
+    path, cap = r.gallery[0]
+    assert path == os.path.realpath(ctx.example)
+    assert "circle" in cap and "1.000" in cap
+    assert r.rows()[0]["rank"] == 1 and "ms" in r.status()
+
+
+def test_search_accepts_a_pil_image_and_filters(ctx: Any) -> None:
+    img = Image.open(ctx.example)
+    only_square = handlers.search(ctx, img, k=24, label="square")
+    assert {h.label for h in only_square.hits} == {"square"}
+    by_path = handlers.search(ctx, img, k=24, path_text="stripes_0")
+    assert by_path.hits and all("stripes_0" in h.relpath for h in by_path.hits)
+    glob = handlers.search(ctx, img, k=24, path_text="circle/*_01.png")
+    assert [h.relpath for h in glob.hits] == ["circle/circle_01.png"]
+    cut = handlers.search(ctx, img, k=24, min_score=0.9999)
+    assert all(h.score >= 0.9999 for h in cut.hits)
+
+
+@pytest.mark.parametrize("k", [0, 101, "x", None])
+def test_bad_k_is_a_user_error(ctx: Any, k: Any) -> None:
+    with pytest.raises(UserError, match="k must"):
+        handlers.search(ctx, ctx.example, k=k)
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "empty file"),
+    (b"not an image at all", "not an image"),
+    (None, "truncated"),
+])
+def test_bad_uploads_are_user_errors(ctx: Any, tmp_path: Path, content: bytes | None,
+                                     reason: str) -> None:
+    p = tmp_path / "up.png"
+    if content is None:
+        full = Path(ctx.example).read_bytes()
+        content = full[: len(full) // 2]
+    p.write_bytes(content)
+    with pytest.raises(UserError, match=reason):
+        handlers.search(ctx, str(p), k=3)
+    with pytest.raises(UserError, match="Upload"):
+        handlers.search(ctx, None, k=3)
+
+
+def test_decompression_bomb_upload(ctx: Any, tmp_path: Path) -> None:
+    p = tmp_path / "bomb.png"
+    Image.new("1", (9000, 9000)).save(p)
+    with pytest.raises(UserError, match="decompression bomb"):
+        handlers.decode_upload(str(p))
+
+
+def test_more_like_this_and_relevance_feedback(ctx: Any) -> None:
+    first = handlers.search(ctx, ctx.example, k=6)
+    hit = handlers.selected_hit(first.rows(), 2)
+    again = handlers.search_id(ctx, hit["id"], k=4)
+    assert again.hits[0].id == hit["id"]
+    pos, neg = handlers.toggle([], hit["id"], [])
+    neg, pos = handlers.toggle([], first.hits[1].id, pos)
+    assert pos == [hit["id"]] and neg == [first.hits[1].id]
+    refined = handlers.search(ctx, ctx.example, k=24, positives=pos, negatives=neg)
+    ranks = [h.id for h in refined.hits]
+    assert ranks.index(first.hits[1].id) > 0  # pushed down by the negative example
+    assert handlers.toggle(pos, hit["id"], [])[0] == []  # a second click removes it
+    with pytest.raises(UserError):
+        handlers.selected_hit([], 0)
+
+
+def test_export_csv_and_json(ctx: Any) -> None:
+    rows = handlers.search(ctx, ctx.example, k=3).rows()
+    with open(handlers.export(rows, "csv"), newline="") as f:
+        got = list(csv.DictReader(f))
+    assert [int(r["id"]) for r in got] == [r["id"] for r in rows]
+    assert json.loads(Path(handlers.export(rows, "json")).read_text()) == rows
+    with pytest.raises(UserError):
+        handlers.export([], "csv")
+    with pytest.raises(UserError):
+        handlers.export(rows, "xml")
+
+
+def test_safe_path_refuses_everything_outside_the_roots(ctx: Any, tmp_path: Path) -> None:
+    root = Path(ctx.allowed_paths[0])
+    assert handlers.safe_path(ctx, str(root / "circle" / "circle_00.png"))
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(b"x")
+    link = root / "circle" / "zz_out.png"
+    link.symlink_to(outside)
+    try:
+        for p in [str(outside), "/etc/passwd", str(root / ".." / "collection" / "meta.db"),
+                  str(link), str(root) + "-other/x.png"]:
+            assert handlers.safe_path(ctx, p) is None, p
+    finally:
+        link.unlink()
+
+
+def test_classify_knn_then_probe(ctx: Any) -> None:
+    top, text = classifying.classify(ctx, ctx.example, "knn")
+    assert set(top) == {"circle", "square", "stripes"}
+    assert sum(top.values()) == pytest.approx(1.0, abs=1e-4)
+    res = classifying.train(ctx, "default")
+    assert res.confusion_png and res.confusion_png.is_file()
+    assert res.metrics.n == 24 and "default" in classifying.methods(ctx)
+    top, text = classifying.classify(ctx, ctx.example)  # default: the probe
+    assert len(top) == 3 and "linear probe" in text
+    md, png = classifying.probe_summary(ctx, "default")
+    assert "held-out" in md and png
+    with pytest.raises(UserError):
+        classifying.classify(ctx, ctx.example, "nope")
+
+
+def test_label_a_few_images_and_train_a_probe(ctx: Any) -> None:
+    rows = {r.relpath: r for r in ctx.collection.query_records("images.status = 'ok'")}
+    try:
+        for name, lab in [("circle/circle_00.png", "round"), ("circle/circle_01.png", "round"),
+                          ("square/square_00.png", "boxy"), ("square/square_01.png", "boxy")]:
+            r = rows[name]
+            msg = classifying.label_image(ctx, {"id": r.id, "relpath": name}, lab)
+        assert "boxy: 2" in msg and "round: 2" in msg
+        res = classifying.train(ctx, USER_PROBE)
+        assert res.classes == ["boxy", "round"] and res.n_train == 4
+        top, _ = classifying.classify(ctx, ctx.example, USER_PROBE)
+        assert set(top) == {"boxy", "round"}
+        with pytest.raises(UserError):
+            classifying.label_image(ctx, None, "x")
+    finally:
+        for r in rows.values():
+            ctx.set_user_label(r.id, None)
+
+
+def test_overview_stats_map_and_duplicates(ctx: Any) -> None:
+    assert "24 images indexed" in overview.stats_markdown(ctx)
+    hist = overview.label_histogram(ctx)
+    assert dict(zip(hist["label"], hist["images"], strict=True)) == {
+        "circle": 8, "square": 8, "stripes": 8}
+    m = overview.embedding_map(ctx)
+    assert len(m.ids) == 24 and m.image.size[0] > 0
+    x, y = m.xy[5]
+    assert m.nearest(x + 1, y - 1) is not None
+    assert m.nearest(-100, -100) is None
+    assert isinstance(overview.duplicate_rows(ctx, 0.9999), list)
+    assert overview.error_rows(ctx) == []
+
+
+def test_encoder_info(ctx: Any) -> None:
+    assert "resnet18" in encoder_info.encoder_markdown(ctx)
+    assert encoder_info.loss_curve(ctx) is None  # the test encoder has no training log
+    assert json.loads(encoder_info.config_json(ctx))["encoder"]["arch"] == "resnet18"
+
+
+def test_index_update_in_background_while_searching(encoder_dir: Path, tmp_path: Path,
+                                                    tree: Any) -> None:
+    """Add a folder while searches run: none fails, and the new images appear after reload."""
+    from app.context import AppContext
+    from indexes import index_images
+
+    write_tree = tree
+    images = write_tree(tmp_path / "images", labels=("circle", "square"), n=3)
+    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
+    ctx = AppContext.open(tmp_path / "coll")
+    ctx.example = str(images / "circle" / "circle_00.png")
+    extra = write_tree(tmp_path / "extra", labels=("dots",), n=4)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                assert handlers.search(ctx, ctx.example, k=3).hits
+            except BaseException as e:
+                errors.append(e)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    job = ctx.start_index(str(extra))
+    with pytest.raises(ValueError, match="already"):
+        if not job.finished:
+            ctx.start_index(str(extra))
+        else:
+            raise ValueError("already finished")
+    for _ in range(600):
+        if job.finished:
+            break
+        threading.Event().wait(0.1)
+    stop.set()
+    t.join()
+    assert job.finished and job.message.startswith("Done"), job.message
+    assert not errors, errors[:1]
+    assert len(ctx.collection) == 10
+    hits = handlers.search(ctx, str(extra / "dots" / "dots_00.png"), k=1).hits
+    assert hits[0].label == "dots" and handlers.safe_path(ctx, hits[0].path)
+    with pytest.raises(ValueError, match="Not a folder"):
+        ctx.start_index(str(tmp_path / "missing"))

@@ -1,0 +1,103 @@
+"""A real server on 127.0.0.1 driven by gradio_client and plain HTTP (no mocks)."""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def client(server: Any) -> Client:
+    return Client(server.local_url, verbose=False, download_files=False)
+
+
+def search(client: Client, path: str | Path, k: int = 5) -> tuple[Any, list[dict], str]:
+    return client.predict(handle_file(str(path)), k, "(any)", "", -1, api_name="/search")
+
+
+def test_search_returns_k_results_query_first(client: Client, ctx: Any) -> None:
+    gallery, rows, status = search(client, ctx.example, k=5)
+    assert len(gallery) == len(rows) == 5
+    assert rows[0]["path"] == os.path.realpath(ctx.example)
+    assert rows[0]["score"] == pytest.approx(1.0, abs=1e-3)
+    assert "5 results" in status
+
+
+def test_classify_returns_labels(client: Client, ctx: Any) -> None:
+    top, text = client.predict(handle_file(ctx.example), "knn", api_name="/classify")
+    labels = {c["label"] for c in top["confidences"]}
+    assert labels == {"circle", "square", "stripes"}
+    assert "kNN" in text
+
+
+@pytest.mark.parametrize("payload", [b"this is not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
+def test_bad_upload_gives_error_and_server_keeps_serving(client: Client, ctx: Any,
+                                                         tmp_path: Path, payload: bytes) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(payload)
+    with pytest.raises(Exception, match="Cannot use this upload"):
+        search(client, bad)
+    assert len(search(client, ctx.example, k=3)[1]) == 3
+
+
+def test_decompression_bomb_is_refused(client: Client, ctx: Any, tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (10_000, 10_000)).save(bomb)  # 100 Mpx, a few kB on disk
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(Exception, match="decompression bomb"):
+        search(client, bomb)
+    assert len(search(client, ctx.example, k=2)[1]) == 2
+
+
+def test_upload_over_size_limit_is_refused(client: Client, ctx: Any, tmp_path: Path) -> None:
+    big = tmp_path / "big.bmp"
+    Image.new("RGB", (800, 800)).save(big)  # ~1.9 MB > the fixture's 1mb limit
+    with pytest.raises(Exception):  # noqa: B017 - refused at upload, before any handler
+        search(client, big)
+    assert len(search(client, ctx.example, k=2)[1]) == 2
+
+
+def get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+
+
+def file_url(server: Any, path: str) -> str:
+    return f"{server.local_url.rstrip('/')}/gradio_api/file={urllib.parse.quote(path)}"
+
+
+def test_files_served_only_from_collection_roots(server: Any, ctx: Any, tmp_path: Path) -> None:
+    root = Path(ctx.allowed_paths[0])
+    inside = str(root / "circle" / "circle_00.png")
+    assert get(file_url(server, inside)) == 200
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (4, 4)).save(secret)
+    link = root / "circle" / "zz_link_out.png"
+    link.symlink_to(secret)
+    try:
+        refused = [
+            str(secret),                                              # absolute, elsewhere
+            "/etc/passwd",
+            str(root / ".." / ".." / secret.relative_to(secret.parents[1])),  # ../ out
+            f"{root}/../{root.parent.name}/collection/meta.db",       # the database
+            str(link),                                                # symlink out of a root
+            "../../../../etc/passwd",
+            str(Path(ctx.path) / "manifest.json"),
+        ]
+        for p in refused:
+            assert get(file_url(server, p)) in (403, 404), p
+    finally:
+        link.unlink()

@@ -1,0 +1,173 @@
+"""A real 2-process DDP run (gloo on 127.0.0.1, the way ``torchrun`` starts it on CPU).
+
+One ``torchrun --nproc-per-node 2`` launch runs ``_WORKER`` on both ranks. Each rank trains with
+``moco.train.train`` on a tiny folder (a broken file included), saves its own MoCo state, then
+checks the queue and the shuffled keys under the same process group. The tests read the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+WORLD = 2
+
+_WORKER = textwrap.dedent(
+    '''
+    """Run by torchrun on each rank: train, save this rank's weights, check enqueue and keys."""
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    import moco.train as mt
+    from moco.model import MoCo, ModelConfig
+
+    data, out = Path(sys.argv[1]), Path(sys.argv[2])
+    made = []
+
+
+    class Capture(MoCo):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            made.append(self)
+
+
+    mt.MoCo = Capture  # the trainer builds its model through this name
+    cfg = mt.TrainConfig(
+        data=str(data), out=str(out / "run"), arch="resnet18", image_size=32, epochs=2,
+        batch_size=8, moco_k=16, workers=0, seed=0, bn_splits=1, max_steps=2, cache="on",
+    )
+    mt.train(cfg)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.save(made[0].state_dict(), out / f"rank{rank}.pt")
+
+    # enqueue: every rank must write the keys of all ranks, in rank order, wrapping past K.
+    torch.manual_seed(0)
+    m = MoCo(ModelConfig(arch="resnet18", small_stem=True, dim=4, K=10, bn_splits=1))
+    m.queue_ptr[0] = 7
+    before = m.queue.clone()
+    keys = torch.arange(3 * 4, dtype=torch.float32).view(3, 4) + 100 * (rank + 1)  # N x C
+    m.enqueue(keys)
+    result = {
+        "queue": m.queue.tolist(), "before": before.tolist(), "ptr": int(m.queue_ptr),
+    }
+
+    # _keys: the cross-rank shuffle and un-shuffle must give each rank the keys of its own
+    # images. In eval mode BatchNorm is per-sample, so they equal the local, unshuffled keys.
+    torch.manual_seed(1)
+    m.eval()
+    im = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(10 + rank))
+    with torch.no_grad():
+        local = F.normalize(m.encoder_k(im), dim=1)
+        shuffled = m._keys(im)
+    result["keys_err"] = float((local - shuffled).abs().max())
+    (out / f"check{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+    '''
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _image_folder(root: Path, n: int = 16, size: int = 32) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        sub = root / f"c{i % 2}"
+        sub.mkdir(parents=True, exist_ok=True)
+        a = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(a).save(sub / f"{i:02d}.png")
+    (root / "c0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("ddp")
+    data = _image_folder(base / "images")
+    out = base / "out"
+    out.mkdir()
+    script = base / "worker.py"
+    script.write_text(_WORKER)
+    repo = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+        "CUDA_VISIBLE_DEVICES": "",  # gloo on CPU even on a GPU machine
+    }
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+        "--nproc-per-node", str(WORLD), "--master-addr", "127.0.0.1",
+        "--master-port", str(_free_port()), str(script), str(data), str(out),
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+def test_ddp_ranks_end_with_identical_weights(ddp_run: Path) -> None:
+    s0 = torch.load(ddp_run / "rank0.pt", weights_only=True)
+    s1 = torch.load(ddp_run / "rank1.pt", weights_only=True)
+    assert s0.keys() == s1.keys()
+    params = [k for k in s0 if k.endswith((".weight", ".bias"))]
+    assert len(params) > 100
+    for k in [*params, "queue", "queue_ptr"]:
+        assert torch.equal(s0[k], s1[k]), k
+    # Training really happened: the query encoder moved away from the momentum copy.
+    assert not torch.equal(s0["encoder_q.conv1.weight"], s0["encoder_k.conv1.weight"])
+    # 2 epochs x 2 steps x 8 keys (both ranks' keys) into a queue of 16, except that once per
+    # epoch rank 1's batch held the broken file: both ranks then stepped with 3 images, not 4.
+    assert int(s0["queue_ptr"]) == (2 * 2 * 8 - 2 * 2) % 16
+
+
+def test_ddp_run_writes_logs_and_survives_broken_file(ddp_run: Path) -> None:
+    run = ddp_run / "run"
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(r["steps"] == 2 and np.isfinite(r["loss"]) for r in rows)
+    assert (run / "checkpoint_last.pt").is_file()
+    # Rank 0 logs the broken files of every rank (here it lands in rank 1's share in epoch 1).
+    assert [Path(x).name for x in (run / "skipped.txt").read_text().split()] == ["broken.png"]
+    assert not (ddp_run / "run" / "checkpoint_last.pt.tmp").exists()
+
+
+def test_ddp_queue_holds_keys_from_both_ranks(ddp_run: Path) -> None:
+    for rank in range(WORLD):
+        r = json.loads((ddp_run / f"check{rank}.json").read_text())
+        queue, before = torch.tensor(r["queue"]), torch.tensor(r["before"])  # C x K
+        written = [7, 8, 9, 0, 1, 2]  # ptr 7, 2 ranks x 3 keys, K=10: wraps
+        expect = torch.cat(
+            [torch.arange(12.0).view(3, 4) + 100 * (src + 1) for src in range(WORLD)]
+        ).T  # C x (world*N), rank 0's keys first
+        assert torch.equal(queue[:, written], expect), rank
+        untouched = [3, 4, 5, 6]
+        assert torch.equal(queue[:, untouched], before[:, untouched])
+        assert r["ptr"] == 3
+
+
+def test_ddp_shuffled_keys_return_to_their_images(ddp_run: Path) -> None:
+    for rank in range(WORLD):
+        r = json.loads((ddp_run / f"check{rank}.json").read_text())
+        assert r["keys_err"] < 1e-5, rank

@@ -1,0 +1,140 @@
+"""Export round trip, official-checkpoint import, and refusal of unsafe or mismatched files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import launch
+from moco.encoders import build_encoder
+from moco.export import (
+    CheckpointError,
+    EncoderConfig,
+    export_encoder,
+    load_checkpoint_file,
+    load_encoder,
+    save_encoder,
+)
+from moco.model import MoCo, ModelConfig
+from moco.train import _init_from
+
+torch.set_num_threads(1)
+
+
+def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def our_checkpoint(path: Path, small_stem: bool = True) -> MoCo:
+    torch.manual_seed(0)
+    model = MoCo(ModelConfig(arch="resnet18", small_stem=small_stem, K=8, bn_splits=2))
+    model.encoder_q(torch.randn(4, 3, 16, 16))  # move BN running stats away from the defaults
+    cfg = {"image_size": 32, "model": {"arch": "resnet18", "small_stem": small_stem}}
+    torch.save({"model": model.state_dict(), "epoch": 3, "config": cfg}, path)
+    return model
+
+
+def test_export_round_trip_equals_the_query_encoder(tmp_path: Path) -> None:
+    model = our_checkpoint(tmp_path / "ckpt.pt")
+    cfg = export_encoder(tmp_path / "ckpt.pt", tmp_path / "enc")
+    enc, loaded_cfg = load_encoder(tmp_path / "enc")
+    assert loaded_cfg == cfg and cfg.arch == "resnet18" and cfg.small_stem
+    assert cfg.feature_dim == 512 and cfg.image_size == 32 and len(cfg.content_hash) == 64
+    assert not enc.training and not any(p.requires_grad for p in enc.parameters())
+    backbone = model.encoder_q
+    backbone.fc = nn.Identity()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(features(enc, x), features(backbone, x), atol=1e-5)
+    saved = json.loads((tmp_path / "enc" / "config.json").read_text())
+    assert saved["content_hash"] == cfg.content_hash and saved["source"] == "moco-search"
+
+
+def official_checkpoint(path: Path, prefix: str, arch: str = "resnet18") -> nn.Module:
+    """A checkpoint with the key layout of facebookresearch/moco (or moco-v3)."""
+    torch.manual_seed(1)
+    net = build_encoder(arch, num_classes=128)
+    net.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 128))
+    state = {f"{prefix}{k}": v for k, v in net.state_dict().items()}
+    state |= {f"module.encoder_k.{k}": v.clone() for k, v in net.state_dict().items()}
+    state["module.queue"] = torch.randn(128, 16)
+    torch.save({"epoch": 800, "arch": arch, "state_dict": state, "optimizer": {}}, path)
+    return net
+
+
+@pytest.mark.parametrize("prefix", ["module.encoder_q.", "module.base_encoder."])
+def test_official_checkpoint_import(tmp_path: Path, prefix: str) -> None:
+    net = official_checkpoint(tmp_path / "moco_v2_800ep_pretrain.pth.tar", prefix)
+    cfg = export_encoder(tmp_path / "moco_v2_800ep_pretrain.pth.tar", tmp_path / "enc")
+    assert cfg.arch == "resnet18" and not cfg.small_stem and cfg.image_size == 224
+    assert cfg.source.startswith("facebookresearch/moco") and cfg.crop_pct == 0.875
+    enc, _ = load_encoder(tmp_path / "enc")
+    net.fc = nn.Identity()
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.allclose(features(enc, x), features(net, x), atol=1e-5)
+
+
+def test_init_from_official_checkpoint(tmp_path: Path) -> None:
+    net = official_checkpoint(tmp_path / "ckpt.pth.tar", "module.encoder_q.")
+    model = MoCo(ModelConfig(arch="resnet18", K=8))
+    _init_from(model, str(tmp_path / "ckpt.pth.tar"))
+    for enc in (model.encoder_q, model.encoder_k):
+        assert torch.equal(enc.conv1.weight, net.conv1.weight)
+        assert torch.equal(enc.layer4[1].bn2.running_var, net.layer4[1].bn2.running_var)
+    with pytest.raises(CheckpointError, match="holds resnet18 .* builds resnet34"):
+        _init_from(MoCo(ModelConfig(arch="resnet34", K=8)), str(tmp_path / "ckpt.pth.tar"))
+
+
+class Payload:
+    """Anything that is not a tensor or primitive: loading it would run arbitrary code."""
+
+
+def test_checkpoint_with_code_is_refused(tmp_path: Path) -> None:
+    torch.save({"state_dict": {}, "evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="arbitrary code"):
+        load_checkpoint_file(tmp_path / "evil.pt")
+
+
+def test_not_a_moco_checkpoint(tmp_path: Path) -> None:
+    torch.save({"state_dict": {"conv.weight": torch.zeros(1)}}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match="No MoCo query encoder"):
+        export_encoder(tmp_path / "x.pt", tmp_path / "enc")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="Unreadable checkpoint"):
+        load_checkpoint_file(tmp_path / "junk.pt")
+
+
+def test_changed_weights_are_detected(tmp_path: Path) -> None:
+    cfg = save_encoder(build_encoder("resnet18"), EncoderConfig(arch="resnet18"), tmp_path / "e")
+    assert load_encoder(tmp_path / "e")[1].content_hash == cfg.content_hash
+    weights = tmp_path / "e" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="do not match the hash"):
+        load_encoder(tmp_path / "e")
+
+
+def test_half_precision_export_loads_as_float32(tmp_path: Path) -> None:
+    net = build_encoder("resnet18")
+    full = save_encoder(net, EncoderConfig(arch="resnet18"), tmp_path / "full")
+    half = save_encoder(net, EncoderConfig(arch="resnet18"), tmp_path / "half", half=True)
+    assert full.content_hash != half.content_hash
+    size = lambda p: (p / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "half") < 0.6 * size(tmp_path / "full")
+    enc, _ = load_encoder(tmp_path / "half")
+    assert enc.conv1.weight.dtype == torch.float32
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.allclose(features(enc, x), features(net, x), rtol=1e-2, atol=1e-2)
+
+
+def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    our_checkpoint(tmp_path / "ckpt.pt")
+    assert launch.main(["export", str(tmp_path / "ckpt.pt"), "--out", str(tmp_path / "e")]) == 0
+    assert "sha256" in capsys.readouterr().out
+    assert launch.main(["export", str(tmp_path / "none.pt"), "--out", str(tmp_path / "e")]) == 2
+    assert "Checkpoint not found" in capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""MoCo's invariants: FIFO queue, momentum formula, no gradient into the key encoder, shuffle-BN."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moco.model import MoCo, ModelConfig, SplitBatchNorm
+
+torch.set_num_threads(1)
+
+
+def tiny(**kw: object) -> MoCo:
+    torch.manual_seed(0)
+    cfg = dict(arch="resnet18", small_stem=True, dim=4, K=10, bn_splits=1)
+    return MoCo(ModelConfig(**{**cfg, **kw}))
+
+
+def test_queue_is_fifo_and_wraps_when_k_is_not_a_multiple_of_the_batch() -> None:
+    model = tiny()
+    batches = [torch.full((4, 4), float(i)) for i in (1, 2, 3)]
+    for b in batches:
+        model.enqueue(b)
+    # 12 keys into K=10: batch 3 wrapped into columns 8, 9, 0, 1; batch 1 kept in 2, 3.
+    assert int(model.queue_ptr) == 2
+    assert model.queue[0].tolist() == [3, 3, 1, 1, 2, 2, 2, 2, 3, 3]
+
+
+def test_enqueue_more_keys_than_k_keeps_the_newest() -> None:
+    model = tiny()
+    keys = torch.arange(13, dtype=torch.float32)[:, None].repeat(1, 4)
+    model.enqueue(keys)
+    assert sorted(model.queue[0].tolist()) == list(range(3, 13))
+
+
+def test_momentum_update_equals_the_formula() -> None:
+    model = tiny(m=0.5)
+    for p in model.encoder_q.parameters():
+        p.data.fill_(1.0)
+    for p in model.encoder_k.parameters():
+        p.data.fill_(3.0)
+    model.momentum_update()
+    for p in model.encoder_k.parameters():  # 0.5 * 3 + 0.5 * 1
+        assert torch.allclose(p, torch.full_like(p, 2.0))
+
+
+def test_only_the_query_encoder_gets_gradients_and_the_queue_moves() -> None:
+    model = tiny(K=16)
+    x = torch.randn(4, 3, 16, 16)
+    queue_before = model.queue.clone()
+    k_before = {n: p.clone() for n, p in model.encoder_k.named_parameters()}
+    loss, logits, labels = model(x, x.flip(-1))
+    loss.backward()
+    assert logits.shape == (4, 17) and labels.eq(0).all()
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    assert all(p.grad is not None for p in model.encoder_q.parameters())
+    assert int(model.queue_ptr) == 4
+    assert not torch.equal(model.queue[:, :4], queue_before[:, :4])
+    assert torch.equal(model.queue[:, 4:], queue_before[:, 4:])
+    # The key encoder moved only by momentum: it still equals the query encoder it was copied
+    # from, since theta_q did not change before this step.
+    for n, p in model.encoder_k.named_parameters():
+        assert torch.allclose(p, k_before[n])
+
+
+def test_shuffled_keys_are_unshuffled() -> None:
+    """With one BatchNorm group the shuffle must not change any key (permutation undone)."""
+    model = tiny()
+    x = torch.randn(8, 3, 16, 16)
+    keys = model._keys(x)
+    expected = F.normalize(model.encoder_k(x), dim=1)
+    assert torch.allclose(keys, expected, atol=1e-5)
+
+
+def test_split_batchnorm_normalises_each_group_on_its_own() -> None:
+    bn = SplitBatchNorm(3, num_splits=2)
+    x = torch.randn(8, 3, 5, 5)
+    x[4:] += 10.0  # the second half has another mean: one BN over all would not centre it
+    out = bn(x)
+    for half in (out[:4], out[4:]):
+        assert half.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+    plain = nn.BatchNorm2d(3)
+    assert set(bn.state_dict()) == set(plain.state_dict())
+    bn.eval()
+    plain.load_state_dict(bn.state_dict())
+    plain.eval()
+    assert torch.allclose(bn(x), plain(x))
+
+
+def test_split_batchnorm_works_with_channels_last() -> None:
+    bn = SplitBatchNorm(3, num_splits=4)
+    x = torch.randn(8, 3, 5, 5)
+    assert torch.allclose(bn(x.to(memory_format=torch.channels_last)), bn(x), atol=1e-6)
+
+
+def test_symmetric_loss_enqueues_both_views() -> None:
+    model = tiny(symmetric=True, K=16)
+    x = torch.randn(4, 3, 16, 16)
+    loss, _, _ = model(x, x.flip(-1))
+    assert torch.isfinite(loss) and int(model.queue_ptr) == 8
+
+
+@pytest.mark.parametrize("mlp,expected", [(True, nn.Sequential), (False, nn.Linear)])
+def test_v2_head_is_an_mlp(mlp: bool, expected: type) -> None:
+    assert isinstance(tiny(mlp=mlp).encoder_q.fc, expected)
+
+
+def test_unknown_arch_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="resnet18.*resnet50"):
+        tiny(arch="resnet19")

@@ -1,0 +1,136 @@
+"""Pretraining end to end on tiny real images: loss falls, resume is exact, bad input is handled."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import launch
+from moco.checkpoint import LAST
+from moco.export import load_checkpoint_file
+from moco.train import TrainConfig, check_config, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_cfg(data: Path, out: Path, **kw: object) -> TrainConfig:
+    base = dict(
+        data=str(data), out=str(out), image_size=32, batch_size=8, moco_k=16, epochs=2,
+        workers=0, cache="on", bn_splits=2, lr=0.03, deterministic=True,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_on_real_images(emoji_dir: Path, tmp_path: Path) -> None:
+    ckpt = train(tiny_cfg(emoji_dir, tmp_path / "run", epochs=6, lr=0.06, moco_t=0.2))
+    rows = read_log(tmp_path / "run")
+    assert len(rows) == 6 and ckpt.is_file()
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.2, [r["loss"] for r in rows]
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "config.json").is_file()
+    assert any((tmp_path / "run" / "tb").iterdir())
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
+    emoji_dir: Path, tmp_path: Path
+) -> None:
+    full = tmp_path / "full"
+    train(tiny_cfg(emoji_dir, full, save_every=1))
+    part = tmp_path / "part"
+    part.mkdir()
+    shutil.copy(full / "checkpoint_0001.pt", part / LAST)  # the state after epoch 1 of 2
+    train(tiny_cfg(emoji_dir, part, resume=True))
+    a = load_checkpoint_file(full / LAST)["model"]
+    b = load_checkpoint_file(part / LAST)["model"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert load_checkpoint_file(part / LAST)["epoch"] == 2
+
+
+def test_broken_file_is_skipped_and_logged(emoji_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(emoji_dir, data)
+    (data / "symbols" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (data / "symbols" / "empty.jpg").write_bytes(b"")
+    train(tiny_cfg(emoji_dir if False else data, tmp_path / "run", epochs=1, cache="off"))
+    skipped = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
+    assert sorted(Path(s).name for s in skipped) == ["broken.png", "empty.jpg"]
+    assert read_log(tmp_path / "run")[0]["skipped_files"] == 2
+
+
+def test_small_data_checks(emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = tiny_cfg(emoji_dir, tmp_path, moco_k=4096, lr=1.0)
+    assert check_config(cfg, 32) == cfg  # only warns
+    assert "queue size K=4096" in caplog.text and "linear scaling" in caplog.text
+    adapted = check_config(replace(cfg, adapt=True), 32)
+    assert adapted.moco_k == 24 and adapted.lr == pytest.approx(0.03 * 8 / 256)
+    with pytest.raises(ValueError, match="batch size 64 exceeds the 32 images"):
+        check_config(replace(cfg, batch_size=64), 32)
+    assert check_config(replace(cfg, batch_size=64, adapt=True), 32).batch_size == 32
+    with pytest.raises(ValueError, match="No images found"):
+        check_config(cfg, 0)
+
+
+def test_cli_errors_are_one_line(emoji_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc = launch.main(["pretrain", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
+    assert rc == 2 and "Image folder not found" in capsys.readouterr().err
+    rc = launch.main(["pretrain", str(emoji_dir), "--out", str(tmp_path / "r"), "--arch", "vgg"])
+    assert rc == 2 and "Unknown arch 'vgg'" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_a_clear_message(
+    emoji_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["pretrain", str(emoji_dir), "--out", str(tmp_path / "r"), "--image-size", "32",
+            "--batch-size", "8", "--moco-k", "16", "--workers", "0", "--moco-t", "1e-45",
+            "--epochs", "1"]
+    assert launch.main(args) == 2
+    err = capsys.readouterr().err
+    assert "loss became" in err and "lower --lr" in err
+
+
+def test_existing_run_is_not_overwritten(emoji_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LAST).write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_cfg(emoji_dir, run))
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_resume_finishes(emoji_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "launch.py"), "pretrain", str(emoji_dir), "--out", str(run),
+            "--image-size", "32", "--batch-size", "4", "--moco-k", "16", "--workers", "0",
+            "--epochs", "50"]
+    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (run / "log.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "continue with --resume" in err and "Traceback" not in err
+    ckpt = load_checkpoint_file(run / LAST)
+    assert ckpt["epoch"] >= 1
+    # Resume with fewer epochs than planned finishes at once without error.
+    done = train(tiny_cfg(emoji_dir, run, batch_size=4, epochs=int(ckpt["epoch"]) + 1,
+                          resume=True, bn_splits=8, lr=None))
+    assert load_checkpoint_file(done)["epoch"] == int(ckpt["epoch"]) + 1
