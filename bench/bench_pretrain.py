@@ -295,8 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             name = r.variant.name
             print(f"  {name:38s} {batch / t:8.1f} {1000 * t:9.0f} {naive / t:8.2f}x{comp}")
         # End to end with the variant train() runs by default on this device.
-        default = next(r for r in runners if r.variant.bn_splits > 1 and r.variant.channels_last
-                       and not r.variant.compile)
+        default = next((r for r in runners if r.variant.bn_splits > 1 and r.variant.channels_last
+                        and not r.variant.compile), runners[-1])
         e2e = end_to_end(default, size, batch, e2e_steps, workers, device)
         e2e_rows.append({"size": size, "batch": batch, **e2e})
         print(f"  end to end ({e2e['variant']}, {workers} workers, cache decode "

@@ -60,10 +60,10 @@ class SplitBatchNorm(nn.BatchNorm2d):
             [F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps) for c in chunks]
         )
         with torch.no_grad():  # running stats from the whole batch, as plain BatchNorm keeps them
-            mean = x.mean(dim=(0, 2, 3))
-            var = x.var(dim=(0, 2, 3), unbiased=True)
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var, self.momentum)
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)  # one pass
+            # Under bf16 autocast x is bf16; the running buffers stay fp32 (lerp_ needs one dtype).
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
             self.num_batches_tracked.add_(1)
         return out
 
