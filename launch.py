@@ -1,4 +1,4 @@
-"""The ``moco-search`` command: pretrain | export | index | search | duplicates | probe | eval | app.
+"""The ``moco-search`` command: pretrain, export, eval, index, search, duplicates, probe, app.
 
 With no subcommand (``python launch.py``) it opens the web UI. Each package declares its own
 subcommands in ``<package>/cli.py`` (flags -> a config -> one library call), so this file only
@@ -18,7 +18,11 @@ from indexes import probe_cli
 from moco import cli as moco_cli
 
 USER_ERRORS = (
-    ValueError, FileNotFoundError, NotADirectoryError, PermissionError, FileExistsError,
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+    FileExistsError,
     FloatingPointError,
 )
 """Raised for bad input (paths, flags, files); shown as one line, never as a traceback."""

@@ -50,7 +50,9 @@ def moco_transform(
     blur: bool = True,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The augmentation of one view for MoCo ``version`` "v1" or "v2"."""
-    crop = T.RandomResizedCrop(image_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BILINEAR)
+    crop = T.RandomResizedCrop(
+        image_size, scale=(0.2, 1.0), interpolation=InterpolationMode.BILINEAR
+    )
     tail = [T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)]
     if version == "v1":
         return T.Compose([crop, T.RandomGrayscale(p=0.2), T.ColorJitter(0.4, 0.4, 0.4, 0.4), *tail])

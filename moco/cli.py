@@ -31,6 +31,8 @@ HELP = {
     "deterministic": "deterministic algorithms (slower; exact resume on CPU)",
     "resume": "continue the run in --out from its last checkpoint",
     "init_from": "start from a checkpoint (this project's or an official MoCo one)",
+    "knn_k": "neighbours of the kNN monitor",
+    "knn_t": "temperature of the kNN monitor",
     "val_dir": "ImageFolder tree for a kNN accuracy each epoch (training folders = labels)",
     "device": "cpu, cuda, cuda:1 ... (default: cuda when available)",
     "amp": "bf16 autocast (default: on for CUDA)",
@@ -47,8 +49,11 @@ def _flag_type(tp: Any) -> Any:
 
 
 def add_dataclass_flags(
-    parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = (),
-    skip: tuple[str, ...] = (), helps: dict[str, str] | None = None,
+    parser: argparse.ArgumentParser,
+    cls: type,
+    positional: tuple[str, ...] = (),
+    skip: tuple[str, ...] = (),
+    helps: dict[str, str] | None = None,
 ) -> None:
     """One flag per field of ``cls``; every help string names the default."""
     helps = helps or HELP
@@ -62,11 +67,17 @@ def add_dataclass_flags(
         if f.name in positional:
             parser.add_argument(f.name, help=helps.get(f.name, f.name))
         elif tp is bool:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=default,
-                                action=argparse.BooleanOptionalAction, help=text)
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}",
+                dest=f.name,
+                default=default,
+                action=argparse.BooleanOptionalAction,
+                help=text,
+            )
         else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=tp,
-                                default=default, help=text)
+            parser.add_argument(
+                f"--{f.name.replace('_', '-')}", dest=f.name, type=tp, default=default, help=text
+            )
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -87,8 +98,10 @@ def _export(args: argparse.Namespace) -> int:
     from moco.export import export_encoder
 
     cfg = export_encoder(args.checkpoint, args.out, image_size=args.image_size, half=args.half)
-    print(f"encoder {cfg.arch} (small_stem={cfg.small_stem}, {cfg.feature_dim}-d, "
-          f"{cfg.image_size} px) written to {args.out}; sha256 {cfg.content_hash[:16]}")
+    print(
+        f"encoder {cfg.arch} (small_stem={cfg.small_stem}, {cfg.feature_dim}-d, "
+        f"{cfg.image_size} px) written to {args.out}; sha256 {cfg.content_hash[:16]}"
+    )
     return 0
 
 
@@ -97,24 +110,28 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     from moco.train import TrainConfig
 
     p = sub.add_parser(
-        "pretrain", help="pretrain a MoCo encoder on a folder of images",
+        "pretrain",
+        help="pretrain a MoCo encoder on a folder of images",
         description="Pretrain MoCo (v2 by default) on every image under DATA (recursive).",
     )
-    add_dataclass_flags(p, TrainConfig, positional=("data",), skip=("out", "knn_k", "knn_t"))
+    add_dataclass_flags(p, TrainConfig, positional=("data",), skip=("out",))
     p.add_argument("--out", required=True, help="run directory for checkpoints and logs")
-    p.add_argument("--knn-k", dest="knn_k", type=int, default=200, help="kNN monitor k (default: 200)")
-    p.add_argument("--knn-t", dest="knn_t", type=float, default=0.1, help="kNN monitor T (default: 0.1)")
     p.set_defaults(run=_pretrain)
 
     p = sub.add_parser(
-        "export", help="write the frozen encoder of a checkpoint",
+        "export",
+        help="write the frozen encoder of a checkpoint",
         description="Export the query-encoder backbone (head removed) of a moco-search or official "
         "facebookresearch/moco checkpoint as model.safetensors + config.json.",
     )
     p.add_argument("checkpoint", help="checkpoint file (.pt / .pth.tar)")
     p.add_argument("--out", required=True, help="encoder directory to write")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="input size to record (default: the training size, or 224 for official)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input size to record (default: the training size, or 224 for official)",
+    )
     p.add_argument("--half", action="store_true", help="store fp16 weights (default: fp32)")
     p.set_defaults(run=_export)
     add_eval_command(sub)
@@ -130,9 +147,18 @@ def _eval(args: argparse.Namespace) -> int:
     probe = ProbeConfig.preset("paper" if args.protocol == "paper" else "fast")
     if args.probe_epochs:
         probe = dataclasses.replace(probe, epochs=args.probe_epochs)
-    cfg = EvalConfig(protocol=args.protocol, k=args.k, T=args.t, probe=probe,
-                     batch_size=args.batch_size, device=args.device, workers=args.workers,
-                     monitor_size=args.monitor_size, image_size=args.image_size, seed=args.seed)
+    cfg = EvalConfig(
+        protocol=args.protocol,
+        k=args.k,
+        T=args.t,
+        probe=probe,
+        batch_size=args.batch_size,
+        device=args.device,
+        workers=args.workers,
+        monitor_size=args.monitor_size,
+        image_size=args.image_size,
+        seed=args.seed,
+    )
     specs = [args.encoder] + [b for b in (args.baselines or "").split(",") if b]
     rows = evaluate_many(specs, args.train, args.val, cfg)
     print(format_table(rows))
@@ -144,33 +170,56 @@ def _eval(args: argparse.Namespace) -> int:
 def add_eval_command(sub: argparse._SubParsersAction) -> None:
     """Register ``eval``: kNN, linear probe, retrieval and a label-free monitor on folders."""
     p = sub.add_parser(
-        "eval", help="measure an encoder: kNN, linear probe, retrieval, label-free monitor",
+        "eval",
+        help="measure an encoder: kNN, linear probe, retrieval, label-free monitor",
         description="Evaluate an encoder on two ImageFolder trees (one subfolder per class): "
         "weighted kNN top-1, linear-probe top-1/top-5, retrieval mAP@10 and recall@1/5/10 "
         "(val queries against train), and recall@1 of the other augmented view (no labels).",
     )
-    p.add_argument("--encoder", required=True,
-                   help="encoder directory, or a baseline: pixels, random:ARCH, random:ARCH:small")
+    p.add_argument(
+        "--encoder",
+        required=True,
+        help="encoder directory, or a baseline: pixels, random:ARCH, random:ARCH:small",
+    )
     p.add_argument("--train", required=True, help="labelled ImageFolder tree to train on")
     p.add_argument("--val", required=True, help="labelled ImageFolder tree to measure on")
-    p.add_argument("--baselines", default="",
-                   help="comma-separated extra rows, e.g. pixels,random:resnet18:small "
-                   "(default: none)")
-    p.add_argument("--protocol", choices=("cached", "paper"), default="cached",
-                   help="linear probe on cached features, or MoCo's protocol (SGD lr=30, 100 "
-                   "epochs, RandomResizedCrop+flip on the frozen backbone) (default: cached)")
-    p.add_argument("--probe-epochs", type=int, default=0,
-                   help="override the preset's epochs / L-BFGS iterations (default: 0 = preset)")
+    p.add_argument(
+        "--baselines",
+        default="",
+        help="comma-separated extra rows, e.g. pixels,random:resnet18:small (default: none)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("cached", "paper"),
+        default="cached",
+        help="linear probe on cached features, or MoCo's protocol (SGD lr=30, 100 "
+        "epochs, RandomResizedCrop+flip on the frozen backbone) (default: cached)",
+    )
+    p.add_argument(
+        "--probe-epochs",
+        type=int,
+        default=0,
+        help="override the preset's epochs / L-BFGS iterations (default: 0 = preset)",
+    )
     p.add_argument("--k", type=int, default=200, help="kNN neighbours (default: 200)")
     p.add_argument("--t", type=float, default=0.1, help="kNN temperature (default: 0.1)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
-    p.add_argument("--monitor-size", type=int, default=256,
-                   help="held-out images for the augmented-view monitor (default: 256)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="input size of the baselines (default: pixels 16, random 32 small/224)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of probe, baselines and views (default: 0)")
+    p.add_argument(
+        "--monitor-size",
+        type=int,
+        default=256,
+        help="held-out images for the augmented-view monitor (default: 256)",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input size of the baselines (default: pixels 16, random 32 small/224)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of probe, baselines and views (default: 0)"
+    )
     p.add_argument("--json-out", default=None, help="write the rows as JSON here (default: none)")
     p.set_defaults(run=_eval)

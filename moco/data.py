@@ -21,9 +21,7 @@ from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 MAX_PIXELS = 64_000_000
 """Larger images are refused as decompression bombs (Pillow's own limit is 89M, with a warning)."""
 BACKGROUND = (255, 255, 255)

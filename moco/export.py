@@ -88,6 +88,7 @@ def save_encoder(
     }
     tmp = out / (WEIGHTS + ".tmp")
     save_file(state, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o644)  # safetensors creates it private; an encoder is meant to be shared
     os.replace(tmp, out / WEIGHTS)
     cfg = dataclasses.replace(cfg, content_hash=sha256_file(out / WEIGHTS))
     _atomic_write_text(out / CONFIG, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -158,8 +159,13 @@ def _infer_arch(state: dict[str, torch.Tensor]) -> str:
     blocks = {int(k.split(".")[1]) for k in state if k.startswith("layer3.")}
     n = max(blocks, default=-1) + 1
     bottleneck = "layer1.0.conv3.weight" in state
-    table = {(False, 2): "resnet18", (False, 6): "resnet34", (True, 6): "resnet50",
-             (True, 23): "resnet101", (True, 36): "resnet152"}
+    table = {
+        (False, 2): "resnet18",
+        (False, 6): "resnet34",
+        (True, 6): "resnet50",
+        (True, 23): "resnet101",
+        (True, 36): "resnet152",
+    }
     if (bottleneck, n) not in table:
         raise CheckpointError(f"Cannot tell the ResNet depth of this checkpoint ({n} blocks)")
     arch = table[(bottleneck, n)]
@@ -168,7 +174,9 @@ def _infer_arch(state: dict[str, torch.Tensor]) -> str:
     return arch
 
 
-def backbone_from_checkpoint(ckpt: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def backbone_from_checkpoint(
+    ckpt: dict[str, Any],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The query-encoder backbone weights (prefix and head stripped) and what is known of them.
 
     Returns:
@@ -191,8 +199,10 @@ def backbone_from_checkpoint(ckpt: dict[str, Any]) -> tuple[dict[str, torch.Tens
     model_cfg = config.get("model", {})
     arch = model_cfg.get("arch") or _infer_arch(state)
     small_stem = bool(model_cfg.get("small_stem", state["conv1.weight"].shape[-1] == 3))
-    source = "moco-search" if config else (
-        "facebookresearch/moco-v3" if "base_encoder" in prefix else "facebookresearch/moco"
+    source = (
+        "moco-search"
+        if config
+        else ("facebookresearch/moco-v3" if "base_encoder" in prefix else "facebookresearch/moco")
     )
     return state, {"arch": arch, "small_stem": small_stem, "source": source, "config": config}
 

@@ -57,7 +57,10 @@ class SplitBatchNorm(nn.BatchNorm2d):
         # Slicing along the batch keeps channels_last tensors dense (a reshape would copy).
         chunks = x.chunk(s)
         out = torch.cat(
-            [F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps) for c in chunks]
+            [
+                F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps)
+                for c in chunks
+            ]
         )
         with torch.no_grad():  # running stats from the whole batch, as plain BatchNorm keeps them
             var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)  # one pass

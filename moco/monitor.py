@@ -50,9 +50,13 @@ class KnnMonitor:
             g = torch.Generator().manual_seed(0)
             paths = [paths[i] for i in torch.randperm(len(paths), generator=g)[:MAX_BANK]]
         val_paths = list_images(val_root)
-        classes = sorted({p.relative_to(val_root).parts[0] for p in val_paths if p.parent != val_root})
+        classes = sorted(
+            {p.relative_to(val_root).parts[0] for p in val_paths if p.parent != val_root}
+        )
         if not classes:
-            raise ValueError(f"--val-dir {val_root} must be an ImageFolder tree (one folder a class)")
+            raise ValueError(
+                f"--val-dir {val_root} must be an ImageFolder tree (one folder a class)"
+            )
         index = {c: i for i, c in enumerate(classes)}
         bank_paths = [p for p in paths if p.parent.name in index]
         if not bank_paths:
@@ -67,8 +71,12 @@ class KnnMonitor:
             [index.get(val_paths[i].relative_to(val_root).parts[0], -1) for i in keep]
         )
         self.num_classes, self.k, self.t, self.device = len(classes), cfg.knn_k, cfg.knn_t, device
-        log.info("kNN monitor: %d bank images, %d val images, %d classes",
-                 len(self.bank), len(self.val), len(classes))
+        log.info(
+            "kNN monitor: %d bank images, %d val images, %d classes",
+            len(self.bank),
+            len(self.val),
+            len(classes),
+        )
 
     @torch.no_grad()
     def _features(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:

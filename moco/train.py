@@ -109,7 +109,9 @@ def check_config(cfg: TrainConfig, num_images: int, world: int = 1) -> TrainConf
     if cfg.version not in ("v1", "v2"):
         raise ValueError(f"Unknown MoCo version {cfg.version!r}; valid: v1, v2")
     if num_images == 0:
-        raise ValueError(f"No images found in {cfg.data} (looked for jpg, png, webp, bmp, tif, gif)")
+        raise ValueError(
+            f"No images found in {cfg.data} (looked for jpg, png, webp, bmp, tif, gif)"
+        )
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by {world} processes")
     changes: dict[str, Any] = {}
@@ -132,6 +134,20 @@ def check_config(cfg: TrainConfig, num_images: int, world: int = 1) -> TrainConf
             log.warning("%s; K set to %d", msg, k)
         else:
             log.warning("%s; consider --moco-k %d (or --adapt)", msg, k)
+    total_steps = cfg.epochs * max(num_images // batch, 1)
+    if 1.0 / (1.0 - cfg.moco_m) > total_steps / 10:
+        # The key encoder averages the query encoder over ~1/(1-m) steps; when that is a large part
+        # of the run the keys stay close to the random initial network and training stalls.
+        m = min(cfg.moco_m, max(0.9, 1.0 - 10.0 / total_steps))
+        msg = (
+            f"momentum m={cfg.moco_m} averages the key encoder over {1 / (1 - cfg.moco_m):.0f} "
+            f"steps, too many for a run of {total_steps} steps"
+        )
+        if cfg.adapt:
+            changes["moco_m"] = round(m, 4)
+            log.warning("%s; m set to %.4f", msg, m)
+        else:
+            log.warning("%s; consider --moco-m %.3g (or --adapt)", msg, m)
     if cfg.lr is not None:
         scaled = 0.03 * batch / 256
         if not 0.5 <= cfg.lr / scaled <= 2.0:
@@ -144,7 +160,8 @@ def check_config(cfg: TrainConfig, num_images: int, world: int = 1) -> TrainConf
     if cfg.bn_splits > 1 and (batch // world) % cfg.bn_splits:
         log.warning(
             "batch per process %d is not divisible by --bn-splits %d: plain BatchNorm is used",
-            batch // world, cfg.bn_splits,
+            batch // world,
+            cfg.bn_splits,
         )
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
@@ -324,7 +341,16 @@ def train(cfg: TrainConfig) -> Path:
             idx = _shard(len(paths), epoch, cfg, rank, world, skip * (cfg.batch_size // world))
             loader = _loader(dataset, idx, cfg, world, epoch, rank)
             stats = _train_one_epoch(
-                step_fn, model, optimizer, loader, cfg, epoch, steps_per_epoch, skip, device, amp,
+                step_fn,
+                model,
+                optimizer,
+                loader,
+                cfg,
+                epoch,
+                steps_per_epoch,
+                skip,
+                device,
+                amp,
                 runlog,
             )
             if monitor is not None:
@@ -338,8 +364,12 @@ def train(cfg: TrainConfig) -> Path:
         step = getattr(e, "step", 0)
         if rank == 0:
             save_checkpoint(ckpt_path, payload(epoch, step))
-            log.warning("interrupted: saved %s at epoch %d step %d; continue with --resume",
-                        ckpt_path, epoch, step)
+            log.warning(
+                "interrupted: saved %s at epoch %d step %d; continue with --resume",
+                ckpt_path,
+                epoch,
+                step,
+            )
         runlog.close()
         raise
     runlog.finish()
@@ -425,8 +455,9 @@ def _train_one_epoch(
             step += 1
             elapsed = time.perf_counter() - t0
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.0f}",
-                            img_s=f"{n_seen / elapsed:.0f}")
+            bar.set_postfix(
+                loss=f"{loss.item():.3f}", acc=f"{acc:.0f}", img_s=f"{n_seen / elapsed:.0f}"
+            )
             runlog.step(epoch * steps + step, loss.item(), lr)
     except KeyboardInterrupt as e:
         e.step = step  # type: ignore[attr-defined]
@@ -458,6 +489,7 @@ def log_summary(ckpt: Path) -> str:
     if not last:
         return f"checkpoint: {ckpt}"
     e = last[-1]
-    return (f"epoch {e['epoch'] + 1}: loss {e['loss']:.4f}, contrastive acc "
-            f"{e['contrastive_acc']:.1f}%, {e['images_per_s']:.0f} img/s; checkpoint: {ckpt}")
-
+    return (
+        f"epoch {e['epoch'] + 1}: loss {e['loss']:.4f}, contrastive acc "
+        f"{e['contrastive_acc']:.1f}%, {e['images_per_s']:.0f} img/s; checkpoint: {ckpt}"
+    )

@@ -38,8 +38,13 @@ class RunLog:
 
     def progress(self, epoch: int, total: int, initial: int = 0) -> tqdm:
         return tqdm(
-            total=total, initial=initial, disable=not self.enabled, unit="step", leave=False,
-            desc=f"epoch {epoch + 1}/{self.cfg.epochs}", dynamic_ncols=True,
+            total=total,
+            initial=initial,
+            disable=not self.enabled,
+            unit="step",
+            leave=False,
+            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            dynamic_ncols=True,
         )
 
     def step(self, global_step: int, loss: float, lr: float) -> None:
@@ -67,8 +72,13 @@ class RunLog:
         knn = f", kNN top-1 {stats['knn_top1']:.1f}%" if "knn_top1" in stats else ""
         log.info(
             "epoch %d/%d: loss %.4f, contrastive acc %.1f%%, %.0f img/s, lr %.4g%s",
-            epoch + 1, self.cfg.epochs, stats["loss"], stats["contrastive_acc"],
-            stats["images_per_s"], stats["lr"], knn,
+            epoch + 1,
+            self.cfg.epochs,
+            stats["loss"],
+            stats["contrastive_acc"],
+            stats["images_per_s"],
+            stats["lr"],
+            knn,
         )
 
     def close(self) -> None:

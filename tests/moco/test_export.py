@@ -85,7 +85,7 @@ def test_init_from_official_checkpoint(tmp_path: Path) -> None:
     for enc in (model.encoder_q, model.encoder_k):
         assert torch.equal(enc.conv1.weight, net.conv1.weight)
         assert torch.equal(enc.layer4[1].bn2.running_var, net.layer4[1].bn2.running_var)
-    with pytest.raises(CheckpointError, match="holds resnet18 .* builds resnet34"):
+    with pytest.raises(CheckpointError, match=r"holds resnet18 .* builds resnet34"):
         _init_from(MoCo(ModelConfig(arch="resnet34", K=8)), str(tmp_path / "ckpt.pth.tar"))
 
 

@@ -108,5 +108,5 @@ def test_v2_head_is_an_mlp(mlp: bool, expected: type) -> None:
 
 
 def test_unknown_arch_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match="resnet18.*resnet50"):
+    with pytest.raises(ValueError, match=r"resnet18.*resnet50"):
         tiny(arch="resnet19")

@@ -25,8 +25,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def tiny_cfg(data: Path, out: Path, **kw: object) -> TrainConfig:
     base = dict(
-        data=str(data), out=str(out), image_size=32, batch_size=8, moco_k=16, epochs=2,
-        workers=0, cache="on", bn_splits=2, lr=0.03, deterministic=True,
+        data=str(data),
+        out=str(out),
+        image_size=32,
+        batch_size=8,
+        moco_k=16,
+        epochs=2,
+        workers=0,
+        cache="on",
+        bn_splits=2,
+        lr=0.03,
+        deterministic=True,
     )
     return TrainConfig(**{**base, **kw})
 
@@ -73,12 +82,18 @@ def test_broken_file_is_skipped_and_logged(emoji_dir: Path, tmp_path: Path) -> N
     assert read_log(tmp_path / "run")[0]["skipped_files"] == 2
 
 
-def test_small_data_checks(emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_small_data_checks(
+    emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = tiny_cfg(emoji_dir, tmp_path, moco_k=4096, lr=1.0)
     assert check_config(cfg, 32) == cfg  # only warns
     assert "queue size K=4096" in caplog.text and "linear scaling" in caplog.text
+    assert "momentum m=0.999" in caplog.text  # 2 epochs x 4 steps cannot move the key encoder
     adapted = check_config(replace(cfg, adapt=True), 32)
     assert adapted.moco_k == 24 and adapted.lr == pytest.approx(0.03 * 8 / 256)
+    assert adapted.moco_m == 0.9
+    long_run = replace(cfg, adapt=True, epochs=10_000, moco_k=16)
+    assert check_config(long_run, 32).moco_m == 0.999  # 40k steps: the paper's m is fine
     with pytest.raises(ValueError, match="batch size 64 exceeds the 32 images"):
         check_config(replace(cfg, batch_size=64), 32)
     assert check_config(replace(cfg, batch_size=64, adapt=True), 32).batch_size == 32
@@ -86,7 +101,9 @@ def test_small_data_checks(emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCa
         check_config(cfg, 0)
 
 
-def test_cli_errors_are_one_line(emoji_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_errors_are_one_line(
+    emoji_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     rc = launch.main(["pretrain", str(tmp_path / "nope"), "--out", str(tmp_path / "r")])
     assert rc == 2 and "Image folder not found" in capsys.readouterr().err
     rc = launch.main(["pretrain", str(emoji_dir), "--out", str(tmp_path / "r"), "--arch", "vgg"])
@@ -96,9 +113,24 @@ def test_cli_errors_are_one_line(emoji_dir: Path, tmp_path: Path, capsys: pytest
 def test_non_finite_loss_stops_with_a_clear_message(
     emoji_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    args = ["pretrain", str(emoji_dir), "--out", str(tmp_path / "r"), "--image-size", "32",
-            "--batch-size", "8", "--moco-k", "16", "--workers", "0", "--moco-t", "1e-45",
-            "--epochs", "1"]
+    args = [
+        "pretrain",
+        str(emoji_dir),
+        "--out",
+        str(tmp_path / "r"),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--moco-k",
+        "16",
+        "--workers",
+        "0",
+        "--moco-t",
+        "1e-45",
+        "--epochs",
+        "1",
+    ]
     assert launch.main(args) == 2
     err = capsys.readouterr().err
     assert "loss became" in err and "lower --lr" in err
@@ -115,11 +147,31 @@ def test_existing_run_is_not_overwritten(emoji_dir: Path, tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_ctrl_c_saves_and_resume_finishes(emoji_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "launch.py"), "pretrain", str(emoji_dir), "--out", str(run),
-            "--image-size", "32", "--batch-size", "4", "--moco-k", "16", "--workers", "0",
-            "--epochs", "50"]
-    proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = [
+        sys.executable,
+        str(ROOT / "launch.py"),
+        "pretrain",
+        str(emoji_dir),
+        "--out",
+        str(run),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--moco-k",
+        "16",
+        "--workers",
+        "0",
+        "--epochs",
+        "50",
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 120
     while not (run / "log.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
@@ -131,6 +183,15 @@ def test_ctrl_c_saves_and_resume_finishes(emoji_dir: Path, tmp_path: Path) -> No
     ckpt = load_checkpoint_file(run / LAST)
     assert ckpt["epoch"] >= 1
     # Resume with fewer epochs than planned finishes at once without error.
-    done = train(tiny_cfg(emoji_dir, run, batch_size=4, epochs=int(ckpt["epoch"]) + 1,
-                          resume=True, bn_splits=8, lr=None))
+    done = train(
+        tiny_cfg(
+            emoji_dir,
+            run,
+            batch_size=4,
+            epochs=int(ckpt["epoch"]) + 1,
+            resume=True,
+            bn_splits=8,
+            lr=None,
+        )
+    )
     assert load_checkpoint_file(done)["epoch"] == int(ckpt["epoch"]) + 1
