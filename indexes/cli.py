@@ -15,6 +15,13 @@ from pathlib import Path
 from typing import Any
 
 
+def _encoder_arg(value: str) -> Path:
+    """An encoder directory, or a published checkpoint's name (downloaded once, checked)."""
+    from moco.published import resolve_encoder
+
+    return resolve_encoder(value)
+
+
 def _when(text: str) -> float:
     """A Unix time, or an ISO date/datetime such as 2024-05-01."""
     try:
@@ -40,8 +47,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="*", type=Path, metavar="IMAGE_DIR",
                    help="folders to index (default: the collection's folders)")
     p.add_argument("--collection", type=Path, required=True, help="collection directory")
-    p.add_argument("--encoder", type=Path, default=None,
-                   help="encoder directory (default: the one the collection was built with)")
+    p.add_argument("--encoder", type=_encoder_arg, default=None,
+                   help="encoder directory, or a published checkpoint's name such as "
+                   "moco_v2_800ep, fetched once (default: the one the collection was built with)")
     p.add_argument("--labels", type=Path, default=None,
                    help="CSV with path,label columns (default: parent folder names)")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
