@@ -7,9 +7,12 @@ Symbols, as in the papers:
     T: softmax temperature (0.07 in v1, 0.2 in v2).
     dim: width of the normalised embedding compared by the loss (128).
 BatchNorm leaks information between the samples of a batch, which lets the model cheat on the
-pretext task. The official code shuffles the key batch across GPUs ("shuffle BN"); on one device
-the official CIFAR demo splits BatchNorm into ``bn_splits`` groups and shuffles the keys between
-them, which is what ``bn_splits > 1`` does here. Under DDP the key batch is shuffled across ranks.
+pretext task: a query and its positive key computed in the same BatchNorm batch share a batch
+"signature". The official code shuffles the key batch across GPUs ("shuffle BN"). On one device
+the official CIFAR demo splits BatchNorm into groups and shuffles the keys between them; here only
+the key encoder is split (``bn_splits`` groups of shuffled keys) while the query encoder normalises
+over the whole batch, which carries no group signature to match, so the costly backward pass runs
+on plain BatchNorm. Under DDP the key batch is shuffled across ranks.
 """
 
 from __future__ import annotations
@@ -102,8 +105,8 @@ class MoCo(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder_q = self._make_encoder(cfg)
-        self.encoder_k = self._make_encoder(cfg)
+        self.encoder_q = self._make_encoder(cfg, splits=1)
+        self.encoder_k = self._make_encoder(cfg, splits=cfg.bn_splits)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         for p in self.encoder_k.parameters():
             p.requires_grad = False  # only the momentum update changes the key encoder
@@ -111,13 +114,13 @@ class MoCo(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
     @staticmethod
-    def _make_encoder(cfg: ModelConfig) -> nn.Module:
+    def _make_encoder(cfg: ModelConfig, splits: int) -> nn.Module:
         net = build_encoder(cfg.arch, num_classes=cfg.dim, small_stem=cfg.small_stem)
         if cfg.mlp:  # v2: a 2-layer MLP head replaces the linear fc
             width = feature_dim(cfg.arch)
             net.fc = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), net.fc)
-        if cfg.bn_splits > 1:
-            _split_bn(net, cfg.bn_splits)
+        if splits > 1:
+            _split_bn(net, splits)
         if cfg.sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         return net

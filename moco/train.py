@@ -330,7 +330,7 @@ def train(cfg: TrainConfig) -> Path:
             "rng": rng_state(),
         }
 
-    epoch = start_epoch
+    epoch = completed = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs):
             # Each epoch reproducible on its own; ranks differ (augmentations with workers=0).
@@ -353,6 +353,7 @@ def train(cfg: TrainConfig) -> Path:
                 amp,
                 runlog,
             )
+            completed = epoch + 1
             if monitor is not None:
                 stats["knn_top1"] = monitor(model.encoder_q)
             runlog.epoch_end(epoch, stats)
@@ -361,7 +362,9 @@ def train(cfg: TrainConfig) -> Path:
                 if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
                     save_checkpoint(out / f"checkpoint_{epoch + 1:04d}.pt", payload(epoch + 1, 0))
     except KeyboardInterrupt as e:
-        step = getattr(e, "step", 0)
+        # Inside an epoch: resume at its step. Between epochs (monitor, logging, saving): the
+        # finished epochs are all in the weights, so resume at the next one.
+        epoch, step = (epoch, e.step) if hasattr(e, "step") else (completed, 0)
         if rank == 0:
             save_checkpoint(ckpt_path, payload(epoch, step))
             log.warning(
