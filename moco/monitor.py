@@ -17,22 +17,16 @@ import torch.nn.functional as F
 
 from moco.augment import eval_transform
 from moco.data import ImageError, list_images, load_image
+from moco.export import EncoderConfig
 from moco.knn import knn_predict
 
 log = logging.getLogger(__name__)
 MAX_BANK = 20_000
 
 
-class _Pre:
-    def __init__(self, image_size: int) -> None:
-        from moco.augment import IMAGENET_MEAN, IMAGENET_STD
-
-        self.image_size, self.mean, self.std = image_size, IMAGENET_MEAN, IMAGENET_STD
-        self.interpolation, self.crop_pct = "bilinear", 1.0
-
-
 def _decode(paths: list[Path], image_size: int) -> tuple[torch.Tensor, list[int]]:
-    tf = eval_transform(_Pre(image_size))
+    # Only the preprocessing fields of the config matter here.
+    tf = eval_transform(EncoderConfig(arch="resnet18", image_size=image_size, crop_pct=1.0))
     xs, keep = [], []
     for i, p in enumerate(paths):
         try:

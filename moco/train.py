@@ -201,8 +201,7 @@ class _CachedImages(ImageFiles):
 
 
 def make_dataset(cfg: TrainConfig, paths: list[Path]) -> ImageFiles:
-    mean_std: dict[str, Any] = {}
-    transform = TwoCropsTransform(moco_transform(cfg.image_size, cfg.version, **mean_std))
+    transform = TwoCropsTransform(moco_transform(cfg.image_size, cfg.version))
     use_cache = cfg.cache == "on" or (
         cfg.cache == "auto" and len(paths) * (2 * cfg.image_size) ** 2 * 3 < 2 * 2**30
     )

@@ -72,8 +72,9 @@ def test_loss_falls_on_real_images(emoji_dir: Path) -> None:
 
 
 def test_training_run_writes_its_outputs(emoji_dir: Path, tmp_path: Path) -> None:
-    ckpt = train(tiny_cfg(emoji_dir, tmp_path / "run", epochs=2))
+    ckpt = train(tiny_cfg(emoji_dir, tmp_path / "run", epochs=2, val_dir=str(emoji_dir)))
     rows = read_log(tmp_path / "run")
+    assert all(0 <= r["knn_top1"] <= 100 for r in rows)  # the kNN monitor ran each epoch
     assert [r["epoch"] for r in rows] == [0, 1] and ckpt.is_file()
     assert all(r["steps"] == 4 and r["loss"] > 0 and r["images_per_s"] > 0 for r in rows)
     assert rows[1]["lr"] < rows[0]["lr"]  # cosine decay
