@@ -57,16 +57,30 @@ class SplitBatchNorm(nn.BatchNorm2d):
         s = self.num_splits
         if not self.training or x.shape[0] % s:
             return super().forward(x)
-        # Slicing along the batch keeps channels_last tensors dense (a reshape would copy).
-        chunks = x.chunk(s)
-        out = torch.cat(
-            [
-                F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps)
-                for c in chunks
-            ]
-        )
+        if torch.is_grad_enabled():
+            # Slicing along the batch keeps channels_last tensors dense (a reshape would copy).
+            out = torch.cat(
+                [
+                    F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps)
+                    for c in x.chunk(s)
+                ]
+            )
+            with torch.no_grad():
+                var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
+        else:  # the key encoder: one statistics pass and one fused multiply-add, in any layout
+            n, c = x.shape[:2]
+            groups = x.unflatten(0, (s, n // s))  # s x n/s x C x H x W, a view
+            g_var, g_mean = torch.var_mean(
+                groups.float(), dim=(1, 3, 4), keepdim=True, correction=0
+            )
+            scale = self.weight.view(1, 1, c, 1, 1) * torch.rsqrt(g_var + self.eps)
+            shift = self.bias.view(1, 1, c, 1, 1) - g_mean * scale
+            out = torch.addcmul(shift.to(x.dtype), groups, scale.to(x.dtype)).flatten(0, 1)
+            # Whole-batch statistics from the groups' (law of total variance), unbiased.
+            mean = g_mean.mean(0).view(c)
+            var = (g_var.mean(0) + g_mean.var(0, correction=0)).view(c)
+            var = var * (x.numel() / c) / max(x.numel() / c - 1, 1)
         with torch.no_grad():  # running stats from the whole batch, as plain BatchNorm keeps them
-            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)  # one pass
             # Under bf16 autocast x is bf16; the running buffers stay fp32 (lerp_ needs one dtype).
             self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
             self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)

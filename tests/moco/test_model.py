@@ -89,6 +89,20 @@ def test_split_batchnorm_normalises_each_group_on_its_own() -> None:
     assert torch.allclose(bn(x), plain(x))
 
 
+def test_split_batchnorm_without_grad_equals_with_grad() -> None:
+    """The key encoder's no-grad path (one fused pass) matches the per-group path."""
+    x = torch.randn(8, 3, 5, 5) * 3 + 1
+    a, b = SplitBatchNorm(3, num_splits=4), SplitBatchNorm(3, num_splits=4)
+    with torch.no_grad():
+        a.weight.uniform_()
+        b.weight.copy_(a.weight)
+        fast = a(x.to(memory_format=torch.channels_last))
+    slow = b(x)
+    assert torch.allclose(fast, slow, atol=1e-5)
+    assert torch.allclose(a.running_mean, b.running_mean, atol=1e-6)
+    assert torch.allclose(a.running_var, b.running_var, atol=1e-5)
+
+
 def test_split_batchnorm_works_with_channels_last() -> None:
     bn = SplitBatchNorm(3, num_splits=4)
     x = torch.randn(8, 3, 5, 5)
