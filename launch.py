@@ -52,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    for noisy in ("faiss.loader", "httpx", "matplotlib"):  # their INFO lines are not for users
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.run(args) or 0)
     except USER_ERRORS as e:
