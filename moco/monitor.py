@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from moco.augment import eval_transform
 from moco.data import ImageError, list_images, load_image
 from moco.export import EncoderConfig
-from moco.knn import knn_predict
+from moco.knn import knn_top1
 
 log = logging.getLogger(__name__)
 MAX_BANK = 20_000
@@ -83,5 +83,5 @@ class KnnMonitor:
         bank = self._features(encoder, self.bank)
         val = self._features(encoder, self.val)
         encoder.train(was_training)
-        scores = knn_predict(bank, self.bank_labels, val, self.num_classes, self.k, self.t)
-        return 100.0 * (scores.argmax(1) == self.val_labels).float().mean().item()
+        labels = (self.bank_labels, self.val_labels)
+        return knn_top1(bank, labels[0], val, labels[1], self.num_classes, self.k, self.t)

@@ -32,6 +32,7 @@ from moco.encoders import check_arch
 from moco.export import CheckpointError, backbone_from_checkpoint, load_checkpoint_file
 from moco.loss import topk_accuracy
 from moco.model import MoCo, ModelConfig
+from moco.monitor import KnnMonitor
 from moco.schedule import cosine_lr, step_lr, step_milestones
 from moco.trainlog import RunLog
 
@@ -314,7 +315,7 @@ def train(cfg: TrainConfig) -> Path:
 
     dataset = make_dataset(cfg, paths)
     runlog = RunLog(out, cfg, paths, enabled=rank == 0)
-    monitor = _knn_monitor(cfg, paths, device) if cfg.val_dir and rank == 0 else None
+    monitor = KnnMonitor(cfg, paths, device) if cfg.val_dir and rank == 0 else None
     steps_per_epoch = len(paths) // cfg.batch_size
     if cfg.max_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
@@ -476,14 +477,6 @@ def _train_one_epoch(
         "steps": n_steps,
         "seconds": seconds,
     }
-
-
-def _knn_monitor(cfg: TrainConfig, paths: list[Path], device: torch.device) -> Any:
-    """kNN top-1 on ``val_dir`` against features of the training images (k=200, T=0.1), as in
-    the official CIFAR demo; labels of the training images are their parent folder names."""
-    from moco.monitor import KnnMonitor
-
-    return KnnMonitor(cfg, paths, device)
 
 
 def log_summary(ckpt: Path) -> str:
