@@ -201,7 +201,7 @@ def end_to_end(
         loader = _loader(ds, list(range(n)), cfg, world=1, epoch=0)
         runlog = RunLog(Path(tmp) / "run", cfg, paths, enabled=False)
         t_first, t_start, done = time.perf_counter(), 0.0, 0
-        for im_q, im_k in _batches(loader, runlog, device):
+        for im_q, im_k, _ in _batches(loader, runlog, device):
             im_q = im_q.to(device, non_blocking=True, memory_format=best.fmt)
             im_k = im_k.to(device, non_blocking=True, memory_format=best.fmt)
             best.step(im_q, im_k)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
@@ -163,10 +164,14 @@ class ImageFiles(Dataset):
             return None, i
 
 
-def collate_skip(batch: list[tuple[Any, int]]) -> tuple[Any, list[int]]:
-    """Collate the good items; return them with the indexes of the broken ones."""
+def collate_skip(batch: list[tuple[Any, int]]) -> tuple[Any, torch.Tensor, list[int]]:
+    """Collate the good items; return them, their indexes, and the indexes of the broken ones.
+
+    The good items' indexes let MoCo tell which queued keys come from the same image.
+    """
     from torch.utils.data import default_collate
 
     good = [x for x, _ in batch if x is not None]
+    ids = torch.tensor([i for x, i in batch if x is not None], dtype=torch.long)
     bad = [i for x, i in batch if x is None]
-    return (default_collate(good) if good else None), bad
+    return (default_collate(good) if good else None), ids, bad

@@ -10,7 +10,11 @@ import torch.nn.functional as F
 
 
 def moco_logits(
-    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    queue: torch.Tensor,
+    temperature: float,
+    exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and targets of the (1+K)-way classification that InfoNCE is.
 
@@ -19,6 +23,8 @@ def moco_logits(
         k: NxC normalised positive keys (one per query).
         queue: CxK normalised negative keys.
         temperature: T; the logits are divided by it.
+        exclude: optional NxK mask of queued keys that are not negatives of a query (older keys
+            of its own image); their logits become -inf, so they carry no probability or gradient.
 
     Returns:
         logits Nx(1+K) with the positive in column 0, and N zero labels.
@@ -26,6 +32,8 @@ def moco_logits(
     q, k, queue = q.float(), k.float(), queue.float()  # the similarity is kept in fp32 under AMP
     l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # Nx1
     l_neg = torch.einsum("nc,ck->nk", q, queue)  # NxK
+    if exclude is not None:
+        l_neg = l_neg.masked_fill(exclude, float("-inf"))
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # Nx(1+K)
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return logits, labels

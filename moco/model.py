@@ -13,6 +13,13 @@ the official CIFAR demo splits BatchNorm into groups and shuffles the keys betwe
 the key encoder is split (``bn_splits`` groups of shuffled keys) while the query encoder normalises
 over the whole batch, which carries no group signature to match, so the costly backward pass runs
 on plain BatchNorm. Under DDP the key batch is shuffled across ranks.
+
+On a small collection the queue covers much of the data: with K keys of N images, an older key of
+the very image being queried sits in the queue with probability about K/N. Treated as a negative,
+it teaches the encoder to tell two augmentations of one image apart, the opposite of the pretext
+task (on the 1.3k-image demo, K=1024 made features worse than a random network's). The queue
+therefore remembers which image each key came from, and a query's own image is masked out of its
+negatives; on ImageNet (K/N = 5%) this changes little, on small data it is what makes MoCo work.
 """
 
 from __future__ import annotations
@@ -126,6 +133,13 @@ class MoCo(nn.Module):
             p.requires_grad = False  # only the momentum update changes the key encoder
         self.register_buffer("queue", F.normalize(torch.randn(cfg.dim, cfg.K), dim=0))  # CxK
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # The image each key came from (-1: none), to mask a query's own image out of its negatives.
+        self.register_buffer("queue_ids", torch.full((cfg.K,), -1, dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        # Checkpoints written before the queue kept image ids: their keys' images are unknown.
+        state_dict.setdefault(prefix + "queue_ids", torch.full_like(self.queue_ids, -1))
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
 
     @staticmethod
     def _make_encoder(cfg: ModelConfig, splits: int) -> nn.Module:
@@ -148,13 +162,26 @@ class MoCo(nn.Module):
         torch._foreach_add_(k_params, q_params, alpha=1.0 - self.cfg.m)
 
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Replace the oldest keys with ``keys`` (NxC, gathered from all ranks), FIFO."""
+    def enqueue(self, keys: torch.Tensor, ids: torch.Tensor | None = None) -> None:
+        """Replace the oldest keys with ``keys`` (NxC, gathered from all ranks), FIFO.
+
+        ``ids`` (N) are the dataset indexes of the keys' images; None records them as unknown.
+        """
+        if ids is None:
+            ids = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
         keys = concat_all_gather(keys.float())[-self.cfg.K :]
+        ids = concat_all_gather(ids.to(keys.device, torch.long))[-self.cfg.K :]
         n, ptr = keys.shape[0], int(self.queue_ptr)
         idx = (torch.arange(n, device=keys.device) + ptr) % self.cfg.K  # wraps past the end
         self.queue[:, idx] = keys.T
+        self.queue_ids[idx] = ids
         self.queue_ptr[0] = (ptr + n) % self.cfg.K
+
+    def _same_image(self, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """NxK mask of the queued keys that come from each query's own image."""
+        if ids is None:
+            return None
+        return self.queue_ids.unsqueeze(0) == ids.to(self.queue_ids.device).unsqueeze(1)
 
     @torch.no_grad()
     def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
@@ -173,9 +200,14 @@ class MoCo(nn.Module):
         return k[torch.argsort(perm)]
 
     def forward(
-        self, im_q: torch.Tensor, im_k: torch.Tensor
+        self, im_q: torch.Tensor, im_k: torch.Tensor, ids: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One training step's loss; also updates the key encoder and the queue.
+
+        Args:
+            im_q, im_k: two augmented views of the same N images.
+            ids: the images' dataset indexes (N); older keys of the same images in the queue are
+                then not used as negatives. None: every queued key is a negative (the paper).
 
         Returns:
             loss, and the logits Nx(1+K) and labels of the (im_q, im_k) pair for accuracy.
@@ -183,13 +215,15 @@ class MoCo(nn.Module):
         self.momentum_update()
         q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
         k = self._keys(im_k)  # NxC
-        logits, labels = moco_logits(q, k, self.queue.clone().detach(), self.cfg.T)
+        queue, same = self.queue.clone().detach(), self._same_image(ids)
+        logits, labels = moco_logits(q, k, queue, self.cfg.T, exclude=same)
         loss = info_nce(logits, labels)
-        keys = k
+        keys, key_ids = k, ids
         if self.cfg.symmetric:  # swap the roles of the two views and average
             q2 = F.normalize(self.encoder_q(im_k), dim=1)
             k2 = self._keys(im_q)
-            loss = 0.5 * (loss + info_nce(*moco_logits(q2, k2, self.queue.clone(), self.cfg.T)))
+            loss = 0.5 * (loss + info_nce(*moco_logits(q2, k2, queue, self.cfg.T, exclude=same)))
             keys = torch.cat([k, k2])
-        self.enqueue(keys)
+            key_ids = None if ids is None else torch.cat([ids, ids])
+        self.enqueue(keys, key_ids)
         return loss, logits, labels

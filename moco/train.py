@@ -124,11 +124,12 @@ def check_config(cfg: TrainConfig, num_images: int, world: int = 1) -> TrainConf
         log.warning("%s: batch size set to %d", msg, changes["batch_size"])
     batch = changes.get("batch_size", cfg.batch_size)
     if cfg.moco_k > num_images - batch:
-        # The queue would hold an older key of the very image being queried, a false negative.
+        # Older keys of a query's own image are masked out of its negatives (see moco.model), but
+        # a queue longer than the data repeats images: more memory and staler keys, no new ones.
         k = max(batch, num_images - batch)
         msg = (
             f"queue size K={cfg.moco_k} is not below the {num_images} images minus one batch: "
-            "old keys of the same images act as negatives"
+            "it would hold several keys of the same images"
         )
         if cfg.adapt:
             changes["moco_k"] = k
@@ -383,9 +384,10 @@ def train(cfg: TrainConfig) -> Path:
 
 def _batches(
     loader: DataLoader, runlog: RunLog, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The two views and the dataset indexes of each batch's good images; logs broken files."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    for views, bad in loader:
+    for views, ids, bad in loader:
         n = 0 if views is None else views[0].shape[0]
         if world > 1:
             # Broken files shrink a rank's batch, but keys are all-gathered with one shape: every
@@ -402,7 +404,7 @@ def _batches(
         if bad:
             runlog.skipped(bad)
         if n:
-            yield views[0][:n], views[1][:n]
+            yield views[0][:n], views[1][:n], ids[:n]
 
 
 def _train_one_epoch(
@@ -426,7 +428,7 @@ def _train_one_epoch(
     bar = runlog.progress(epoch, total=steps, initial=skip)
     step = skip
     try:
-        for im_q, im_k in _batches(loader, runlog, device):
+        for im_q, im_k, ids in _batches(loader, runlog, device):
             if step >= steps:
                 break
             frac = epoch + step / max(steps, 1)
@@ -439,8 +441,9 @@ def _train_one_epoch(
                 group["lr"] = lr
             im_q = im_q.to(device, non_blocking=True, memory_format=fmt)
             im_k = im_k.to(device, non_blocking=True, memory_format=fmt)
+            ids = ids.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, logits, labels = step_fn(im_q, im_k)
+                loss, logits, labels = step_fn(im_q, im_k, ids)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch} step {step}; lower --lr "

@@ -245,11 +245,13 @@ def test_image_files_and_collate_skip(tmp_path: Path) -> None:
     x, i = ds[2]
     assert i == 2 and x.shape == (3, 8, 8)
     batches = list(DataLoader(ds, batch_size=3, collate_fn=collate_skip, num_workers=0))
-    (x0, bad0), (x1, bad1) = batches
+    (x0, ids0, bad0), (x1, ids1, bad1) = batches
     assert bad0 == [1] and bad1 == [3, 4]
+    assert ids0.tolist() == [0, 2] and ids1.tolist() == [5]
     assert x0.shape == (2, 3, 8, 8) and x1.shape == (1, 3, 8, 8)
     assert x0[:, 0].unique().tolist() == [1]
 
 
 def test_collate_skip_all_broken() -> None:
-    assert collate_skip([(None, 4), (None, 7)]) == (None, [4, 7])
+    x, ids, bad = collate_skip([(None, 4), (None, 7)])
+    assert x is None and ids.numel() == 0 and bad == [4, 7]

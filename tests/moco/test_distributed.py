@@ -64,9 +64,10 @@ _WORKER = textwrap.dedent(
     m.queue_ptr[0] = 7
     before = m.queue.clone()
     keys = torch.arange(3 * 4, dtype=torch.float32).view(3, 4) + 100 * (rank + 1)  # N x C
-    m.enqueue(keys)
+    m.enqueue(keys, torch.arange(3) + 10 * (rank + 1))
     result = {
         "queue": m.queue.tolist(), "before": before.tolist(), "ptr": int(m.queue_ptr),
+        "queue_ids": m.queue_ids.tolist(),
     }
 
     # _keys: the cross-rank shuffle and un-shuffle must give each rank the keys of its own
@@ -133,13 +134,18 @@ def test_ddp_ranks_end_with_identical_weights(ddp_run: Path) -> None:
     assert s0.keys() == s1.keys()
     params = [k for k in s0 if k.endswith((".weight", ".bias"))]
     assert len(params) > 100
-    for k in [*params, "queue", "queue_ptr"]:
+    for k in [*params, "queue", "queue_ptr", "queue_ids"]:
         assert torch.equal(s0[k], s1[k]), k
     # Training really happened: the query encoder moved away from the momentum copy.
     assert not torch.equal(s0["encoder_q.conv1.weight"], s0["encoder_k.conv1.weight"])
     # 2 epochs x 2 steps x 8 keys (both ranks' keys) into a queue of 16, except that once per
     # epoch rank 1's batch held the broken file: both ranks then stepped with 3 images, not 4.
     assert int(s0["queue_ptr"]) == (2 * 2 * 8 - 2 * 2) % 16
+    # The queue knows each key's image: dataset indexes from both ranks' shards, all distinct
+    # within a step (the last step wrote the 8 keys before the pointer).
+    ptr = int(s0["queue_ptr"])
+    last = s0["queue_ids"][[(ptr - 1 - i) % 16 for i in range(8)]].tolist()
+    assert min(last) >= 0 and len(set(last)) == 8
 
 
 def test_ddp_run_writes_logs_and_survives_broken_file(ddp_run: Path) -> None:
@@ -165,6 +171,8 @@ def test_ddp_queue_holds_keys_from_both_ranks(ddp_run: Path) -> None:
         untouched = [3, 4, 5, 6]
         assert torch.equal(queue[:, untouched], before[:, untouched])
         assert r["ptr"] == 3
+        assert [r["queue_ids"][i] for i in written] == [10, 11, 12, 20, 21, 22]
+        assert all(r["queue_ids"][i] == -1 for i in untouched)
 
 
 def test_ddp_shuffled_keys_return_to_their_images(ddp_run: Path) -> None:

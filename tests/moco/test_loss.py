@@ -56,3 +56,19 @@ def test_topk_accuracy() -> None:
     assert top1 == pytest.approx(100 / 3)
     assert top2 == pytest.approx(100 / 3)  # row 1 ranks label 0 last, row 2 too
     assert topk_accuracy(logits, labels, ks=(3,))[0] == pytest.approx(100.0)
+
+
+def test_excluded_keys_count_as_if_removed_from_the_queue() -> None:
+    g = torch.Generator().manual_seed(1)
+    q = F.normalize(torch.randn(3, 8, generator=g), dim=1)
+    k = F.normalize(torch.randn(3, 8, generator=g), dim=1)
+    queue = F.normalize(torch.randn(8, 6, generator=g), dim=0)
+    exclude = torch.zeros(3, 6, dtype=torch.bool)
+    exclude[0, 2] = exclude[2, [0, 5]] = True
+    logits, labels = moco_logits(q, k, queue, 0.2, exclude=exclude)
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    for n in range(3):
+        kept = queue[:, ~exclude[n]].double().numpy()
+        expected = naive_info_nce(q[n : n + 1].double().numpy(), k[n : n + 1].double().numpy(),
+                                  kept, 0.2)
+        assert losses[n].item() == pytest.approx(expected, rel=1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -124,3 +126,45 @@ def test_v2_head_is_an_mlp(mlp: bool, expected: type) -> None:
 def test_unknown_arch_lists_valid_names() -> None:
     with pytest.raises(ValueError, match=r"resnet18.*resnet50"):
         tiny(arch="resnet19")
+
+
+def test_queue_remembers_which_image_each_key_came_from() -> None:
+    model = tiny()
+    assert model.queue_ids.tolist() == [-1] * 10
+    model.enqueue(torch.randn(4, 4), torch.tensor([5, 6, 7, 8]))
+    model.enqueue(torch.randn(4, 4))  # ids unknown
+    model.enqueue(torch.randn(4, 4), torch.tensor([1, 2, 3, 4]))  # wraps into columns 8, 9, 0, 1
+    assert model.queue_ids.tolist() == [3, 4, 7, 8, -1, -1, -1, -1, 1, 2]
+
+
+def test_older_keys_of_the_query_image_are_not_negatives() -> None:
+    model = tiny(K=8, m=1.0)  # m=1: the key encoder stays fixed, so keys are reproducible
+    model.eval()  # BatchNorm on running statistics: a key does not depend on its batch
+    x, ids = torch.randn(4, 3, 16, 16), torch.tensor([10, 11, 12, 13])
+    with torch.no_grad():
+        k = F.normalize(model.encoder_k(x), dim=1)
+    others = F.normalize(torch.randn(4, 4), dim=1)
+
+    def step(with_ids: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        model.queue_ptr.zero_()
+        model.enqueue(k, ids)  # the same images' keys, a step ago
+        model.enqueue(others, torch.tensor([20, 21, 22, 23]))
+        _, logits, labels = model(x, x, ids if with_ids else None)
+        return F.cross_entropy(logits, labels, reduction="none").detach(), logits
+
+    masked, logits = step(with_ids=True)
+    assert torch.isinf(logits[:, 1:5].diagonal()).all()  # each query's own old key is masked
+    assert torch.isfinite(logits[:, 5:]).all() and torch.isfinite(logits[0, 2:5]).all()
+    # Unmasked, the old key equals the positive (probability p/(2p + rest) instead of
+    # p/(p + rest)), so exp(loss) grows by exactly 1 and the loss is at least log 2.
+    unmasked, _ = step(with_ids=False)
+    assert (unmasked > math.log(2)).all()
+    assert torch.allclose(unmasked.exp() - masked.exp(), torch.ones(4), atol=1e-4)
+
+
+def test_checkpoints_without_queue_ids_still_load() -> None:
+    model = tiny()
+    state = {k: v for k, v in model.state_dict().items() if k != "queue_ids"}
+    model.queue_ids.fill_(3)
+    model.load_state_dict(state)  # strict
+    assert model.queue_ids.tolist() == [-1] * 10
