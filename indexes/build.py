@@ -179,7 +179,7 @@ def finish_run(run: Run, index_type: str) -> IndexReport:
     m["last_run"] = {k: v for k, v in vars(report).items() if k != "index"}
     manifest.write_manifest(run.collection, m)
     db.conn.close()
-    log.info("%s", report.summary())
+    log.debug("%s", report.summary())  # the caller shows it (the CLI prints it once)
     return report
 
 

@@ -126,9 +126,11 @@ def _print_hits(hits: list[Any], as_json: bool) -> None:
 def run_search(args: argparse.Namespace) -> int:
     from indexes.collection import Collection
     from indexes.filters import Filters
+    from indexes.manifest import read_manifest
 
     if args.id is None and not args.query:
         raise ValueError("give a query image or --id")
+    read_manifest(args.collection)  # a wrong collection is the first thing to report
     for q in [*args.query, *args.negative]:
         if not Path(q).is_file():
             raise FileNotFoundError(f"Query image not found: {q}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -16,13 +17,17 @@ from indexes.duplicates import brute_force_pairs
 
 
 @pytest.fixture
-def coll(images: Path, encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> Path:
+def coll(images: Path, encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+         caplog: pytest.LogCaptureFixture) -> Path:
+    caplog.set_level(logging.INFO)
     shutil.copy(images / "cat" / "000.png", images / "cat" / "copy.png")
     out = tmp_path / "c"
     rc = launch.main(["index", str(images), "--collection", str(out), "--encoder",
                       str(encoder_dir), "--workers", "0", "--batch-size", "4"])
     assert rc == 0
-    assert "16 images indexed (17 added" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "16 images indexed (17 added" in printed.out
+    assert "images indexed" not in caplog.text  # printed once, not also logged
     return out
 
 
@@ -48,6 +53,8 @@ def test_user_mistakes_are_one_line(coll: Path, tmp_path: Path,
     assert launch.main(["index", "--collection", str(tmp_path / "new")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(e.startswith("moco-search ") for e in err)
+    assert "no.png" in err[0]
+    assert "nothing" in err[1] and "x.png" not in err[1]  # the wrong collection comes first
 
 
 def test_reindex_without_arguments_rescans(coll: Path, images: Path,
