@@ -17,9 +17,8 @@ on plain BatchNorm. Under DDP the key batch is shuffled across ranks.
 On a small collection the queue covers much of the data: with K keys of N images, an older key of
 the very image being queried sits in the queue with probability about K/N. Treated as a negative,
 it teaches the encoder to tell two augmentations of one image apart, the opposite of the pretext
-task (on the 1.3k-image demo, K=1024 made features worse than a random network's). The queue
-therefore remembers which image each key came from, and a query's own image is masked out of its
-negatives; on ImageNet (K/N = 5%) this changes little, on small data it is what makes MoCo work.
+task. The queue therefore remembers which image each key came from, and a query's own image is
+masked out of its negatives (on ImageNet, K/N = 5%, this changes little).
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def test_small_data_checks(
     assert "queue size K=4096" in caplog.text and "linear scaling" in caplog.text
     assert "momentum m=0.999" in caplog.text  # 2 epochs x 4 steps cannot move the key encoder
     adapted = check_config(replace(cfg, adapt=True), 32)
-    assert adapted.moco_k == 24 and adapted.lr == pytest.approx(0.03 * 8 / 256)
+    assert adapted.moco_k == 8 and adapted.lr == pytest.approx(0.03 * 8 / 256)
     assert adapted.moco_m == 0.9
     long_run = replace(cfg, adapt=True, epochs=10_000, moco_k=16)
     assert check_config(long_run, 32).moco_m == 0.999  # 40k steps: the paper's m is fine
