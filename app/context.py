@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.thumbnails import thumbs_dir
 from indexes import Collection
 
 log = logging.getLogger(__name__)
@@ -51,9 +52,9 @@ class AppContext:
         self._lock = threading.Lock()
         self._classifiers: dict[str, Any] = {}
         self.job: IndexJob | None = None
-        self.allowed_paths: list[str] = self.roots()
+        self.allowed_paths: list[str] = [*self.roots(), os.path.realpath(thumbs_dir(self.path))]
         """Handed to ``launch(allowed_paths=...)`` as this very list, so a folder added later is
-        served too (Gradio reads the list on each request)."""
+        served too (Gradio reads the list on each request). The collection's thumbnails too."""
 
     @classmethod
     def open(cls, path: str | os.PathLike, device: str = "cpu",

@@ -22,6 +22,7 @@ from typing import Any
 from PIL import Image
 
 from app.context import AppContext
+from app.thumbnails import thumbnail
 from indexes import Filters, Hit
 from moco import ImageError, load_image
 
@@ -102,7 +103,9 @@ def caption(hit: Hit) -> str:
 def to_result(ctx: AppContext, hits: list[Hit], seconds: float) -> SearchResult:
     """Hits whose file may be served, as gallery items; others are dropped, never served."""
     shown = [(h, p) for h in hits if (p := safe_path(ctx, h.path)) is not None]
-    return SearchResult([(p, caption(h)) for h, p in shown], [h for h, _ in shown], seconds)
+    tiles = [(thumbnail(ctx.path, p, h.meta.get("sha256"), h.meta.get("width"),
+                        h.meta.get("height")), caption(h)) for h, p in shown]
+    return SearchResult(tiles, [h for h, _ in shown], seconds)
 
 
 def search(ctx: AppContext, image: Any, k: Any = 12, label: str | None = None,

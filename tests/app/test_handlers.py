@@ -211,3 +211,33 @@ def test_index_update_in_background_while_searching(encoder_dir: Path, tmp_path:
     assert hits[0].label == "dots" and handlers.safe_path(ctx, hits[0].path)
     with pytest.raises(ValueError, match="Not a folder"):
         ctx.start_index(str(tmp_path / "missing"))
+
+
+def test_large_results_are_shown_as_thumbnails_kept_in_the_collection(
+    tmp_path: Path, encoder_dir: Path, tree: Any
+) -> None:
+    from app.context import AppContext
+    from indexes import index_images
+
+    images = tree(tmp_path / "images", labels=("circle",), n=3)
+    big = images / "circle" / "big.jpg"
+    Image.new("RGB", (1200, 800), (200, 30, 30)).save(big, quality=95)
+    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
+    c = AppContext.open(tmp_path / "coll")
+    try:
+        r = handlers.search(c, str(big), k=4)
+        tiles = dict(zip([h.relpath for h in r.hits], [p for p, _ in r.gallery], strict=True))
+        thumb = Path(tiles["circle/big.jpg"])
+        assert thumb.parent.parent == tmp_path / "coll" / "thumbs" and thumb.suffix == ".webp"
+        with Image.open(thumb) as im:
+            assert max(im.size) == 320 and im.size[0] / im.size[1] == pytest.approx(1.5, 0.01)
+        assert handlers.safe_path(c, str(thumb)) == str(thumb.resolve())  # served
+        small = images / "circle" / "circle_00.png"
+        assert tiles["circle/circle_00.png"] == os.path.realpath(small)  # 48x40: as it is
+        made = thumb.stat().st_mtime_ns
+        handlers.search(c, str(big), k=4)
+        assert thumb.stat().st_mtime_ns == made  # reused, not redrawn
+        big.unlink()  # gone since indexing: the cached thumbnail still shows the result
+        assert handlers.search(c, str(small), k=4).gallery
+    finally:
+        c.collection.close()
