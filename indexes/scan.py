@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from indexes.manifest import MANIFEST_NAME
+from indexes.store import DB_NAME
 from moco import list_images
 
 
@@ -73,12 +75,31 @@ def read_labels(csv_path: str | os.PathLike, roots: list[str]) -> dict[str, str]
     return out
 
 
+def in_a_collection(path: Path, root: str, memo: dict[Path, bool]) -> bool:
+    """Whether ``path`` lies in a collection directory below ``root`` (its thumbnails, say).
+
+    A collection kept inside the folder it indexes must not index its own files; each folder is
+    checked once (``memo``).
+    """
+    for d in path.parents:
+        if d not in memo:
+            memo[d] = (d / MANIFEST_NAME).is_file() and (d / DB_NAME).is_file()
+        if memo[d]:
+            return True
+        if str(d) == root:
+            return False
+    return False
+
+
 def scan(roots: list[str], labels: dict[str, str] | None = None) -> list[FileEntry]:
     """Every image file under ``roots`` (absolute paths), sorted by root then relative path."""
     entries: list[FileEntry] = []
+    memo: dict[Path, bool] = {}
     for root in roots:
         root_raw = os.fsencode(root)
         for p in list_images(root):
+            if in_a_collection(p, root, memo):
+                continue
             rel_raw = os.fsencode(os.path.relpath(p, root))
             path = os.fsdecode(os.path.join(root_raw, rel_raw))
             label = (labels or {}).get(path, folder_label(rel_raw))

@@ -132,3 +132,17 @@ def test_labels_csv_overrides_folders(images: Path, encoder_dir: Path, tmp_path:
     build(images, tmp_path / "c", encoder_dir, labels_csv=csv)
     with Collection.open(tmp_path / "c") as c:
         assert c.label_counts() == {"cat": 5, "dog": 5, "owl": 4, "pug": 1, "tabby": 1}
+
+
+def test_a_collection_inside_its_images_folder_does_not_index_itself(
+    images: Path, encoder_dir: Path
+) -> None:
+    coll = images / "my-collection"
+    first = index_images([images], coll, encoder_dir, workers=0)
+    (coll / "thumbs" / "ab").mkdir(parents=True)
+    image(99).save(coll / "thumbs" / "ab" / "thumb.webp")  # as the UI keeps its thumbnails
+    image(98).save(images / "new.png")
+    again = index_images([], coll, workers=0)
+    assert again.added == 1 and again.total == first.total + 1
+    with Collection.open(coll) as c:
+        assert not [r for r in c.query_records("1") if "my-collection" in r.path]
