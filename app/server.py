@@ -85,6 +85,11 @@ def launch(ctx: Any, cfg: ServerConfig) -> Any:
     warning = exposure_warning(cfg.host, cfg.auth, cfg.share)
     if warning:
         print(warning, file=sys.stderr)
+    import gradio as gr
+
+    # Result files are served from where they lie instead of being hashed and copied into
+    # Gradio's cache on every search (the same folders ``allowed_paths`` already serves).
+    gr.set_static_paths(list(ctx.allowed_paths))
     demo = build_demo(ctx)
     demo.queue(default_concurrency_limit=cfg.concurrency, max_size=256)
     demo.launch(server_name=cfg.host, server_port=cfg.port, auth=parse_auth(cfg.auth),
