@@ -88,7 +88,8 @@ def launch(ctx: Any, cfg: ServerConfig) -> Any:
     import gradio as gr
 
     # Result files are served from where they lie instead of being hashed and copied into
-    # Gradio's cache on every search (the same folders ``allowed_paths`` already serves).
+    # Gradio's cache on every search (the same folders ``allowed_paths`` already serves; a
+    # folder indexed later from the UI is served through the cache, which also works).
     gr.set_static_paths(list(ctx.allowed_paths))
     demo = build_demo(ctx)
     demo.queue(default_concurrency_limit=cfg.concurrency, max_size=256)

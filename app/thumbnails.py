@@ -1,11 +1,10 @@
 """Result thumbnails: what the gallery shows instead of large original files.
 
-Gradio hashes and copies every file a gallery returns into its cache, on every search, and the
-browser then downloads it to draw a tile of a couple of hundred pixels. For a photo library that
-is megabytes per result, and a copy of every photo ever shown in the temp folder. A result larger
-than ``SIZE`` pixels is therefore shown as a small WebP kept in the collection (``thumbs/``,
-named by the file's content hash, so an edited file gets a new one); smaller files, such as the
-demo's emoji, are served as they are.
+The browser downloads each result to draw a tile of a couple of hundred pixels: for a photo
+library that is megabytes per result and per search. A result larger than ``SIZE`` pixels is
+therefore shown as a small WebP kept in the collection (``thumbs/``, named by the file's content
+hash, so an edited file gets a new one); smaller files, such as the demo's emoji, are served as
+they are.
 """
 
 from __future__ import annotations
@@ -41,8 +40,11 @@ def thumbnail(collection: Path, path: str, sha256: str | None, width: int | None
         out.parent.mkdir(parents=True, exist_ok=True)
         # Written aside and renamed: a concurrent search never serves half a file.
         tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}")
-        im.save(tmp, "WEBP", quality=85)
-        os.replace(tmp, out)
+        try:
+            im.save(tmp, "WEBP", quality=85)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
     except (ImageError, OSError):
         return path
     return str(out)
