@@ -66,8 +66,9 @@ def read_bytes(path: str) -> bytes:
 def prepare(source: Source, transform: Callable[[Image.Image], torch.Tensor],
             draft: int | None) -> Decoded:
     """Decode and transform one image; header size and format are recorded before draft mode."""
-    if isinstance(source, (str, os.PathLike)):
-        source = read_bytes(os.fspath(source))
+    name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
+    if name is not None:
+        source = read_bytes(name)
     sha = hashlib.sha256(source).hexdigest() if isinstance(source, bytes) else None
     try:
         with warnings.catch_warnings():  # load_image below refuses bombs with a reason
@@ -78,7 +79,13 @@ def prepare(source: Source, transform: Callable[[Image.Image], torch.Tensor],
             width, height = height, width  # stored sideways, shown upright
     except Exception:  # let load_image name the reason below
         im, width, height, fmt = source, None, None, None
-    rgb = load_image(im, draft_size=draft)
+    try:
+        rgb = load_image(im, draft_size=draft)
+    except ImageError as e:
+        if name is None:
+            raise
+        # Decoded from the file's bytes: name the file the error is about.
+        raise ImageError(e.reason, f"{name} ({e.detail})" if e.detail else name) from e
     return Decoded(transform(rgb), sha, width, height, fmt)
 
 

@@ -35,6 +35,7 @@ class ImageError(ValueError):
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.detail = detail
 
 
 ImageSource = str | os.PathLike | bytes | Image.Image
@@ -101,8 +102,9 @@ def load_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError("decompression bomb", str(e)) from e
-    except UnidentifiedImageError as e:
-        raise ImageError("not an image", str(e)) from e
+    except UnidentifiedImageError as e:  # Pillow's message names a BytesIO for bytes: say no more
+        named = isinstance(source, (str, os.PathLike))
+        raise ImageError("not an image", os.fspath(source) if named else "") from e
     except OSError as e:
         msg = str(e)
         low = msg.lower()  # JPEG headers cut short: "Truncated File Read"

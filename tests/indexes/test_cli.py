@@ -55,6 +55,11 @@ def test_user_mistakes_are_one_line(coll: Path, tmp_path: Path,
     assert len(err) == 3 and all(e.startswith("moco-search ") for e in err)
     assert "no.png" in err[0]
     assert "nothing" in err[1] and "x.png" not in err[1]  # the wrong collection comes first
+    junk = tmp_path / "junk.jpg"
+    junk.write_text("not a picture")
+    assert launch.main(["search", "--collection", str(coll), str(junk)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"moco-search search: error: not an image: {junk}", err  # no Pillow internals
 
 
 def test_reindex_without_arguments_rescans(coll: Path, images: Path,
