@@ -44,18 +44,28 @@ class IndexReport:
 
     def summary(self) -> str:
         errs = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())) or "none"
-        return (f"{self.total} images indexed ({self.added} added, {self.updated} updated, "
-                f"{self.renamed} renamed, {self.removed} removed, {self.unchanged} unchanged, "
-                f"{self.duplicates} exact copies) in {self.seconds:.1f}s; errors: {errs}")
+        return (
+            f"{self.total} images indexed ({self.added} added, {self.updated} updated, "
+            f"{self.renamed} renamed, {self.removed} removed, {self.unchanged} unchanged, "
+            f"{self.duplicates} exact copies) in {self.seconds:.1f}s; errors: {errs}"
+        )
 
 
-def _insert(db: store.Database, rid: int, e: FileEntry, d: Decoded, vec: object, now: float,
-            report: IndexReport) -> None:
+def _insert(
+    db: store.Database,
+    rid: int,
+    e: FileEntry,
+    d: Decoded,
+    vec: object,
+    now: float,
+    report: IndexReport,
+) -> None:
     """One row (and its vector when it is a new, unique image)."""
     status, dup = ("error", None) if d.reason else ("ok", None)
     if status == "ok":
-        row = db.execute("SELECT id FROM images WHERE sha256 = ? AND status = 'ok' LIMIT 1",
-                         [d.sha256]).fetchone()
+        row = db.execute(
+            "SELECT id FROM images WHERE sha256 = ? AND status = 'ok' LIMIT 1", [d.sha256]
+        ).fetchone()
         if row:
             status, dup = "duplicate", row[0]
             report.duplicates += 1
@@ -66,15 +76,36 @@ def _insert(db: store.Database, rid: int, e: FileEntry, d: Decoded, vec: object,
         "INSERT INTO images (root_id, relpath, relpath_raw, size, mtime_ns, mtime, sha256, width, "
         "height, format, label, status, reason, duplicate_of, indexed_at) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [rid, store.display(e.relpath_raw), e.relpath_raw, e.size, e.mtime_ns, mtime, d.sha256,
-         d.width, d.height, d.format, e.label, status, d.reason, dup, now])
+        [
+            rid,
+            store.display(e.relpath_raw),
+            e.relpath_raw,
+            e.size,
+            e.mtime_ns,
+            mtime,
+            d.sha256,
+            d.width,
+            d.height,
+            d.format,
+            e.label,
+            status,
+            d.reason,
+            dup,
+            now,
+        ],
+    )
     if status == "ok":
         db.execute("INSERT INTO vectors (id, v) VALUES (?, ?)", [cur.lastrowid, store.to_blob(vec)])
 
 
-def commit_batch(db: store.Database, items: list[tuple[FileEntry, int | None]],
-                 decoded: list[Decoded], vecs: object, root_ids: dict[str, int],
-                 report: IndexReport) -> None:
+def commit_batch(
+    db: store.Database,
+    items: list[tuple[FileEntry, int | None]],
+    decoded: list[Decoded],
+    vecs: object,
+    root_ids: dict[str, int],
+    report: IndexReport,
+) -> None:
     """Replace/insert the rows of one batch and their vectors in a single transaction."""
     now = time.time()
     good = iter(vecs)  # N_good x D, in item order
@@ -85,28 +116,47 @@ def commit_batch(db: store.Database, items: list[tuple[FileEntry, int | None]],
                 report.updated += 1
             else:
                 report.added += 1
-            _insert(db, root_ids[e.root], e, d, next(good) if d.tensor is not None else None,
-                    now, report)
+            _insert(
+                db,
+                root_ids[e.root],
+                e,
+                d,
+                next(good) if d.tensor is not None else None,
+                now,
+                report,
+            )
         store.bump_generation(db)
 
 
 def _apply_moves(db: store.Database, p: plan.Plan, root_ids: dict[str, int]) -> None:
     with db.conn:
         for i, e in p.renames:
-            db.execute("UPDATE images SET root_id=?, relpath=?, relpath_raw=?, mtime_ns=?, "
-                       "mtime=?, label=? WHERE id=?",
-                       [root_ids[e.root], store.display(e.relpath_raw), e.relpath_raw,
-                        e.mtime_ns, e.mtime_ns / 1e9, e.label, i])
+            db.execute(
+                "UPDATE images SET root_id=?, relpath=?, relpath_raw=?, mtime_ns=?, "
+                "mtime=?, label=? WHERE id=?",
+                [
+                    root_ids[e.root],
+                    store.display(e.relpath_raw),
+                    e.relpath_raw,
+                    e.mtime_ns,
+                    e.mtime_ns / 1e9,
+                    e.label,
+                    i,
+                ],
+            )
         store.delete_rows(db, p.delete)
         for i, e in p.touch:
-            db.execute("UPDATE images SET size=?, mtime_ns=?, mtime=?, label=? WHERE id=?",
-                       [e.size, e.mtime_ns, e.mtime_ns / 1e9, e.label, i])
+            db.execute(
+                "UPDATE images SET size=?, mtime_ns=?, mtime=?, label=? WHERE id=?",
+                [e.size, e.mtime_ns, e.mtime_ns / 1e9, e.label, i],
+            )
         if p.delete:
             store.bump_generation(db)
 
 
-def _resolve(roots: list[Path], collection: Path, encoder: Path | None,
-             old: dict | None) -> tuple[list[str], Path]:
+def _resolve(
+    roots: list[Path], collection: Path, encoder: Path | None, old: dict | None
+) -> tuple[list[str], Path]:
     if encoder is None:
         if old is None:
             raise ValueError(f"{collection} is a new collection: give the encoder to index with")
@@ -136,13 +186,17 @@ class Run:
     t0: float
 
 
-def start_run(roots: list[Path], collection: Path, encoder: Path | None,
-              labels_csv: Path | None) -> Run:
+def start_run(
+    roots: list[Path], collection: Path, encoder: Path | None, labels_csv: Path | None
+) -> Run:
     """Check the encoder, scan, diff, and apply renames, deletions and refreshes."""
     t0 = time.perf_counter()
     collection = Path(collection)
-    old = manifest.read_manifest(collection) if (collection / manifest.MANIFEST_NAME).exists() \
+    old = (
+        manifest.read_manifest(collection)
+        if (collection / manifest.MANIFEST_NAME).exists()
         else None
+    )
     names, encoder = _resolve(list(roots), collection, encoder, old)
     cfg = read_encoder_config(encoder)
     if old:
@@ -150,8 +204,14 @@ def start_run(roots: list[Path], collection: Path, encoder: Path | None,
     labels = scan.read_labels(labels_csv, names) if labels_csv else None
     collection.mkdir(parents=True, exist_ok=True)
     if old is None:  # name the encoder before the first vector is stored (crash safety)
-        old = {"encoder": manifest.encoder_entry(encoder, cfg), "feature_dim": cfg.feature_dim,
-               "metric": "inner_product", "roots": names, "index": {}, "generation": None}
+        old = {
+            "encoder": manifest.encoder_entry(encoder, cfg),
+            "feature_dim": cfg.feature_dim,
+            "metric": "inner_product",
+            "roots": names,
+            "index": {},
+            "generation": None,
+        }
         manifest.write_manifest(collection, old)
     db = store.open_store(collection / store.DB_NAME)
     with db.conn:
@@ -167,9 +227,12 @@ def finish_run(run: Run, index_type: str) -> IndexReport:
     """Bring the FAISS index up to date and write the manifest (last, atomically)."""
     db, report = run.db, run.report
     m = dict(run.old or {})
-    m.update(encoder=manifest.encoder_entry(run.encoder, run.cfg),
-             feature_dim=run.cfg.feature_dim, metric="inner_product",
-             roots=sorted(set(m.get("roots", [])) | set(run.names)))
+    m.update(
+        encoder=manifest.encoder_entry(run.encoder, run.cfg),
+        feature_dim=run.cfg.feature_dim,
+        metric="inner_product",
+        roots=sorted(set(m.get("roots", [])) | set(run.names)),
+    )
     m["index"] = sync.update_index(run.collection, db, m, index_type)
     m["generation"] = store.generation(db)
     m["counts"] = store.status_counts(db)
@@ -183,10 +246,18 @@ def finish_run(run: Run, index_type: str) -> IndexReport:
     return report
 
 
-def index_images(roots: list[Path], collection: Path, encoder: Path | None = None, *,
-                 labels_csv: Path | None = None, batch_size: int = 64, workers: int | None = None,
-                 device: str | None = None, index_type: str = "auto",
-                 progress: Progress | None = None) -> IndexReport:
+def index_images(
+    roots: list[Path],
+    collection: Path,
+    encoder: Path | None = None,
+    *,
+    labels_csv: Path | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str | None = None,
+    index_type: str = "auto",
+    progress: Progress | None = None,
+) -> IndexReport:
     """Index the images under ``roots`` into ``collection``, incrementally and crash-safely.
 
     ``roots`` may be empty for an existing collection (re-scan its roots); ``encoder`` may be None
@@ -196,9 +267,14 @@ def index_images(roots: list[Path], collection: Path, encoder: Path | None = Non
     if run.plan.todo:
         device = embed.default_device(device)
         model, _ = embed.load_model(run.encoder, device)
-        _embed_todo(run, model, batch_size=batch_size,
-                    workers=embed.default_workers() if workers is None else workers,
-                    device=device, progress=progress)
+        _embed_todo(
+            run,
+            model,
+            batch_size=batch_size,
+            workers=embed.default_workers() if workers is None else workers,
+            device=device,
+            progress=progress,
+        )
     return finish_run(run, index_type)
 
 
@@ -206,13 +282,26 @@ def commit_failed(run: Run) -> list[tuple[FileEntry, int | None]]:
     """Record files that failed ``stat``; return the rest of the to-do list (to decode)."""
     failed = [t for t in run.plan.todo if t[0].error]
     if failed:
-        commit_batch(run.db, failed, [Decoded(None, reason=e.error) for e, _ in failed], [],
-                     run.root_ids, run.report)
+        commit_batch(
+            run.db,
+            failed,
+            [Decoded(None, reason=e.error) for e, _ in failed],
+            [],
+            run.root_ids,
+            run.report,
+        )
     return [t for t in run.plan.todo if not t[0].error]
 
 
-def _embed_todo(run: Run, model: object, *, batch_size: int, workers: int, device: str,
-                progress: Progress | None) -> None:
+def _embed_todo(
+    run: Run,
+    model: object,
+    *,
+    batch_size: int,
+    workers: int,
+    device: str,
+    progress: Progress | None,
+) -> None:
     """Decode + embed the to-do list in order and commit batch by batch."""
     total = len(run.plan.todo)
     bar = tqdm(total=total, unit="img", desc="indexing", mininterval=1.0, smoothing=0.1)

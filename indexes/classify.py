@@ -90,20 +90,31 @@ class ProbeReport:
     seconds: float
 
     def summary(self) -> str:
-        lines = [f"probe {self.name!r}: {len(self.classes)} classes, {self.n_labeled} labelled "
-                 f"images; accuracy by {self.method}", "  " + self.metrics.summary()]
+        lines = [
+            f"probe {self.name!r}: {len(self.classes)} classes, {self.n_labeled} labelled "
+            f"images; accuracy by {self.method}",
+            "  " + self.metrics.summary(),
+        ]
         if self.metrics.n and self.metrics.n < 30:
-            lines.append(f"  only {self.metrics.n} test images: the interval is wide; label "
-                         "more images for a firmer estimate")
+            lines.append(
+                f"  only {self.metrics.n} test images: the interval is wide; label "
+                "more images for a firmer estimate"
+            )
         for cls, pc in sorted(self.metrics.per_class.items()):
             lines.append(f"  {cls}: {pc['accuracy']:.0f}% of {int(pc['n'])}")
         lines.append(f"saved to {self.path} ({self.seconds:.1f}s)")
         return "\n".join(lines)
 
 
-def _heldout_scores(x: np.ndarray, y: np.ndarray, classes: list[str], cfg: ProbeConfig,
-                    val_fraction: float, folds: int, seed: int) -> tuple[np.ndarray, np.ndarray,
-                                                                         str]:
+def _heldout_scores(
+    x: np.ndarray,
+    y: np.ndarray,
+    classes: list[str],
+    cfg: ProbeConfig,
+    val_fraction: float,
+    folds: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Scores of held-out images by probes that never saw them, their labels, and the method."""
     if len(y) <= CV_MAX_LABELS and folds >= 2:
         held = [f for f in stratified_folds(y, folds, seed=seed) if len(f)]
@@ -124,10 +135,15 @@ def _heldout_scores(x: np.ndarray, y: np.ndarray, classes: list[str], cfg: Probe
     return np.concatenate(scores), np.concatenate(truth), method
 
 
-def train_collection_probe(collection: Collection | str | os.PathLike, *,
-                           name: str = DEFAULT_PROBE, cfg: ProbeConfig | None = None,
-                           val_fraction: float = 0.2, folds: int = 5,
-                           seed: int = 0) -> ProbeReport:
+def train_collection_probe(
+    collection: Collection | str | os.PathLike,
+    *,
+    name: str = DEFAULT_PROBE,
+    cfg: ProbeConfig | None = None,
+    val_fraction: float = 0.2,
+    folds: int = 5,
+    seed: int = 0,
+) -> ProbeReport:
     """Train, measure and save a linear probe on the labelled images of a collection.
 
     Args:
@@ -148,19 +164,29 @@ def train_collection_probe(collection: Collection | str | os.PathLike, *,
         raise ValueError(
             f"A classifier needs labelled images of at least 2 classes; {col.path} has "
             f"{len(ids)} labelled images in {len(classes)} class(es). Label images by folder "
-            "(ROOT/CLASS/IMAGE) or with `index --labels CSV`")
+            "(ROOT/CLASS/IMAGE) or with `index --labels CSV`"
+        )
     x = col.vectors(ids)
     y = np.array([classes.index(v) for v in labels], dtype=np.int64)
     scores, truth, method = _heldout_scores(x, y, classes, cfg, val_fraction, folds, seed)
     metrics = classification_metrics(scores, truth, classes)
     probe = train_probe(x, y, cfg, classes=classes, encoder_hash=_encoder_hash(col))
-    save_probe(probe, out, cfg=cfg, metrics={**metrics.to_dict(), "method": method,
-                                             "n_labeled": len(ids)})
-    png = save_confusion_png(metrics.confusion, classes, out / "confusion.png",
-                             title=f"{name}: held-out confusion ({metrics.n} images)"
-                             ) if metrics.n else None
-    return ProbeReport(name, out, classes, len(ids), method, metrics, png,
-                       round(time.perf_counter() - t0, 2))
+    save_probe(
+        probe, out, cfg=cfg, metrics={**metrics.to_dict(), "method": method, "n_labeled": len(ids)}
+    )
+    png = (
+        save_confusion_png(
+            metrics.confusion,
+            classes,
+            out / "confusion.png",
+            title=f"{name}: held-out confusion ({metrics.n} images)",
+        )
+        if metrics.n
+        else None
+    )
+    return ProbeReport(
+        name, out, classes, len(ids), method, metrics, png, round(time.perf_counter() - t0, 2)
+    )
 
 
 @dataclass(frozen=True)
@@ -172,16 +198,26 @@ class Prediction:
     probs: list[float]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image": self.source, "top": [{"label": lab, "p": round(p, 4)}
-                                              for lab, p in zip(self.labels, self.probs,
-                                                                strict=True)]}
+        return {
+            "image": self.source,
+            "top": [
+                {"label": lab, "p": round(p, 4)}
+                for lab, p in zip(self.labels, self.probs, strict=True)
+            ],
+        }
 
 
 class Classifier:
     """A probe or the kNN vote over a collection's labelled vectors, applied to unit vectors."""
 
-    def __init__(self, col: Collection, name: str = DEFAULT_PROBE, knn: bool = False,
-                 knn_k: int = 200, T: float = 0.1) -> None:
+    def __init__(
+        self,
+        col: Collection,
+        name: str = DEFAULT_PROBE,
+        knn: bool = False,
+        knn_k: int = 200,
+        T: float = 0.1,
+    ) -> None:
         self.method = f"knn(k={knn_k},T={T})" if knn else f"probe:{name}"
         self.knn_k, self.T = knn_k, T
         self.probe: LinearProbe | None = None
@@ -195,8 +231,10 @@ class Classifier:
         else:
             path = probe_dir(col, name)
             if not path.is_dir():
-                raise FileNotFoundError(f"No probe {name!r} in {col.path}: run `probe train "
-                                        f"--collection {col.path}` first, or use --knn")
+                raise FileNotFoundError(
+                    f"No probe {name!r} in {col.path}: run `probe train "
+                    f"--collection {col.path}` first, or use --knn"
+                )
             self.probe = load_probe(path, encoder_hash=_encoder_hash(col))
             self.classes = self.probe.classes
 
@@ -205,8 +243,9 @@ class Classifier:
         if self.probe is not None:
             with torch.inference_mode():
                 return self.probe(torch.from_numpy(vecs)).softmax(1).numpy()
-        votes = knn_predict(self.bank, self.bank_y, vecs, len(self.classes), k=self.knn_k,
-                            T=self.T).numpy()
+        votes = knn_predict(
+            self.bank, self.bank_y, vecs, len(self.classes), k=self.knn_k, T=self.T
+        ).numpy()
         return votes / np.maximum(votes.sum(1, keepdims=True), 1e-30)
 
     def top(self, vecs: np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
@@ -215,16 +254,28 @@ class Classifier:
         return order, np.take_along_axis(probs, order, axis=1)
 
 
-def predict_images(collection: Collection | str | os.PathLike, images: Sequence[Any], *,
-                   name: str = DEFAULT_PROBE, knn: bool = False, k: int = 5, knn_k: int = 200,
-                   T: float = 0.1) -> list[Prediction]:
+def predict_images(
+    collection: Collection | str | os.PathLike,
+    images: Sequence[Any],
+    *,
+    name: str = DEFAULT_PROBE,
+    knn: bool = False,
+    k: int = 5,
+    knn_k: int = 200,
+    T: float = 0.1,
+) -> list[Prediction]:
     """Top-``k`` labels of image files (or bytes, PIL images) embedded as the collection's."""
     col = _open(collection)
     clf = Classifier(col, name=name, knn=knn, knn_k=knn_k, T=T)
     order, probs = clf.top(col.embed(list(images)), k=k)
-    return [Prediction(str(src) if not isinstance(src, bytes) else "<bytes>",
-                       [clf.classes[j] for j in o], [float(p) for p in pr])
-            for src, o, pr in zip(images, order, probs, strict=True)]
+    return [
+        Prediction(
+            str(src) if not isinstance(src, bytes) else "<bytes>",
+            [clf.classes[j] for j in o],
+            [float(p) for p in pr],
+        )
+        for src, o, pr in zip(images, order, probs, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
@@ -239,13 +290,21 @@ class ClassifyReport:
 
     def summary(self) -> str:
         top = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items(), key=lambda kv: -kv[1]))
-        return (f"classified {self.n} unlabelled images with {self.method} in "
-                f"{self.seconds:.1f}s ({self.low_confidence} below 50% confidence)\n  {top}")
+        return (
+            f"classified {self.n} unlabelled images with {self.method} in "
+            f"{self.seconds:.1f}s ({self.low_confidence} below 50% confidence)\n  {top}"
+        )
 
 
-def classify_all(collection: Collection | str | os.PathLike, *, name: str = DEFAULT_PROBE,
-                 knn: bool = False, knn_k: int = 200, T: float = 0.1,
-                 chunk: int = 4096) -> ClassifyReport:
+def classify_all(
+    collection: Collection | str | os.PathLike,
+    *,
+    name: str = DEFAULT_PROBE,
+    knn: bool = False,
+    knn_k: int = 200,
+    T: float = 0.1,
+    chunk: int = 4096,
+) -> ClassifyReport:
     """Predict every unlabelled indexed image; store label, confidence and top-5 in ``meta.db``.
 
     The ``predictions`` table is replaced as a whole, so it always reflects one classifier.
@@ -260,14 +319,21 @@ def classify_all(collection: Collection | str | os.PathLike, *, name: str = DEFA
         part = ids[start : start + chunk]
         order, probs = clf.top(col.vectors(part), k=5)
         for i, o, p in zip(part, order, probs, strict=True):
-            top5 = json.dumps([[clf.classes[j], round(float(q), 4)] for j, q in zip(o, p,
-                                                                                  strict=True)])
-            rows.append((i, clf.classes[o[0]], float(p[0]), top5, clf.method,
-                         _encoder_hash(col), now))
+            top5 = json.dumps(
+                [[clf.classes[j], round(float(q), 4)] for j, q in zip(o, p, strict=True)]
+            )
+            rows.append(
+                (i, clf.classes[o[0]], float(p[0]), top5, clf.method, _encoder_hash(col), now)
+            )
     _write_predictions(col.path, rows)
     counts = Counter(r[1] for r in rows)
-    return ClassifyReport(len(rows), clf.method, dict(counts), sum(r[2] < 0.5 for r in rows),
-                          round(time.perf_counter() - t0, 2))
+    return ClassifyReport(
+        len(rows),
+        clf.method,
+        dict(counts),
+        sum(r[2] < 0.5 for r in rows),
+        round(time.perf_counter() - t0, 2),
+    )
 
 
 def _connect(collection: Path) -> sqlite3.Connection:
@@ -290,22 +356,28 @@ def _write_predictions(collection: Path, rows: list[tuple[Any, ...]]) -> None:
         conn.close()
 
 
-def read_predictions(collection: Collection | str | os.PathLike,
-                     ids: Sequence[int] | None = None) -> dict[int, dict[str, Any]]:
+def read_predictions(
+    collection: Collection | str | os.PathLike, ids: Sequence[int] | None = None
+) -> dict[int, dict[str, Any]]:
     """Stored predictions by image id (label, confidence, top5, method) of images still indexed."""
     path = collection.path if isinstance(collection, Collection) else Path(collection)
     conn = _connect(path)
     try:
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'predictions'").fetchone():
             return {}
-        q = ("SELECT p.id, p.label, p.confidence, p.top5, p.method FROM predictions p "
-             "JOIN images i ON i.id = p.id AND i.status = 'ok'")
+        q = (
+            "SELECT p.id, p.label, p.confidence, p.top5, p.method FROM predictions p "
+            "JOIN images i ON i.id = p.id AND i.status = 'ok'"
+        )
         rows = conn.execute(q).fetchall()
     finally:
         conn.close()
     wanted = None if ids is None else {int(i) for i in ids}
-    return {r[0]: {"label": r[1], "confidence": r[2], "top5": json.loads(r[3]), "method": r[4]}
-            for r in rows if wanted is None or r[0] in wanted}
+    return {
+        r[0]: {"label": r[1], "confidence": r[2], "top5": json.loads(r[3]), "method": r[4]}
+        for r in rows
+        if wanted is None or r[0] in wanted
+    }
 
 
 def list_probes(collection: Collection | str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -313,5 +385,6 @@ def list_probes(collection: Collection | str | os.PathLike) -> dict[str, dict[st
     root = probe_dir(collection).parent
     if not root.is_dir():
         return {}
-    return {d.name: read_probe_meta(d) for d in sorted(root.iterdir())
-            if (d / "probe.json").is_file()}
+    return {
+        d.name: read_probe_meta(d) for d in sorted(root.iterdir()) if (d / "probe.json").is_file()
+    }

@@ -41,33 +41,62 @@ def _shown(path: str) -> str:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this package's subcommands on the `moco-search` parser."""
-    p = sub.add_parser("index", help="index image folders into a collection (incremental)",
-                       description="Embed the images under IMAGE_DIRs into a collection. "
-                       "Re-running only processes new, changed, renamed and deleted files.")
-    p.add_argument("images", nargs="*", type=Path, metavar="IMAGE_DIR",
-                   help="folders to index (default: the collection's folders)")
+    p = sub.add_parser(
+        "index",
+        help="index image folders into a collection (incremental)",
+        description="Embed the images under IMAGE_DIRs into a collection. "
+        "Re-running only processes new, changed, renamed and deleted files.",
+    )
+    p.add_argument(
+        "images",
+        nargs="*",
+        type=Path,
+        metavar="IMAGE_DIR",
+        help="folders to index (default: the collection's folders)",
+    )
     p.add_argument("--collection", type=Path, required=True, help="collection directory")
-    p.add_argument("--encoder", type=_encoder_arg, default=None,
-                   help="encoder directory, or a published checkpoint's name such as "
-                   "moco_v2_800ep, fetched once (default: the one the collection was built with)")
-    p.add_argument("--labels", type=Path, default=None,
-                   help="CSV with path,label columns (default: parent folder names)")
+    p.add_argument(
+        "--encoder",
+        type=_encoder_arg,
+        default=None,
+        help="encoder directory, or a published checkpoint's name such as "
+        "moco_v2_800ep, fetched once (default: the one the collection was built with)",
+    )
+    p.add_argument(
+        "--labels",
+        type=Path,
+        default=None,
+        help="CSV with path,label columns (default: parent folder names)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="decoding processes (default: CPU count - 1, at most 8)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="decoding processes (default: CPU count - 1, at most 8)",
+    )
     p.add_argument("--device", default=None, help="torch device (default: cuda if present)")
-    p.add_argument("--index-type", default="auto",
-                   help="'auto' or a FAISS factory string such as HNSW32 (default: auto)")
+    p.add_argument(
+        "--index-type",
+        default="auto",
+        help="'auto' or a FAISS factory string such as HNSW32 (default: auto)",
+    )
     p.set_defaults(run=run_index)
 
     p = sub.add_parser("search", help="search a collection by example images or by id")
     p.add_argument("query", nargs="*", help="query image file(s); several are averaged")
     p.add_argument("--collection", type=Path, required=True, help="collection directory")
     p.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
-    p.add_argument("--id", type=int, default=None,
-                   help="search by a stored image id instead (default: none)")
-    p.add_argument("--negative", action="append", default=[], metavar="IMAGE",
-                   help="image(s) to steer away from (default: none)")
+    p.add_argument(
+        "--id", type=int, default=None, help="search by a stored image id instead (default: none)"
+    )
+    p.add_argument(
+        "--negative",
+        action="append",
+        default=[],
+        metavar="IMAGE",
+        help="image(s) to steer away from (default: none)",
+    )
     p.add_argument("--label", default=None, help="only images with this label (default: any)")
     p.add_argument("--glob", default=None, help="only relative paths matching (default: any)")
     p.add_argument("--min-width", type=int, default=None, help="minimum width (default: any)")
@@ -81,8 +110,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("duplicates", help="list groups of near-duplicate images")
     p.add_argument("--collection", type=Path, required=True, help="collection directory")
-    p.add_argument("--threshold", type=float, default=0.95,
-                   help="cosine similarity to count as duplicate (default: 0.95)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.95,
+        help="cosine similarity to count as duplicate (default: 0.95)",
+    )
     p.add_argument("--json", action="store_true", help="JSON output (default: text)")
     p.set_defaults(run=run_duplicates)
 
@@ -95,8 +128,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def run_index(args: argparse.Namespace) -> int:
     from indexes.distributed import index_distributed, world_size
 
-    kwargs = dict(labels_csv=args.labels, batch_size=args.batch_size, workers=args.workers,
-                  device=args.device, index_type=args.index_type)
+    kwargs = dict(
+        labels_csv=args.labels,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+        index_type=args.index_type,
+    )
     if world_size() > 1:
         report = index_distributed(args.images, args.collection, args.encoder, **kwargs)
     else:
@@ -109,8 +147,14 @@ def run_index(args: argparse.Namespace) -> int:
 
 
 def _hit_dict(h: Any) -> dict[str, Any]:
-    return {"id": h.id, "score": round(h.score, 6), "path": _shown(h.path),
-            "relpath": h.relpath, "label": h.label, **h.meta}
+    return {
+        "id": h.id,
+        "score": round(h.score, 6),
+        "path": _shown(h.path),
+        "relpath": h.relpath,
+        "label": h.label,
+        **h.meta,
+    }
 
 
 def _print_hits(hits: list[Any], as_json: bool) -> None:
@@ -134,15 +178,25 @@ def run_search(args: argparse.Namespace) -> int:
     for q in [*args.query, *args.negative]:
         if not Path(q).is_file():
             raise FileNotFoundError(f"Query image not found: {q}")
-    f = Filters(label=args.label, path_glob=args.glob, min_width=args.min_width,
-                min_height=args.min_height, modified_after=args.after,
-                modified_before=args.before)
+    f = Filters(
+        label=args.label,
+        path_glob=args.glob,
+        min_width=args.min_width,
+        min_height=args.min_height,
+        modified_after=args.after,
+        modified_before=args.before,
+    )
     with Collection.open(args.collection, device=args.device) as c:
         if args.id is not None:
             hits = c.search_id(args.id, k=args.k, filters=f)
         else:
-            hits = c.search(list(args.query), k=args.k, negatives=args.negative, filters=f,
-                            min_score=args.min_score)
+            hits = c.search(
+                list(args.query),
+                k=args.k,
+                negatives=args.negative,
+                filters=f,
+                min_score=args.min_score,
+            )
     _print_hits(hits, args.json)
     return 0
 
@@ -159,8 +213,7 @@ def run_duplicates(args: argparse.Namespace) -> int:
         print(f"group {n} ({len(g)} images)")
         for h in g:
             print(f"  {h.score:7.4f}  {h.id:>7}  {_shown(h.path)}")
-    print(f"{len(groups)} groups of near-duplicates at threshold {args.threshold}",
-          file=sys.stderr)
+    print(f"{len(groups)} groups of near-duplicates at threshold {args.threshold}", file=sys.stderr)
     return 0
 
 

@@ -61,8 +61,9 @@ class Collection:
             self._check_encoder()
 
     @classmethod
-    def open(cls, path: str | os.PathLike, device: str = "cpu",
-             encoder: str | os.PathLike | None = None) -> Collection:
+    def open(
+        cls, path: str | os.PathLike, device: str = "cpu", encoder: str | os.PathLike | None = None
+    ) -> Collection:
         """Open ``path``; ``encoder`` overrides the manifest's path (same content hash needed)."""
         path = Path(path)
         manifest.read_manifest(path)  # a clear error for a non-collection
@@ -106,7 +107,8 @@ class Collection:
                 if not path.is_dir():
                     raise FileNotFoundError(
                         f"Encoder {path} of collection {self.path} not found; "
-                        "pass encoder= to Collection.open")
+                        "pass encoder= to Collection.open"
+                    )
                 self._check_encoder()
                 self._model, cfg = embed.load_model(path, self.device)
                 self._transform = eval_transform(cfg)
@@ -121,8 +123,12 @@ class Collection:
             return np.zeros((0, self.dim), dtype=np.float32)
         return embed.embed_decoded(model, decoded, self.device)
 
-    def query_vector(self, query: Query | Sequence[Query], negatives: Sequence[Query] = (),
-                     negative_weight: float = NEGATIVE_WEIGHT) -> np.ndarray:
+    def query_vector(
+        self,
+        query: Query | Sequence[Query],
+        negatives: Sequence[Query] = (),
+        negative_weight: float = NEGATIVE_WEIGHT,
+    ) -> np.ndarray:
         """mean(positives) - w * mean(negatives), renormalised (Rocchio); ints are stored ids."""
         pos = list(query) if isinstance(query, (list, tuple)) else [query]
         if not pos:
@@ -150,19 +156,32 @@ class Collection:
         return out
 
     # --- search ----------------------------------------------------------------------------
-    def search(self, query: Query | Sequence[Query], k: int = 10, *,
-               negatives: Sequence[Query] = (), filters: Filters | None = None,
-               min_score: float | None = None) -> list[Hit]:
+    def search(
+        self,
+        query: Query | Sequence[Query],
+        k: int = 10,
+        *,
+        negatives: Sequence[Query] = (),
+        filters: Filters | None = None,
+        min_score: float | None = None,
+    ) -> list[Hit]:
         """Nearest images to ``query`` (path, bytes, PIL image, id, vector, or a list of them)."""
-        return self.search_vector(self.query_vector(query, negatives), k, filters=filters,
-                                  min_score=min_score)
+        return self.search_vector(
+            self.query_vector(query, negatives), k, filters=filters, min_score=min_score
+        )
 
     def search_id(self, id: int, k: int = 10, *, filters: Filters | None = None) -> list[Hit]:
         """Nearest images to the stored image ``id`` (itself first, at score 1)."""
         return self.search_vector(self.vectors([id])[0], k, filters=filters)
 
-    def search_vector(self, vector: np.ndarray, k: int = 10, *, filters: Filters | None = None,
-                      min_score: float | None = None) -> list[Hit]:
+    def search_vector(
+        self,
+        vector: np.ndarray,
+        k: int = 10,
+        *,
+        filters: Filters | None = None,
+        min_score: float | None = None,
+    ) -> list[Hit]:
         """Nearest images to a unit-norm ``vector`` of this collection's encoder."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
@@ -200,15 +219,19 @@ class Collection:
     def labeled(self) -> tuple[np.ndarray, list[str]]:
         """Ids and labels of the indexed images that have a label, in id order."""
         with self._lock:
-            rows = self._db.execute("SELECT id, label FROM images WHERE status = 'ok' AND "
-                                    "label IS NOT NULL ORDER BY id").fetchall()
+            rows = self._db.execute(
+                "SELECT id, label FROM images WHERE status = 'ok' AND label IS NOT NULL ORDER BY id"
+            ).fetchall()
         return np.array([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows]
 
     def label_counts(self) -> dict[str, int]:
         with self._lock:
-            return dict(self._db.execute(
-                "SELECT label, count(*) FROM images WHERE status = 'ok' AND label IS NOT NULL "
-                "GROUP BY label ORDER BY label").fetchall())
+            return dict(
+                self._db.execute(
+                    "SELECT label, count(*) FROM images WHERE status = 'ok' AND label IS NOT NULL "
+                    "GROUP BY label ORDER BY label"
+                ).fetchall()
+            )
 
     def errors(self) -> list[Record]:
         """Files that could not be indexed, each with its ``reason``."""

@@ -33,10 +33,17 @@ def _device(device: str | None) -> str:
     return "cpu"
 
 
-def index_distributed(roots: list[Path], collection: Path, encoder: Path | None = None, *,
-                      labels_csv: Path | None = None, batch_size: int = 64,
-                      workers: int | None = None, device: str | None = None,
-                      index_type: str = "auto") -> IndexReport | None:
+def index_distributed(
+    roots: list[Path],
+    collection: Path,
+    encoder: Path | None = None,
+    *,
+    labels_csv: Path | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str | None = None,
+    index_type: str = "auto",
+) -> IndexReport | None:
     """``index_images`` across the ranks of a torchrun job; rank 0 returns the report."""
     started = not dist.is_initialized()
     if started:
@@ -73,8 +80,7 @@ def index_distributed(roots: list[Path], collection: Path, encoder: Path | None 
             dist.destroy_process_group()
 
 
-def _commit_round(run: Any, todo: list, parts: list, i: int, batch_size: int,
-                  world: int) -> None:
+def _commit_round(run: Any, todo: list, parts: list, i: int, batch_size: int, world: int) -> None:
     """Interleave the ranks' batch ``i`` back into to-do order and commit it."""
     slots: dict[int, tuple[Any, Any]] = {}
     for r, (payload, vecs) in enumerate(parts):
@@ -84,7 +90,9 @@ def _commit_round(run: Any, todo: list, parts: list, i: int, batch_size: int,
             slots[(i * batch_size + j) * world + r] = (meta, vec)
     order = sorted(slots)
     items = [todo[k] for k in order]
-    decoded = [embed.Decoded(torch.empty(0) if slots[k][0][4] is None else None,
-                             *slots[k][0]) for k in order]
+    decoded = [
+        embed.Decoded(torch.empty(0) if slots[k][0][4] is None else None, *slots[k][0])
+        for k in order
+    ]
     vecs = [slots[k][1] for k in order if slots[k][1] is not None]
     commit_batch(run.db, items, decoded, vecs, run.root_ids, run.report)

@@ -34,27 +34,32 @@ class UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def similar_pairs(index: faiss.Index, params: dict[str, Any], chunks: Any,
-                  threshold: float) -> list[tuple[int, int]]:
+def similar_pairs(
+    index: faiss.Index, params: dict[str, Any], chunks: Any, threshold: float
+) -> list[tuple[int, int]]:
     """(a, b) id pairs with cosine >= ``threshold``, a < b, from kNN of every stored vector."""
     pairs = []
     for ids, vecs in chunks:
-        for a, found in zip(ids.tolist(), vectors.knn(index, vecs, NEIGHBOURS, params),
-                            strict=True):
+        for a, found in zip(
+            ids.tolist(), vectors.knn(index, vecs, NEIGHBOURS, params), strict=True
+        ):
             pairs += [(min(a, b), max(a, b)) for b, s in found if b != a and s >= threshold]
     return sorted(set(pairs))
 
 
-def find_duplicates(coll: Collection, index: faiss.Index, params: dict[str, Any],
-                    threshold: float) -> list[list[Hit]]:
+def find_duplicates(
+    coll: Collection, index: faiss.Index, params: dict[str, Any], threshold: float
+) -> list[list[Hit]]:
     """Groups (largest first), each led by its lowest id; scores are similarity to the leader."""
     from indexes.collection import Hit
 
     uf = UnionFind()
     with coll._lock:
         chunks = list(store.iter_vectors(coll._db, coll.dim, chunk=8192))
-        copies = coll._db.execute("SELECT id, duplicate_of FROM images WHERE status = "
-                                  "'duplicate' AND duplicate_of IS NOT NULL").fetchall()
+        copies = coll._db.execute(
+            "SELECT id, duplicate_of FROM images WHERE status = "
+            "'duplicate' AND duplicate_of IS NOT NULL"
+        ).fetchall()
     for a, b in similar_pairs(index, params, chunks, threshold):
         uf.union(a, b)
     copy_of = dict(copies)

@@ -63,8 +63,9 @@ def read_bytes(path: str) -> bytes:
         raise ImageError("symlink loop" if e.errno == errno.ELOOP else "unreadable") from e
 
 
-def prepare(source: Source, transform: Callable[[Image.Image], torch.Tensor],
-            draft: int | None) -> Decoded:
+def prepare(
+    source: Source, transform: Callable[[Image.Image], torch.Tensor], draft: int | None
+) -> Decoded:
     """Decode and transform one image; header size and format are recorded before draft mode."""
     name = os.fspath(source) if isinstance(source, (str, os.PathLike)) else None
     if name is not None:
@@ -111,16 +112,23 @@ def _keep(batch: list[Decoded]) -> list[Decoded]:
     return batch
 
 
-def decode_batches(paths: list[str], cfg: EncoderConfig, batch_size: int,
-                   workers: int) -> Iterator[list[Decoded]]:
+def decode_batches(
+    paths: list[str], cfg: EncoderConfig, batch_size: int, workers: int
+) -> Iterator[list[Decoded]]:
     """Decoded files in order, ``batch_size`` at a time, decoded by ``workers`` processes."""
-    loader = DataLoader(DecodeFiles(paths, cfg), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_keep, prefetch_factor=4 if workers else None)
+    loader = DataLoader(
+        DecodeFiles(paths, cfg),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_keep,
+        prefetch_factor=4 if workers else None,
+    )
     yield from loader
 
 
-def load_model(encoder_dir: str | os.PathLike, device: str) -> tuple[torch.nn.Module,
-                                                                     EncoderConfig]:
+def load_model(
+    encoder_dir: str | os.PathLike, device: str
+) -> tuple[torch.nn.Module, EncoderConfig]:
     """The frozen encoder in channels-last memory format on ``device``."""
     model, cfg = load_encoder(Path(encoder_dir), device=device)
     return model.to(memory_format=torch.channels_last), cfg

@@ -17,8 +17,23 @@ import numpy as np
 from indexes import store
 from indexes.manifest import read_manifest
 
-CSV_COLUMNS = ("id", "path", "root", "relpath", "label", "status", "reason", "duplicate_of",
-               "width", "height", "format", "size", "mtime", "sha256", "indexed_at")
+CSV_COLUMNS = (
+    "id",
+    "path",
+    "root",
+    "relpath",
+    "label",
+    "status",
+    "reason",
+    "duplicate_of",
+    "width",
+    "height",
+    "format",
+    "size",
+    "mtime",
+    "sha256",
+    "indexed_at",
+)
 
 
 @dataclass(frozen=True)
@@ -37,8 +52,9 @@ def export_embeddings(collection: str | os.PathLike, out: str | os.PathLike) -> 
     db = store.open_store(collection / store.DB_NAME, create=False)
     try:
         n = int(db.execute("SELECT count(*) FROM vectors").fetchone()[0])
-        emb = np.lib.format.open_memmap(out / "embeddings.npy.tmp", mode="w+",
-                                        dtype=np.float32, shape=(n, dim))
+        emb = np.lib.format.open_memmap(
+            out / "embeddings.npy.tmp", mode="w+", dtype=np.float32, shape=(n, dim)
+        )
         ids = np.empty(n, dtype=np.int64)
         pos = 0
         for chunk_ids, vecs in store.iter_vectors(db, dim):
@@ -65,7 +81,10 @@ def _write_csv(db: store.Database, path: Path) -> None:
         while rows := cur.fetchmany(10_000):
             for row in rows:
                 r = store.Record.from_row(row)
-                values = {**vars(r), "path": store.display(os.fsencode(r.path)),
-                          "root": store.display(os.fsencode(r.root))}
+                values = {
+                    **vars(r),
+                    "path": store.display(os.fsencode(r.path)),
+                    "root": store.display(os.fsencode(r.root)),
+                }
                 w.writerow([values[c] for c in CSV_COLUMNS])
     os.replace(tmp, path)

@@ -27,8 +27,10 @@ def read_manifest(collection: str | os.PathLike) -> dict[str, Any]:
         raise FileNotFoundError(f"Not a collection (no {MANIFEST_NAME}): {collection}")
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise ValueError(f"Collection {collection} has manifest format {manifest.get('format')}, "
-                         f"this version reads format {FORMAT}")
+        raise ValueError(
+            f"Collection {collection} has manifest format {manifest.get('format')}, "
+            f"this version reads format {FORMAT}"
+        )
     return manifest
 
 

@@ -42,8 +42,10 @@ class Plan:
 def existing_rows(db: Database, root_ids: dict[str, int]) -> dict[tuple[str, bytes], Row]:
     """Rows under the roots of this run, keyed like ``FileEntry`` (root, relpath bytes)."""
     by_id = {i: r for r, i in root_ids.items()}
-    q = (f"SELECT root_id, relpath_raw, id, size, mtime_ns, sha256, label, status, reason "
-         f"FROM images WHERE root_id IN ({','.join('?' * len(by_id))})")
+    q = (
+        f"SELECT root_id, relpath_raw, id, size, mtime_ns, sha256, label, status, reason "
+        f"FROM images WHERE root_id IN ({','.join('?' * len(by_id))})"
+    )
     return {(by_id[r[0]], bytes(r[1])): Row(*r[2:]) for r in db.execute(q, list(by_id))}
 
 

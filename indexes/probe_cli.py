@@ -21,13 +21,27 @@ def run_train(args: argparse.Namespace) -> int:
     if args.epochs:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)
     with Collection.open(args.collection) as col:
-        report = train_collection_probe(col, name=args.name, cfg=cfg,
-                                        val_fraction=args.val_fraction, folds=args.folds,
-                                        seed=args.seed)
+        report = train_collection_probe(
+            col,
+            name=args.name,
+            cfg=cfg,
+            val_fraction=args.val_fraction,
+            folds=args.folds,
+            seed=args.seed,
+        )
     if args.json:
-        print(json.dumps({"name": report.name, "path": str(report.path),
-                          "method": report.method, "n_labeled": report.n_labeled,
-                          **report.metrics.to_dict()}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "name": report.name,
+                    "path": str(report.path),
+                    "method": report.method,
+                    "n_labeled": report.n_labeled,
+                    **report.metrics.to_dict(),
+                },
+                indent=1,
+            )
+        )
     else:
         print(report.summary())
         if report.confusion_png:
@@ -45,14 +59,22 @@ def run_predict(args: argparse.Namespace) -> int:
         if not Path(p).is_file():
             raise FileNotFoundError(f"Image not found: {p}")
     with Collection.open(args.collection, device=args.device) as col:
-        preds = predict_images(col, [str(p) for p in args.images], name=args.name, knn=args.knn,
-                               k=args.top, knn_k=args.knn_k, T=args.knn_t)
+        preds = predict_images(
+            col,
+            [str(p) for p in args.images],
+            name=args.name,
+            knn=args.knn,
+            k=args.top,
+            knn_k=args.knn_k,
+            T=args.knn_t,
+        )
     for pred in preds:
         if args.json:
             print(json.dumps(pred.to_dict()))
         else:
-            tops = "  ".join(f"{lab} {p:.0%}" for lab, p in zip(pred.labels, pred.probs,
-                                                                 strict=True))
+            tops = "  ".join(
+                f"{lab} {p:.0%}" for lab, p in zip(pred.labels, pred.probs, strict=True)
+            )
             print(f"{pred.source}: {tops}")
     return 0
 
@@ -69,14 +91,20 @@ def run_classify_all(args: argparse.Namespace) -> int:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--collection", type=Path, required=True, help="collection directory")
-    p.add_argument("--name", default="default",
-                   help="probe name, a folder under COLLECTION/probes (default: default)")
+    p.add_argument(
+        "--name",
+        default="default",
+        help="probe name, a folder under COLLECTION/probes (default: default)",
+    )
 
 
 def _knn_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--knn", action="store_true",
-                   help="weighted kNN over the labelled images instead of the probe; needs no "
-                   "training (default: off)")
+    p.add_argument(
+        "--knn",
+        action="store_true",
+        help="weighted kNN over the labelled images instead of the probe; needs no "
+        "training (default: off)",
+    )
     p.add_argument("--knn-k", type=int, default=200, help="kNN neighbours (default: 200)")
     p.add_argument("--knn-t", type=float, default=0.1, help="kNN temperature (default: 0.1)")
 
@@ -84,23 +112,39 @@ def _knn_flags(p: argparse.ArgumentParser) -> None:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``probe`` with its actions train, predict and classify-all."""
     probe = sub.add_parser(
-        "probe", help="classify a collection: train a linear probe on its labels, predict",
+        "probe",
+        help="classify a collection: train a linear probe on its labels, predict",
         description="Linear classifier (or kNN) on the stored vectors of a collection; labels "
-        "come from folder names or the labels CSV given to `index`.")
+        "come from folder names or the labels CSV given to `index`.",
+    )
     actions = probe.add_subparsers(dest="probe_action", metavar="ACTION", required=True)
 
     p = actions.add_parser("train", help="train, measure and save a probe on the labelled images")
     _common(p)
-    p.add_argument("--preset", choices=("fast", "paper"), default="fast",
-                   help="fast: normalised features + L-BFGS; paper: SGD lr=30, 100 epochs "
-                   "(default: fast)")
-    p.add_argument("--epochs", type=int, default=0,
-                   help="override the preset's epochs / iterations (default: 0 = preset)")
-    p.add_argument("--folds", type=int, default=5,
-                   help="cross-validation folds for up to 2000 labels; 0 = one split "
-                   "(default: 5)")
-    p.add_argument("--val-fraction", type=float, default=0.2,
-                   help="held-out share for a single split (default: 0.2)")
+    p.add_argument(
+        "--preset",
+        choices=("fast", "paper"),
+        default="fast",
+        help="fast: normalised features + L-BFGS; paper: SGD lr=30, 100 epochs (default: fast)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=0,
+        help="override the preset's epochs / iterations (default: 0 = preset)",
+    )
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=5,
+        help="cross-validation folds for up to 2000 labels; 0 = one split (default: 5)",
+    )
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.2,
+        help="held-out share for a single split (default: 0.2)",
+    )
     p.add_argument("--seed", type=int, default=0, help="split and training seed (default: 0)")
     p.add_argument("--json", action="store_true", help="print metrics as JSON (default: off)")
     p.set_defaults(run=run_train)
@@ -114,8 +158,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per image (default: off)")
     p.set_defaults(run=run_predict)
 
-    p = actions.add_parser("classify-all",
-                           help="predict every unlabelled image; store label + confidence")
+    p = actions.add_parser(
+        "classify-all", help="predict every unlabelled image; store label + confidence"
+    )
     _common(p)
     _knn_flags(p)
     p.set_defaults(run=run_classify_all)

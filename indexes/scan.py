@@ -65,8 +65,10 @@ def read_labels(csv_path: str | os.PathLike, roots: list[str]) -> dict[str, str]
     with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise ValueError(f"{csv_path} needs a header with 'path' and 'label' columns, "
-                             f"found {reader.fieldnames}")
+            raise ValueError(
+                f"{csv_path} needs a header with 'path' and 'label' columns, "
+                f"found {reader.fieldnames}"
+            )
         for row in reader:
             p = row["path"]
             candidates = [p] if os.path.isabs(p) else [os.path.join(r, p) for r in roots]

@@ -138,8 +138,11 @@ def root_id(db: Database, root: str) -> int:
     row = db.execute("SELECT id FROM roots WHERE path_raw = ?", [raw]).fetchone()
     if row:
         return int(row[0])
-    return int(db.execute("INSERT INTO roots (path, path_raw) VALUES (?, ?)",
-                          [display(raw), raw]).lastrowid)
+    return int(
+        db.execute(
+            "INSERT INTO roots (path, path_raw) VALUES (?, ?)", [display(raw), raw]
+        ).lastrowid
+    )
 
 
 def roots(db: Database) -> dict[int, str]:
@@ -166,8 +169,9 @@ def get_vectors(db: Database, ids: Sequence[int], dim: int) -> np.ndarray:
     return out
 
 
-def iter_vectors(db: Database, dim: int,
-                 chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_vectors(
+    db: Database, dim: int, chunk: int = 65536
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """All stored vectors in id order, ``chunk`` at a time: (ids int64, vectors N x dim)."""
     last = -1
     while True:
@@ -212,8 +216,10 @@ def delete_rows(db: Database, ids: Iterable[int]) -> None:
     Call inside a transaction.
     """
     for i in ids:
-        copies = [r[0] for r in db.execute(
-            "SELECT id FROM images WHERE duplicate_of = ? ORDER BY id", [i])]
+        copies = [
+            r[0]
+            for r in db.execute("SELECT id FROM images WHERE duplicate_of = ? ORDER BY id", [i])
+        ]
         vec = db.execute("SELECT v FROM vectors WHERE id = ?", [i]).fetchone()
         if copies and vec:
             heir, rest = copies[0], copies[1:]

@@ -26,12 +26,14 @@ def _fetch(db: Database, dim: int) -> vectors.FetchVectors:
 
 
 def build_from_store(db: Database, factory: str, dim: int) -> faiss.Index:
-    return vectors.build(factory, dim, store.vector_ids(db), _fetch(db, dim),
-                         store.iter_vectors(db, dim))
+    return vectors.build(
+        factory, dim, store.vector_ids(db), _fetch(db, dim), store.iter_vectors(db, dim)
+    )
 
 
-def open_index(collection: Path, db: Database, manifest: dict[str, Any],
-               mmap: bool = False) -> faiss.Index:
+def open_index(
+    collection: Path, db: Database, manifest: dict[str, Any], mmap: bool = False
+) -> faiss.Index:
     """The collection's index, matching the database even after a crash (fixed in memory)."""
     dim = int(manifest["feature_dim"])
     entry = manifest.get("index", {})
@@ -56,8 +58,9 @@ def recall_sample(db: Database, dim: int, n: int, seed: int = 0) -> tuple[np.nda
     return queries, vectors.exact_knn(queries, store.iter_vectors(db, dim), 10)
 
 
-def update_index(collection: Path, db: Database, manifest: dict[str, Any],
-                 index_type: str) -> dict[str, Any]:
+def update_index(
+    collection: Path, db: Database, manifest: dict[str, Any], index_type: str
+) -> dict[str, Any]:
     """Bring the FAISS file up to date, choosing its type; return the manifest's index entry."""
     dim = int(manifest["feature_dim"])
     n = int(db.execute("SELECT count(*) FROM vectors").fetchone()[0])
@@ -81,6 +84,11 @@ def update_index(collection: Path, db: Database, manifest: dict[str, Any],
         queries, truth = recall_sample(db, dim, n)
         params, recall = vectors.tune(index, queries, truth)
     vectors.save(index, path)
-    return {"type": index_type, "factory": factory, "params": params,
-            "recall_at_10": round(recall, 4), "ntotal": int(index.ntotal),
-            "file_bytes": path.stat().st_size}
+    return {
+        "type": index_type,
+        "factory": factory,
+        "params": params,
+        "recall_at_10": round(recall, 4),
+        "ntotal": int(index.ntotal),
+        "file_bytes": path.stat().st_size,
+    }

@@ -62,8 +62,14 @@ def train_size(index: faiss.Index, n: int) -> int:
     return min(n, max(64 * nlist, 10_000))
 
 
-def build(factory: str, dim: int, ids: np.ndarray, fetch: FetchVectors,
-          chunks: Iterable[tuple[np.ndarray, np.ndarray]], seed: int = 0) -> faiss.Index:
+def build(
+    factory: str,
+    dim: int,
+    ids: np.ndarray,
+    fetch: FetchVectors,
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+    seed: int = 0,
+) -> faiss.Index:
     """A new index over all ``chunks`` of (ids, vectors), trained on a random sample first."""
     index = new_index(factory, dim)
     m = train_size(index, len(ids))
@@ -81,8 +87,11 @@ def index_ids(index: faiss.Index) -> np.ndarray:
         return np.sort(faiss.vector_to_array(index.id_map).astype(np.int64))
     ivf = faiss.extract_index_ivf(index)
     lists = ivf.invlists
-    parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
-             for i in range(ivf.nlist) if lists.list_size(i)]
+    parts = [
+        faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+        for i in range(ivf.nlist)
+        if lists.list_size(i)
+    ]
     return np.sort(np.concatenate(parts).astype(np.int64)) if parts else np.zeros(0, np.int64)
 
 
@@ -102,8 +111,9 @@ def reconcile(index: faiss.Index, want: np.ndarray, fetch: FetchVectors) -> bool
     return True
 
 
-def search_params(index: faiss.Index, params: dict[str, Any],
-                  allowed: np.ndarray | None = None) -> faiss.SearchParameters | None:
+def search_params(
+    index: faiss.Index, params: dict[str, Any], allowed: np.ndarray | None = None
+) -> faiss.SearchParameters | None:
     """Per-call parameters (thread-safe, unlike setting ``nprobe`` on the index)."""
     sel = faiss.IDSelectorBatch(allowed) if allowed is not None else None
     if is_ivf(index):
@@ -122,8 +132,13 @@ def search_params(index: faiss.Index, params: dict[str, Any],
     return p
 
 
-def knn(index: faiss.Index, queries: np.ndarray, k: int, params: dict[str, Any] | None = None,
-        allowed: np.ndarray | None = None) -> list[list[tuple[int, float]]]:
+def knn(
+    index: faiss.Index,
+    queries: np.ndarray,
+    k: int,
+    params: dict[str, Any] | None = None,
+    allowed: np.ndarray | None = None,
+) -> list[list[tuple[int, float]]]:
     """Top ``k`` (id, score) per query row; FAISS's ``-1`` padding never surfaces."""
     queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, index.d)
     k = max(1, min(k, index.ntotal)) if index.ntotal else 0
@@ -131,12 +146,15 @@ def knn(index: faiss.Index, queries: np.ndarray, k: int, params: dict[str, Any] 
         return [[] for _ in queries]
     p = search_params(index, params or {}, allowed)
     scores, ids = index.search(queries, k, params=p) if p is not None else index.search(queries, k)
-    return [[(int(i), float(s)) for i, s in zip(row_i, row_s, strict=True) if i >= 0]
-            for row_i, row_s in zip(ids, scores, strict=True)]
+    return [
+        [(int(i), float(s)) for i, s in zip(row_i, row_s, strict=True) if i >= 0]
+        for row_i, row_s in zip(ids, scores, strict=True)
+    ]
 
 
-def exact_knn(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]],
-              k: int) -> np.ndarray:
+def exact_knn(
+    queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray]], k: int
+) -> np.ndarray:
     """Exact top-``k`` ids by brute force over streamed chunks (the recall reference)."""
     best_s = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(queries), 0), dtype=np.int64)
@@ -151,18 +169,22 @@ def exact_knn(queries: np.ndarray, chunks: Iterable[tuple[np.ndarray, np.ndarray
 
 
 def recall_at(found: list[list[tuple[int, float]]], truth: np.ndarray, k: int = 10) -> float:
-    hits = sum(len({i for i, _ in f[:k]} & set(t[:k].tolist())) for f, t in zip(found, truth,
-                                                                              strict=True))
+    hits = sum(
+        len({i for i, _ in f[:k]} & set(t[:k].tolist())) for f, t in zip(found, truth, strict=True)
+    )
     return hits / max(1, sum(min(k, len(t)) for t in truth))
 
 
-def tune(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
-         target: float = TARGET_RECALL) -> tuple[dict[str, Any], float]:
+def tune(
+    index: faiss.Index, queries: np.ndarray, truth: np.ndarray, target: float = TARGET_RECALL
+) -> tuple[dict[str, Any], float]:
     """The cheapest search parameter reaching ``target`` recall@10, and the recall reached."""
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
     if is_ivf(index):
-        name, values = "nprobe", [2**i for i in range(17) if 2**i <= faiss.extract_index_ivf(
-            index).nlist]
+        name, values = (
+            "nprobe",
+            [2**i for i in range(17) if 2**i <= faiss.extract_index_ivf(index).nlist],
+        )
     elif isinstance(inner, faiss.IndexHNSW):
         name, values = "efSearch", [16, 32, 64, 128, 256, 512]
     else:

@@ -18,8 +18,9 @@ torch.set_num_threads(1)
 
 def make_encoder(out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
-    cfg = EncoderConfig(arch="resnet18", small_stem=True, feature_dim=512, image_size=32,
-                        crop_pct=1.0)
+    cfg = EncoderConfig(
+        arch="resnet18", small_stem=True, feature_dim=512, image_size=32, crop_pct=1.0
+    )
     save_encoder(build_encoder("resnet18", small_stem=True), cfg, out)
     return out
 
@@ -44,8 +45,9 @@ def image(seed: int, size: tuple[int, int] = (48, 40)) -> Image.Image:
     return Image.fromarray(np.clip(base.astype(int) + noise, 0, 255).astype(np.uint8))
 
 
-def write_images(root: Path, per_label: dict[str, int], start_seed: int = 0,
-                 ext: str = ".png") -> list[Path]:
+def write_images(
+    root: Path, per_label: dict[str, int], start_seed: int = 0, ext: str = ".png"
+) -> list[Path]:
     """``root/<label>/<i>.png`` for each label; seeds make every image different."""
     paths, seed = [], start_seed
     for label, n in per_label.items():
@@ -88,5 +90,8 @@ def consistency(collection: Path) -> dict[str, int]:
 
 
 def all_files(root: Path) -> set[bytes]:
-    return {os.fsencode(os.path.relpath(os.path.join(d, f), root))
-            for d, _, fs in os.walk(root) for f in fs}
+    return {
+        os.fsencode(os.path.relpath(os.path.join(d, f), root))
+        for d, _, fs in os.walk(root)
+        for f in fs
+    }

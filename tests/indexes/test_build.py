@@ -45,8 +45,7 @@ def test_search_equals_brute_force(images: Path, encoder_dir: Path, tmp_path: Pa
         assert all(h.id > 0 for h in c.search(q, k=100))
 
 
-def test_query_by_bytes_and_pil_match_path(images: Path, encoder_dir: Path,
-                                           tmp_path: Path) -> None:
+def test_query_by_bytes_and_pil_match_path(images: Path, encoder_dir: Path, tmp_path: Path) -> None:
     from PIL import Image
 
     build(images, tmp_path / "c", encoder_dir)
@@ -57,8 +56,9 @@ def test_query_by_bytes_and_pil_match_path(images: Path, encoder_dir: Path,
         np.testing.assert_allclose(c.embed([Image.open(p)]), by_path, atol=1e-5)
 
 
-def test_incremental_add_change_delete_rename(images: Path, encoder_dir: Path,
-                                              tmp_path: Path) -> None:
+def test_incremental_add_change_delete_rename(
+    images: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
     coll = tmp_path / "c"
     build(images, coll, encoder_dir)
     with Collection.open(coll) as c:
@@ -106,8 +106,9 @@ def test_exact_copies_share_a_vector(images: Path, encoder_dir: Path, tmp_path: 
     consistency(coll)
 
 
-def test_wrong_encoder_is_refused(images: Path, encoder_dir: Path, other_encoder_dir: Path,
-                                  tmp_path: Path) -> None:
+def test_wrong_encoder_is_refused(
+    images: Path, encoder_dir: Path, other_encoder_dir: Path, tmp_path: Path
+) -> None:
     build(images, tmp_path / "c", encoder_dir)
     with pytest.raises(ValueError, match="Encoder mismatch") as e:
         build(images, tmp_path / "c", other_encoder_dir)

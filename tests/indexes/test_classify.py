@@ -101,8 +101,9 @@ def test_classify_all_stores_predictions(coll: Path) -> None:
     assert right >= 5
     assert all(0 < p["confidence"] <= 1 and len(p["top5"]) == 3 for p in preds.values())
     knn = classify_all(coll, knn=True, knn_k=5)  # replaces the table
-    assert knn.method.startswith("knn") and {p["method"] for p in read_predictions(coll).values()
-                                             } == {knn.method}
+    assert knn.method.startswith("knn") and {
+        p["method"] for p in read_predictions(coll).values()
+    } == {knn.method}
     db = sqlite3.connect(coll / "meta.db")
     assert db.execute("SELECT count(*) FROM predictions").fetchone()[0] == 6
     db.close()
@@ -136,12 +137,17 @@ def test_cli(coll: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["probe", "train", "--collection", str(coll), "--name", "cli"]) == 0
     assert "probe 'cli'" in capsys.readouterr().out
     img = coll.parent / "images" / "green" / "2.png"
-    assert run_cli(["probe", "predict", str(img), "--collection", str(coll), "--name", "cli",
-                    "--json"]) == 0
+    assert (
+        run_cli(
+            ["probe", "predict", str(img), "--collection", str(coll), "--name", "cli", "--json"]
+        )
+        == 0
+    )
     row = json.loads(capsys.readouterr().out.splitlines()[0])
     assert row["top"][0]["label"] == "green" and len(row["top"]) == 3
-    assert run_cli(["probe", "classify-all", "--collection", str(coll), "--knn",
-                    "--knn-k", "5"]) == 0
+    assert (
+        run_cli(["probe", "classify-all", "--collection", str(coll), "--knn", "--knn-k", "5"]) == 0
+    )
     assert "classified 6 unlabelled images" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError):
         run_cli(["probe", "predict", "nope.png", "--collection", str(coll)])

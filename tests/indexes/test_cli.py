@@ -17,13 +17,30 @@ from indexes.duplicates import brute_force_pairs
 
 
 @pytest.fixture
-def coll(images: Path, encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-         caplog: pytest.LogCaptureFixture) -> Path:
+def coll(
+    images: Path,
+    encoder_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> Path:
     caplog.set_level(logging.INFO)
     shutil.copy(images / "cat" / "000.png", images / "cat" / "copy.png")
     out = tmp_path / "c"
-    rc = launch.main(["index", str(images), "--collection", str(out), "--encoder",
-                      str(encoder_dir), "--workers", "0", "--batch-size", "4"])
+    rc = launch.main(
+        [
+            "index",
+            str(images),
+            "--collection",
+            str(out),
+            "--encoder",
+            str(encoder_dir),
+            "--workers",
+            "0",
+            "--batch-size",
+            "4",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr()
     assert "16 images indexed (17 added" in printed.out
@@ -37,17 +54,26 @@ def test_search_table_and_json(coll: Path, images: Path, capsys: pytest.CaptureF
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["rank", "score", "id", "label", "path"]
     assert len(lines) == 4 and lines[1].split()[-1] == str(q.resolve())
-    assert launch.main(["search", "--collection", str(coll), str(q), "-k", "3", "--json",
-                        "--label", "cat"]) == 0
+    assert (
+        launch.main(
+            ["search", "--collection", str(coll), str(q), "-k", "3", "--json", "--label", "cat"]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(rows) == 3 and {r["label"] for r in rows} == {"cat"}
-    assert launch.main(["search", "--collection", str(coll), "--id", str(rows[0]["id"]),
-                        "--json", "-k", "1"]) == 0
+    assert (
+        launch.main(
+            ["search", "--collection", str(coll), "--id", str(rows[0]["id"]), "--json", "-k", "1"]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["id"] == rows[0]["id"]
 
 
-def test_user_mistakes_are_one_line(coll: Path, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture) -> None:
+def test_user_mistakes_are_one_line(
+    coll: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     assert launch.main(["search", "--collection", str(coll), str(tmp_path / "no.png")]) == 2
     assert launch.main(["search", "--collection", str(tmp_path / "nothing"), "x.png"]) == 2
     assert launch.main(["index", "--collection", str(tmp_path / "new")]) == 2
@@ -62,8 +88,9 @@ def test_user_mistakes_are_one_line(coll: Path, tmp_path: Path,
     assert err == f"moco-search search: error: not an image: {junk}", err  # no Pillow internals
 
 
-def test_reindex_without_arguments_rescans(coll: Path, images: Path,
-                                           capsys: pytest.CaptureFixture) -> None:
+def test_reindex_without_arguments_rescans(
+    coll: Path, images: Path, capsys: pytest.CaptureFixture
+) -> None:
     (images / "owl" / "000.png").unlink()
     assert launch.main(["index", "--collection", str(coll), "--workers", "0"]) == 0
     assert "1 removed, 16 unchanged" in capsys.readouterr().out
@@ -82,15 +109,22 @@ def test_duplicates_match_brute_force(coll: Path, capsys: pytest.CaptureFixture)
     for a, b in pairs:
         assert any({a, b} <= g for g in grouped)
     assert any({copy.id, copy.duplicate_of} <= g for g in grouped)
-    assert launch.main(["duplicates", "--collection", str(coll), "--threshold",
-                        str(threshold), "--json"]) == 0
+    assert (
+        launch.main(
+            ["duplicates", "--collection", str(coll), "--threshold", str(threshold), "--json"]
+        )
+        == 0
+    )
     assert [[h["id"] for h in g] for g in json.loads(capsys.readouterr().out)] == [
-        [h.id for h in g] for g in groups]
+        [h.id for h in g] for g in groups
+    ]
 
 
 def test_export_embeddings(coll: Path, tmp_path: Path) -> None:
-    assert launch.main(["export-embeddings", "--collection", str(coll), "--out",
-                        str(tmp_path / "x")]) == 0
+    assert (
+        launch.main(["export-embeddings", "--collection", str(coll), "--out", str(tmp_path / "x")])
+        == 0
+    )
     emb, ids = np.load(tmp_path / "x" / "embeddings.npy"), np.load(tmp_path / "x" / "ids.npy")
     with open(tmp_path / "x" / "metadata.csv", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))

@@ -29,8 +29,10 @@ def test_filters_match_sql_reference(coll: Path, images: Path) -> None:
         (Filters(min_width=90), lambda r: r.width >= 90),
         (Filters(min_height=81), lambda r: False),
         (Filters(modified_before=2_000_000), lambda r: r.relpath == "cat/000.png"),
-        (Filters(modified_after=2_000_000, label="cat"),
-         lambda r: r.label == "cat" and r.relpath != "cat/000.png"),
+        (
+            Filters(modified_after=2_000_000, label="cat"),
+            lambda r: r.label == "cat" and r.relpath != "cat/000.png",
+        ),
     ]
     with Collection.open(coll) as c:
         everything = c.records(c.labeled()[0])
@@ -52,8 +54,9 @@ def test_min_score_and_k(coll: Path, images: Path) -> None:
         hits = c.search(images / "dog" / "001.png", k=5)
         assert len(hits) == 5
         cut = hits[2].score
-        assert [h.id for h in c.search(images / "dog" / "001.png", k=5, min_score=cut)] == \
-            [h.id for h in hits[:3]]
+        assert [h.id for h in c.search(images / "dog" / "001.png", k=5, min_score=cut)] == [
+            h.id for h in hits[:3]
+        ]
         with pytest.raises(ValueError, match="k must be"):
             c.search(images / "dog" / "001.png", k=0)
 
@@ -62,8 +65,11 @@ def test_positives_and_negatives(coll: Path, images: Path) -> None:
     with Collection.open(coll) as c:
         ids, _ = c.labeled()
         vecs = c.vectors(ids)
-        a, b, n = (images / "cat" / "001.png", images / "dog" / "003.png",
-                   images / "owl" / "002.png")
+        a, b, n = (
+            images / "cat" / "001.png",
+            images / "dog" / "003.png",
+            images / "owl" / "002.png",
+        )
         va, vb, vn = c.embed([a, b, n])
         q = (va + vb) / 2 - 0.5 * vn
         q /= np.linalg.norm(q)
@@ -71,8 +77,11 @@ def test_positives_and_negatives(coll: Path, images: Path) -> None:
         hits = c.search([a, b], k=6, negatives=[n])
         assert [h.id for h in hits] == order[:6].tolist()
         by_id = c.search([int(ids[0]), int(ids[1])], k=3)
-        np.testing.assert_allclose(c.query_vector([int(ids[0]), int(ids[1])]),
-                                   c.query_vector([vecs[0], vecs[1]]), atol=1e-6)
+        np.testing.assert_allclose(
+            c.query_vector([int(ids[0]), int(ids[1])]),
+            c.query_vector([vecs[0], vecs[1]]),
+            atol=1e-6,
+        )
         assert len(by_id) == 3
         with pytest.raises(ValueError, match="cancel"):
             c.query_vector([a], [a], negative_weight=1.0)

@@ -40,8 +40,11 @@ def rows(db: Path) -> int:
 
 def kill_when(images: Path, coll: Path, enc: Path, at_rows: int) -> int:
     """Start an index run and SIGKILL it once ``at_rows`` rows are committed."""
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(images), str(coll), str(enc)],
-                            cwd=ROOT, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(images), str(coll), str(enc)],
+        cwd=ROOT,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
         if rows(coll / "meta.db") >= at_rows:
@@ -76,8 +79,7 @@ def test_kill_9_then_rerun_is_consistent(tmp_path: Path, encoder_dir: Path) -> N
         np.testing.assert_allclose(a.vectors(ids), b.vectors(ids), atol=1e-4)
 
 
-def test_stale_faiss_file_is_reconciled(tmp_path: Path, encoder_dir: Path,
-                                        images: Path) -> None:
+def test_stale_faiss_file_is_reconciled(tmp_path: Path, encoder_dir: Path, images: Path) -> None:
     """A crash after the rows were committed but before index.faiss was saved."""
     coll = tmp_path / "c"
     index_images([images], coll, encoder_dir, workers=0)

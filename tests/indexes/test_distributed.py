@@ -31,14 +31,38 @@ def test_two_ranks_equal_one_process(tmp_path: Path, encoder_dir: Path) -> None:
     shutil.copy(images / "a" / "000.png", images / "b" / "copy.png")
     (images / "b" / "empty.png").write_bytes(b"")
     (images / "broken.png").symlink_to(images / "nowhere.png")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "launch.py", "index", str(images), "--collection",
-           str(tmp_path / "dist"), "--encoder", str(encoder_dir), "--workers", "0",
-           "--batch-size", "3"]
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "launch.py",
+        "index",
+        str(images),
+        "--collection",
+        str(tmp_path / "dist"),
+        "--encoder",
+        str(encoder_dir),
+        "--workers",
+        "0",
+        "--batch-size",
+        "3",
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert "17 images indexed" in outs[0][0] and outs[1][0] == ""
@@ -47,9 +71,13 @@ def test_two_ranks_equal_one_process(tmp_path: Path, encoder_dir: Path) -> None:
     assert consistency(tmp_path / "dist") == consistency(tmp_path / "one")
     with Collection.open(tmp_path / "dist") as d, Collection.open(tmp_path / "one") as o:
         rows = "images.id > 0"
-        key = [(r.relpath, r.id, r.status, r.reason, r.duplicate_of, r.sha256)
-               for r in d.query_records(rows)]
-        assert key == [(r.relpath, r.id, r.status, r.reason, r.duplicate_of, r.sha256)
-                       for r in o.query_records(rows)]
+        key = [
+            (r.relpath, r.id, r.status, r.reason, r.duplicate_of, r.sha256)
+            for r in d.query_records(rows)
+        ]
+        assert key == [
+            (r.relpath, r.id, r.status, r.reason, r.duplicate_of, r.sha256)
+            for r in o.query_records(rows)
+        ]
         ids = d.labeled()[0]
         np.testing.assert_allclose(d.vectors(ids), o.vectors(ids), atol=1e-4)

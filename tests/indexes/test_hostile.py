@@ -23,8 +23,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def png_bomb(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims ``width x height`` pixels (a decompression bomb)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
-            + _chunk(b"IDAT", zlib.compress(b"\0" * 100)) + _chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(b"\0" * 100))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def write_hostile(root: Path) -> dict[bytes, str | None]:
@@ -50,8 +54,11 @@ def write_hostile(root: Path) -> dict[bytes, str | None]:
     put("bomb.png", png_bomb(20_000, 20_000), "decompression bomb")
     put("bomb2.png", png_bomb(9_000, 9_000), "decompression bomb")  # under Pillow's own limit
     put("cmyk.jpg", save(image(2).convert("CMYK"), "JPEG"), None)
-    put("sixteen.png", save(Image.fromarray((np.arange(48 * 40).reshape(40, 48) * 30)
-                                            .astype(np.uint16)), "PNG"), None)
+    put(
+        "sixteen.png",
+        save(Image.fromarray((np.arange(48 * 40).reshape(40, 48) * 30).astype(np.uint16)), "PNG"),
+        None,
+    )
     pal = image(3).convert("P", palette=Image.Palette.ADAPTIVE)
     put("palette.png", save(pal, "PNG", transparency=0), None)
     exif = Image.Exif()
@@ -106,4 +113,5 @@ def test_unreadable_file_recorded(tmp_path: Path, encoder_dir: Path) -> None:
     index_images([root], tmp_path / "c", encoder_dir, workers=0)
     with Collection.open(tmp_path / "c") as c:
         assert [(Path(r.path).name, r.reason) for r in c.errors()] == [
-            ("secret.png", "permission denied")]
+            ("secret.png", "permission denied")
+        ]

@@ -13,7 +13,8 @@ from sqlite_utils import Database
 from indexes import store
 
 name_bytes = st.binary(min_size=1, max_size=60).filter(
-    lambda b: b"\0" not in b and b"/" not in b and b not in (b".", b".."))
+    lambda b: b"\0" not in b and b"/" not in b and b not in (b".", b"..")
+)
 
 
 def memory_db() -> Database:
@@ -22,14 +23,21 @@ def memory_db() -> Database:
     return db
 
 
-def insert(db: Database, rid: int, rel: bytes, status: str = "ok", dup: int | None = None,
-           vec: np.ndarray | None = None) -> int:
+def insert(
+    db: Database,
+    rid: int,
+    rel: bytes,
+    status: str = "ok",
+    dup: int | None = None,
+    vec: np.ndarray | None = None,
+) -> int:
     cur = db.execute(
         "INSERT INTO images (root_id, relpath, relpath_raw, status, duplicate_of, indexed_at) "
-        "VALUES (?, ?, ?, ?, ?, 0)", [rid, store.display(rel), rel, status, dup])
+        "VALUES (?, ?, ?, ?, ?, 0)",
+        [rid, store.display(rel), rel, status, dup],
+    )
     if vec is not None:
-        db.execute("INSERT INTO vectors (id, v) VALUES (?, ?)", [cur.lastrowid,
-                                                                  store.to_blob(vec)])
+        db.execute("INSERT INTO vectors (id, v) VALUES (?, ?)", [cur.lastrowid, store.to_blob(vec)])
     return int(cur.lastrowid)
 
 

@@ -82,8 +82,7 @@ def test_choose_factory_by_size() -> None:
         vectors.new_index("NoSuchIndex", 8)
 
 
-def test_collection_with_approximate_index(images: Path, encoder_dir: Path,
-                                           tmp_path: Path) -> None:
+def test_collection_with_approximate_index(images: Path, encoder_dir: Path, tmp_path: Path) -> None:
     index_images([images], tmp_path / "c", encoder_dir, workers=0, index_type="IVF4,Flat")
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
     assert m["index"]["factory"] == "IVF4,Flat" and m["index"]["recall_at_10"] >= 0.95
@@ -91,8 +90,7 @@ def test_collection_with_approximate_index(images: Path, encoder_dir: Path,
     with Collection.open(tmp_path / "c") as c:
         for i in c.labeled()[0]:
             assert c.search_id(int(i), k=1)[0].id == i
-        assert {h.label for h in c.search_id(int(i), k=20, filters=Filters(label="cat"))} == {
-            "cat"}
+        assert {h.label for h in c.search_id(int(i), k=20, filters=Filters(label="cat"))} == {"cat"}
     (images / "cat" / "000.png").unlink()
     index_images([images], tmp_path / "c", None, workers=0, index_type="IVF4,Flat")
     assert consistency(tmp_path / "c") == {"ok": 15}
