@@ -14,6 +14,7 @@ from typing import Any
 from app.context import USER_PROBE, AppContext
 from app.handlers import UserError, decode_upload
 from app.probes import ProbeResult, train_on_ids
+from indexes import Hit
 from indexes.classify import DEFAULT_PROBE, list_probes
 
 KNN = "knn"
@@ -87,18 +88,19 @@ def train(ctx: AppContext, source: str, progress: Progress | None = None) -> Pro
     return result
 
 
-def label_image(ctx: AppContext, hit: dict[str, Any] | None, label: str | None) -> str:
-    """Give the selected result a label (empty removes it); report the labels so far."""
+def label_image(ctx: AppContext, hit: Hit | None, label: str | None) -> str:
+    """Give the selected result (the server's own ``Hit``) a label (empty removes it); report
+    the labels so far."""
     if not hit:
         raise UserError("Select a result in the Search tab's gallery first.")
     label = (label or "").strip()
     if len(label) > 64 or any(c in label for c in "\n\r\t"):
         raise UserError("Labels are one line of at most 64 characters.")
-    labels = ctx.set_user_label(int(hit["id"]), label or None)
+    labels = ctx.set_user_label(hit.id, label or None)
     counts: dict[str, int] = {}
     for v in labels.values():
         counts[v] = counts.get(v, 0) + 1
     what = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none"
-    name = Path(hit.get("relpath") or str(hit["id"])).name
+    name = Path(hit.relpath or str(hit.id)).name
     done = f"labelled {name} as **{label}**" if label else f"removed the label of {name}"
     return f"{done}. Labels given here: {what}."

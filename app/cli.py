@@ -30,6 +30,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="largest upload accepted (default: 10mb)")
     p.add_argument("--demo-encoder", type=Path, default=None,
                    help="encoder to build the demo collection with (default: app/demo/encoder)")
+    p.add_argument("--allow-index", type=Path, nargs="+", default=[], metavar="DIR",
+                   help="let the UI's Collection tab add these folders and those below them "
+                        "(default: none; the collection's own folders can always be refreshed)")
     p.add_argument("--ready-and-exit", action="store_true",
                    help="start, answer one search through the API, print the URL and exit "
                         "(for tests and scripts; default: off)")
@@ -42,10 +45,14 @@ def run_app(args: argparse.Namespace) -> int:
     parse_auth(args.auth)  # a malformed --auth is a user error before anything loads
     if args.collection is not None and not args.collection.is_dir():
         raise FileNotFoundError(f"Collection not found: {args.collection}")
+    for d in args.allow_index:
+        if not d.is_dir():
+            raise FileNotFoundError(f"--allow-index: not a folder: {d}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0-65535, got {args.port}")
     cfg = ServerConfig(collection=args.collection, host=args.host, port=args.port,
                        auth=args.auth, share=args.share, ready_and_exit=args.ready_and_exit,
                        device=args.device, concurrency=args.concurrency,
-                       max_file_size=args.max_file_size, encoder=args.demo_encoder)
+                       max_file_size=args.max_file_size, encoder=args.demo_encoder,
+                       allow_index=tuple(args.allow_index))
     return serve(cfg)

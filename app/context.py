@@ -3,6 +3,11 @@
 The UI is built around one opened ``Collection`` plus the few things that change while it runs:
 the classifier in use (rebuilt after a probe is retrained), labels typed into the UI, and at most
 one background index run. Everything is passed to ``build_demo`` explicitly; nothing is global.
+
+It also decides what the server may serve and index (docs/ui.md "Security"): the browser gets
+only thumbnails made from rows of the collection (``shown_file``), served from one folder that
+holds nothing else (``served_dirs``); the collection's own files are blocked; and the UI indexes
+only the collection's roots and folders the command line allowed (``check_index_folder``).
 """
 
 from __future__ import annotations
@@ -16,13 +21,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.thumbnails import thumbs_dir
+from app.thumbnails import choose_thumbs_dir, thumbnail
 from indexes import Collection
 
 log = logging.getLogger(__name__)
 USER_LABELS = "app_labels.json"
 """Labels given in the UI, kept beside the collection (the indexer's labels stay untouched)."""
 USER_PROBE = "ui"
+PRIVATE_FILES = ("meta.db", "meta.db-wal", "meta.db-shm", "meta.db-journal", "manifest.json",
+                 "manifest.json.tmp", "index.faiss", "index.faiss.tmp", "probes", USER_LABELS)
+"""Files a collection has or may have later; blocked together with whatever else is in it."""
+
+
+def is_within(path: str, folder: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or lies below it (both already resolved)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 @dataclass
@@ -46,28 +59,73 @@ class IndexJob:
 class AppContext:
     """One collection opened for the UI; safe to share between Gradio's worker threads."""
 
-    def __init__(self, collection: Collection, example: str | None = None) -> None:
+    def __init__(self, collection: Collection, example: str | None = None,
+                 allow_index: tuple[str | os.PathLike, ...] = ()) -> None:
         self.collection = collection
         self.example = example
         self._lock = threading.Lock()
         self._classifiers: dict[str, Any] = {}
         self.job: IndexJob | None = None
-        self.allowed_paths: list[str] = [*self.roots(), os.path.realpath(thumbs_dir(self.path))]
-        """Handed to ``launch(allowed_paths=...)`` as this very list, so a folder added later is
-        served too (Gradio reads the list on each request). The collection's thumbnails too."""
+        self.thumbs = choose_thumbs_dir(self.path)
+        self.allow_index = tuple(os.path.realpath(Path(d).expanduser()) for d in allow_index)
+        """Folders (and the folders below them) that the UI may add to the collection."""
 
     @classmethod
-    def open(cls, path: str | os.PathLike, device: str = "cpu",
-             example: str | None = None) -> AppContext:
-        return cls(Collection.open(path, device=device), example=example)
+    def open(cls, path: str | os.PathLike, device: str = "cpu", example: str | None = None,
+             allow_index: tuple[str | os.PathLike, ...] = ()) -> AppContext:
+        return cls(Collection.open(path, device=device), example=example,
+                   allow_index=allow_index)
 
     @property
     def path(self) -> Path:
         return self.collection.path
 
     def roots(self) -> list[str]:
-        """The collection's image folders: the only places files are served from."""
+        """The collection's image folders (real paths)."""
         return [os.path.realpath(r) for r in self.collection.manifest.get("roots", [])]
+
+    # --- what the browser may get ------------------------------------------------------------
+    @property
+    def served_dirs(self) -> list[str]:
+        """The only folder files are served from (``allowed_paths``): the thumbnails."""
+        return [os.path.realpath(self.thumbs)]
+
+    def blocked_paths(self) -> list[str]:
+        """The collection's own files (database, index, manifest, probes, labels). Gradio checks
+        these before anything it would serve, so they stay private even when the collection lies
+        inside an image folder or in the temp directory."""
+        names = {*PRIVATE_FILES, *(p.name for p in self.path.iterdir())} - {"thumbs"}
+        return sorted(os.path.realpath(self.path / name) for name in names)
+
+    def shown_file(self, path: str, meta: dict[str, Any]) -> str | None:
+        """The file to show for the indexed image at ``path`` (``meta``: its sha256, width and
+        height): a thumbnail in ``served_dirs``, or None when none can be made. Callers pass
+        rows the server looked up itself, never a path or record a client sent."""
+        return thumbnail(self.thumbs, path, meta.get("sha256"), meta.get("width"),
+                         meta.get("height"))
+
+    def is_served(self, path: str) -> bool:
+        """Whether ``path`` resolves (symlinks followed) inside a served folder."""
+        real = os.path.realpath(path)
+        return any(is_within(real, d) for d in self.served_dirs)
+
+    def check_index_folder(self, folder: str) -> Path:
+        """``folder`` as a real path when the UI may index it, else ``PermissionError``.
+
+        A collection's existing roots may always be refreshed; any other folder only when it is
+        (or lies below) one given to ``--allow-index``: indexing a folder makes its images
+        searchable and shown to everyone who can reach the UI.
+        """
+        real = os.path.realpath(Path(folder).expanduser())
+        if real in self.roots() or any(is_within(real, d) for d in self.allow_index):
+            if not os.path.isdir(real):
+                raise ValueError(f"Not a folder: {folder}")
+            return Path(real)
+        allowed = ", ".join(self.allow_index) if self.allow_index else "none"
+        raise PermissionError(
+            f"Indexing {folder} from the web UI is not allowed (folders allowed: {allowed}). "
+            "Start the server with --allow-index DIR to allow DIR and the folders below it, "
+            "or run: moco-search index DIR --collection " + str(self.path))
 
     # --- classifier --------------------------------------------------------------------------
     def classifier(self, name: str) -> Any:
@@ -115,10 +173,7 @@ class AppContext:
         with self._lock:
             if self.job is not None and not self.job.finished:
                 raise ValueError(f"An index run is already going on ({self.job.folder})")
-            roots = [Path(folder).expanduser()] if folder else []
-            for r in roots:
-                if not r.is_dir():
-                    raise ValueError(f"Not a folder: {r}")
+            roots = [self.check_index_folder(folder)] if folder else []
             job = IndexJob(folder=str(roots[0]) if roots else "the collection's folders")
             self.job = job
 
@@ -129,7 +184,6 @@ class AppContext:
             try:
                 report = index_images(roots, self.path, progress=progress, workers=0)
                 self.collection.reload()
-                self.allowed_paths.extend(r for r in self.roots() if r not in self.allowed_paths)
                 self.forget_classifiers()
                 job.message = "Done: " + report.summary()
             except Exception as e:  # shown in the UI; the server keeps serving

@@ -1,9 +1,9 @@
 """Search handlers: plain functions from UI values to display values, testable without a server.
 
 Every user mistake (an upload that is not an image, a bad filter, a k out of range) raises
-``UserError`` with a sentence the UI shows as is; ``app.ui`` turns it into ``gr.Error``. Image
-files reach the browser only through ``safe_path``, which refuses anything that resolves outside
-the collection's roots (``../``, absolute paths elsewhere, symlinks out).
+``UserError`` with a sentence the UI shows as is; ``app.ui`` turns it into ``gr.Error``. Images
+reach the browser only as thumbnails of hits the server found itself (``AppContext.shown_file``);
+no handler takes a path, record or hit list from the client.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Any
 from PIL import Image
 
 from app.context import AppContext
-from app.thumbnails import thumbnail
 from indexes import Filters, Hit
 from moco import ImageError, load_image
 
@@ -47,19 +46,23 @@ class SearchResult:
         return f"{len(self.hits)} results in {1000 * self.seconds:.0f} ms"
 
     def rows(self) -> list[dict[str, Any]]:
-        """JSON-friendly hit rows (what the API and the downloads return)."""
-        return [{"rank": i + 1, "id": h.id, "score": round(h.score, 4), "label": h.label,
-                 "path": h.path, "relpath": h.relpath} for i, h in enumerate(self.hits)]
+        return hit_rows(self.hits)
 
 
 def decode_upload(image: Any) -> Image.Image:
-    """An uploaded file path (or PIL image) decoded with ``moco.load_image``, or a clear error."""
+    """An uploaded file path (or PIL image) decoded with ``moco.load_image``, or a clear error.
+
+    The error names the file as the user knows it (Gradio keeps an upload's own file name, in a
+    cache folder the user never saw) and the reason, once.
+    """
     if image is None or (isinstance(image, str) and not image):
         raise UserError("Upload, paste or drop an image first (or click an example).")
     try:
         return load_image(image, max_pixels=MAX_UPLOAD_PIXELS)
     except ImageError as e:
-        raise UserError(f"Cannot use this upload: {e.reason} ({e})") from e
+        name = Path(image).name if isinstance(image, (str, os.PathLike)) else "this upload"
+        detail = f" ({e.detail})" if e.detail and e.reason == "decompression bomb" else ""
+        raise UserError(f"Cannot use {name}: {e.reason}{detail}") from None
 
 
 def make_filters(label: str | None, path_text: str | None) -> Filters | None:
@@ -86,26 +89,15 @@ def check_k(k: Any) -> int:
     return k
 
 
-def safe_path(ctx: AppContext, path: str) -> str | None:
-    """``path`` if it resolves (symlinks followed) inside one of the served roots, else None."""
-    real = os.path.realpath(path)
-    for root in ctx.allowed_paths:
-        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
-            return real
-    return None
-
-
 def caption(hit: Hit) -> str:
     label = f" · {hit.label}" if hit.label else ""
     return f"{hit.score:.3f}{label} · {hit.relpath}"
 
 
 def to_result(ctx: AppContext, hits: list[Hit], seconds: float) -> SearchResult:
-    """Hits whose file may be served, as gallery items; others are dropped, never served."""
-    shown = [(h, p) for h in hits if (p := safe_path(ctx, h.path)) is not None]
-    tiles = [(thumbnail(ctx.path, p, h.meta.get("sha256"), h.meta.get("width"),
-                        h.meta.get("height")), caption(h)) for h, p in shown]
-    return SearchResult(tiles, [h for h, _ in shown], seconds)
+    """Hits as gallery tiles (thumbnails); a hit whose picture cannot be made now is dropped."""
+    shown = [(h, p) for h in hits if (p := ctx.shown_file(h.path, h.meta)) is not None]
+    return SearchResult([(p, caption(h)) for h, p in shown], [h for h, _ in shown], seconds)
 
 
 def search(ctx: AppContext, image: Any, k: Any = 12, label: str | None = None,
@@ -140,14 +132,28 @@ def search_id(ctx: AppContext, image_id: int, k: Any = 12, label: str | None = N
     return to_result(ctx, hits, time.perf_counter() - t0)
 
 
-def selected_hit(hits: Sequence[dict[str, Any]] | None, index: Any) -> dict[str, Any]:
-    """The hit row behind a clicked gallery item (``SelectData.index``)."""
+def selected_hit(hits: Sequence[Hit] | None, index: Any) -> Hit:
+    """The hit behind a clicked gallery item: ``hits`` is the server's own list of the last
+    search's results, ``index`` the position the browser reports (``SelectData.index``)."""
     if not hits:
         raise UserError("Run a search first.")
-    i = int(index[0] if isinstance(index, (list, tuple)) else index)
+    try:
+        i = int(index[0] if isinstance(index, (list, tuple)) else index)
+    except (TypeError, ValueError, IndexError) as e:
+        raise UserError(f"Not a result position: {index!r}") from e
     if not 0 <= i < len(hits):
         raise UserError(f"No result number {i + 1}")
-    return dict(hits[i])
+    return hits[i]
+
+
+def query_image(ctx: AppContext, hit: Hit) -> Image.Image | None:
+    """The picture of ``hit`` to put in the query box: the pixels of its thumbnail, which Gradio
+    saves into its upload cache, so that searching from it again is an ordinary upload."""
+    shown = ctx.shown_file(hit.path, hit.meta)
+    if shown is None:
+        return None
+    with Image.open(shown) as im:
+        return im.convert("RGB")
 
 
 def toggle(ids: Sequence[int], image_id: int, others: Sequence[int]) -> tuple[list[int],
@@ -165,8 +171,16 @@ def feedback_text(positives: Sequence[int], negatives: Sequence[int]) -> str:
     return f"More like: {list(positives) or '-'} · Less like: {list(negatives) or '-'}"
 
 
-def export(rows: Sequence[dict[str, Any]] | None, fmt: str) -> str:
-    """Write the shown results to a CSV or JSON file in a fresh temp dir; return its path."""
+def hit_rows(hits: Sequence[Hit]) -> list[dict[str, Any]]:
+    """JSON-friendly rows of ``hits`` (what the API and the downloads return)."""
+    return [{"rank": i + 1, "id": h.id, "score": round(h.score, 4), "label": h.label,
+             "path": h.path, "relpath": h.relpath} for i, h in enumerate(hits)]
+
+
+def export(hits: Sequence[Hit] | None, fmt: str) -> str:
+    """Write the shown results (the server's own hits) to a CSV or JSON file in a fresh temp
+    dir; return its path."""
+    rows = hit_rows(hits or [])
     if not rows:
         raise UserError("Nothing to download yet: run a search first.")
     if fmt not in ("csv", "json"):

@@ -32,6 +32,14 @@ def stats_markdown(ctx: AppContext) -> str:
             f"Folders:\n{roots}")
 
 
+def index_box_label(ctx: AppContext) -> str:
+    """The folder box's label: which folders the UI may index (``--allow-index``)."""
+    if not ctx.allow_index:
+        return ("Refresh the collection's folders (leave empty). Adding folders here is off: "
+                "start with --allow-index DIR to allow it")
+    return f"Add or refresh a folder under {', '.join(ctx.allow_index)} (empty: re-scan all)"
+
+
 def label_histogram(ctx: AppContext) -> Any:
     import pandas as pd
 

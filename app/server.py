@@ -1,9 +1,11 @@
 """Serving the UI: open the collection, build the demo, and launch it with safe settings.
 
 Safe by default: bound to 127.0.0.1; ``--host 0.0.0.0`` without ``--auth`` prints a warning; no
-share link unless asked; files are served only from the collection's roots (``allowed_paths``;
-Gradio resolves symlinks before checking); uploads are capped by ``max_file_size`` and decoded by
-``moco.load_image``; a bounded number of events run at once (``default_concurrency_limit``).
+share link unless asked; files are served only from the collection's thumbnail folder
+(``allowed_paths``; never the image folders themselves) and the collection's own files are
+``blocked_paths``; the UI indexes only folders given to ``--allow-index``; uploads are capped by
+``max_file_size`` and decoded by ``moco.load_image``; a bounded number of events run at once
+(``default_concurrency_limit``). docs/ui.md "Security" lists what is served and refused.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class ServerConfig:
     max_file_size: str = "10mb"
     encoder: Path | None = None
     """Demo only: the encoder directory to build the demo collection with."""
+    allow_index: tuple[Path, ...] = ()
+    """Folders the UI may add to the collection (and those below them); none by default."""
 
 
 def parse_auth(auth: str | None) -> tuple[str, str] | None:
@@ -67,13 +71,12 @@ def open_context(cfg: ServerConfig) -> Any:
         from app.demo import DEMO_ENCODER, demo_example, ensure_demo_collection
 
         path = ensure_demo_collection(encoder=cfg.encoder or DEMO_ENCODER)
-        return AppContext.open(path, device=cfg.device, example=demo_example())
-    ctx = AppContext.open(cfg.collection, device=cfg.device)
+        return AppContext.open(path, device=cfg.device, example=demo_example(),
+                               allow_index=cfg.allow_index)
+    ctx = AppContext.open(cfg.collection, device=cfg.device, allow_index=cfg.allow_index)
     first = ctx.collection.query_records(
         "images.id = (SELECT min(id) FROM images WHERE status = 'ok')")
-    from app.handlers import safe_path
-
-    ctx.example = safe_path(ctx, first[0].path) if first else None
+    ctx.example = ctx.shown_file(first[0].path, first[0].meta()) if first else None
     return ctx
 
 
@@ -87,14 +90,14 @@ def launch(ctx: Any, cfg: ServerConfig) -> Any:
         print(warning, file=sys.stderr)
     import gradio as gr
 
-    # Result files are served from where they lie instead of being hashed and copied into
-    # Gradio's cache on every search (the same folders ``allowed_paths`` already serves; a
-    # folder indexed later from the UI is served through the cache, which also works).
-    gr.set_static_paths(list(ctx.allowed_paths))
+    # Thumbnails are served from where they lie instead of being hashed and copied into
+    # Gradio's cache on every search (the one folder ``allowed_paths`` serves).
+    gr.set_static_paths(ctx.served_dirs)
     demo = build_demo(ctx)
     demo.queue(default_concurrency_limit=cfg.concurrency, max_size=256)
     demo.launch(server_name=cfg.host, server_port=cfg.port, auth=parse_auth(cfg.auth),
-                share=cfg.share, allowed_paths=ctx.allowed_paths, max_file_size=cfg.max_file_size,
+                share=cfg.share, allowed_paths=ctx.served_dirs,
+                blocked_paths=ctx.blocked_paths(), max_file_size=cfg.max_file_size,
                 prevent_thread_lock=True, show_error=False, quiet=True, ssr_mode=False,
                 inbrowser=False, enable_monitoring=False)
     return demo

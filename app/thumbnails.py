@@ -1,15 +1,22 @@
-"""Result thumbnails: what the gallery shows instead of large original files.
+"""Result images as the browser gets them: files derived from indexed images, never originals.
 
-The browser downloads each result to draw a tile of a couple of hundred pixels: for a photo
-library that is megabytes per result and per search. A result larger than ``SIZE`` pixels is
-therefore shown as a small WebP kept in the collection (``thumbs/``, named by the file's content
-hash, so an edited file gets a new one); smaller files, such as the demo's emoji, are served as
-they are.
+The server shows only pictures it made itself from rows of the collection. Serving the image
+folders directly would serve every file in them (a ``notes.txt`` or ``wallet.db`` beside the
+photos, the collection's own database when it lies inside a root) and would hand the browser
+whatever bytes a file holds, even when the indexer only accepted them as an image. So each shown
+image is decoded with ``moco.load_image`` and re-encoded into a folder that holds nothing else:
+images up to ``SIZE`` pixels as lossless PNG at their own size (pixels unchanged, so a search
+from a shown result embeds what was indexed), larger ones as a ``SIZE``-pixel WebP (a photo
+library would otherwise send megabytes per tile). Files are named by the content hash, so an
+edited image gets a new one, and written aside then renamed, so a concurrent search never serves
+half a file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 import threading
 from pathlib import Path
 
@@ -19,32 +26,71 @@ SIZE = 320  # longest side; the gallery's tiles are at most about 250 px on a wi
 
 
 def thumbs_dir(collection: Path) -> Path:
+    """Where a collection keeps its thumbnails (the indexer skips it inside a root)."""
     return collection / "thumbs"
 
 
-def thumbnail(collection: Path, path: str, sha256: str | None, width: int | None,
-              height: int | None, size: int = SIZE) -> str:
-    """The file to show for the image at ``path``: a cached thumbnail, or ``path`` itself.
+def user_thumbs_dir(collection: Path) -> Path:
+    """Thumbnails of a collection that cannot be written: in the user's cache, one per path."""
+    from app.demo import cache_dir
 
-    ``path`` itself when the image is small enough already, has no recorded hash, or cannot be
-    thumbnailed (unreadable now, or a read-only collection): showing the original is never wrong.
+    key = hashlib.sha256(os.fsencode(os.path.realpath(collection))).hexdigest()[:16]
+    return cache_dir() / "thumbs" / key
+
+
+def writable_dir(path: Path) -> bool:
+    """Whether files can be created in ``path`` (made if missing): tried, not guessed, since
+    ``os.access`` answers yes to root on a read-only mount."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
+
+
+def choose_thumbs_dir(collection: Path) -> Path:
+    """The collection's own ``thumbs/`` when it can be written, else the user cache's."""
+    own = thumbs_dir(collection)
+    return own if writable_dir(own) else user_thumbs_dir(collection)
+
+
+def thumbnail(
+    folder: Path,
+    path: str,
+    sha256: str | None,
+    width: int | None,
+    height: int | None,
+    size: int = SIZE,
+) -> str | None:
+    """The file to show for the indexed image at ``path``, made in ``folder`` on first use.
+
+    None when it cannot be made (the file is unreadable now, or ``folder`` is full): the caller
+    shows nothing rather than fall back to serving the original.
     """
-    if not sha256 or (width and height and max(width, height) <= size):
-        return path
-    out = thumbs_dir(collection) / sha256[:2] / f"{sha256}_{size}.webp"
+    small = bool(width and height and max(width, height) <= size)
+    if not sha256:  # older rows: name it by where and what the file is instead
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        sha256 = hashlib.sha256(os.fsencode(f"{path}\0{st.st_size}\0{st.st_mtime_ns}")).hexdigest()
+    out = folder / sha256[:2] / (f"{sha256}.png" if small else f"{sha256}_{size}.webp")
     if out.is_file():
         return str(out)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}")
     try:
         im = load_image(path, draft_size=size)
-        im.thumbnail((size, size))
+        if max(im.size) > size:
+            im.thumbnail((size, size))
         out.parent.mkdir(parents=True, exist_ok=True)
-        # Written aside and renamed: a concurrent search never serves half a file.
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}")
-        try:
+        if small:
+            im.save(tmp, "PNG", compress_level=1)
+        else:
             im.save(tmp, "WEBP", quality=85)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
-    except (ImageError, OSError):
-        return path
+        os.replace(tmp, out)
+    except (ImageError, OSError, ValueError):
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
     return str(out)

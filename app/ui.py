@@ -2,13 +2,19 @@
 
 Every event calls a function of ``app.handlers`` / ``app.classifying`` / ``app.overview`` /
 ``app.encoder_info``; ``_guard`` turns their ``UserError`` into ``gr.Error`` so the message shows
-in the UI. ``search`` and ``classify`` are public API endpoints (``gradio_client`` can call them
-by name). Nothing is loaded at import time; theme and CSS go to ``launch()`` (Gradio 6).
+in the UI (and one line in the server's log). ``search`` and ``classify`` are public API endpoints
+(``gradio_client`` can call them by name). Nothing is loaded at import time; theme and CSS go to
+``launch()`` (Gradio 6).
+
+Whatever a handler acts on comes from server-side ``gr.State`` (the last search's hits, the
+selected hit, the feedback ids, the embedding map), never from a component value the client
+sends back: any event can be replayed through the queue API with edited data.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +26,8 @@ from app.context import USER_PROBE, AppContext
 from app.handlers import UserError
 
 GALLERY_COLUMNS = 6
+NO_PICK = "Click a result to search from it."
+log = logging.getLogger(__name__)
 
 
 def upload_image(**kwargs: Any) -> gr.Image:
@@ -47,13 +55,25 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except UserError as e:
-            raise gr.Error(str(e)) from e
+        except UserError as e:  # a user's mistake: one line here, the sentence in the browser
+            log.info("%s refused: %s", fn.__name__, e)
+            raise gr.Error(str(e), print_exception=False) from None
     return wrapper
 
 
 def _search_outputs(r: handlers.SearchResult) -> tuple[Any, ...]:
-    return r.gallery, r.rows(), r.status()
+    return r.gallery, r.rows(), r.status(), r.hits
+
+
+def _picture(path: Any) -> Any:
+    """A saved PNG (a confusion matrix in the collection) as pixels: Gradio copies those into its
+    cache, while the collection's own files are blocked from being served."""
+    if not path:
+        return None
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
 
 
 def build_demo(ctx: AppContext) -> gr.Blocks:
@@ -61,11 +81,12 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
     labels = ["(any)", *ctx.collection.label_counts()]
     with gr.Blocks(title="moco-search") as demo:
         gr.Markdown(f"## moco-search · `{ctx.path.name}` · {len(ctx.collection)} images")
-        selected = gr.State(None)
+        selected = gr.State(None)  # the clicked Hit
+        hits = gr.State([])  # the last search's Hits, as the server found them
         positives, negatives = gr.State([]), gr.State([])
         with gr.Tab("Search"), gr.Row():
             with gr.Column(scale=1, min_width=260):
-                query = upload_image(label="Query image", value=ctx.example,
+                query = upload_image(label="Query image", value=ctx.example, format="png",
                                     sources=["upload", "clipboard", "webcam"], height=260)
                 k = gr.Slider(1, handlers.MAX_K, value=12, step=1, label="Results (k)")
                 label = gr.Dropdown(labels, value="(any)", label="Label filter")
@@ -78,7 +99,7 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                 gallery = gr.Gallery(label="Most similar", columns=GALLERY_COLUMNS,
                                      height=560, allow_preview=False, object_fit="contain",
                                      elem_id="results")
-                picked = gr.Markdown("Click a result to search from it.")
+                picked = gr.Markdown(NO_PICK)
                 with gr.Row():
                     more = gr.Button("+ More like this one")
                     less = gr.Button("− Less like this one")
@@ -118,14 +139,13 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                     label_go = gr.Button("Label it")
                     label_md = gr.Markdown()
                 with gr.Column():
-                    confusion = gr.Image(classifying.probe_summary(
-                        ctx, classifying.default_method(ctx))[1], label="Held-out confusion",
+                    confusion = gr.Image(_picture(classifying.probe_summary(
+                        ctx, classifying.default_method(ctx))[1]), label="Held-out confusion",
                         interactive=False)
         with gr.Tab("Collection"):
             stats = gr.Markdown(overview.stats_markdown(ctx))
             with gr.Row():
-                folder = gr.Textbox(label="Add or refresh a folder (empty: re-scan all)",
-                                    scale=3)
+                folder = gr.Textbox(label=overview.index_box_label(ctx), scale=3)
                 index_go = gr.Button("Index", scale=1)
             index_md = gr.Markdown()
             counts = overview.label_histogram(ctx)
@@ -165,22 +185,28 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         def do_search(img: Any, k_: Any, lab: Any, text: Any, cut: Any) -> tuple[Any, ...]:
             return _search_outputs(handlers.search(ctx, img, k_, lab, text, cut))
 
-        search_io = dict(fn=do_search, inputs=[query, *filters], outputs=[gallery, rows, status])
-        go.click(**search_io, api_name="search")
-        query.upload(**search_io, api_visibility="private")
+        results = [gallery, rows, status, hits]
+        search_io = dict(fn=do_search, inputs=[query, *filters], outputs=results)
+
+        def on_failure(event: Any) -> None:
+            """A refused search leaves no stale status or "Searching from ..." line behind."""
+            event.failure(lambda: ("", NO_PICK, None), None, [status, picked, selected],
+                          api_visibility="private")
+
+        on_failure(go.click(**search_io, api_name="search"))
+        on_failure(query.upload(**search_io, api_visibility="private"))
         if ctx.example:
             demo.load(**search_io, api_visibility="private")
 
         @_guard
-        def click_result(hits: Any, k_: Any, lab: Any, text: Any, cut: Any,
+        def click_result(shown: list[Any], k_: Any, lab: Any, text: Any, cut: Any,
                          evt: gr.SelectData) -> tuple[Any, ...]:
-            hit = handlers.selected_hit(hits, evt.index)
-            r = handlers.search_id(ctx, hit["id"], k_, lab, text, cut)
-            return (*_search_outputs(r), hit, hit["path"],
-                    f"Searching from **{hit['relpath']}** (label: {hit['label'] or '-'})")
+            hit = handlers.selected_hit(shown, evt.index)
+            r = handlers.search_id(ctx, hit.id, k_, lab, text, cut)
+            return (*_search_outputs(r), hit, handlers.query_image(ctx, hit),
+                    f"Searching from **{hit.relpath}** (label: {hit.label or '-'})")
 
-        gallery.select(click_result, [rows, *filters],
-                       [gallery, rows, status, selected, query, picked],
+        gallery.select(click_result, [hits, *filters], [*results, selected, query, picked],
                        api_visibility="private")
 
         def mark(which: str) -> Callable[..., Any]:
@@ -189,9 +215,9 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                 if not hit:
                     raise UserError("Click a result first.")
                 if which == "pos":
-                    pos, neg = handlers.toggle(pos, hit["id"], neg)
+                    pos, neg = handlers.toggle(pos, hit.id, neg)
                 else:
-                    neg, pos = handlers.toggle(neg, hit["id"], pos)
+                    neg, pos = handlers.toggle(neg, hit.id, pos)
                 return pos, neg, handlers.feedback_text(pos, neg)
             return fn
 
@@ -208,12 +234,16 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             r = handlers.search(ctx, img, k_, lab, text, cut, positives=pos, negatives=neg)
             return _search_outputs(r)
 
-        refine.click(do_refine, [query, positives, negatives, *filters], [gallery, rows, status],
-                     api_visibility="private")
-        csv_btn.click(_guard(functools.partial(handlers.export, fmt="csv")), [rows], [download],
-                      api_visibility="private")
-        json_btn.click(_guard(functools.partial(handlers.export, fmt="json")), [rows],
-                       [download], api_visibility="private")
+        on_failure(refine.click(do_refine, [query, positives, negatives, *filters], results,
+                                api_visibility="private"))
+        def exporter(fmt: str) -> Callable[..., Any]:
+            @_guard
+            def export(shown: list[Any]) -> str:
+                return handlers.export(shown, fmt)
+            return export
+
+        csv_btn.click(exporter("csv"), [hits], [download], api_visibility="private")
+        json_btn.click(exporter("json"), [hits], [download], api_visibility="private")
 
         # --- Classify wiring ------------------------------------------------------------------
         @_guard
@@ -221,26 +251,32 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             return classifying.classify(ctx, img, how)
 
         cls_go.click(do_classify, [cls_image, method], [top5, cls_md], api_name="classify")
-        use_query.click(lambda q: q, [query], [cls_image], api_visibility="private")
+        def copy_query(q: Any) -> Any:
+            return q  # an upload Gradio has checked is in its cache, or None
+
+        use_query.click(copy_query, [query], [cls_image], api_visibility="private")
 
         @_guard
         def do_train(src: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
             res = classifying.train(ctx, src, progress=lambda f, m: progress(f, desc=m))
             names = classifying.methods(ctx)
-            return (res.markdown(), str(res.confusion_png) if res.confusion_png else None,
+            return (res.markdown(), _picture(res.confusion_png),
                     gr.update(choices=names, value=res.name))
 
         train_go.click(do_train, [source], [probe_md, confusion, method],
                        api_visibility="private", concurrency_id="train", concurrency_limit=1)
-        label_go.click(_guard(functools.partial(classifying.label_image, ctx)),
-                       [selected, new_label], [label_md], api_visibility="private")
+        @_guard
+        def label_image(hit: Any, text: Any) -> str:
+            return classifying.label_image(ctx, hit, text)
+
+        label_go.click(label_image, [selected, new_label], [label_md], api_visibility="private")
 
         # --- Collection wiring ----------------------------------------------------------------
         @_guard
         def do_index(path: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
             try:
                 job = ctx.start_index(path.strip() or None)
-            except ValueError as e:
+            except (ValueError, PermissionError) as e:
                 raise UserError(str(e)) from e
             while not job.finished:
                 progress((job.done, job.total or None), desc=job.line(), unit="images")
@@ -264,8 +300,8 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             if hit_id is None:
                 return None, "No point there: click on a dot."
             rec = ctx.collection.records([hit_id])[0]
-            path = handlers.safe_path(ctx, rec.path)
-            return path, f"**{rec.relpath}** (label: {rec.label or '-'}, id {rec.id})"
+            shown = ctx.shown_file(rec.path, rec.meta())
+            return shown, f"**{rec.relpath}** (label: {rec.label or '-'}, id {rec.id})"
 
         map_img.select(click_map, [map_state], [point_img, point_md], api_visibility="private")
     return demo

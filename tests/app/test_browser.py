@@ -40,7 +40,7 @@ def test_upload_search_click_screenshot(page: Any, server: Any, ctx: Any,
     gallery = page.locator("#results")
     # the example query is searched on load
     page.wait_for_function("document.querySelectorAll('#results img').length >= 12")
-    query = str(Path(ctx.allowed_paths[0]) / "square" / "square_03.png")
+    query = str(Path(ctx.roots()[0]) / "square" / "square_03.png")
     page.locator("input[type=file]").first.set_input_files(query)
     page.wait_for_function(
         "[...document.querySelectorAll('#results img')].some(i => i.alt && "

@@ -15,6 +15,7 @@ from PIL import Image
 from app import classifying, encoder_info, handlers, overview
 from app.context import USER_PROBE
 from app.handlers import UserError
+from indexes import Hit
 
 
 def test_search_finds_the_query_first_with_captions(ctx: Any) -> None:
@@ -23,7 +24,10 @@ def test_search_finds_the_query_first_with_captions(ctx: Any) -> None:
     assert r.hits[0].path == os.path.realpath(ctx.example)
     assert r.hits[0].score == pytest.approx(1.0, abs=1e-4)
     path, cap = r.gallery[0]
-    assert path == os.path.realpath(ctx.example)
+    assert ctx.is_served(path) and Path(path).suffix == ".png"  # a thumbnail, not the original
+    with Image.open(path) as shown, Image.open(ctx.example) as original:
+        assert shown.size == original.size  # small images keep their pixels
+        assert shown.tobytes() == original.convert("RGB").tobytes()
     assert "circle" in cap and "1.000" in cap
     assert r.rows()[0]["rank"] == 1 and "ms" in r.status()
 
@@ -73,45 +77,76 @@ def test_decompression_bomb_upload(ctx: Any, tmp_path: Path) -> None:
 
 def test_more_like_this_and_relevance_feedback(ctx: Any) -> None:
     first = handlers.search(ctx, ctx.example, k=6)
-    hit = handlers.selected_hit(first.rows(), 2)
-    again = handlers.search_id(ctx, hit["id"], k=4)
-    assert again.hits[0].id == hit["id"]
-    pos, neg = handlers.toggle([], hit["id"], [])
+    hit = handlers.selected_hit(first.hits, 2)
+    assert hit is first.hits[2]
+    again = handlers.search_id(ctx, hit.id, k=4)
+    assert again.hits[0].id == hit.id
+    pos, neg = handlers.toggle([], hit.id, [])
     neg, pos = handlers.toggle([], first.hits[1].id, pos)
-    assert pos == [hit["id"]] and neg == [first.hits[1].id]
+    assert pos == [hit.id] and neg == [first.hits[1].id]
     refined = handlers.search(ctx, ctx.example, k=24, positives=pos, negatives=neg)
     ranks = [h.id for h in refined.hits]
     assert ranks.index(first.hits[1].id) > 0  # pushed down by the negative example
-    assert handlers.toggle(pos, hit["id"], [])[0] == []  # a second click removes it
+    assert handlers.toggle(pos, hit.id, [])[0] == []  # a second click removes it
     with pytest.raises(UserError):
         handlers.selected_hit([], 0)
+    with pytest.raises(UserError, match="No result number 7"):
+        handlers.selected_hit(first.hits, 6)
+    picture = handlers.query_image(ctx, hit)
+    with Image.open(hit.path) as original:
+        assert picture.size == original.size
 
 
 def test_export_csv_and_json(ctx: Any) -> None:
-    rows = handlers.search(ctx, ctx.example, k=3).rows()
-    with open(handlers.export(rows, "csv"), newline="") as f:
+    r = handlers.search(ctx, ctx.example, k=3)
+    rows = r.rows()
+    with open(handlers.export(r.hits, "csv"), newline="") as f:
         got = list(csv.DictReader(f))
     assert [int(r["id"]) for r in got] == [r["id"] for r in rows]
-    assert json.loads(Path(handlers.export(rows, "json")).read_text()) == rows
+    assert json.loads(Path(handlers.export(r.hits, "json")).read_text()) == rows
     with pytest.raises(UserError):
         handlers.export([], "csv")
     with pytest.raises(UserError):
-        handlers.export(rows, "xml")
+        handlers.export(r.hits, "xml")
 
 
-def test_safe_path_refuses_everything_outside_the_roots(ctx: Any, tmp_path: Path) -> None:
-    root = Path(ctx.allowed_paths[0])
-    assert handlers.safe_path(ctx, str(root / "circle" / "circle_00.png"))
+def test_only_thumbnails_are_served(ctx: Any, tmp_path: Path) -> None:
+    root = Path(ctx.roots()[0])
+    assert ctx.served_dirs == [os.path.realpath(ctx.thumbs)]
     outside = tmp_path / "secret.png"
     outside.write_bytes(b"x")
-    link = root / "circle" / "zz_out.png"
+    link = Path(ctx.thumbs) / "zz_out.png"
     link.symlink_to(outside)
     try:
-        for p in [str(outside), "/etc/passwd", str(root / ".." / "collection" / "meta.db"),
-                  str(link), str(root) + "-other/x.png"]:
-            assert handlers.safe_path(ctx, p) is None, p
+        for p in [str(outside), "/etc/passwd", str(root / "circle" / "circle_00.png"),
+                  str(ctx.path / "meta.db"), str(link), str(ctx.thumbs) + "-other/x.png"]:
+            assert not ctx.is_served(p), p
     finally:
         link.unlink()
+    blocked = ctx.blocked_paths()
+    for name in ("meta.db", "manifest.json", "index.faiss", "probes", "app_labels.json"):
+        assert os.path.realpath(ctx.path / name) in blocked
+    assert os.path.realpath(ctx.thumbs) not in blocked
+
+
+def test_ui_indexes_only_roots_and_allowed_folders(ctx: Any, tmp_path: Path, tree: Any) -> None:
+    from app.context import AppContext
+
+    allowed = tree(tmp_path / "allowed", labels=("circle",), n=1)
+    other = tree(tmp_path / "other", labels=("circle",), n=1)
+    for c in (ctx, AppContext(ctx.collection, allow_index=(allowed,))):
+        assert c.check_index_folder(ctx.roots()[0]) == Path(ctx.roots()[0])  # refresh: always
+        with pytest.raises(PermissionError, match="--allow-index"):
+            c.check_index_folder(str(other))
+        with pytest.raises(PermissionError):
+            c.check_index_folder("/etc")
+    c = AppContext(ctx.collection, allow_index=(allowed,))
+    assert c.check_index_folder(str(allowed / "circle")) == (allowed / "circle").resolve()
+    with pytest.raises(PermissionError):  # a symlink inside does not lead out
+        (allowed / "out").symlink_to(other)
+        c.check_index_folder(str(allowed / "out"))
+    with pytest.raises(ValueError, match="Not a folder"):
+        c.check_index_folder(str(allowed / "missing"))
 
 
 def test_classify_knn_then_probe(ctx: Any) -> None:
@@ -135,7 +170,7 @@ def test_label_a_few_images_and_train_a_probe(ctx: Any) -> None:
         for name, lab in [("circle/circle_00.png", "round"), ("circle/circle_01.png", "round"),
                           ("square/square_00.png", "boxy"), ("square/square_01.png", "boxy")]:
             r = rows[name]
-            msg = classifying.label_image(ctx, {"id": r.id, "relpath": name}, lab)
+            msg = classifying.label_image(ctx, Hit.from_record(r, 1.0), lab)
         assert "boxy: 2" in msg and "round: 2" in msg
         res = classifying.train(ctx, USER_PROBE)
         assert res.classes == ["boxy", "round"] and res.n_train == 4
@@ -177,9 +212,9 @@ def test_index_update_in_background_while_searching(encoder_dir: Path, tmp_path:
     write_tree = tree
     images = write_tree(tmp_path / "images", labels=("circle", "square"), n=3)
     index_images([images], tmp_path / "coll", encoder_dir, workers=0)
-    ctx = AppContext.open(tmp_path / "coll")
-    ctx.example = str(images / "circle" / "circle_00.png")
     extra = write_tree(tmp_path / "extra", labels=("dots",), n=4)
+    ctx = AppContext.open(tmp_path / "coll", allow_index=(extra,))
+    ctx.example = str(images / "circle" / "circle_00.png")
     errors: list[BaseException] = []
     stop = threading.Event()
 
@@ -208,8 +243,8 @@ def test_index_update_in_background_while_searching(encoder_dir: Path, tmp_path:
     assert not errors, errors[:1]
     assert len(ctx.collection) == 10
     hits = handlers.search(ctx, str(extra / "dots" / "dots_00.png"), k=1).hits
-    assert hits[0].label == "dots" and handlers.safe_path(ctx, hits[0].path)
-    with pytest.raises(ValueError, match="Not a folder"):
+    assert hits[0].label == "dots" and ctx.shown_file(hits[0].path, hits[0].meta)
+    with pytest.raises(PermissionError, match="not allowed"):
         ctx.start_index(str(tmp_path / "missing"))
 
 
@@ -231,9 +266,10 @@ def test_large_results_are_shown_as_thumbnails_kept_in_the_collection(
         assert thumb.parent.parent == tmp_path / "coll" / "thumbs" and thumb.suffix == ".webp"
         with Image.open(thumb) as im:
             assert max(im.size) == 320 and im.size[0] / im.size[1] == pytest.approx(1.5, 0.01)
-        assert handlers.safe_path(c, str(thumb)) == str(thumb.resolve())  # served
+        assert c.is_served(str(thumb))
         small = images / "circle" / "circle_00.png"
-        assert tiles["circle/circle_00.png"] == os.path.realpath(small)  # 48x40: as it is
+        kept = Path(tiles["circle/circle_00.png"])  # 48x40: lossless, at its own size
+        assert c.is_served(str(kept)) and kept.suffix == ".png"
         made = thumb.stat().st_mtime_ns
         handlers.search(c, str(big), k=4)
         assert thumb.stat().st_mtime_ns == made  # reused, not redrawn
