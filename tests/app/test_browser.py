@@ -49,6 +49,16 @@ def test_upload_search_click_screenshot(page: Any, server: Any, ctx: Any,
     assert "square" in (first_caption or page.inner_text("#results"))
     page.locator("#results img").nth(1).click()
     page.wait_for_function("document.body.innerText.includes('Searching from')")
+    # the clicked result is now the query picture; searching from it is an ordinary upload
+    k = page.locator("input[type=number]").first  # k: 7, so that the new status differs
+    k.fill("7")
+    k.press("Enter")
+    page.locator("#search-btn").click()
+    page.wait_for_function("document.querySelector('#search-status').innerText"
+                           ".includes('7 results in')")
+    assert "Error" not in page.inner_text("body")
+    for src in gallery.locator("img").evaluate_all("els => els.map(e => e.src)"):
+        assert "/thumbs/" in src  # every tile is a thumbnail, never an original
     shot = tmp_path / "search.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
