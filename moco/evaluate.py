@@ -77,8 +77,9 @@ class EvalConfig:
         return ProbeConfig.paper() if self.protocol == "paper" else ProbeConfig.fast()
 
 
-def image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None
-                 ) -> tuple[list[Path], np.ndarray, list[str]]:
+def image_folder(
+    root: str | os.PathLike, classes: Sequence[str] | None = None
+) -> tuple[list[Path], np.ndarray, list[str]]:
     """Images of an ImageFolder tree, their class indexes, and the class names (subfolders).
 
     With ``classes`` given (the training tree's), images of other classes are left out, since
@@ -104,8 +105,9 @@ def image_folder(root: str | os.PathLike, classes: Sequence[str] | None = None
     return paths, np.array(labels, dtype=np.int64), names
 
 
-def load_featurizer(spec: str | os.PathLike, device: str = "cpu", image_size: int | None = None,
-                    seed: int = 0) -> tuple[nn.Module, EncoderConfig, str]:
+def load_featurizer(
+    spec: str | os.PathLike, device: str = "cpu", image_size: int | None = None, seed: int = 0
+) -> tuple[nn.Module, EncoderConfig, str]:
     """A frozen feature extractor, its preprocessing config, and a display name.
 
     Args:
@@ -117,8 +119,13 @@ def load_featurizer(spec: str | os.PathLike, device: str = "cpu", image_size: in
     text = str(spec)
     if text == "pixels":
         size = image_size or PIXELS_SIZE
-        cfg = EncoderConfig(arch="pixels", feature_dim=3 * size * size, image_size=size,
-                            crop_pct=1.0, source="baseline")
+        cfg = EncoderConfig(
+            arch="pixels",
+            feature_dim=3 * size * size,
+            image_size=size,
+            crop_pct=1.0,
+            source="baseline",
+        )
         return nn.Flatten().eval(), cfg, f"pixels {size}x{size}"
     if text.startswith("random:"):
         parts = text.split(":")
@@ -128,27 +135,40 @@ def load_featurizer(spec: str | os.PathLike, device: str = "cpu", image_size: in
         torch.manual_seed(seed)
         model = build_encoder(parts[1], num_classes=0, small_stem=small)
         model.requires_grad_(False)
-        cfg = EncoderConfig(arch=parts[1], small_stem=small, feature_dim=feature_dim(parts[1]),
-                            image_size=image_size or (32 if small else 224),
-                            crop_pct=1.0 if small else 0.875, source="random-init",
-                            content_hash=f"random-init-seed{seed}")
+        cfg = EncoderConfig(
+            arch=parts[1],
+            small_stem=small,
+            feature_dim=feature_dim(parts[1]),
+            image_size=image_size or (32 if small else 224),
+            crop_pct=1.0 if small else 0.875,
+            source="random-init",
+            content_hash=f"random-init-seed{seed}",
+        )
         return model.eval().to(device), cfg, f"random-init {text[7:]}"
     model, cfg = load_encoder(text, device=device)
     return model, cfg, Path(text).name
 
 
 @torch.inference_mode()
-def extract_features(model: nn.Module, transform: Callable[[Any], torch.Tensor],
-                     paths: Sequence[Path], batch_size: int = 64, device: str = "cpu",
-                     workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def extract_features(
+    model: nn.Module,
+    transform: Callable[[Any], torch.Tensor],
+    paths: Sequence[Path],
+    batch_size: int = 64,
+    device: str = "cpu",
+    workers: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Features (NxD float32, unnormalised) of the readable ``paths`` and their indexes.
 
     Unreadable files are skipped (``moco.load_image`` decides), so the result may be shorter
     than ``paths``; the second array says which paths the rows belong to.
     """
-    loader = torch.utils.data.DataLoader(ImageFiles(list(paths), transform),
-                                         batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate_indexed)
+    loader = torch.utils.data.DataLoader(
+        ImageFiles(list(paths), transform),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate_indexed,
+    )
     model = model.eval()
     feats, kept = [], []
     for batch in loader:
@@ -162,8 +182,15 @@ def extract_features(model: nn.Module, transform: Callable[[Any], torch.Tensor],
     return np.concatenate(feats), np.concatenate(kept).astype(np.int64)
 
 
-def view_recall(model: nn.Module, cfg: EncoderConfig, paths: Sequence[Path], n: int = 256,
-                seed: int = 0, batch_size: int = 64, device: str = "cpu") -> tuple[float, int]:
+def view_recall(
+    model: nn.Module,
+    cfg: EncoderConfig,
+    paths: Sequence[Path],
+    n: int = 256,
+    seed: int = 0,
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> tuple[float, int]:
     """Label-free monitor: recall@1 (percent) of each image's other augmented view.
 
     Two MoCo v2 views of each of ``n`` images; for each first view, is the nearest second view
@@ -182,8 +209,12 @@ def view_recall(model: nn.Module, cfg: EncoderConfig, paths: Sequence[Path], n: 
     return 100.0 * (sim.argmax(1) == torch.arange(len(a))).float().mean().item(), len(a)
 
 
-def evaluate(encoder: str | os.PathLike, train_dir: str | os.PathLike,
-             val_dir: str | os.PathLike, cfg: EvalConfig | None = None) -> dict[str, Any]:
+def evaluate(
+    encoder: str | os.PathLike,
+    train_dir: str | os.PathLike,
+    val_dir: str | os.PathLike,
+    cfg: EvalConfig | None = None,
+) -> dict[str, Any]:
     """All metrics of one encoder (or baseline spec, see ``load_featurizer``) as a flat dict.
 
     Examples:
@@ -194,8 +225,9 @@ def evaluate(encoder: str | os.PathLike, train_dir: str | os.PathLike,
     t0 = time.perf_counter()
     tr_paths, tr_y, classes = image_folder(train_dir)
     va_paths, va_y, _ = image_folder(val_dir, classes=classes)
-    model, enc, name = load_featurizer(encoder, device=cfg.device, image_size=cfg.image_size,
-                                       seed=cfg.seed)
+    model, enc, name = load_featurizer(
+        encoder, device=cfg.device, image_size=cfg.image_size, seed=cfg.seed
+    )
     tf = eval_transform(enc)
     kw = {"batch_size": cfg.batch_size, "device": cfg.device, "workers": cfg.workers}
     tr_x, tr_kept = extract_features(model, tf, tr_paths, **kw)
@@ -209,20 +241,35 @@ def evaluate(encoder: str | os.PathLike, train_dir: str | os.PathLike,
     pcfg = cfg.probe_config()
     if cfg.protocol == "paper":
         probe = train_probe_on_images(
-            model, [tr_paths[i] for i in tr_kept], tr_y, paper_train_transform(enc), pcfg,
-            classes=classes, encoder_hash=enc.content_hash, dim=enc.feature_dim,
-            device=cfg.device, workers=cfg.workers)
+            model,
+            [tr_paths[i] for i in tr_kept],
+            tr_y,
+            paper_train_transform(enc),
+            pcfg,
+            classes=classes,
+            encoder_hash=enc.content_hash,
+            dim=enc.feature_dim,
+            device=cfg.device,
+            workers=cfg.workers,
+        )
     else:
         probe = train_probe(tr_x, tr_y, pcfg, classes=classes, encoder_hash=enc.content_hash)
     with torch.inference_mode():
         probe_scores = probe.to("cpu")(torch.from_numpy(va_x)).numpy()
     probe_m = classification_metrics(probe_scores, va_y, classes)
-    sim = (F.normalize(torch.from_numpy(va_x), dim=1)
-           @ F.normalize(torch.from_numpy(tr_x), dim=1).T).numpy()
+    sim = (
+        F.normalize(torch.from_numpy(va_x), dim=1) @ F.normalize(torch.from_numpy(tr_x), dim=1).T
+    ).numpy()
     retrieval = retrieval_metrics(sim, va_y, tr_y, ks=(1, 5, 10))
-    monitor, monitor_n = view_recall(model, enc, [va_paths[i] for i in va_kept],
-                                     n=cfg.monitor_size, seed=cfg.seed,
-                                     batch_size=cfg.batch_size, device=cfg.device)
+    monitor, monitor_n = view_recall(
+        model,
+        enc,
+        [va_paths[i] for i in va_kept],
+        n=cfg.monitor_size,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        device=cfg.device,
+    )
     return {
         "encoder": name,
         "spec": str(encoder),
@@ -250,34 +297,57 @@ def evaluate(encoder: str | os.PathLike, train_dir: str | os.PathLike,
     }
 
 
-def evaluate_many(specs: Sequence[str | os.PathLike], train_dir: str | os.PathLike,
-                  val_dir: str | os.PathLike, cfg: EvalConfig | None = None
-                  ) -> list[dict[str, Any]]:
+def evaluate_many(
+    specs: Sequence[str | os.PathLike],
+    train_dir: str | os.PathLike,
+    val_dir: str | os.PathLike,
+    cfg: EvalConfig | None = None,
+) -> list[dict[str, Any]]:
     """``evaluate`` for each encoder or baseline spec, one row each (same data, same settings)."""
     return [evaluate(s, train_dir, val_dir, cfg) for s in specs]
 
 
-COLUMNS = ("encoder", "knn_top1", "probe_top1", "probe_top5", "mAP@10", "recall@1", "recall@5",
-           "recall@10", "view_recall@1", "seconds")
+COLUMNS = (
+    "encoder",
+    "knn_top1",
+    "probe_top1",
+    "probe_top5",
+    "mAP@10",
+    "recall@1",
+    "recall@5",
+    "recall@10",
+    "view_recall@1",
+    "seconds",
+)
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """A plain-text table of the main metrics (percent), one row per encoder."""
-    cells = [[r["encoder"]] + [f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c])
-                               for c in COLUMNS[1:]] for r in rows]
+    cells = [
+        [r["encoder"]]
+        + [f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS[1:]]
+        for r in rows
+    ]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(COLUMNS)]
-    line = lambda vals: "  ".join(v.ljust(w) if i == 0 else v.rjust(w)  # noqa: E731
-                                  for i, (v, w) in enumerate(zip(vals, widths, strict=True)))
+
+    def line(vals: Sequence[str]) -> str:
+        return "  ".join(
+            v.ljust(w) if i == 0 else v.rjust(w)
+            for i, (v, w) in enumerate(zip(vals, widths, strict=True))
+        )
+
     return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *map(line, cells)])
 
 
 def write_json(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """The rows as a JSON list (NaN written as null)."""
+
     def clean(v: Any) -> Any:
         return None if isinstance(v, float) and v != v else v
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([{k: clean(v) for k, v in r.items()} for r in rows], indent=2)
-                    + "\n")
+    path.write_text(
+        json.dumps([{k: clean(v) for k, v in r.items()} for r in rows], indent=2) + "\n"
+    )
     return path

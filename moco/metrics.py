@@ -19,8 +19,9 @@ from typing import Any
 import numpy as np
 
 
-def stratified_split(labels: Sequence[Any] | np.ndarray, val_fraction: float = 0.2,
-                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: Sequence[Any] | np.ndarray, val_fraction: float = 0.2, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Train and held-out indexes with every class in the same proportion.
 
     A class with n >= 2 images gives ``max(1, round(n * val_fraction))`` of them to the held-out
@@ -34,15 +35,19 @@ def stratified_split(labels: Sequence[Any] | np.ndarray, val_fraction: float = 0
     train, val = [], []
     for cls in sorted(set(labels.tolist()), key=str):
         idx = rng.permutation(np.flatnonzero(labels == cls))
-        n_val = 0 if len(idx) < 2 or val_fraction == 0 else min(
-            len(idx) - 1, max(1, round(len(idx) * val_fraction)))
+        n_val = (
+            0
+            if len(idx) < 2 or val_fraction == 0
+            else min(len(idx) - 1, max(1, round(len(idx) * val_fraction)))
+        )
         val += idx[:n_val].tolist()
         train += idx[n_val:].tolist()
     return np.array(sorted(train), dtype=np.int64), np.array(sorted(val), dtype=np.int64)
 
 
-def stratified_folds(labels: Sequence[Any] | np.ndarray, n_folds: int = 5,
-                     seed: int = 0) -> list[np.ndarray]:
+def stratified_folds(
+    labels: Sequence[Any] | np.ndarray, n_folds: int = 5, seed: int = 0
+) -> list[np.ndarray]:
     """Held-out indexes of ``n_folds`` cross-validation folds, each class spread over them.
 
     Every image of a class with n >= 2 images is held out exactly once, in a fold that leaves at
@@ -97,12 +102,15 @@ class ClassificationMetrics:
         if self.n == 0:
             return "no held-out images: accuracy not estimated (label 2+ images per class)"
         lo, hi = self.top1_ci
-        return (f"top-1 {self.top1:.1f}% (95% CI {lo:.1f}-{hi:.1f}%, {self.n} held-out images), "
-                f"top-5 {self.top5:.1f}%")
+        return (
+            f"top-1 {self.top1:.1f}% (95% CI {lo:.1f}-{hi:.1f}%, {self.n} held-out images), "
+            f"top-5 {self.top5:.1f}%"
+        )
 
 
-def classification_metrics(scores: np.ndarray, labels: np.ndarray,
-                           classes: Sequence[str]) -> ClassificationMetrics:
+def classification_metrics(
+    scores: np.ndarray, labels: np.ndarray, classes: Sequence[str]
+) -> ClassificationMetrics:
     """Top-1/top-5, per-class accuracy and confusion matrix of ``scores`` (NxC) against labels.
 
     ``confusion[i][j]`` counts images of true class i predicted as class j.
@@ -111,8 +119,15 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray,
     c = len(classes)
     n = len(labels)
     if n == 0:
-        return ClassificationMetrics(0, float("nan"), float("nan"), (0.0, 100.0), {},
-                                     np.zeros((c, c), dtype=int).tolist(), list(classes))
+        return ClassificationMetrics(
+            0,
+            float("nan"),
+            float("nan"),
+            (0.0, 100.0),
+            {},
+            np.zeros((c, c), dtype=int).tolist(),
+            list(classes),
+        )
     order = np.argsort(-scores, axis=1, kind="stable")
     pred = order[:, 0]
     hit1 = pred == labels
@@ -125,13 +140,23 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray,
         if m:
             per_class[name] = {"accuracy": 100.0 * confusion[i, i] / m, "n": m}
     lo, hi = wilson_interval(int(hit1.sum()), n)
-    return ClassificationMetrics(n, 100.0 * hit1.mean(), 100.0 * hit5.mean(),
-                                 (100.0 * lo, 100.0 * hi), per_class, confusion.tolist(),
-                                 list(classes))
+    return ClassificationMetrics(
+        n,
+        100.0 * hit1.mean(),
+        100.0 * hit5.mean(),
+        (100.0 * lo, 100.0 * hi),
+        per_class,
+        confusion.tolist(),
+        list(classes),
+    )
 
 
-def save_confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str],
-                       path: str | os.PathLike, title: str = "Confusion matrix") -> Path:
+def save_confusion_png(
+    confusion: Sequence[Sequence[int]],
+    classes: Sequence[str],
+    path: str | os.PathLike,
+    title: str = "Confusion matrix",
+) -> Path:
     """Row-normalised confusion matrix as a PNG (matplotlib's Agg canvas: no display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -151,8 +176,15 @@ def save_confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str
     ax.set_title(title)
     if len(classes) <= 20:
         for i, j in zip(*np.nonzero(cm), strict=True):
-            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
-                    color="white" if rows[i, j] > 0.5 else "black")
+            ax.text(
+                j,
+                i,
+                str(int(cm[i, j])),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if rows[i, j] > 0.5 else "black",
+            )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     path = Path(path)
@@ -161,8 +193,12 @@ def save_confusion_png(confusion: Sequence[Sequence[int]], classes: Sequence[str
     return path
 
 
-def retrieval_metrics(sim: np.ndarray, query_labels: np.ndarray, gallery_labels: np.ndarray,
-                      ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_metrics(
+    sim: np.ndarray,
+    query_labels: np.ndarray,
+    gallery_labels: np.ndarray,
+    ks: Sequence[int] = (1, 5, 10),
+) -> dict[str, float]:
     """mAP@max(ks) and recall@k (percent) of a QxG similarity matrix; same label = relevant.
 
     recall@k: share of queries with at least one relevant image in their top k.
