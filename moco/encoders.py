@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn as nn
 import torchvision.models as tvm
 
@@ -51,4 +52,33 @@ def build_encoder(arch: str, num_classes: int = 0, small_stem: bool = False) -> 
         net.maxpool = nn.Identity()
     dim = net.fc.in_features
     net.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+    return net
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling, ``(mean(x^p))^(1/p)`` over H x W (Radenovic et al. 2018).
+
+    https://arxiv.org/abs/1711.02512. p=1 is average pooling and p -> inf max pooling; p=3, the
+    paper's, weights a feature map's strongest responses (the object) over the background,
+    which helps retrieval. Used for features only (``with_pooling``), never in training.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.p, self.eps = p, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NxCxHxW -> NxCx1x1, like the AdaptiveAvgPool2d it replaces
+        pooled = x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3), keepdim=True)
+        return pooled.pow(1.0 / self.p)
+
+
+def with_pooling(net: nn.Module, pooling: str) -> nn.Module:
+    """``net`` (a torchvision ResNet) with its global pooling set: "avg" or "gem" (GeM p=3)."""
+    if pooling == "avg":
+        net.avgpool = nn.AdaptiveAvgPool2d(1)
+    elif pooling == "gem":
+        net.avgpool = GeM()
+    else:
+        raise ValueError(f"Unknown pooling {pooling!r}; valid: avg, gem")
     return net

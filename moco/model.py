@@ -6,6 +6,8 @@ Symbols, as in the papers:
     m: momentum of the key encoder, ``theta_k <- m * theta_k + (1 - m) * theta_q`` (0.999).
     T: softmax temperature (0.07 in v1, 0.2 in v2).
     dim: width of the normalised embedding compared by the loss (128).
+The momentum actually applied is ``MoCo.m``, which starts at ``m`` and which training may move
+along a schedule (moco.schedule.cosine_momentum rises to 1, BYOL / MoCo v3).
 BatchNorm leaks information between the samples of a batch, which lets the model cheat on the
 pretext task: a query and its positive key computed in the same BatchNorm batch share a batch
 "signature". The official code shuffles the key batch across GPUs ("shuffle BN"). On one device
@@ -46,6 +48,7 @@ class ModelConfig:
     symmetric: bool = False
     bn_splits: int = 1
     sync_bn: bool = False
+    head_bn: bool = False  # BatchNorm after the MLP head's hidden layer (SimCLR v2, MoCo v3)
 
 
 class SplitBatchNorm(nn.BatchNorm2d):
@@ -128,6 +131,7 @@ class MoCo(nn.Module):
         self.encoder_q = self._make_encoder(cfg, splits=1)
         self.encoder_k = self._make_encoder(cfg, splits=cfg.bn_splits)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
+        self.m = cfg.m  # the momentum of the next update; a schedule may change it every step
         for p in self.encoder_k.parameters():
             p.requires_grad = False  # only the momentum update changes the key encoder
         self.register_buffer("queue", F.normalize(torch.randn(cfg.dim, cfg.K), dim=0))  # CxK
@@ -145,7 +149,13 @@ class MoCo(nn.Module):
         net = build_encoder(cfg.arch, num_classes=cfg.dim, small_stem=cfg.small_stem)
         if cfg.mlp:  # v2: a 2-layer MLP head replaces the linear fc
             width = feature_dim(cfg.arch)
-            net.fc = nn.Sequential(nn.Linear(width, width), nn.ReLU(inplace=True), net.fc)
+            norm: list[nn.Module] = [nn.BatchNorm1d(width)] if cfg.head_bn else []
+            net.fc = nn.Sequential(
+                nn.Linear(width, width, bias=not cfg.head_bn),
+                *norm,
+                nn.ReLU(inplace=True),
+                net.fc,
+            )
         if splits > 1:
             _split_bn(net, splits)
         if cfg.sync_bn:
@@ -154,11 +164,11 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """theta_k <- m * theta_k + (1 - m) * theta_q."""
+        """theta_k <- m * theta_k + (1 - m) * theta_q, with m = ``self.m``."""
         q_params = list(self.encoder_q.parameters())
         k_params = list(self.encoder_k.parameters())
-        torch._foreach_mul_(k_params, self.cfg.m)
-        torch._foreach_add_(k_params, q_params, alpha=1.0 - self.cfg.m)
+        torch._foreach_mul_(k_params, self.m)
+        torch._foreach_add_(k_params, q_params, alpha=1.0 - self.m)
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, ids: torch.Tensor | None = None) -> None:

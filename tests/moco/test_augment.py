@@ -76,3 +76,19 @@ def test_two_crops_reproducible_under_seed() -> None:
     torch.manual_seed(5)
     second = two(img)
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_colour_strength_zero_and_full_crop_leave_a_flat_image_alone() -> None:
+    flat = Image.new("RGB", (40, 40), (200, 30, 90))
+    view = moco_transform(32, "v2", blur=False, crop_min=1.0, color=0.0)
+    expected = eval_transform(EncoderConfig(arch="resnet18", image_size=32, crop_pct=1.0))(flat)
+    for _ in range(5):
+        assert torch.allclose(view(flat), expected, atol=1e-5)
+    full = moco_transform(32, "v2", blur=False, crop_min=1.0, color=1.0)
+    torch.manual_seed(0)
+    assert any(not torch.allclose(full(flat), expected, atol=1e-3) for _ in range(10))
+
+
+def test_crop_min_out_of_range_is_an_error() -> None:
+    with pytest.raises(ValueError, match="crop_min must be in"):
+        moco_transform(32, crop_min=0.0)

@@ -168,3 +168,42 @@ def test_checkpoints_without_queue_ids_still_load() -> None:
     model.queue_ids.fill_(3)
     model.load_state_dict(state)  # strict
     assert model.queue_ids.tolist() == [-1] * 10
+
+
+def test_symmetric_loss_is_the_mean_of_both_directions_by_hand() -> None:
+    """Reference: both encoders run by hand, keys from the other view, the pre-step queue."""
+    model = tiny(symmetric=True, K=16, m=0.5).eval()  # eval: BatchNorm ignores the shuffle
+    ref = tiny(symmetric=True, K=16, m=0.5).eval()
+    ref.load_state_dict(model.state_dict())
+    x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    loss, _, _ = model(x1, x2)
+    with torch.no_grad():
+        ref.momentum_update()
+        queue, t = ref.queue.clone(), ref.cfg.T
+
+        def one_way(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            q = F.normalize(ref.encoder_q(a), dim=1)
+            k = F.normalize(ref.encoder_k(b), dim=1)
+            logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue], dim=1) / t
+            return -torch.log_softmax(logits, dim=1)[:, 0].mean()
+
+        expected = 0.5 * (one_way(x1, x2) + one_way(x2, x1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_momentum_update_uses_the_scheduled_m() -> None:
+    model = tiny(m=0.99)
+    model.m = 0.0  # a schedule may set any m; 0 copies the query encoder
+    with torch.no_grad():
+        for p in model.encoder_q.parameters():
+            p.add_(1.0)
+    model.momentum_update()
+    for q, k in zip(model.encoder_q.parameters(), model.encoder_k.parameters(), strict=True):
+        assert torch.equal(q, k)
+
+
+def test_head_bn_puts_batchnorm_in_the_mlp() -> None:
+    model = tiny(head_bn=True)
+    assert any(isinstance(m, nn.BatchNorm1d) for m in model.encoder_q.fc)
+    loss, _, _ = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+    assert torch.isfinite(loss)

@@ -1,0 +1,31 @@
+"""GeM pooling against average and max pooling, and swapping a ResNet's pooling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moco.encoders import GeM, build_encoder, with_pooling
+
+
+def test_gem_is_average_pooling_at_p_1() -> None:
+    x = torch.rand(2, 3, 5, 4)
+    assert torch.allclose(GeM(p=1.0)(x), x.mean(dim=(2, 3), keepdim=True), atol=1e-6)
+
+
+def test_gem_tends_to_max_pooling_as_p_grows() -> None:
+    x = torch.rand(2, 3, 5, 4) + 0.1
+    peak = x.amax(dim=(2, 3), keepdim=True)
+    errors = [(GeM(p=p)(x) - peak).abs().max().item() for p in (1.0, 3.0, 10.0, 100.0)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.05 * peak.min().item()
+
+
+def test_with_pooling_swaps_the_resnet_pool() -> None:
+    net = build_encoder("resnet18").eval()
+    x = torch.rand(1, 3, 64, 64)
+    avg = net(x)
+    gem = with_pooling(net, "gem")(x)
+    assert gem.shape == avg.shape and not torch.allclose(gem, avg)
+    assert torch.allclose(with_pooling(net, "avg")(x), avg)
+    with pytest.raises(ValueError, match="Unknown pooling 'max'; valid: avg, gem"):
+        with_pooling(net, "max")
