@@ -1,13 +1,20 @@
-"""kNN monitor during pretraining (official CIFAR demo: k=200, T=0.1 on the 128-d output).
+"""Is training working? Two monitors, each measured on the untrained network first.
 
-The training images form the memory bank, labelled by their parent folder; ``--val-dir`` is an
-ImageFolder tree of held-out images. Both are decoded once and kept as tensors, so each epoch
-costs only forward passes.
+``ViewMonitor`` (always on, no labels): two fixed augmented views of held-out images; the share
+of first views whose nearest second view (cosine, backbone features) is that of the same image.
+Chance is 1/n; an untrained ResNet already scores well above it (its random features keep much
+of an image's colour and layout), and that untrained figure, not chance, is the bar training
+must clear: on emoji a short run of the old recipe fell below it (issue 11).
+
+``KnnMonitor`` (``--val-dir``): kNN top-1 (official CIFAR demo: k=200, T=0.1 on the 128-d output)
+of an ImageFolder tree of held-out images against the training images, labelled by their parent
+folder. Both are decoded once and kept as tensors, so each epoch costs only forward passes.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +92,63 @@ class KnnMonitor:
         encoder.train(was_training)
         labels = (self.bank_labels, self.val_labels)
         return knn_top1(bank, labels[0], val, labels[1], self.num_classes, self.k, self.t)
+
+
+@torch.no_grad()
+def backbone_features(encoder: nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """L2-normalised features of ``encoder`` without its head (what export and search use)."""
+    head, encoder.fc = encoder.fc, nn.Identity()  # type: ignore[assignment]
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        device = next(encoder.parameters()).device
+        out = [encoder(b.to(device)).float().cpu() for b in x.split(batch)]
+    finally:
+        encoder.fc = head
+        encoder.train(was_training)
+    return F.normalize(torch.cat(out), dim=1)
+
+
+class ViewMonitor:
+    """Label-free: how often an augmented copy of a held-out image is its other copy's nearest.
+
+    The views are drawn once, under a forked RNG (training's random stream is untouched), so
+    the figure changes only with the weights.
+    """
+
+    def __init__(
+        self, images: Sequence[Any], transform: Callable[[Any], torch.Tensor], seed: int = 0
+    ) -> None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.a = torch.stack([transform(im) for im in images])
+            self.b = torch.stack([transform(im) for im in images])
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __call__(self, encoder: nn.Module) -> float:
+        """Percentage of images whose first view finds its second view at rank 1."""
+        sim = backbone_features(encoder, self.a) @ backbone_features(encoder, self.b).T  # nxn
+        return 100.0 * (sim.argmax(1) == torch.arange(len(sim))).float().mean().item()
+
+
+def verdict(
+    trained: float, untrained: float, n: int, knn: tuple[float, float] | None, held_out: bool
+) -> str:
+    """The run's last line: did training beat the untrained network, and if not, what to try."""
+    text = (
+        f"finds augmented copies of {n} {'held-out' if held_out else 'training'} images "
+        f"{trained:.1f}% of the time; "
+        f"untrained {untrained:.1f}% (chance {100 / max(n, 1):.1f}%)"
+    )
+    if knn is not None:
+        text += f"; kNN top-1 {knn[0]:.1f}%, untrained {knn[1]:.1f}%"
+    beaten = trained > untrained + 1.0 and (knn is None or knn[0] > knn[1])
+    if beaten:
+        return f"training is working: {text}"
+    return (
+        f"training has NOT beaten the untrained network: {text}. Try a longer --minutes, the "
+        "default recipe (leave --moco-k, --moco-m, --lr unset), a smaller --image-size on CPU, "
+        "or more images"
+    )

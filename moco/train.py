@@ -28,12 +28,12 @@ from torch.utils.data import DataLoader
 from moco.augment import TwoCropsTransform, moco_transform
 from moco.checkpoint import LAST, rng_state, save_checkpoint, set_rng_state
 from moco.data import ImageFiles, collate_skip, list_images
-from moco.encoders import check_arch
 from moco.export import CheckpointError, backbone_from_checkpoint, load_checkpoint_file
 from moco.loss import topk_accuracy
 from moco.model import MoCo, ModelConfig
-from moco.monitor import KnnMonitor
-from moco.schedule import cosine_lr, step_lr, step_milestones
+from moco.monitor import KnnMonitor, ViewMonitor, verdict
+from moco.recipe import WARMUP_FRACTION, Budget, auto_config, check_config
+from moco.schedule import cosine_lr, cosine_momentum, step_lr, step_milestones
 from moco.trainlog import RunLog
 
 log = logging.getLogger(__name__)
@@ -45,22 +45,31 @@ class TrainingDiverged(FloatingPointError):
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """Every field is a ``pretrain`` flag; ``None`` means chosen by ``moco.recipe.auto_config``."""
+
     data: str
     out: str
     version: str = "v2"
     arch: str = "resnet18"
-    small_stem: bool | None = None  # None: on when image_size <= 96
-    image_size: int = 224
+    small_stem: bool | None = None  # None: on when image_size <= 96, except on CPU
+    image_size: int | None = None  # None: 64 on CPU, 224 on GPU
     epochs: int = 200
-    batch_size: int = 256
-    lr: float | None = None  # None: 0.03 * batch_size / 256 (the paper's lr per 256 images)
+    minutes: float = 0.0  # > 0: train for this long; the epochs are then chosen by the run
+    batch_size: int | None = None  # None: 64 on CPU, 256 on GPU (at most images / 8)
+    lr: float | None = None  # None: moco.recipe.LR_PER_256 * batch_size / 256
     weight_decay: float = 1e-4
-    warmup_epochs: float = 0.0
+    warmup_epochs: float | None = None  # None: 0, or 5% of the run with --minutes
     moco_dim: int = 128
-    moco_k: int = 65536
-    moco_m: float = 0.999
+    moco_k: int | None = None  # None: a tenth of the images
+    moco_m: float | None = None  # None: 0.99 (rising to 1 with the cosine m_schedule)
+    m_schedule: str = "cosine"  # cosine: m rises to 1 (BYOL, MoCo v3); constant: the paper's
     moco_t: float | None = None  # None: 0.07 for v1, 0.2 for v2
+    mlp: bool | None = None  # None: the version's head (v2 MLP, v1 linear)
+    head_bn: bool = False
     symmetric: bool = False
+    crop_min: float | None = None  # None: 0.2, the papers'
+    color: float | None = None  # None: 1, the papers' colour jitter and grayscale
+    blur: bool = True  # v2's Gaussian blur
     bn_splits: int = 8  # shuffle-BN emulation on one device (official CIFAR demo); 1 disables
     sync_bn: bool = False
     adapt: bool = False  # fit K and lr to the data and batch instead of only warning
@@ -73,12 +82,14 @@ class TrainConfig:
     val_dir: str | None = None
     knn_k: int = 200
     knn_t: float = 0.1
+    monitor_images: int = 256  # held-out images of the label-free monitor (0: off)
     device: str | None = None
     amp: bool | None = None  # None: bf16 autocast on CUDA
     channels_last: bool = True
     compile: bool = False
     save_every: int = 0  # also keep checkpoint_NNNN.pt every N epochs (0: only the last)
     max_steps: int = 0  # stop each epoch after this many steps (0: the whole epoch); for tests
+    total_steps: int = 0  # length of the schedule in steps (0: epochs); --minutes sets it
 
     def model_config(self) -> ModelConfig:
         v1 = self.version == "v1"
@@ -86,87 +97,26 @@ class TrainConfig:
             arch=self.arch,
             small_stem=self.use_small_stem,
             dim=self.moco_dim,
-            K=self.moco_k,
-            m=self.moco_m,
+            K=self.moco_k if self.moco_k is not None else 65536,
+            m=self.moco_m if self.moco_m is not None else 0.999,
             T=self.moco_t if self.moco_t is not None else (0.07 if v1 else 0.2),
-            mlp=not v1,
+            mlp=self.mlp if self.mlp is not None else not v1,
             symmetric=self.symmetric,
             bn_splits=self.bn_splits,
             sync_bn=self.sync_bn,
+            head_bn=self.head_bn,
         )
 
     @property
     def use_small_stem(self) -> bool:
-        return self.small_stem if self.small_stem is not None else self.image_size <= 96
+        if self.small_stem is not None:
+            return self.small_stem
+        return self.image_size is not None and self.image_size <= 96
 
     @property
     def base_lr(self) -> float:
-        return self.lr if self.lr is not None else 0.03 * self.batch_size / 256
-
-
-def check_config(cfg: TrainConfig, num_images: int, world: int = 1) -> TrainConfig:
-    """Refuse impossible settings, warn about poor ones, and fix them when ``adapt`` is set."""
-    check_arch(cfg.arch)
-    if cfg.version not in ("v1", "v2"):
-        raise ValueError(f"Unknown MoCo version {cfg.version!r}; valid: v1, v2")
-    if num_images == 0:
-        raise ValueError(
-            f"No images found in {cfg.data} (looked for jpg, png, webp, bmp, tif, gif)"
-        )
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by {world} processes")
-    changes: dict[str, Any] = {}
-    if cfg.batch_size > num_images:
-        msg = f"batch size {cfg.batch_size} exceeds the {num_images} images"
-        if not cfg.adapt:
-            raise ValueError(msg + "; pass a smaller --batch-size or --adapt")
-        changes["batch_size"] = max(world, num_images - num_images % world)
-        log.warning("%s: batch size set to %d", msg, changes["batch_size"])
-    batch = changes.get("batch_size", cfg.batch_size)
-    if cfg.moco_k > num_images // 4:
-        # Measured on the 1,274-image demo (docs/pretraining.md): K=1024 learned far more slowly
-        # than K=128, even with a query's own image masked out of the queue. The paper's queue is
-        # 5% of ImageNet; a tenth of the images worked here.
-        k = max(batch, num_images // 10)
-        msg = (
-            f"queue size K={cfg.moco_k} is {cfg.moco_k / num_images:.0%} of the {num_images} "
-            "images; on small collections a queue of about a tenth of them trains better"
-        )
-        if cfg.adapt:
-            changes["moco_k"] = k
-            log.warning("%s; K set to %d", msg, k)
-        else:
-            log.warning("%s; consider --moco-k %d (or --adapt)", msg, k)
-    total_steps = cfg.epochs * max(num_images // batch, 1)
-    if 1.0 / (1.0 - cfg.moco_m) > total_steps / 10:
-        # The key encoder averages the query encoder over ~1/(1-m) steps; when that is a large part
-        # of the run the keys stay close to the random initial network and training stalls.
-        m = min(cfg.moco_m, max(0.9, 1.0 - 10.0 / total_steps))
-        msg = (
-            f"momentum m={cfg.moco_m} averages the key encoder over {1 / (1 - cfg.moco_m):.0f} "
-            f"steps, too many for a run of {total_steps} steps"
-        )
-        if cfg.adapt:
-            changes["moco_m"] = round(m, 4)
-            log.warning("%s; m set to %.4f", msg, m)
-        else:
-            log.warning("%s; consider --moco-m %.3g (or --adapt)", msg, m)
-    if cfg.lr is not None:
-        scaled = 0.03 * batch / 256
-        if not 0.5 <= cfg.lr / scaled <= 2.0:
-            msg = f"lr {cfg.lr} is far from 0.03 x batch/256 = {scaled:.4g} (linear scaling rule)"
-            if cfg.adapt:
-                changes["lr"] = scaled
-                log.warning("%s; lr set to %.4g", msg, scaled)
-            else:
-                log.warning(msg)
-    if cfg.bn_splits > 1 and (batch // world) % cfg.bn_splits:
-        log.warning(
-            "batch per process %d is not divisible by --bn-splits %d: plain BatchNorm is used",
-            batch // world,
-            cfg.bn_splits,
-        )
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+        batch = self.batch_size or 256
+        return self.lr if self.lr is not None else 0.03 * batch / 256
 
 
 def _seed_all(seed: int) -> None:
@@ -203,8 +153,19 @@ class _CachedImages(ImageFiles):
         return (None if im is None else self.transform(im)), i
 
 
+def view_transform(cfg: TrainConfig) -> Any:
+    """The augmentation of one view, as ``cfg`` sets it."""
+    return moco_transform(
+        cfg.image_size,
+        cfg.version,
+        blur=cfg.blur,
+        crop_min=cfg.crop_min if cfg.crop_min is not None else 0.2,
+        color=cfg.color if cfg.color is not None else 1.0,
+    )
+
+
 def make_dataset(cfg: TrainConfig, paths: list[Path]) -> ImageFiles:
-    transform = TwoCropsTransform(moco_transform(cfg.image_size, cfg.version))
+    transform = TwoCropsTransform(view_transform(cfg))
     use_cache = cfg.cache == "on" or (
         cfg.cache == "auto" and len(paths) * (2 * cfg.image_size) ** 2 * 3 < 2 * 2**30
     )
@@ -275,11 +236,76 @@ def _init_from(model: MoCo, path: str) -> None:
     log.info("initialised both encoders from %s (%s)", path, meta["source"])
 
 
+@dataclass
+class Schedule:
+    """Where the run is going: its length in steps and its warm-up (``--minutes`` may re-plan)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @property
+    def epochs(self) -> int:
+        return -(-self.total_steps // self.steps_per_epoch)  # the last one may be partial
+
+    def lr(self, cfg: TrainConfig, step: int) -> float:
+        frac, length = step / self.steps_per_epoch, self.total_steps / self.steps_per_epoch
+        if cfg.version == "v1":
+            return step_lr(cfg.base_lr, frac, step_milestones(length))
+        return cosine_lr(cfg.base_lr, frac, length, self.warmup_steps / self.steps_per_epoch)
+
+    def momentum(self, cfg: TrainConfig, step: int) -> float:
+        m = cfg.moco_m if cfg.moco_m is not None else 0.999
+        if cfg.m_schedule == "constant":
+            return m
+        return cosine_momentum(m, step, self.total_steps)
+
+
+@dataclass
+class _Run:
+    """What one epoch of training needs, passed as one object."""
+
+    step_fn: nn.Module
+    model: MoCo
+    optimizer: torch.optim.Optimizer
+    cfg: TrainConfig
+    device: torch.device
+    amp: bool
+    runlog: RunLog
+    schedule: Schedule
+    budget: Budget | None
+
+
+def _holdout(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path], list[Path], bool]:
+    """Training paths, the label-free monitor's images, and whether those are held out.
+
+    Folders of 500 images or more give up to ``monitor_images`` (at most a tenth) to the
+    monitor; smaller ones are too precious, and the monitor samples training images instead.
+    """
+    n = min(cfg.monitor_images, len(paths) // 10)
+    g = torch.Generator().manual_seed(cfg.seed + 12345)
+    order = torch.randperm(len(paths), generator=g).tolist()
+    if cfg.monitor_images <= 0:
+        return paths, [], False
+    if len(paths) < 500:
+        chosen = sorted(order[: min(cfg.monitor_images, len(paths))])
+        return paths, [paths[i] for i in chosen], False
+    held = set(order[:n])
+    train_paths = [p for i, p in enumerate(paths) if i not in held]
+    return train_paths, [paths[i] for i in sorted(held)], True
+
+
+def _view_monitor(cfg: TrainConfig, paths: list[Path]) -> ViewMonitor | None:
+    images = [im for im in _cache_images(paths, 2 * (cfg.image_size or 64)) if im is not None]
+    return ViewMonitor(images, view_transform(cfg), seed=cfg.seed) if len(images) >= 2 else None
+
+
 def train(cfg: TrainConfig) -> Path:
     """Pretrain MoCo as ``cfg`` says; return the path of the last checkpoint."""
+    budget = Budget(cfg.minutes * 60.0) if cfg.minutes > 0 and not cfg.resume else None
     rank, world, local_rank = _init_distributed()
     paths = list_images(cfg.data)
-    cfg = check_config(cfg, len(paths), world)
+    device = _device(cfg, local_rank)
     out = Path(cfg.out)
     ckpt_path = out / LAST
     start_epoch, skip_steps, resumed = 0, 0, None
@@ -288,13 +314,19 @@ def train(cfg: TrainConfig) -> Path:
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         resumed = load_checkpoint_file(ckpt_path)
         start_epoch, skip_steps = int(resumed["epoch"]), int(resumed.get("step", 0))
+        stored = resumed["config"]
+        if stored.get("minutes"):  # continue the schedule that run planned, without a clock
+            cfg = dataclasses.replace(
+                cfg, epochs=stored["epochs"], total_steps=stored["total_steps"]
+            )
     elif ckpt_path.exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
+    paths, monitor_paths, held_out = _holdout(paths, cfg)
+    cfg = check_config(auto_config(cfg, len(paths), device.type), len(paths), world)
 
     _seed_all(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    device = _device(cfg, local_rank)
     model = MoCo(cfg.model_config()).to(device)
     if cfg.init_from and resumed is None:
         _init_from(model, cfg.init_from)
@@ -318,9 +350,37 @@ def train(cfg: TrainConfig) -> Path:
     dataset = make_dataset(cfg, paths)
     runlog = RunLog(out, cfg, paths, enabled=rank == 0)
     monitor = KnnMonitor(cfg, paths, device) if cfg.val_dir and rank == 0 else None
-    steps_per_epoch = len(paths) // cfg.batch_size
+    views = _view_monitor(cfg, monitor_paths) if rank == 0 else None
+    steps_per_epoch = max(len(paths) // cfg.batch_size, 1)
     if cfg.max_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
+    total = cfg.total_steps or cfg.epochs * steps_per_epoch
+    warmup = round((cfg.warmup_epochs or 0.0) * steps_per_epoch)
+    if budget is not None:  # provisional, until the first steps have been timed
+        total = max(total, 1000)
+        warmup = max(warmup, 4 * budget.measure_steps)
+    schedule = Schedule(steps_per_epoch, total, warmup)
+
+    # The bar to clear: the network before its first step (on resume: as first measured).
+    t0 = time.perf_counter()
+    baseline: dict[str, float] = dict(resumed.get("untrained", {})) if resumed else {}
+    if views is not None and "view_recall" not in baseline:
+        baseline["view_recall"] = views(model.encoder_q)
+    if monitor is not None and "knn_top1" not in baseline:
+        baseline["knn_top1"] = monitor(model.encoder_q)
+    monitor_seconds = time.perf_counter() - t0
+    if views is not None:
+        log.info(
+            "untrained network: finds augmented copies of %d %s images %.1f%% of the time "
+            "(chance %.1f%%)%s",
+            len(views),
+            "held-out" if held_out else "training",
+            baseline["view_recall"],
+            100 / len(views),
+            f"; kNN top-1 {baseline['knn_top1']:.1f}%" if "knn_top1" in baseline else "",
+        )
+    if budget is not None:
+        budget.overhead = monitor_seconds + 1.0 + (1.0 if cfg.workers else 0.0)
 
     def payload(epoch: int, step: int) -> dict[str, Any]:
         return {
@@ -330,11 +390,14 @@ def train(cfg: TrainConfig) -> Path:
             "step": step,
             "config": {**dataclasses.asdict(cfg), "model": dataclasses.asdict(model.cfg)},
             "rng": rng_state(),
+            "untrained": baseline,
         }
 
+    run = _Run(step_fn, model, optimizer, cfg, device, amp, runlog, schedule, budget)
     epoch = completed = start_epoch
+    stats: dict[str, float] = {}
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        while epoch < schedule.epochs and not (budget and budget.expired()):
             # Each epoch reproducible on its own; ranks differ (augmentations with workers=0).
             _seed_all(cfg.seed * 1_000_003 + epoch + 7919 * rank)
             skip = skip_steps if epoch == start_epoch else 0
@@ -342,27 +405,30 @@ def train(cfg: TrainConfig) -> Path:
                 set_rng_state(resumed["rng"])  # mid-epoch (Ctrl-C): continue the interrupted RNG
             idx = _shard(len(paths), epoch, cfg, rank, world, skip * (cfg.batch_size // world))
             loader = _loader(dataset, idx, cfg, world, epoch, rank)
-            stats = _train_one_epoch(
-                step_fn,
-                model,
-                optimizer,
-                loader,
-                cfg,
-                epoch,
-                steps_per_epoch,
-                skip,
-                device,
-                amp,
-                runlog,
-            )
+            stats = _train_one_epoch(run, loader, epoch, skip)
+            cfg = run.cfg  # with --minutes: the epochs and steps planned, as config.json says
             completed = epoch + 1
+            if views is not None:
+                stats["view_recall"] = views(model.encoder_q)
+                stats["untrained_view_recall"] = baseline["view_recall"]
             if monitor is not None:
                 stats["knn_top1"] = monitor(model.encoder_q)
+                stats["untrained_knn_top1"] = baseline["knn_top1"]
+            stats["planned_epochs"] = schedule.total_steps / steps_per_epoch
+            stats["elapsed_s"] = budget.elapsed() if budget else time.perf_counter() - t0
             runlog.epoch_end(epoch, stats)
+            if views is not None:
+                log.info(
+                    "epoch %d: finds augmented copies %.1f%% of the time; untrained %.1f%%",
+                    epoch + 1,
+                    stats["view_recall"],
+                    baseline["view_recall"],
+                )
             if rank == 0:
                 save_checkpoint(ckpt_path, payload(epoch + 1, 0))
                 if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
                     save_checkpoint(out / f"checkpoint_{epoch + 1:04d}.pt", payload(epoch + 1, 0))
+            epoch += 1
     except KeyboardInterrupt as e:
         # Inside an epoch: resume at its step. Between epochs (monitor, logging, saving): the
         # finished epochs are all in the weights, so resume at the next one.
@@ -378,6 +444,14 @@ def train(cfg: TrainConfig) -> Path:
         runlog.close()
         raise
     runlog.finish()
+    if budget is not None:
+        log.info("--minutes %g: stopped after %.1f minutes", cfg.minutes, budget.elapsed() / 60)
+    if views is not None and "view_recall" in stats:
+        knn = None
+        if "knn_top1" in stats:
+            knn = (stats["knn_top1"], baseline["knn_top1"])
+        trained, untrained = stats["view_recall"], baseline["view_recall"]
+        log.info(verdict(trained, untrained, len(views), knn, held_out))
     if world > 1:
         dist.barrier()
     return ckpt_path
@@ -408,43 +482,70 @@ def _batches(
             yield views[0][:n], views[1][:n], ids[:n]
 
 
-def _train_one_epoch(
-    step_fn: nn.Module,
-    model: MoCo,
-    optimizer: torch.optim.Optimizer,
-    loader: DataLoader,
-    cfg: TrainConfig,
-    epoch: int,
-    steps: int,
-    skip: int,
-    device: torch.device,
-    amp: bool,
-    runlog: RunLog,
-) -> dict[str, float]:
+def _plan(run: _Run, done: int) -> None:
+    """Fit the schedule to the time left, from the pace measured so far; log what was chosen.
+
+    The warm-up is set once, at the first plan; later plans only move the cosine's end.
+    """
+    assert run.budget is not None
+    sched, cfg, first = run.schedule, run.cfg, not run.budget.planned
+    before = sched.total_steps
+    sched.total_steps = max(run.budget.plan(done, sched.steps_per_epoch), done + 1)
+    if first:
+        wanted = cfg.warmup_epochs
+        warmup = wanted * sched.steps_per_epoch if wanted is not None else None
+        sched.warmup_steps = round(warmup or WARMUP_FRACTION * sched.total_steps)
+    run.cfg = run.runlog.cfg = dataclasses.replace(
+        cfg, epochs=sched.epochs, total_steps=sched.total_steps
+    )
+    if run.runlog.enabled:
+        config = json.dumps(dataclasses.asdict(run.cfg), indent=2)
+        (Path(cfg.out) / "config.json").write_text(config + "\n")
+    if not first and abs(sched.total_steps - before) < 0.05 * before:
+        return
+    step_s = run.budget.step_seconds()
+    log.info(
+        "--minutes %g: %.2f s a step (%.0f img/s) after %d steps; %s %d steps = %.2f epochs "
+        "of %d steps (warm-up %d, then cosine to 0; m %s)",
+        cfg.minutes,
+        step_s,
+        (cfg.batch_size or 0) / step_s,
+        done,
+        "chose" if first else "pace changed: re-planned to",
+        sched.total_steps,
+        sched.total_steps / sched.steps_per_epoch,
+        sched.steps_per_epoch,
+        sched.warmup_steps,
+        "rising to 1" if cfg.m_schedule == "cosine" else "constant",
+    )
+
+
+def _train_one_epoch(run: _Run, loader: DataLoader, epoch: int, skip: int) -> dict[str, float]:
+    model, optimizer, cfg, device = run.model, run.optimizer, run.cfg, run.device
+    sched, budget = run.schedule, run.budget
     model.train()
-    milestones = step_milestones(cfg.epochs)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    steps = min(sched.steps_per_epoch, sched.total_steps - epoch * sched.steps_per_epoch)
     loss_sum, acc_sum, n_seen, n_steps = 0.0, 0.0, 0, 0
+    lr = float("nan")
     t0 = time.perf_counter()
-    bar = runlog.progress(epoch, total=steps, initial=skip)
+    bar = run.runlog.progress(epoch, total=steps, initial=skip)
     step = skip
     try:
-        for im_q, im_k, ids in _batches(loader, runlog, device):
-            if step >= steps:
+        for im_q, im_k, ids in _batches(loader, run.runlog, device):
+            steps = min(sched.steps_per_epoch, sched.total_steps - epoch * sched.steps_per_epoch)
+            if step >= steps or (budget is not None and budget.expired()):
                 break
-            frac = epoch + step / max(steps, 1)
-            lr = (
-                step_lr(cfg.base_lr, frac, milestones)
-                if cfg.version == "v1"
-                else cosine_lr(cfg.base_lr, frac, cfg.epochs, cfg.warmup_epochs)
-            )
+            global_step = epoch * sched.steps_per_epoch + step
+            lr = sched.lr(cfg, global_step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            model.m = sched.momentum(cfg, global_step)
             im_q = im_q.to(device, non_blocking=True, memory_format=fmt)
             im_k = im_k.to(device, non_blocking=True, memory_format=fmt)
             ids = ids.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, logits, labels = step_fn(im_q, im_k, ids)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.amp):
+                loss, logits, labels = run.step_fn(im_q, im_k, ids)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch} step {step}; lower --lr "
@@ -460,12 +561,20 @@ def _train_one_epoch(
             n_seen += n
             n_steps += 1
             step += 1
+            if budget is not None:
+                budget.tick(first_in_epoch=n_steps == 1)
+                if budget.due(global_step + 1):
+                    _plan(run, global_step + 1)
+                    cfg = run.cfg
+                    bar.total = min(
+                        sched.steps_per_epoch, sched.total_steps - epoch * sched.steps_per_epoch
+                    )
             elapsed = time.perf_counter() - t0
             bar.update(1)
             bar.set_postfix(
                 loss=f"{loss.item():.3f}", acc=f"{acc:.0f}", img_s=f"{n_seen / elapsed:.0f}"
             )
-            runlog.step(epoch * steps + step, loss.item(), lr)
+            run.runlog.step(global_step + 1, loss.item(), lr)
     except KeyboardInterrupt as e:
         e.step = step  # type: ignore[attr-defined]
         raise
@@ -475,7 +584,8 @@ def _train_one_epoch(
     seconds = time.perf_counter() - t0
     return {
         "loss": loss_sum / max(n_seen, 1),
-        "lr": lr if n_steps else float("nan"),
+        "lr": lr,
+        "momentum": model.m,
         "contrastive_acc": acc_sum / max(n_seen, 1),
         "images_per_s": n_seen * world / max(seconds, 1e-9),
         "steps": n_steps,

@@ -114,7 +114,7 @@ def test_broken_file_is_skipped_and_logged(emoji_dir: Path, tmp_path: Path) -> N
 def test_small_data_checks(
     emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    cfg = tiny_cfg(emoji_dir, tmp_path, moco_k=4096, lr=1.0)
+    cfg = tiny_cfg(emoji_dir, tmp_path, moco_k=4096, lr=1.0, moco_m=0.999, m_schedule="constant")
     assert check_config(cfg, 32) == cfg  # only warns
     assert "queue size K=4096" in caplog.text and "linear scaling" in caplog.text
     assert "momentum m=0.999" in caplog.text  # 2 epochs x 4 steps cannot move the key encoder
@@ -224,3 +224,48 @@ def test_ctrl_c_saves_and_resume_finishes(emoji_dir: Path, tmp_path: Path) -> No
         )
     )
     assert load_checkpoint_file(done)["epoch"] == int(ckpt["epoch"]) + 1
+
+
+def test_minutes_stops_on_its_own_and_logs_the_epochs_it_chose(
+    emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    run = tmp_path / "run"
+    t0 = time.perf_counter()
+    ckpt = train(tiny_cfg(emoji_dir, run, minutes=0.2, epochs=10_000, deterministic=False))
+    assert time.perf_counter() - t0 < 120  # stopped by itself, long before 10,000 epochs
+    assert ckpt.is_file() and load_checkpoint_file(ckpt)["epoch"] >= 1
+    assert "--minutes 0.2:" in caplog.text and "chose" in caplog.text
+    chosen = json.loads((run / "config.json").read_text())
+    assert chosen["total_steps"] > 0 and chosen["epochs"] < 10_000
+    rows = read_log(run)
+    assert rows[-1]["planned_epochs"] == pytest.approx(chosen["total_steps"] / 4)
+    assert "stopped after" in caplog.text
+
+
+def test_untrained_baseline_is_logged_and_is_a_real_measurement(
+    emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    cfg = tiny_cfg(emoji_dir, tmp_path / "run", epochs=1)
+    train(cfg)
+    row = read_log(tmp_path / "run")[0]
+    assert "untrained network: finds augmented copies" in caplog.text
+    assert "untrained" in caplog.text.splitlines()[-1]  # the verdict line
+    # The logged figure is the monitor applied to the network the run started from...
+    from moco.recipe import auto_config
+    from moco.train import _holdout, _seed_all, _view_monitor
+
+    _, paths, _ = _holdout(list_images(emoji_dir), cfg)
+    cfg = auto_config(cfg, 32, "cpu")
+    views = _view_monitor(cfg, paths)
+    assert views is not None
+    _seed_all(cfg.seed)
+    start = MoCo(cfg.model_config())
+    assert views(start.encoder_q) == pytest.approx(row["untrained_view_recall"])
+    # ...and a measurement of the weights: a network that maps everything alike scores 1/n.
+    with torch.no_grad():
+        for p in start.encoder_q.parameters():
+            p.zero_()
+    assert views(start.encoder_q) == pytest.approx(100 / len(views))
+    assert row["untrained_view_recall"] > 100 / len(views)

@@ -1,0 +1,193 @@
+"""The recipe a run gets when flags are left unset, the small-data checks, and the time budget.
+
+``auto_config`` fills every field left ``None`` from the data size and the device. The values
+were chosen by measurement on small real sets in a 15-minute CPU budget (docs/pretraining.md,
+"Ablation"); the paper's ImageNet settings (K=65536, m=0.999, batch 256, lr 0.03) stay
+available as flags.
+
+``Budget`` implements ``--minutes``: the run measures its own pace over its first steps, then
+sets the schedule (warm-up, cosine to zero) to end when the time is up, and stops itself then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from moco.encoders import check_arch
+from moco.schedule import steps_in_budget
+
+log = logging.getLogger(__name__)
+
+CPU_IMAGE_SIZE = 64  # resnet18 with the ImageNet stem: ~70 img/s on 2 idle cores
+GPU_IMAGE_SIZE = 224
+CPU_BATCH, GPU_BATCH = 64, 256
+QUEUE_FRACTION = 0.1  # K as a share of the images (the paper's is 5% of ImageNet)
+LR_PER_256 = 0.03  # the paper's rule: lr = LR_PER_256 x batch / 256
+MOMENTUM = 0.99  # start of the cosine rise to 1 (MoCo v3); the official CIFAR demo's fixed m
+WARMUP_FRACTION = 0.05  # linear lr warm-up over this share of a --minutes run
+CROP_MIN, COLOR = 0.2, 1.0
+
+
+def auto_config(cfg: Any, num_images: int, device_type: str) -> Any:
+    """``cfg`` with each field left ``None`` set for ``num_images`` images on ``device_type``.
+
+    On CPU the images are small (64 px) and keep ResNet's ImageNet stem: the CIFAR stem
+    (3x3/1, no pool) costs 16x the compute at 64 px, 14 against 70 img/s on 2 cores.
+    """
+    cpu = device_type == "cpu"
+    size = cfg.image_size or (CPU_IMAGE_SIZE if cpu else GPU_IMAGE_SIZE)
+    small = cfg.small_stem if cfg.small_stem is not None else (size <= 96 and not cpu)
+    batch = cfg.batch_size
+    if batch is None:
+        # at least 8 steps an epoch, so that a tiny folder still gets a usable schedule
+        batch = max(min(CPU_BATCH if cpu else GPU_BATCH, num_images // 8), min(8, num_images))
+    k = cfg.moco_k
+    if k is None:
+        k = min(max(round(QUEUE_FRACTION * num_images), batch), 65536)
+    return dataclasses.replace(
+        cfg,
+        image_size=size,
+        small_stem=small,
+        batch_size=max(batch, 1),
+        moco_k=k,
+        moco_m=cfg.moco_m if cfg.moco_m is not None else MOMENTUM,
+        lr=cfg.lr if cfg.lr is not None else LR_PER_256 * max(batch, 1) / 256,
+        crop_min=cfg.crop_min if cfg.crop_min is not None else CROP_MIN,
+        color=cfg.color if cfg.color is not None else COLOR,
+    )
+
+
+def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
+    """Refuse impossible settings, warn about poor ones, and fix them when ``adapt`` is set."""
+    check_arch(cfg.arch)
+    if cfg.version not in ("v1", "v2"):
+        raise ValueError(f"Unknown MoCo version {cfg.version!r}; valid: v1, v2")
+    if cfg.m_schedule not in ("cosine", "constant"):
+        raise ValueError(f"Unknown --m-schedule {cfg.m_schedule!r}; valid: cosine, constant")
+    if num_images == 0:
+        raise ValueError(
+            f"No images found in {cfg.data} (looked for jpg, png, webp, bmp, tif, gif)"
+        )
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by {world} processes")
+    changes: dict[str, Any] = {}
+    if cfg.batch_size > num_images:
+        msg = f"batch size {cfg.batch_size} exceeds the {num_images} images"
+        if not cfg.adapt:
+            raise ValueError(msg + "; pass a smaller --batch-size or --adapt")
+        changes["batch_size"] = max(world, num_images - num_images % world)
+        log.warning("%s: batch size set to %d", msg, changes["batch_size"])
+    batch = changes.get("batch_size", cfg.batch_size)
+    if cfg.moco_k > num_images // 4:
+        # Measured on the 1,274-image demo (docs/pretraining.md): K=1024 learned far more slowly
+        # than K=128, even with a query's own image masked out of the queue. The paper's queue is
+        # 5% of ImageNet; a tenth of the images worked here.
+        k = max(batch, num_images // 10)
+        msg = (
+            f"queue size K={cfg.moco_k} is {cfg.moco_k / num_images:.0%} of the {num_images} "
+            "images; on small collections a queue of about a tenth of them trains better"
+        )
+        if cfg.adapt:
+            changes["moco_k"] = k
+            log.warning("%s; K set to %d", msg, k)
+        else:
+            log.warning("%s; consider --moco-k %d (or --adapt)", msg, k)
+    total_steps = cfg.total_steps or cfg.epochs * max(num_images // batch, 1)
+    if cfg.m_schedule == "constant" and 1.0 / (1.0 - cfg.moco_m) > total_steps / 10:
+        # The key encoder averages the query encoder over ~1/(1-m) steps; when that is a large part
+        # of the run the keys stay close to the random initial network and training stalls.
+        m = min(cfg.moco_m, max(0.9, 1.0 - 10.0 / total_steps))
+        msg = (
+            f"momentum m={cfg.moco_m} averages the key encoder over {1 / (1 - cfg.moco_m):.0f} "
+            f"steps, too many for a run of {total_steps} steps"
+        )
+        if cfg.adapt:
+            changes["moco_m"] = round(m, 4)
+            log.warning("%s; m set to %.4f", msg, m)
+        else:
+            log.warning("%s; consider --moco-m %.3g (or --adapt)", msg, m)
+    scaled = LR_PER_256 * batch / 256
+    if cfg.lr is not None and not 0.5 <= cfg.lr / scaled <= 2.0:
+        msg = (
+            f"lr {cfg.lr} is far from {LR_PER_256} x batch/256 = {scaled:.4g} (linear scaling rule)"
+        )
+        if cfg.adapt:
+            changes["lr"] = scaled
+            log.warning("%s; lr set to %.4g", msg, scaled)
+        else:
+            log.warning(msg)
+    if cfg.bn_splits > 1 and (batch // world) % cfg.bn_splits:
+        log.warning(
+            "batch per process %d is not divisible by --bn-splits %d: plain BatchNorm is used",
+            batch // world,
+            cfg.bn_splits,
+        )
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+@dataclass
+class Budget:
+    """A wall-clock budget: measure the pace of the first steps, plan the steps that fit.
+
+    ``tick`` after every step. Gaps at an epoch's start (the monitor, the checkpoint, new
+    loader workers) are counted as per-epoch overhead, not as step time.
+    """
+
+    seconds: float
+    start: float = field(default_factory=time.perf_counter)
+    measure_steps: int = 10
+    overhead: float = 2.0  # seconds per epoch boundary, until one is measured
+    step_times: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    planned: bool = False
+    replan_every: int = 25
+    _planned_at: int = 0
+    _last: float | None = None
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def expired(self) -> bool:
+        return self.elapsed() >= self.seconds
+
+    def tick(self, first_in_epoch: bool) -> None:
+        now = time.perf_counter()
+        if self._last is not None:
+            (self.gaps if first_in_epoch else self.step_times).append(now - self._last)
+        self._last = now
+
+    def measured(self) -> bool:
+        """Enough steps timed to plan (or a tenth of the budget gone with at least two)."""
+        n = len(self.step_times)
+        return n >= self.measure_steps or (n >= 2 and self.elapsed() > 0.1 * self.seconds)
+
+    def due(self, done_steps: int) -> bool:
+        """Time to plan: once measured, then again every ``replan_every`` steps.
+
+        Re-planning follows a machine whose load changes (other jobs on a shared CPU); the
+        cosine moves by the few percent the estimate changes, never back to the warm-up.
+        """
+        if not self.planned:
+            return self.measured()
+        return done_steps - self._planned_at >= self.replan_every
+
+    def step_seconds(self) -> float:
+        """The median of the recent step times (the very first is often slow)."""
+        times = sorted((self.step_times[1:] or self.step_times)[-50:])
+        return times[len(times) // 2] if times else 1.0
+
+    def plan(self, done_steps: int, steps_per_epoch: int) -> int:
+        """Total steps of the run: those done plus those that fit in the time left.
+
+        The time after the last step (a last monitor and checkpoint) costs one more overhead.
+        """
+        self.planned, self._planned_at = True, done_steps
+        step = self.step_seconds()
+        if self.gaps:
+            self.overhead = max(sorted(self.gaps)[len(self.gaps) // 2] - step, 0.0)
+        left = self.seconds - self.elapsed()
+        return done_steps + steps_in_budget(left, step, steps_per_epoch, self.overhead)

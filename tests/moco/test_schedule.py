@@ -1,0 +1,50 @@
+"""Schedules at their start, middle and end; the time budget's arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+
+from moco.recipe import Budget, auto_config
+from moco.schedule import cosine_lr, cosine_momentum, steps_in_budget
+from moco.train import TrainConfig
+
+
+def test_cosine_momentum_rises_from_base_to_one() -> None:
+    assert cosine_momentum(0.99, 0, 100) == pytest.approx(0.99)
+    assert cosine_momentum(0.99, 50, 100) == pytest.approx(0.995)
+    assert cosine_momentum(0.99, 100, 100) == pytest.approx(1.0)
+    assert cosine_momentum(0.99, 150, 100) == pytest.approx(1.0)  # past the end: stays at 1
+
+
+def test_cosine_lr_with_warmup() -> None:
+    assert cosine_lr(0.3, 0, 100, warmup=10) == 0.0
+    assert cosine_lr(0.3, 5, 100, warmup=10) == pytest.approx(0.15)
+    assert cosine_lr(0.3, 10, 100, warmup=10) == pytest.approx(0.3)
+    assert cosine_lr(0.3, 55, 100, warmup=10) == pytest.approx(0.15)
+    assert cosine_lr(0.3, 100, 100, warmup=10) == pytest.approx(0.0)
+
+
+def test_steps_in_budget_counts_each_epoch_end() -> None:
+    assert steps_in_budget(100.0, 1.0, 10, 0.0) == 100
+    assert steps_in_budget(100.0, 1.0, 10, 10.0) == 45  # (100 - 10) / (1 + 10 / 10)
+    assert steps_in_budget(5.0, 1.0, 10, 10.0) == 0
+
+
+def test_budget_plans_from_the_median_step() -> None:
+    b = Budget(seconds=1e6)
+    b.step_times = [5.0, 1.0, 1.0, 1.0, 9.0]  # the first and an outlier do not set the pace
+    assert b.step_seconds() == 1.0
+    total = b.plan(done_steps=5, steps_per_epoch=100)
+    assert total == pytest.approx(5 + (1e6 - 2.0) / 1.02, rel=1e-3)
+
+
+def test_auto_config_fits_the_data_and_the_device() -> None:
+    cfg = auto_config(TrainConfig(data="d", out="o"), num_images=8809, device_type="cpu")
+    assert (cfg.image_size, cfg.small_stem, cfg.batch_size) == (64, False, 64)
+    assert cfg.moco_k == 881 and cfg.moco_m == 0.99
+    gpu = auto_config(TrainConfig(data="d", out="o"), num_images=8809, device_type="cuda")
+    assert gpu.image_size == 224 and gpu.batch_size == 256
+    tiny = auto_config(TrainConfig(data="d", out="o"), num_images=32, device_type="cpu")
+    assert tiny.batch_size == 8 and tiny.moco_k == 8  # 4 steps an epoch; K at least a batch
+    mine = auto_config(TrainConfig(data="d", out="o", moco_k=65536, image_size=32), 100, "cpu")
+    assert mine.moco_k == 65536 and mine.image_size == 32  # what the user sets is kept
