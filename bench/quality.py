@@ -1,67 +1,380 @@
-"""Does pretraining help? Raw pixels, a random-init encoder and MoCo encoders on real images.
+"""Does pretraining pay off? Pixels, random init, the official recipe and ours, on real images.
 
-Runs ``moco-search eval`` (kNN, linear probe, retrieval, label-free view recall) on the demo's
-fixed held-out split (Fluent Emoji 3D, 8 categories, shipped in app/demo/images) for each encoder,
-prints a table, writes JSON and a bar chart to bench/results/. Add your own encoders (for
-example the checkpoints of a longer run, exported) as arguments:
+For each image set (an ImageFolder tree with a ``manifest.csv`` holding ``path``, ``class``,
+``group_id``, ``split`` and, for emoji, ``vendor``: what ``../shared/datasets/make_*.py`` write),
+the benchmark
+1. links the ``train`` split into a training tree under ``--cache`` (the ``query`` split is never
+   trained on),
+2. pretrains each recipe for ``--minutes`` with ``moco-search pretrain --minutes`` (a
+   checkpoint every epoch; runs already in the cache are reused),
+3. measures on frozen features, for every checkpoint and the baselines:
+   - instance R@1 / R@10 across renderings (sets with a ``vendor`` column): each ``query``
+     image of one vendor searches every image of the other vendors; the same ``group_id``
+     (the same emoji) is the hit. Whole emoji are held out by the split.
+   - category kNN top-1 (k=200, T=0.1) and linear-probe top-1 (L-BFGS on cached features):
+     train split -> query split, labels = ``class``,
+4. writes JSON and one PNG (each metric against wall-clock minutes) to ``bench/results/``.
 
-    python bench/quality.py                        # pixels, random init, the shipped encoder
-    python bench/quality.py runs/r1/encoder ...    # and more encoder directories
+    python bench/quality.py emoji=/data/emoji mnist5k=/data/mnist5k --minutes 15
+    python bench/quality.py emoji=/data/emoji --build ../shared/datasets   # build if missing
+    python bench/quality.py --demo    # the README's table for the shipped demo encoder
+
+The data sets are never shipped and never read by the tests.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from app.demo.split import write_split
-from moco.evaluate import EvalConfig, evaluate_many, format_table, write_json
-from moco.probe import ProbeConfig
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moco.augment import eval_transform  # noqa: E402
+from moco.data import ImageError, load_image  # noqa: E402
+from moco.encoders import with_pooling  # noqa: E402
+from moco.evaluate import load_featurizer  # noqa: E402
+from moco.export import export_encoder  # noqa: E402
+from moco.knn import knn_predict  # noqa: E402
+from moco.metrics import retrieval_metrics  # noqa: E402
+from moco.probe import ProbeConfig, train_probe  # noqa: E402
+
 SHIPPED = ROOT / "app" / "demo" / "encoder"
 
+# Flags of each recipe beyond --minutes. "official": facebookresearch/moco's CIFAR-10 demo
+# (colab/moco_cifar10_demo.ipynb: resnet18, lr 0.06 at batch 512, wd 5e-4, K=4096, m=0.99,
+# T=0.1, linear head, no blur, cosine) at our CPU image size and batch (lr scaled linearly).
+RECIPES: dict[str, dict[str, Any]] = {
+    "ours": {},
+    "official": dict(
+        moco_k=4096,
+        moco_m=0.99,
+        m_schedule="constant",
+        moco_t=0.1,
+        mlp=False,
+        blur=False,
+        weight_decay=5e-4,
+        lr=0.06 * 64 / 512,
+        batch_size=64,
+        warmup_epochs=0.0,
+        crop_min=0.2,
+        color=1.0,
+    ),
+}
+METRICS = ("instance_R@1", "instance_R@10", "knn_top1", "probe_top1")
 
-def plot(rows: list[dict], path: Path) -> Path:
+
+def read_manifest(root: Path) -> list[dict[str, str]]:
+    with open(root / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def build_if_missing(name: str, root: Path, scripts: Path | None) -> None:
+    """Run ``scripts/make_<name>.py root`` when ``root`` holds no manifest yet."""
+    if (root / "manifest.csv").is_file():
+        return
+    if scripts is None:
+        raise SystemExit(f"{root}/manifest.csv not found; pass --build DIR of make_*.py")
+    subprocess.run([sys.executable, str(scripts / f"make_{name}.py"), str(root)], check=True)
+
+
+def train_tree(root: Path, rows: list[dict[str, str]], out: Path) -> Path:
+    """Symlinks to the train split, as CLASS/FILE (the pretraining never sees a query image)."""
+    for r in rows:
+        if r["split"] != "train":
+            continue
+        link = out / r["class"] / Path(r["path"]).name
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink((root / r["path"]).resolve(), link)
+    return out
+
+
+def pretrain(data: Path, run: Path, recipe: str, minutes: float, extra: dict[str, Any]) -> Path:
+    from moco.train import TrainConfig, train
+
+    if (run / "checkpoint_last.pt").is_file():
+        return run  # reuse: the cache holds it already
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(run),
+        minutes=minutes,
+        save_every=1,
+        workers=1,
+        **{**RECIPES[recipe], **extra},
+    )
+    train(cfg)
+    return run
+
+
+def checkpoints(run: Path) -> list[tuple[float, Path]]:
+    """(wall-clock minutes since the start of the run, checkpoint) for each saved epoch."""
+    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x]
+    out = []
+    for r in rows:
+        ckpt = run / f"checkpoint_{r['epoch'] + 1:04d}.pt"
+        if ckpt.is_file():
+            out.append((r["elapsed_s"] / 60, ckpt))
+    return out
+
+
+class Images:
+    """Every image of a set decoded once (downscaled), with its manifest row."""
+
+    def __init__(self, root: Path, rows: list[dict[str, str]], size: int) -> None:
+        self.rows, self.images = [], []
+        for r in rows:
+            try:
+                im = load_image(root / r["path"], draft_size=size)
+            except ImageError:
+                continue
+            im.thumbnail((size, size))
+            self.rows.append(r)
+            self.images.append(im)
+
+    def column(self, name: str) -> np.ndarray:
+        return np.array([r.get(name, "") for r in self.rows])
+
+
+@torch.inference_mode()
+def features(model: nn.Module, transform: Any, images: Images) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images.images), 256):
+        x = torch.stack([transform(im) for im in images.images[i : i + 256]])
+        out.append(model(x).float())
+    return F.normalize(torch.cat(out), dim=1)
+
+
+def instance_retrieval(feats: torch.Tensor, images: Images) -> dict[str, float]:
+    """R@1/R@10 of each query-split image against all images of the other vendors."""
+    vendor, group, split = (
+        images.column("vendor"),
+        images.column("group_id"),
+        images.column("split"),
+    )
+    _, gid = np.unique(group, return_inverse=True)
+    hits: dict[str, list[float]] = {"instance_R@1": [], "instance_R@10": []}
+    for v in sorted(set(vendor)):
+        q = np.flatnonzero((vendor == v) & (split != "train"))
+        g = np.flatnonzero(vendor != v)
+        if not len(q) or not len(g):
+            continue
+        sim = (feats[q] @ feats[g].T).numpy()
+        m = retrieval_metrics(sim, gid[q], gid[g], ks=(1, 10))
+        n = m["queries"]
+        hits["instance_R@1"].append(m["recall@1"] * n)
+        hits["instance_R@10"].append(m["recall@10"] * n)
+        hits.setdefault("n", []).append(n)
+    total = sum(hits.pop("n", [0]))
+    return {k: sum(v) / max(total, 1) for k, v in hits.items()} | {"instance_queries": total}
+
+
+def categories(feats: torch.Tensor, images: Images) -> dict[str, float]:
+    """kNN and linear-probe top-1 of the query split, trained on the train split."""
+    labels, split = images.column("class"), images.column("split")
+    classes, y = np.unique(labels, return_inverse=True)
+    tr, va = split == "train", split != "train"
+    knn = knn_predict(feats[tr], y[tr], feats[va], num_classes=len(classes), k=200, T=0.1)
+    probe = train_probe(feats[tr].numpy(), y[tr], ProbeConfig.fast(), classes=list(classes))
+    with torch.inference_mode():
+        scores = probe(feats[va])
+    return {
+        "knn_top1": 100.0 * float((knn.argmax(1).numpy() == y[va]).mean()),
+        "probe_top1": 100.0 * float((scores.argmax(1).numpy() == y[va]).mean()),
+    }
+
+
+def measure(spec: str, images: Images, size: int | None, pooling: str = "avg") -> dict[str, Any]:
+    """All metrics of one encoder directory or baseline spec (see ``load_featurizer``)."""
+    model, enc, name = load_featurizer(spec, image_size=size if spec == "pixels" else None)
+    if size and spec != "pixels":
+        enc = dataclasses.replace(enc, image_size=size, crop_pct=1.0)
+    if pooling != "avg":
+        model = with_pooling(model, pooling)
+    t0 = time.perf_counter()
+    feats = features(model.eval(), eval_transform(enc), images)
+    row: dict[str, Any] = {"encoder": name, "image_size": enc.image_size, "pooling": pooling}
+    if "vendor" in images.rows[0]:
+        row |= instance_retrieval(feats, images)
+    return row | categories(feats, images) | {"eval_s": round(time.perf_counter() - t0, 1)}
+
+
+def random_spec(run: Path) -> str:
+    cfg = json.loads((run / "config.json").read_text())
+    stem = cfg.get("small_stem")
+    return f"random:{cfg['arch']}" + (":small" if stem else "")
+
+
+def plot(results: dict[str, Any], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ["knn_top1", "probe_top1", "mAP@10", "recall@1", "view_recall@1"]
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    width = 0.8 / len(rows)
-    for i, row in enumerate(rows):
-        xs = [j + i * width for j in range(len(metrics))]
-        ax.bar(xs, [row.get(m, 0) for m in metrics], width, label=row["encoder"])
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))], metrics)
-    ax.set(ylabel="%", title="demo held-out split (higher is better)")
-    ax.legend(fontsize=8)
+    sets = list(results)
+    fig, axes = plt.subplots(
+        len(sets), len(METRICS), figsize=(4 * len(METRICS), 3 * len(sets)), squeeze=False
+    )
+    for i, name in enumerate(sets):
+        for j, metric in enumerate(METRICS):
+            ax = axes[i][j]
+            for base in results[name]["baselines"]:
+                if metric in base:
+                    ax.axhline(
+                        base[metric],
+                        ls="--",
+                        lw=1,
+                        label=base["encoder"],
+                        color="grey" if base["encoder"].startswith("pixels") else "black",
+                    )
+            for recipe, pts in results[name]["runs"].items():
+                if pts and metric in pts[0]:
+                    ax.plot(
+                        [p["minutes"] for p in pts],
+                        [p[metric] for p in pts],
+                        marker="o",
+                        label=recipe,
+                    )
+            ax.set(title=f"{name}: {metric}", xlabel="wall-clock minutes (2 CPU cores)")
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("encoders", nargs="*", help="more encoder directories to compare")
-    parser.add_argument("--image-size", type=int, default=64, help="pixels (default: 64)")
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results",
-                        help="output folder (default: bench/results)")
-    args = parser.parse_args()
-    specs = ["pixels", "random:resnet18", str(SHIPPED), *args.encoders]
-    cfg = EvalConfig(probe=ProbeConfig.preset("fast"), image_size=args.image_size)
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for item in args.sets:
+        name, _, root_text = item.partition("=")
+        root = Path(root_text).expanduser()
+        build_if_missing(name, root, args.build)
+        rows = read_manifest(root)
+        cache = args.cache / name
+        data = train_tree(root, rows, cache / "train")
+        runs = {
+            r: pretrain(data, cache / f"{r}_{args.minutes:g}m", r, args.minutes, {})
+            for r in args.recipes
+        }
+        images = Images(root, rows, size=2 * max(args.eval_size or 64, 64))
+        first = next(iter(runs.values()))
+        baselines = [
+            measure("pixels", images, size=args.pixels_size),
+            measure(random_spec(first), images, size=args.eval_size or 64),
+        ]
+        curves: dict[str, list[dict[str, Any]]] = {}
+        for recipe, run in runs.items():
+            curves[recipe] = []
+            for minutes, ckpt in checkpoints(run):
+                export_encoder(ckpt, ckpt.with_suffix(".enc"))
+                row = measure(
+                    str(ckpt.with_suffix(".enc")), images, size=args.eval_size, pooling=args.pooling
+                )
+                curves[recipe].append({"minutes": round(minutes, 2), **row})
+                print(name, recipe, json.dumps(curves[recipe][-1]), flush=True)
+        results[name] = {
+            "root": str(root),
+            "images": len(images.rows),
+            "baselines": baselines,
+            "runs": curves,
+        }
+        print(name, "baselines", json.dumps(baselines), flush=True)
+    return results
+
+
+def demo(results_dir: Path, image_size: int) -> None:
+    """The README's table: the shipped demo encoder against pixels and random init."""
+    import tempfile
+
+    from app.demo.split import write_split
+    from moco.evaluate import EvalConfig, evaluate_many, format_table, write_json
+
+    specs = ["pixels", "random:resnet18", str(SHIPPED)]
+    cfg = EvalConfig(probe=ProbeConfig.preset("fast"), image_size=image_size)
     with tempfile.TemporaryDirectory() as tmp:
         write_split(Path(tmp))
         rows = evaluate_many(specs, Path(tmp) / "train", Path(tmp) / "val", cfg)
     print(format_table(rows))
-    args.results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    print(f"wrote {write_json(rows, args.results / f'quality_{stamp}.json')}")
-    print(f"wrote {plot(rows, args.results / f'quality_{stamp}.png')}")
+    print(f"wrote {write_json(rows, results_dir / f'quality_demo_{stamp}.json')}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sets", nargs="*", help="NAME=ROOT of each image set (emoji=/data/emoji)")
+    parser.add_argument(
+        "--minutes", type=float, default=15, help="budget of each run (default: 15)"
+    )
+    parser.add_argument(
+        "--recipes",
+        type=lambda s: s.split(","),
+        default=["ours", "official"],
+        help="comma-separated, of: " + ", ".join(RECIPES) + " (default: both)",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("~/.cache/moco-search/bench").expanduser(),
+        help="training trees and runs (default: ~/.cache/moco-search/bench)",
+    )
+    parser.add_argument(
+        "--build",
+        type=Path,
+        default=None,
+        help="folder of make_<name>.py to build missing sets (default: none)",
+    )
+    parser.add_argument(
+        "--eval-size",
+        type=int,
+        default=None,
+        help="embed at this size (default: the training size)",
+    )
+    parser.add_argument("--pooling", default="avg", help="avg or gem (default: avg)")
+    parser.add_argument(
+        "--pixels-size", type=int, default=32, help="pixel baseline side (default: 32)"
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "bench" / "results",
+        help="output folder (default: bench/results)",
+    )
+    parser.add_argument("--demo", action="store_true", help="only the demo encoder's table")
+    args = parser.parse_args()
+    args.results.mkdir(parents=True, exist_ok=True)
+    if args.demo:
+        demo(args.results, image_size=64)
+        return
+    if not args.sets:
+        parser.error("give at least one NAME=ROOT image set (or --demo)")
+    torch.set_num_threads(max(os.cpu_count() or 1, 1))
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    results = run_benchmark(args)
+    meta = {
+        "minutes": args.minutes,
+        "recipes": args.recipes,
+        "eval_size": args.eval_size,
+        "pooling": args.pooling,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+    }
+    out = args.results / f"quality_{stamp}.json"
+    out.write_text(json.dumps({"meta": meta, "sets": results}, indent=2) + "\n")
+    print(f"wrote {out}\nwrote {plot(results, args.results / f'quality_{stamp}.png')}")
 
 
 if __name__ == "__main__":
