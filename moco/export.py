@@ -70,8 +70,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_encoder(
@@ -87,9 +91,13 @@ def save_encoder(
         if not k.startswith("fc.")
     }
     tmp = out / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.chmod(tmp, 0o644)  # safetensors creates it private; an encoder is meant to be shared
-    os.replace(tmp, out / WEIGHTS)
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o644)  # safetensors creates it private; an encoder is meant to be shared
+        os.replace(tmp, out / WEIGHTS)
+    except BaseException:  # a full disk or Ctrl-C leaves no half-written file behind
+        tmp.unlink(missing_ok=True)
+        raise
     cfg = dataclasses.replace(cfg, content_hash=sha256_file(out / WEIGHTS))
     _atomic_write_text(out / CONFIG, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     return cfg
@@ -101,8 +109,17 @@ def read_encoder_config(path: str | os.PathLike) -> EncoderConfig:
     if not (path / CONFIG).is_file():
         raise CheckpointError(f"Not an encoder directory (no {CONFIG}): {path}")
     try:
-        return EncoderConfig.from_dict(json.loads((path / CONFIG).read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
+        data = json.loads((path / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"Unreadable encoder config {path / CONFIG}: {e}") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(
+            f"Unreadable encoder config {path / CONFIG}: a JSON object with 'arch' expected, "
+            f"found a JSON {type(data).__name__}"
+        )
+    try:
+        return EncoderConfig.from_dict(data)
+    except (TypeError, ValueError) as e:  # a missing 'arch', a mean that is not a list
         raise CheckpointError(f"Unreadable encoder config {path / CONFIG}: {e}") from e
 
 
@@ -125,9 +142,22 @@ def load_encoder(
             f"Encoder weights {weights} do not match the hash in its config "
             f"({cfg.content_hash[:12]}): the file was changed or is corrupt"
         )
+    try:
+        tensors = load_file(weights)
+    except Exception as e:  # SafetensorError for a truncated or foreign file
+        raise CheckpointError(
+            f"Unreadable encoder weights {weights}: {e} (truncated or not a safetensors file; "
+            "export the encoder again)"
+        ) from e
     model = build_encoder(cfg.arch, num_classes=0, small_stem=cfg.small_stem)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(weights).items()}
-    model.load_state_dict(state, strict=True)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"Encoder weights {weights} do not fit its config ({cfg.arch}, "
+            f"small_stem={cfg.small_stem}): {str(e).splitlines()[0]}"
+        ) from e
     model.requires_grad_(False)
     return model.eval().to(device), cfg
 

@@ -138,3 +138,34 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "sha256" in capsys.readouterr().out
     assert launch.main(["export", str(tmp_path / "none.pt"), "--out", str(tmp_path / "e")]) == 2
     assert "Checkpoint not found" in capsys.readouterr().err
+
+
+def test_config_that_is_not_an_object_is_a_checkpoint_error(tmp_path: Path) -> None:
+    save_encoder(build_encoder("resnet18"), EncoderConfig(arch="resnet18"), tmp_path / "e")
+    (tmp_path / "e" / "config.json").write_text("[1, 2]\n")
+    with pytest.raises(
+        CheckpointError, match="JSON object with 'arch' expected, found a JSON list"
+    ):
+        load_encoder(tmp_path / "e")
+    (tmp_path / "e" / "config.json").write_text('{"image_size": 32}')
+    with pytest.raises(CheckpointError, match="Unreadable encoder config"):
+        load_encoder(tmp_path / "e")
+
+
+def test_truncated_weights_without_a_hash_are_a_checkpoint_error(tmp_path: Path) -> None:
+    """With no hash to compare, the truncation is found by safetensors itself."""
+    save_encoder(build_encoder("resnet18"), EncoderConfig(arch="resnet18"), tmp_path / "e")
+    config = json.loads((tmp_path / "e" / "config.json").read_text())
+    (tmp_path / "e" / "config.json").write_text(json.dumps({**config, "content_hash": ""}))
+    weights = tmp_path / "e" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"Unreadable encoder weights .*truncated"):
+        load_encoder(tmp_path / "e")
+
+
+def test_weights_of_another_arch_are_a_checkpoint_error(tmp_path: Path) -> None:
+    save_encoder(build_encoder("resnet18"), EncoderConfig(arch="resnet18"), tmp_path / "e")
+    config = json.loads((tmp_path / "e" / "config.json").read_text())
+    (tmp_path / "e" / "config.json").write_text(json.dumps({**config, "small_stem": True}))
+    with pytest.raises(CheckpointError, match="do not fit its config"):
+        load_encoder(tmp_path / "e", verify=False)
