@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from indexes import store
+from indexes.faults import atomic_file
 from indexes.manifest import read_manifest
 
 CSV_COLUMNS = (
@@ -52,19 +53,18 @@ def export_embeddings(collection: str | os.PathLike, out: str | os.PathLike) -> 
     db = store.open_store(collection / store.DB_NAME, create=False)
     try:
         n = int(db.execute("SELECT count(*) FROM vectors").fetchone()[0])
-        emb = np.lib.format.open_memmap(
-            out / "embeddings.npy.tmp", mode="w+", dtype=np.float32, shape=(n, dim)
-        )
         ids = np.empty(n, dtype=np.int64)
-        pos = 0
-        for chunk_ids, vecs in store.iter_vectors(db, dim):
-            emb[pos : pos + len(chunk_ids)] = vecs
-            ids[pos : pos + len(chunk_ids)] = chunk_ids
-            pos += len(chunk_ids)
-        emb.flush()
-        del emb
-        os.replace(out / "embeddings.npy.tmp", out / "embeddings.npy")
-        np.save(out / "ids.npy", ids)
+        with atomic_file(out / "embeddings.npy") as tmp:
+            emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+            pos = 0
+            for chunk_ids, vecs in store.iter_vectors(db, dim):
+                emb[pos : pos + len(chunk_ids)] = vecs
+                ids[pos : pos + len(chunk_ids)] = chunk_ids
+                pos += len(chunk_ids)
+            emb.flush()
+            del emb
+        with atomic_file(out / "ids.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, ids)
         _write_csv(db, out / "metadata.csv")
     finally:
         db.conn.close()
@@ -73,8 +73,7 @@ def export_embeddings(collection: str | os.PathLike, out: str | os.PathLike) -> 
 
 def _write_csv(db: store.Database, path: Path) -> None:
     """All rows (errors included), paths in readable form; streamed, not loaded at once."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(CSV_COLUMNS)
         cur = db.execute(f"SELECT {store.ROW_COLUMNS} FROM {store.FROM} ORDER BY images.id")
@@ -87,4 +86,3 @@ def _write_csv(db: store.Database, path: Path) -> None:
                     "root": store.display(os.fsencode(r.root)),
                 }
                 w.writerow([values[c] for c in CSV_COLUMNS])
-    os.replace(tmp, path)

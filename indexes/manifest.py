@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from indexes.faults import atomic_file
 from moco import EncoderConfig
 
 MANIFEST_NAME = "manifest.json"
@@ -39,9 +40,8 @@ def write_manifest(collection: str | os.PathLike, manifest: dict[str, Any]) -> N
     path = Path(collection) / MANIFEST_NAME
     manifest = {**manifest, "format": FORMAT, "updated": time.time()}
     manifest.setdefault("created", manifest["updated"])
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def encoder_entry(path: str | os.PathLike, cfg: EncoderConfig) -> dict[str, Any]:

@@ -12,14 +12,16 @@ default.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
+
+from indexes.faults import atomic_file
 
 INDEX_NAME = "index.faiss"
 FLAT_MAX = 50_000
@@ -48,7 +50,11 @@ def new_index(factory: str, dim: int) -> faiss.Index:
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
-        raise ValueError(f"Invalid FAISS factory string {factory!r}: {e}") from e
+        why = str(e).splitlines()[-1].rsplit(": ", 1)[-1]  # FAISS prefixes its C++ location
+        raise ValueError(
+            f"Invalid FAISS factory string {factory!r} ({why}); use 'auto' or one such as "
+            "Flat, HNSW32, IVF1024,Flat or IVF1024,SQ8"
+        ) from e
     if is_ivf(index) or isinstance(index, faiss.IndexIDMap):
         return index
     return faiss.IndexIDMap(index)
@@ -75,7 +81,14 @@ def build(
     m = train_size(index, len(ids))
     if m:
         sample = np.sort(np.random.default_rng(seed).choice(ids, size=m, replace=False))
-        index.train(fetch(sample))
+        try:
+            index.train(fetch(sample))
+        except RuntimeError as e:  # e.g. fewer vectors than IVF lists
+            raise ValueError(
+                f"Cannot build an index of type {factory} over {len(ids)} vectors "
+                f"({str(e).splitlines()[-1].rsplit(': ', 1)[-1]}); the vectors are stored: "
+                "re-run with another index type"
+            ) from e
     for chunk_ids, vecs in chunks:
         index.add_with_ids(vecs, chunk_ids)
     return index
@@ -199,11 +212,19 @@ def tune(
 
 
 def save(index: faiss.Index, path: str | os.PathLike) -> None:
-    """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    """Write atomically: a crash leaves the old file or the new one, never half of one.
+
+    FAISS reports a failed write as a ``RuntimeError`` naming the C error; it becomes the
+    ``OSError`` it is (``ENOSPC`` for a full disk), so callers can tell what happened.
+    """
+    with atomic_file(path) as tmp:
+        try:
+            faiss.write_index(index, str(tmp))
+        except RuntimeError as e:
+            msg = str(e).splitlines()[-1]
+            if "No space left on device" in msg:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from e
+            raise OSError(errno.EIO, f"FAISS could not write the index ({msg})", str(path)) from e
 
 
 def load(path: str | os.PathLike, mmap: bool = False) -> faiss.Index:
