@@ -11,9 +11,11 @@ are not UTF-8 survive, and ``relpath`` a readable text form for display, globbin
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 from sqlite_utils import Database
 
+log = logging.getLogger(__name__)
 DB_NAME = "meta.db"
 
 SCHEMA = """
@@ -93,15 +96,25 @@ class Record:
         return {k: getattr(self, k) for k in keys}
 
 
-def open_store(path: str | os.PathLike, create: bool = True) -> Database:
+def open_store(
+    path: str | os.PathLike, create: bool = True, read_only: bool | None = None
+) -> Database:
     """The collection database (created if ``create``); WAL lets searches read during a run.
 
     ``synchronous=NORMAL`` in WAL mode survives a killed process (not a power cut) and keeps
-    batch commits cheap.
+    batch commits cheap. An existing database is opened read-only when ``read_only``, or by
+    default when it or its folder cannot be written (a read-only mount, a copy without write
+    permission): see ``connect_read_only``.
     """
     path = Path(path)
     if not create and not path.is_file():
         raise FileNotFoundError(f"Collection database missing: {path}")
+    if read_only is None:
+        read_only = not create and not (
+            os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+        )
+    if read_only:
+        return Database(connect_read_only(path))
     conn = sqlite3.connect(str(path), check_same_thread=False)
     conn.execute("PRAGMA busy_timeout=30000")
     if create:
@@ -109,6 +122,53 @@ def open_store(path: str | os.PathLike, create: bool = True) -> Database:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(SCHEMA)
     return Database(conn)
+
+
+def connect_read_only(path: Path) -> sqlite3.Connection:
+    """A connection that writes nothing, not even the ``-shm`` file WAL mode keeps beside it.
+
+    A plain open of a WAL database in a folder it cannot write fails with "unable to open
+    database file": SQLite wants to create ``meta.db-shm``. With no ``-wal`` or ``-shm`` beside
+    it (no writer connected, the WAL checkpointed: the state every finished index run leaves),
+    ``immutable=1`` reads the main file alone and creates nothing. Otherwise ``mode=ro`` reads
+    through the existing ``-shm``, and so sees the ``-wal``'s transactions too.
+    """
+    uri = path.resolve().as_uri()  # percent-encoded: '?', '#' and non-UTF-8 bytes survive
+    wal = [path.with_name(path.name + s) for s in ("-wal", "-shm")]
+    ways = ["mode=ro", "mode=ro&immutable=1"]
+    if not any(p.exists() for p in wal):
+        ways.reverse()
+    for params in ways:
+        conn = sqlite3.connect(f"{uri}?{params}", uri=True, check_same_thread=False)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError:
+            conn.close()
+            continue
+        if "immutable" in params and wal[0].is_file() and wal[0].stat().st_size:
+            log.warning(
+                "%s: its -wal cannot be read without a -shm; showing the last checkpoint", path
+            )
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+    raise PermissionError(f"Cannot open the collection database {path} even read-only")
+
+
+@contextmanager
+def transaction(db: Database) -> Iterator[None]:
+    """One transaction around several writes: all of them are committed, or none.
+
+    ``with db.conn:`` alone is not one: sqlite-utils 4 commits every ``db.execute`` write made
+    outside an open transaction, and Python's sqlite3 opens one only at the first write, so a
+    full disk between a row and its vector left the row without it. Hence the explicit BEGIN.
+    """
+    db.conn.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        db.conn.rollback()
+        raise
+    db.conn.commit()
 
 
 def read_info(db: Database) -> dict[str, str]:
