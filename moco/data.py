@@ -22,7 +22,10 @@ from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ico"}
+)
+"""What ``list_images`` picks up: the formats Pillow decodes that image folders hold."""
 MAX_PIXELS = 64_000_000
 """Larger images are refused as decompression bombs (Pillow's own limit is 89M, with a warning)."""
 BACKGROUND = (255, 255, 255)
@@ -126,9 +129,11 @@ def load_image(
     return im.convert("RGB")
 
 
-def list_images(root: str | os.PathLike) -> list[Path]:
-    """Image files under ``root``, recursive, in a stable sorted order; symlink loops are cut."""
+def walk_files(root: str | os.PathLike) -> list[Path]:
+    """Every file under ``root``, recursive, in a stable sorted order; symlink loops are cut."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"Not a folder: {root} is a file; give the folder that holds it")
     if not root.is_dir():
         raise FileNotFoundError(f"Image folder not found: {root}")
     found: list[Path] = []
@@ -140,8 +145,13 @@ def list_images(root: str | os.PathLike) -> list[Path]:
             continue
         seen.add((st.st_dev, st.st_ino))
         dirnames.sort()
-        found += [Path(dirpath, f) for f in filenames if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+        found += [Path(dirpath, f) for f in filenames]
     return sorted(found)
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """Image files under ``root`` (by extension), recursive, sorted; symlink loops are cut."""
+    return [p for p in walk_files(root) if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 class ImageFiles(Dataset):
