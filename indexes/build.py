@@ -10,15 +10,15 @@ file is brought up to date from the stored vectors at the end (``sync``).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from indexes import embed, manifest, plan, scan, store, sync
+from indexes import embed, faults, manifest, plan, preflight, scan, store, sync, vectors
 from indexes.embed import Decoded
 from indexes.scan import FileEntry
 from moco import EncoderConfig, read_encoder_config
@@ -29,7 +29,10 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class IndexReport:
-    """What an index run did; ``errors`` counts files recorded with status=error, by reason."""
+    """What an index run did; ``errors`` counts files recorded with status=error, by reason.
+
+    ``skipped`` counts the files passed over for their extension, by extension.
+    """
 
     added: int = 0
     updated: int = 0
@@ -41,6 +44,7 @@ class IndexReport:
     total: int = 0
     duplicates: int = 0
     index: dict = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         errs = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())) or "none"
@@ -48,7 +52,19 @@ class IndexReport:
             f"{self.total} images indexed ({self.added} added, {self.updated} updated, "
             f"{self.renamed} renamed, {self.removed} removed, {self.unchanged} unchanged, "
             f"{self.duplicates} exact copies) in {self.seconds:.1f}s; errors: {errs}"
+            + self._skipped()
         )
+
+    def _skipped(self) -> str:
+        """``; 3 files skipped: unsupported type .psd`` (with counts when several types)."""
+        n = sum(self.skipped.values())
+        if not n:
+            return ""
+        if len(self.skipped) == 1:
+            kinds = f"type {next(iter(self.skipped))}"
+        else:
+            kinds = "types " + ", ".join(f"{ext} ({c})" for ext, c in self.skipped.items())
+        return f"; {n} file{'s' if n > 1 else ''} skipped: unsupported {kinds}"
 
 
 def _insert(
@@ -109,7 +125,7 @@ def commit_batch(
     """Replace/insert the rows of one batch and their vectors in a single transaction."""
     now = time.time()
     good = iter(vecs)  # N_good x D, in item order
-    with db.conn:
+    with store.transaction(db):
         for (e, old), d in zip(items, decoded, strict=True):
             if old is not None:
                 store.delete_rows(db, [old])
@@ -129,7 +145,7 @@ def commit_batch(
 
 
 def _apply_moves(db: store.Database, p: plan.Plan, root_ids: dict[str, int]) -> None:
-    with db.conn:
+    with store.transaction(db):
         for i, e in p.renames:
             db.execute(
                 "UPDATE images SET root_id=?, relpath=?, relpath_raw=?, mtime_ns=?, "
@@ -154,22 +170,6 @@ def _apply_moves(db: store.Database, p: plan.Plan, root_ids: dict[str, int]) -> 
             store.bump_generation(db)
 
 
-def _resolve(
-    roots: list[Path], collection: Path, encoder: Path | None, old: dict | None
-) -> tuple[list[str], Path]:
-    if encoder is None:
-        if old is None:
-            raise ValueError(f"{collection} is a new collection: give the encoder to index with")
-        encoder = Path(old["encoder"]["path"])
-    names = [os.path.abspath(r) for r in roots] or list((old or {}).get("roots", []))
-    if not names:
-        raise ValueError("No image folders given to index")
-    for r in names:
-        if not os.path.isdir(r):
-            raise FileNotFoundError(f"Image folder not found: {r}")
-    return names, Path(encoder)
-
-
 @dataclass
 class Run:
     """An index run between its plan and its end (shared with the distributed runner)."""
@@ -184,43 +184,64 @@ class Run:
     plan: plan.Plan
     report: IndexReport
     t0: float
+    model: Any = None
+    """The encoder, when ``start_run`` loaded it already (to check it before a first write)."""
 
 
 def start_run(
-    roots: list[Path], collection: Path, encoder: Path | None, labels_csv: Path | None
+    roots: list[Path],
+    collection: Path,
+    encoder: Path | None,
+    labels_csv: Path | None,
+    *,
+    index_type: str = "auto",
+    device: str | None = None,
 ) -> Run:
-    """Check the encoder, scan, diff, and apply renames, deletions and refreshes."""
+    """Check everything, then scan, diff, and apply renames, deletions and refreshes.
+
+    Nothing is written before the folders, the collection path, the index type and the encoder
+    are checked. A new collection, or one holding no vectors (which may be re-bound to another
+    encoder), has its encoder loaded first: a broken encoder must not leave a collection bound
+    to it behind, refusing the right one from then on.
+    """
     t0 = time.perf_counter()
     collection = Path(collection)
-    old = (
-        manifest.read_manifest(collection)
-        if (collection / manifest.MANIFEST_NAME).exists()
-        else None
-    )
-    names, encoder = _resolve(list(roots), collection, encoder, old)
+    preflight.check_collection(collection)
+    known = (collection / manifest.MANIFEST_NAME).is_file()
+    old = manifest.read_manifest(collection) if known else None
+    names, encoder = preflight.resolve(list(roots), collection, encoder, old)
     cfg = read_encoder_config(encoder)
-    if old:
-        manifest.check_encoder(old, cfg, encoder)
+    if index_type != "auto":
+        vectors.new_index(index_type, cfg.feature_dim)  # a bad factory string fails here
     labels = scan.read_labels(labels_csv, names) if labels_csv else None
+    bind = old is None or old["encoder"]["content_hash"] != cfg.content_hash
+    if old is not None and bind and preflight.vector_count(collection):
+        manifest.check_encoder(old, cfg, encoder)  # raises: its vectors are another encoder's
+    model = embed.load_model(encoder, embed.default_device(device))[0] if bind else None
     collection.mkdir(parents=True, exist_ok=True)
-    if old is None:  # name the encoder before the first vector is stored (crash safety)
+    if bind:  # name the encoder before the first vector is stored (crash safety)
+        if old is not None:
+            log.info("%s holds no vectors: binding it to encoder %s", collection, encoder)
         old = {
+            **(old or {}),
             "encoder": manifest.encoder_entry(encoder, cfg),
             "feature_dim": cfg.feature_dim,
             "metric": "inner_product",
-            "roots": names,
+            "roots": sorted(set((old or {}).get("roots", [])) | set(names)),
             "index": {},
             "generation": None,
         }
         manifest.write_manifest(collection, old)
     db = store.open_store(collection / store.DB_NAME)
-    with db.conn:
+    with store.transaction(db):
         root_ids = {r: store.root_id(db, r) for r in names}
-    entries = scan.scan(names, labels)
-    p = plan.make_plan(entries, plan.existing_rows(db, root_ids))
-    report = IndexReport(unchanged=p.unchanged, renamed=len(p.renames), removed=len(p.delete))
+    found = scan.scan(names, labels)
+    p = plan.make_plan(found.entries, plan.existing_rows(db, root_ids))
+    report = IndexReport(
+        unchanged=p.unchanged, renamed=len(p.renames), removed=len(p.delete), skipped=found.skipped
+    )
     _apply_moves(db, p, root_ids)
-    return Run(collection, db, encoder, cfg, names, root_ids, old, p, report, t0)
+    return Run(collection, db, encoder, cfg, names, root_ids, old, p, report, t0, model)
 
 
 def finish_run(run: Run, index_type: str) -> IndexReport:
@@ -261,21 +282,32 @@ def index_images(
     """Index the images under ``roots`` into ``collection``, incrementally and crash-safely.
 
     ``roots`` may be empty for an existing collection (re-scan its roots); ``encoder`` may be None
-    then too (the manifest names it). A different encoder than the collection's is refused.
+    then too (the manifest names it). A different encoder than the collection's is refused,
+    unless the collection holds no vectors yet. A full disk raises ``CollectionError`` with
+    every committed batch kept: re-running once space is freed carries on.
     """
-    run = start_run(roots, collection, encoder, labels_csv)
-    if run.plan.todo:
-        device = embed.default_device(device)
-        model, _ = embed.load_model(run.encoder, device)
-        _embed_todo(
-            run,
-            model,
-            batch_size=batch_size,
-            workers=embed.default_workers() if workers is None else workers,
-            device=device,
-            progress=progress,
+    preflight.check_options(batch_size, workers)
+    device = embed.default_device(device)
+    with faults.disk_full_reported(collection):
+        run = start_run(
+            roots, collection, encoder, labels_csv, index_type=index_type, device=device
         )
-    return finish_run(run, index_type)
+        try:
+            if run.plan.todo:
+                model = run.model
+                if model is None:
+                    model = embed.load_model(run.encoder, device)[0]
+                _embed_todo(
+                    run,
+                    model,
+                    batch_size=batch_size,
+                    workers=embed.default_workers() if workers is None else workers,
+                    device=device,
+                    progress=progress,
+                )
+            return finish_run(run, index_type)
+        finally:
+            run.db.conn.close()
 
 
 def commit_failed(run: Run) -> list[tuple[FileEntry, int | None]]:
@@ -302,19 +334,22 @@ def _embed_todo(
     device: str,
     progress: Progress | None,
 ) -> None:
-    """Decode + embed the to-do list in order and commit batch by batch."""
+    """Decode + embed the to-do list in order and commit batch by batch.
+
+    The bar is closed on every exit, so that an error or "interrupted" starts its own line
+    instead of being glued to the bar's last update.
+    """
     total = len(run.plan.todo)
-    bar = tqdm(total=total, unit="img", desc="indexing", mininterval=1.0, smoothing=0.1)
-    todo = commit_failed(run)
-    done = total - len(todo)
-    bar.update(done)
-    batches = embed.decode_batches([e.path for e, _ in todo], run.cfg, batch_size, workers)
-    for start, decoded in zip(range(0, len(todo), batch_size), batches, strict=True):
-        items = todo[start : start + len(decoded)]
-        vecs = embed.embed_decoded(model, decoded, device)
-        commit_batch(run.db, items, decoded, vecs, run.root_ids, run.report)
-        done += len(items)
-        bar.update(len(items))
-        if progress:
-            progress(done, total)
-    bar.close()
+    with tqdm(total=total, unit="img", desc="indexing", mininterval=1.0, smoothing=0.1) as bar:
+        todo = commit_failed(run)
+        done = total - len(todo)
+        bar.update(done)
+        batches = embed.decode_batches([e.path for e, _ in todo], run.cfg, batch_size, workers)
+        for start, decoded in zip(range(0, len(todo), batch_size), batches, strict=True):
+            items = todo[start : start + len(decoded)]
+            vecs = embed.embed_decoded(model, decoded, device)
+            commit_batch(run.db, items, decoded, vecs, run.root_ids, run.report)
+            done += len(items)
+            bar.update(len(items))
+            if progress:
+                progress(done, total)

@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 from indexes import embed
 from indexes.build import IndexReport, commit_batch, commit_failed, finish_run, start_run
+from indexes.faults import disk_full_reported
+from indexes.preflight import check_options
 
 
 def world_size() -> int:
@@ -45,35 +47,39 @@ def index_distributed(
     index_type: str = "auto",
 ) -> IndexReport | None:
     """``index_images`` across the ranks of a torchrun job; rank 0 returns the report."""
+    check_options(batch_size, workers)  # on every rank, before any of them waits for another
+    device = _device(device)
     started = not dist.is_initialized()
     if started:
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        run, todo, enc = None, [], None
-        if rank == 0:
-            run = start_run(roots, collection, encoder, labels_csv)
-            todo = commit_failed(run)
-            enc = run.encoder
-        box: list[Any] = [todo, enc]
-        dist.broadcast_object_list(box, src=0)
-        todo, enc = box
-        device = _device(device)
-        mine = todo[rank::world]
-        rounds = math.ceil(math.ceil(len(todo) / world) / batch_size) if todo else 0
-        if rounds:
-            model, cfg = embed.load_model(enc, device)
-            workers = embed.default_workers() // world if workers is None else workers
-            batches = embed.decode_batches([e.path for e, _ in mine], cfg, batch_size, workers)
-        for i in range(rounds):
-            decoded = next(batches, []) if i * batch_size < len(mine) else []
-            vecs = embed.embed_decoded(model, decoded, device) if decoded else None
-            payload = [(d.sha256, d.width, d.height, d.format, d.reason) for d in decoded]
-            parts: list[Any] = [None] * world if rank == 0 else None
-            dist.gather_object((payload, vecs), parts, dst=0)
+        with disk_full_reported(collection):
+            run, todo, enc = None, [], None
             if rank == 0:
-                _commit_round(run, todo, parts, i, batch_size, world)
-        return finish_run(run, index_type) if rank == 0 else None
+                run = start_run(
+                    roots, collection, encoder, labels_csv, index_type=index_type, device=device
+                )
+                todo = commit_failed(run)
+                enc = run.encoder
+            box: list[Any] = [todo, enc]
+            dist.broadcast_object_list(box, src=0)
+            todo, enc = box
+            mine = todo[rank::world]
+            rounds = math.ceil(math.ceil(len(todo) / world) / batch_size) if todo else 0
+            if rounds:
+                model, cfg = embed.load_model(enc, device)
+                workers = embed.default_workers() // world if workers is None else workers
+                batches = embed.decode_batches([e.path for e, _ in mine], cfg, batch_size, workers)
+            for i in range(rounds):
+                decoded = next(batches, []) if i * batch_size < len(mine) else []
+                vecs = embed.embed_decoded(model, decoded, device) if decoded else None
+                payload = [(d.sha256, d.width, d.height, d.format, d.reason) for d in decoded]
+                parts: list[Any] = [None] * world if rank == 0 else None
+                dist.gather_object((payload, vecs), parts, dst=0)
+                if rank == 0:
+                    _commit_round(run, todo, parts, i, batch_size, world)
+            return finish_run(run, index_type) if rank == 0 else None
     finally:
         dist.barrier()
         if started:

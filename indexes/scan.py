@@ -1,6 +1,7 @@
 """Walking the image folders: which files exist now, their size, mtime and label.
 
-The file list comes from ``moco.list_images`` (the same files pretraining sees, symlink loops cut).
+The file list is ``moco.list_images``'s (the same files pretraining sees, symlink loops cut); the
+other files are counted by extension, so that the summary can say what was passed over.
 Each file is then ``stat``-ed here, following links, so that a broken link or a link loop becomes
 a row with a reason instead of an exception. Paths are kept as bytes relative to their root.
 """
@@ -11,12 +12,14 @@ import csv
 import errno
 import hashlib
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from indexes.manifest import MANIFEST_NAME
 from indexes.store import DB_NAME
-from moco import list_images
+from moco import IMAGE_EXTENSIONS
+from moco.data import walk_files
 
 
 @dataclass(frozen=True)
@@ -93,14 +96,32 @@ def in_a_collection(path: Path, root: str, memo: dict[Path, bool]) -> bool:
     return False
 
 
-def scan(roots: list[str], labels: dict[str, str] | None = None) -> list[FileEntry]:
+@dataclass(frozen=True)
+class Scan:
+    """The image files under the roots now, and how many other files were passed over.
+
+    ``skipped`` counts files by extension (lower case, ``(none)`` without one) that are not in
+    ``IMAGE_EXTENSIONS``, so that a folder of ``.psd`` or ``.heic`` files is not dropped in
+    silence.
+    """
+
+    entries: list[FileEntry]
+    skipped: dict[str, int]
+
+
+def scan(roots: list[str], labels: dict[str, str] | None = None) -> Scan:
     """Every image file under ``roots`` (absolute paths), sorted by root then relative path."""
     entries: list[FileEntry] = []
+    skipped: Counter[str] = Counter()
     memo: dict[Path, bool] = {}
     for root in roots:
         root_raw = os.fsencode(root)
-        for p in list_images(root):
+        for p in walk_files(root):
             if in_a_collection(p, root, memo):
+                continue
+            ext = p.suffix.lower()
+            if ext not in IMAGE_EXTENSIONS:
+                skipped[ext or "(none)"] += 1
                 continue
             rel_raw = os.fsencode(os.path.relpath(p, root))
             path = os.fsdecode(os.path.join(root_raw, rel_raw))
@@ -109,7 +130,8 @@ def scan(roots: list[str], labels: dict[str, str] | None = None) -> list[FileEnt
             size = st.st_size if st else None
             mtime = st.st_mtime_ns if st else None
             entries.append(FileEntry(root, rel_raw, size, mtime, label, err))
-    return sorted(entries, key=lambda e: (e.root, e.relpath_raw))
+    entries.sort(key=lambda e: (e.root, e.relpath_raw))
+    return Scan(entries, dict(sorted(skipped.items())))
 
 
 def sha256_file(path: str, chunk: int = 1 << 20) -> str | None:
