@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from indexes.collection import Collection
+from indexes.faults import not_writable
 from moco.knn import knn_predict
 from moco.metrics import (
     ClassificationMetrics,
@@ -70,6 +71,15 @@ def probe_dir(collection: Collection | str | os.PathLike, name: str = DEFAULT_PR
 
 def _open(collection: Collection | str | os.PathLike) -> Collection:
     return collection if isinstance(collection, Collection) else Collection.open(collection)
+
+
+def _check_writable(col: Collection, what: str) -> None:
+    """Refuse up front on a read-only collection (it can be searched, not written)."""
+    why = not_writable(col.path, ("meta.db", PROBES_DIR))
+    if why:
+        raise PermissionError(
+            f"Collection {col.path} is not writable ({why}): cannot {what}; nothing was changed"
+        )
 
 
 def _encoder_hash(col: Collection) -> str:
@@ -156,6 +166,7 @@ def train_collection_probe(
     """
     t0 = time.perf_counter()
     col = _open(collection)
+    _check_writable(col, "store a probe")
     out = probe_dir(col, name)
     cfg = cfg or ProbeConfig.fast()
     ids, labels = col.labeled()
@@ -311,6 +322,7 @@ def classify_all(
     """
     t0 = time.perf_counter()
     col = _open(collection)
+    _check_writable(col, "store predictions")
     clf = Classifier(col, name=name, knn=knn, knn_k=knn_k, T=T)
     ids = [r.id for r in col.query_records("images.status = 'ok' AND images.label IS NULL")]
     rows: list[tuple[Any, ...]] = []

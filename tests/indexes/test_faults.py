@@ -80,12 +80,14 @@ def read_only_view(src: Path, at: Path, mounts: list[Path]) -> Path:
 
 
 def search_and_index(ro: Path, images: Path, capsys: pytest.CaptureFixture) -> str:
-    """Search ``ro`` (must work), then index into it (must be refused); the refusal."""
+    """Search ``ro`` (must work), then train a probe and index (refused); the index refusal."""
     before = files(ro)
     query = str(images / "dog" / "002.png")
     assert launch.main(["search", "--collection", str(ro), query, "-k", "3", "--json"]) == 0
     hits = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(hits) == 3 and hits[0]["path"] == query and hits[0]["score"] > 0.999
+    assert launch.main(["probe", "train", "--collection", str(ro)]) == 2
+    assert "cannot store a probe; nothing was changed" in error_line(capsys, "probe")
     assert index_cli(images, ro) == 2
     line = error_line(capsys, "index")
     assert files(ro) == before
