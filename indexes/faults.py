@@ -45,10 +45,14 @@ def is_disk_full(e: BaseException, folder: str | os.PathLike | None = None) -> b
     return isinstance(e, OSError) and e.errno in DISK_FULL
 
 
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` or its closest existing parent: where a new collection would be created."""
+    path = Path(path).absolute()
+    return next(p for p in [path, *path.parents] if p.exists())
+
+
 def _free(folder: str | os.PathLike) -> int:
-    path = Path(folder).absolute()
-    existing = next(p for p in [path, *path.parents] if p.exists())
-    st = os.statvfs(existing)
+    st = os.statvfs(nearest_existing(folder))
     return st.f_bavail * st.f_frsize
 
 
@@ -94,10 +98,7 @@ def not_writable(folder: Path, names: tuple[str, ...] = ()) -> str | None:
     """
     for path in [folder, *(folder / n for n in names)]:
         if path.exists() and not os.access(path, os.W_OK):
-            why = (
-                "read-only file system"
-                if os.statvfs(path).f_flag & os.ST_RDONLY
-                else ("permission denied")
-            )
+            read_only = os.statvfs(path).f_flag & os.ST_RDONLY
+            why = "read-only file system" if read_only else "permission denied"
             return why if path == folder else f"{why}: {path.name}"
     return None

@@ -48,10 +48,13 @@ def check_collection(collection: Path) -> None:
     """A collection path that is a file, or that cannot be written, is refused up front."""
     if collection.exists() and not collection.is_dir():
         raise NotADirectoryError(f"Collection {collection} is a file, not a folder")
-    collection = collection.absolute()
-    existing = next(p for p in [collection, *collection.parents] if p.exists())
-    why = faults.not_writable(existing, WRITTEN if existing == collection else ())
-    if why:
+    existing = faults.nearest_existing(collection)
+    if existing != collection.absolute():
+        if why := faults.not_writable(existing):
+            raise PermissionError(
+                f"Cannot create collection {collection}: {existing} is not writable ({why})"
+            )
+    elif why := faults.not_writable(collection, WRITTEN):
         raise PermissionError(
             f"Collection {collection} is not writable ({why}); nothing was changed. "
             "It can still be searched; index into a writable copy to update it"

@@ -127,6 +127,22 @@ def test_read_only_mount_is_searchable_and_refuses_indexing(
         db.conn.close()
 
 
+def test_no_collection_is_created_on_a_read_only_mount(
+    images: Path,
+    encoder_dir: Path,
+    tmp_path: Path,
+    mounts: list[Path],
+    capsys: pytest.CaptureFixture,
+) -> None:
+    (tmp_path / "empty").mkdir()
+    ro = read_only_view(tmp_path / "empty", tmp_path / "ro", mounts)
+    assert index_cli(images, ro / "new", "--encoder", str(encoder_dir)) == 2
+    assert error_line(capsys, "index") == (
+        f"moco-search index: error: Cannot create collection {ro / 'new'}: {ro} is not "
+        "writable (read-only file system)"
+    )
+
+
 @pytest.mark.skipif(ROOT, reason="root ignores permission bits (the mount test covers root)")
 def test_chmod_read_only_collection_is_searchable(
     coll: Path, images: Path, capsys: pytest.CaptureFixture
