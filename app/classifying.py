@@ -7,6 +7,7 @@ stored vectors, which needs no training at all.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,9 @@ def classify(ctx: AppContext, image: Any, method: str | None = None,
         raise UserError(str(e)) from e
     order, probs = clf.top(vec, k=k)
     top = {clf.classes[j]: float(p) for j, p in zip(order[0], probs[0], strict=True)}
-    how = "linear probe" if method != KNN else "kNN vote over the labelled images"
-    return top, f"Classified by {how} `{method}` ({len(clf.classes)} classes)."
+    if method == KNN:
+        return top, f"By a kNN vote among the labelled images ({len(clf.classes)} classes)."
+    return top, f"By the linear probe `{method}` ({len(clf.classes)} classes)."
 
 
 def probe_summary(ctx: AppContext, name: str | None) -> tuple[str, str | None]:
@@ -60,9 +62,10 @@ def probe_summary(ctx: AppContext, name: str | None) -> tuple[str, str | None]:
     if not name or name not in probes:
         return "No probe trained yet: classification uses the kNN vote.", None
     m = probes[name].get("metrics", {})
+    how = re.sub(r" \(\d+ images\)$", "", m.get("method", "?"))  # older probes said it twice
     png = ctx.path / "probes" / name / "confusion.png"
     acc = (f"top-1 {m['top1']:.1f}% (95% CI {m['top1_ci'][0]:.1f}-{m['top1_ci'][1]:.1f}%) on "
-           f"{m['n']} held-out images by {m.get('method', '?')}") if m.get("n") else \
+           f"{m['n']} held-out images ({how})") if m.get("n") else \
         "no held-out estimate"
     return (f"**Probe `{name}`**: {len(probes[name].get('classes', []))} classes, "
             f"{m.get('n_labeled', '?')} labelled images; {acc}.",

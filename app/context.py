@@ -63,6 +63,8 @@ class AppContext:
                  allow_index: tuple[str | os.PathLike, ...] = ()) -> None:
         self.collection = collection
         self.example = example
+        self.title = collection.path.name
+        """How the page names the collection (the demo's says "demo")."""
         self._lock = threading.Lock()
         self._classifiers: dict[str, Any] = {}
         self.job: IndexJob | None = None

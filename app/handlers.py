@@ -45,6 +45,12 @@ class SearchResult:
     def status(self) -> str:
         return f"{len(self.hits)} results in {1000 * self.seconds:.0f} ms"
 
+    def position(self, hit: Hit | None) -> int | None:
+        """Where ``hit`` is among these results (the gallery's selection frame follows it)."""
+        if hit is None:
+            return None
+        return next((i for i, h in enumerate(self.hits) if h.id == hit.id), None)
+
     def rows(self) -> list[dict[str, Any]]:
         return hit_rows(self.hits)
 
@@ -89,21 +95,38 @@ def check_k(k: Any) -> int:
     return k
 
 
-def caption(hit: Hit) -> str:
-    label = f" · {hit.label}" if hit.label else ""
-    return f"{hit.score:.3f}{label} · {hit.relpath}"
+QUERY_SCORE = 0.9999
+"""A hit this similar to the query is the query itself (or an exact copy of it)."""
 
 
-def to_result(ctx: AppContext, hits: list[Hit], seconds: float) -> SearchResult:
+def caption(hit: Hit, query_id: int | None = None) -> str:
+    """``0.912 · circle_07.png``, with the label only where the folder does not already say it,
+    and the query's own match marked as such. Short: the tile shows about 20 characters."""
+    name = Path(hit.relpath).name
+    folder = Path(hit.relpath).parent.name
+    label = f" · {hit.label}" if hit.label and hit.label != folder else ""
+    if hit.id == query_id or (query_id is None and hit.score >= QUERY_SCORE):
+        return f"query · {name}{label}"
+    return f"{hit.score:.3f} · {name}{label}"
+
+
+def to_result(ctx: AppContext, hits: list[Hit], seconds: float,
+              query_id: int | None = None) -> SearchResult:
     """Hits as gallery tiles (thumbnails); a hit whose picture cannot be made now is dropped."""
     shown = [(h, p) for h in hits if (p := ctx.shown_file(h.path, h.meta)) is not None]
-    return SearchResult([(p, caption(h)) for h, p in shown], [h for h, _ in shown], seconds)
+    return SearchResult([(p, caption(h, query_id)) for h, p in shown], [h for h, _ in shown],
+                        seconds)
 
 
 def search(ctx: AppContext, image: Any, k: Any = 12, label: str | None = None,
            path_text: str | None = None, min_score: float | None = None,
            positives: Sequence[int] = (), negatives: Sequence[int] = ()) -> SearchResult:
-    """Top-k images like ``image`` (an upload), refined by example ids (relevance feedback)."""
+    """Top-k images like ``image`` (an upload), refined by example ids (relevance feedback).
+
+    Rocchio feedback: the query is the mean of the upload and the positive examples minus half
+    the mean of the negatives. The negative examples themselves are left out of the results: the
+    user has just said they are not what they are looking for.
+    """
     k = check_k(k)
     filters = make_filters(label, path_text)
     query: list[Any] = [decode_upload(image)] if image is not None else []
@@ -111,12 +134,14 @@ def search(ctx: AppContext, image: Any, k: Any = 12, label: str | None = None,
     if not query:
         raise UserError("Upload, paste or drop an image first (or click an example).")
     cut = None if min_score is None or float(min_score) <= -1 else float(min_score)
+    excluded = {int(i) for i in negatives}
     t0 = time.perf_counter()
     try:
-        hits = ctx.collection.search(query, k=k, negatives=[int(i) for i in negatives],
+        hits = ctx.collection.search(query, k=k + len(excluded), negatives=sorted(excluded),
                                      filters=filters, min_score=cut)
     except ValueError as e:  # e.g. positives and negatives cancel out
         raise UserError(str(e)) from e
+    hits = [h for h in hits if h.id not in excluded][:k]
     return to_result(ctx, hits, time.perf_counter() - t0)
 
 
@@ -129,7 +154,7 @@ def search_id(ctx: AppContext, image_id: int, k: Any = 12, label: str | None = N
     cut = None if min_score is None or float(min_score) <= -1 else float(min_score)
     hits = ctx.collection.search_vector(vec, k, filters=make_filters(label, path_text),
                                         min_score=cut)
-    return to_result(ctx, hits, time.perf_counter() - t0)
+    return to_result(ctx, hits, time.perf_counter() - t0, query_id=int(image_id))
 
 
 def selected_hit(hits: Sequence[Hit] | None, index: Any) -> Hit:
@@ -144,6 +169,13 @@ def selected_hit(hits: Sequence[Hit] | None, index: Any) -> Hit:
     if not 0 <= i < len(hits):
         raise UserError(f"No result number {i + 1}")
     return hits[i]
+
+
+def selection_text(hit: Hit) -> str:
+    """The line under the gallery that says which result is selected."""
+    label = f", label {hit.label}" if hit.label else ""
+    return (f"Selected **{Path(hit.relpath).name}** (score {hit.score:.3f}{label}): search from "
+            "it, or mark it as more or less like what you are looking for.")
 
 
 def query_image(ctx: AppContext, hit: Hit) -> Image.Image | None:
@@ -165,10 +197,20 @@ def toggle(ids: Sequence[int], image_id: int, others: Sequence[int]) -> tuple[li
     return ids, others
 
 
-def feedback_text(positives: Sequence[int], negatives: Sequence[int]) -> str:
+def feedback_text(ctx: AppContext | None, positives: Sequence[int],
+                  negatives: Sequence[int]) -> str:
+    """The examples marked so far, by file name."""
     if not positives and not negatives:
         return "No examples yet: select a result, then mark it as more or less like this."
-    return f"More like: {list(positives) or '-'} · Less like: {list(negatives) or '-'}"
+    names: dict[int, str] = {}
+    if ctx is not None:
+        recs = ctx.collection.records([*positives, *negatives])
+        names = {r.id: Path(r.relpath).name for r in recs}
+
+    def listed(ids: Sequence[int]) -> str:
+        return ", ".join(f"`{names.get(int(i), f'#{i}')}`" for i in ids) or "-"
+
+    return f"**More like:** {listed(positives)} · **Less like:** {listed(negatives)}"
 
 
 def hit_rows(hits: Sequence[Hit]) -> list[dict[str, Any]]:

@@ -75,12 +75,20 @@ class EmbeddingMap:
         return int(self.ids[j]) if d[j] <= radius else None
 
 
+TAB20 = ("1f77b4", "ff7f0e", "2ca02c", "d62728", "9467bd", "8c564b", "e377c2", "7f7f7f",
+         "bcbd22", "17becf", "aec7e8", "ffbb78", "98df8a", "ff9896", "c5b0d5", "c49c94",
+         "f7b6d2", "c7c7c7", "dbdb8d", "9edae5")
+"""Matplotlib's tab20 order: ten strong colours, then their light twins, so up to 20 labels stay
+apart (evenly spaced hues run together beyond about eight)."""
+
+
 def palette(n: int) -> list[tuple[int, int, int]]:
-    out = []
-    for i in range(n):
-        r, g, b = colorsys.hsv_to_rgb(i / max(n, 1), 0.75, 0.85)
+    """``n`` label colours: tab20, then evenly spaced hues for labels beyond 20."""
+    out = [tuple(int(h[i:i + 2], 16) for i in (0, 2, 4)) for h in TAB20[:n]]
+    for i in range(n - len(out)):
+        r, g, b = colorsys.hsv_to_rgb(i / max(n - len(TAB20), 1), 0.6, 0.75)
         out.append((int(255 * r), int(255 * g), int(255 * b)))
-    return out
+    return out  # type: ignore[return-value]
 
 
 def pca_2d(x: np.ndarray) -> np.ndarray:

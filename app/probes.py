@@ -42,10 +42,15 @@ class ProbeResult:
     confusion_png: Path | None
     seconds: float
 
+    def line(self) -> str:
+        """One plain line (the terminal's log)."""
+        return (f"probe {self.name}: {len(self.classes)} classes, {self.n_train} labelled "
+                f"images; {self.metrics.summary()} ({self.method}; trained in "
+                f"{self.seconds:.1f} s)")
+
     def markdown(self) -> str:
-        return (f"**Probe `{self.name}`**: {len(self.classes)} classes, {self.n_train} labelled "
-                f"images, accuracy by {self.method}: {self.metrics.summary()} "
-                f"({self.seconds:.1f} s)")
+        """The same line for the UI, the probe's name set off."""
+        return f"**Probe `{self.name}`**" + self.line().removeprefix(f"probe {self.name}")
 
 
 def _scores(x: np.ndarray, y: np.ndarray, classes: list[str], cfg: ProbeConfig,
@@ -80,7 +85,7 @@ def train_on_ids(col: Collection, ids: Sequence[int], labels: Sequence[str], *, 
         x_all, y_all = np.concatenate([x, xv]), np.concatenate([y, yv])
         tr, te = np.arange(len(y)), np.arange(len(y), len(y_all))
         scores, truth = _scores(x_all, y_all, classes, cfg, tr, te), yv
-        method = f"the fixed held-out split ({len(yv)} images)"
+        method = "the fixed held-out split"
     else:
         held = [f for f in stratified_folds(y, folds) if len(f)]
         parts, truths = [], []

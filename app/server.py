@@ -71,8 +71,10 @@ def open_context(cfg: ServerConfig) -> Any:
         from app.demo import DEMO_ENCODER, demo_example, ensure_demo_collection
 
         path = ensure_demo_collection(encoder=cfg.encoder or DEMO_ENCODER)
-        return AppContext.open(path, device=cfg.device, example=demo_example(),
-                               allow_index=cfg.allow_index)
+        ctx = AppContext.open(path, device=cfg.device, example=demo_example(),
+                              allow_index=cfg.allow_index)
+        ctx.title = "demo"
+        return ctx
     ctx = AppContext.open(cfg.collection, device=cfg.device, allow_index=cfg.allow_index)
     first = ctx.collection.query_records(
         "images.id = (SELECT min(id) FROM images WHERE status = 'ok')")

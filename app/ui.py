@@ -17,6 +17,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -26,7 +27,7 @@ from app.context import USER_PROBE, AppContext
 from app.handlers import UserError
 
 GALLERY_COLUMNS = 6
-NO_PICK = "Click a result to search from it."
+NO_PICK = "Click a result to select it: search from it, or mark it as more or less like this."
 log = logging.getLogger(__name__)
 
 
@@ -61,10 +62,6 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _search_outputs(r: handlers.SearchResult) -> tuple[Any, ...]:
-    return r.gallery, r.rows(), r.status(), r.hits
-
-
 def _picture(path: Any) -> Any:
     """A saved PNG (a confusion matrix in the collection) as pixels: Gradio copies those into its
     cache, while the collection's own files are blocked from being served."""
@@ -79,8 +76,8 @@ def _picture(path: Any) -> Any:
 def build_demo(ctx: AppContext) -> gr.Blocks:
     """The four tabs (Search, Classify, Collection, Encoder) over the opened collection."""
     labels = ["(any)", *ctx.collection.label_counts()]
-    with gr.Blocks(title="moco-search") as demo:
-        gr.Markdown(f"## moco-search · `{ctx.path.name}` · {len(ctx.collection)} images")
+    with gr.Blocks(title=f"moco-search · {ctx.title}") as demo:
+        gr.Markdown(f"## moco-search · {ctx.title} · {len(ctx.collection)} images")
         selected = gr.State(None)  # the clicked Hit
         hits = gr.State([])  # the last search's Hits, as the server found them
         positives, negatives = gr.State([]), gr.State([])
@@ -99,31 +96,31 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                 gallery = gr.Gallery(label="Most similar", columns=GALLERY_COLUMNS,
                                      height=560, allow_preview=False, object_fit="contain",
                                      elem_id="results")
-                picked = gr.Markdown(NO_PICK)
+                picked = gr.Markdown(NO_PICK, elem_id="picked")
                 with gr.Row():
-                    more = gr.Button("+ More like this one")
-                    less = gr.Button("− Less like this one")
-                    refine = gr.Button("Refine with examples")
+                    from_btn = gr.Button("Search from this one", elem_id="from-btn")
+                    more = gr.Button("+ More like this one", elem_id="more-btn")
+                    less = gr.Button("− Less like this one", elem_id="less-btn")
+                    refine = gr.Button("Refine with examples", elem_id="refine-btn")
                     clear = gr.Button("Clear examples")
-                fb = gr.Markdown(handlers.feedback_text([], []))
+                fb = gr.Markdown(handlers.feedback_text(ctx, [], []), elem_id="feedback")
                 with gr.Row():
                     csv_btn = gr.Button("Download CSV", size="sm")
                     json_btn = gr.Button("Download JSON", size="sm")
-                    download = gr.File(label="Download", height=80)
+                    download = gr.File(label="Download", height=80, visible=False)
                 with gr.Accordion("Results as JSON", open=False):
                     rows = gr.JSON(label="hits")
-        with gr.Tab("Classify"):
+        with gr.Tab("Classify", elem_id="classify-tab") as cls_tab:
             with gr.Row():
                 with gr.Column():
-                    cls_image = upload_image(label="Image to classify",
-                                            value=ctx.example, height=260)
-                    use_query = gr.Button("Use the Search tab's query", size="sm")
+                    cls_image = upload_image(label="Image to classify (follows the Search "
+                                             "tab's query)", value=ctx.example, height=260)
                     method = gr.Dropdown(classifying.methods(ctx),
                                          value=classifying.default_method(ctx),
                                          label="Classifier (probe or kNN)")
                     cls_go = gr.Button("Classify", variant="primary")
                 with gr.Column():
-                    top5 = gr.Label(num_top_classes=5, label="Top-5 labels")
+                    top5 = gr.Label(num_top_classes=5, label="Top-5 labels", elem_id="top5")
                     cls_md = gr.Markdown()
             with gr.Row():
                 with gr.Column():
@@ -163,7 +160,8 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             with gr.Row():
                 map_go = gr.Button("Draw the embedding map (PCA)")
             with gr.Row():
-                map_img = gr.Image(label="Embeddings", interactive=False, scale=3)
+                map_img = gr.Image(label="Embeddings", interactive=False, scale=3,
+                                   elem_id="map")
                 with gr.Column(scale=1):
                     point_img = gr.Image(label="Clicked point", interactive=False, height=220)
                     point_md = gr.Markdown()
@@ -180,34 +178,55 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
 
         # --- Search wiring --------------------------------------------------------------------
         filters = [k, label, path_text, cutoff]
+        results = [gallery, rows, status, hits]
+
+        def shown(r: handlers.SearchResult, hit: Any) -> tuple[Any, ...]:
+            """A refined search's outputs; the selection frame follows the selected hit."""
+            tiles = gr.Gallery(value=r.gallery, selected_index=r.position(hit))
+            return tiles, r.rows(), r.status(), r.hits
 
         @_guard
         def do_search(img: Any, k_: Any, lab: Any, text: Any, cut: Any) -> tuple[Any, ...]:
-            return _search_outputs(handlers.search(ctx, img, k_, lab, text, cut))
+            """A new query: plain values (the public API's); the selection goes (below)."""
+            r = handlers.search(ctx, img, k_, lab, text, cut)
+            return r.gallery, r.rows(), r.status(), r.hits
 
-        results = [gallery, rows, status, hits]
         search_io = dict(fn=do_search, inputs=[query, *filters], outputs=results)
 
-        def on_failure(event: Any) -> None:
-            """A refused search leaves no stale status or "Searching from ..." line behind."""
+        def on_failure(event: Any) -> Any:
+            """A refused search leaves no stale status or selection line behind."""
             event.failure(lambda: ("", NO_PICK, None), None, [status, picked, selected],
                           api_visibility="private")
+            return event
 
-        on_failure(go.click(**search_io, api_name="search"))
-        on_failure(query.upload(**search_io, api_visibility="private"))
+        def unselect(event: Any) -> None:
+            """New results: the old selection no longer points at anything shown."""
+            event.success(lambda: (None, NO_PICK), None, [selected, picked],
+                          api_visibility="private")
+
+        unselect(on_failure(go.click(**search_io, api_name="search")))
+        unselect(on_failure(query.upload(**search_io, api_visibility="private")))
         if ctx.example:
             demo.load(**search_io, api_visibility="private")
 
         @_guard
-        def click_result(shown: list[Any], k_: Any, lab: Any, text: Any, cut: Any,
-                         evt: gr.SelectData) -> tuple[Any, ...]:
-            hit = handlers.selected_hit(shown, evt.index)
-            r = handlers.search_id(ctx, hit.id, k_, lab, text, cut)
-            return (*_search_outputs(r), hit, handlers.query_image(ctx, hit),
-                    f"Searching from **{hit.relpath}** (label: {hit.label or '-'})")
+        def select_result(found: list[Any], evt: gr.SelectData) -> tuple[Any, str]:
+            """Selecting a result only selects it: marking it must not change the query."""
+            hit = handlers.selected_hit(found, evt.index)
+            return hit, handlers.selection_text(hit)
 
-        gallery.select(click_result, [hits, *filters], [*results, selected, query, picked],
-                       api_visibility="private")
+        gallery.select(select_result, [hits], [selected, picked], api_visibility="private")
+
+        @_guard
+        def search_from(hit: Any, k_: Any, lab: Any, text: Any, cut: Any) -> tuple[Any, ...]:
+            if not hit:
+                raise UserError("Click a result first.")
+            r = handlers.search_id(ctx, hit.id, k_, lab, text, cut)
+            return (*shown(r, hit), handlers.query_image(ctx, hit),
+                    f"Searching from **{Path(hit.relpath).name}**")
+
+        on_failure(from_btn.click(search_from, [selected, *filters], [*results, query, picked],
+                                  api_visibility="private"))
 
         def mark(which: str) -> Callable[..., Any]:
             @_guard
@@ -218,28 +237,31 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                     pos, neg = handlers.toggle(pos, hit.id, neg)
                 else:
                     neg, pos = handlers.toggle(neg, hit.id, pos)
-                return pos, neg, handlers.feedback_text(pos, neg)
+                return pos, neg, handlers.feedback_text(ctx, pos, neg)
             return fn
 
         more.click(mark("pos"), [selected, positives, negatives], [positives, negatives, fb],
                    api_visibility="private")
         less.click(mark("neg"), [selected, positives, negatives], [positives, negatives, fb],
                    api_visibility="private")
-        clear.click(lambda: ([], [], handlers.feedback_text([], [])), None,
+        clear.click(lambda: ([], [], handlers.feedback_text(ctx, [], [])), None,
                     [positives, negatives, fb], api_visibility="private")
 
         @_guard
         def do_refine(img: Any, pos: list[int], neg: list[int], k_: Any, lab: Any, text: Any,
-                      cut: Any) -> tuple[Any, ...]:
+                      cut: Any, hit: Any) -> tuple[Any, ...]:
+            if not pos and not neg:
+                raise UserError("Mark a result as more or less like this one first.")
             r = handlers.search(ctx, img, k_, lab, text, cut, positives=pos, negatives=neg)
-            return _search_outputs(r)
+            return shown(r, hit)
 
-        on_failure(refine.click(do_refine, [query, positives, negatives, *filters], results,
-                                api_visibility="private"))
+        on_failure(refine.click(do_refine, [query, positives, negatives, *filters, selected],
+                                results, api_visibility="private"))
+
         def exporter(fmt: str) -> Callable[..., Any]:
             @_guard
-            def export(shown: list[Any]) -> str:
-                return handlers.export(shown, fmt)
+            def export(found: list[Any]) -> Any:
+                return gr.File(value=handlers.export(found, fmt), visible=True)
             return export
 
         csv_btn.click(exporter("csv"), [hits], [download], api_visibility="private")
@@ -251,10 +273,19 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             return classifying.classify(ctx, img, how)
 
         cls_go.click(do_classify, [cls_image, method], [top5, cls_md], api_name="classify")
-        def copy_query(q: Any) -> Any:
-            return q  # an upload Gradio has checked is in its cache, or None
 
-        use_query.click(copy_query, [query], [cls_image], api_visibility="private")
+        def follow_query(q: Any, how: Any) -> tuple[Any, ...]:
+            """Opening the Classify tab classifies the Search tab's current query (an upload
+            Gradio has checked is in its cache), so the panel is never empty beside it."""
+            if not q:
+                return gr.update(), gr.update(), gr.update()
+            try:
+                return (q, *classifying.classify(ctx, q, how))
+            except UserError as e:
+                return q, None, str(e)
+
+        cls_tab.select(follow_query, [query, method], [cls_image, top5, cls_md],
+                       api_visibility="private")
 
         @_guard
         def do_train(src: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008

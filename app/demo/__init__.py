@@ -79,7 +79,7 @@ def train_demo_probe(coll: Path, images: Path) -> str:
                 parts[which][1].append(label)
         result = train_on_ids(col, parts["train"][0], parts["train"][1], name="default",
                               heldout=parts["val"] if parts["val"][0] else None)
-    return result.markdown()
+    return result.line()
 
 
 def ensure_demo_collection(cache: Path | None = None, *, encoder: Path = DEMO_ENCODER,

@@ -34,6 +34,10 @@ def page() -> Any:
         browser.close()
 
 
+def captions(page: Any) -> list[str]:
+    return page.locator("#results img").evaluate_all("els => els.map(e => e.alt || '')")
+
+
 def test_upload_search_click_screenshot(page: Any, server: Any, ctx: Any,
                                         tmp_path: Path) -> None:
     page.goto(server.local_url)
@@ -44,12 +48,13 @@ def test_upload_search_click_screenshot(page: Any, server: Any, ctx: Any,
     page.locator("input[type=file]").first.set_input_files(query)
     page.wait_for_function(
         "[...document.querySelectorAll('#results img')].some(i => i.alt && "
-        "i.alt.includes('square_03')) || document.body.innerText.includes('square/square_03')")
-    first_caption = gallery.locator("img").first.get_attribute("alt") or ""
-    assert "square" in (first_caption or page.inner_text("#results"))
+        "i.alt.includes('square_03'))")
+    assert captions(page)[0] == "query · square_03.png"  # its own match, marked
     page.locator("#results img").nth(1).click()
+    page.wait_for_function("document.querySelector('#picked').innerText.includes('Selected')")
+    page.locator("#from-btn").click()
     page.wait_for_function("document.body.innerText.includes('Searching from')")
-    # the clicked result is now the query picture; searching from it is an ordinary upload
+    # the selected result is now the query picture; searching from it is an ordinary upload
     k = page.locator("input[type=number]").first  # k: 7, so that the new status differs
     k.fill("7")
     k.press("Enter")
@@ -62,3 +67,25 @@ def test_upload_search_click_screenshot(page: Any, server: Any, ctx: Any,
     shot = tmp_path / "search.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_less_like_this_then_refine_and_classify_follows(page: Any, server: Any) -> None:
+    page.goto(server.local_url)
+    page.wait_for_function("document.querySelectorAll('#results img').length >= 12")
+    query_src = page.locator("img").first.get_attribute("src")
+    before = captions(page)
+    name = before[1].split(" · ")[1]  # result 2, "A"
+    page.locator("#results img").nth(1).click()
+    page.wait_for_function("document.querySelector('#picked').innerText.includes('Selected')")
+    page.locator("#less-btn").click()
+    page.wait_for_function(f"document.querySelector('#feedback').innerText.includes('{name}')")
+    assert page.locator("img").first.get_attribute("src") == query_src  # marking: same query
+    page.locator("#refine-btn").click()
+    page.wait_for_function(
+        f"![...document.querySelectorAll('#results img')].some(i => i.alt.includes('{name}'))")
+    after = captions(page)
+    assert len(after) == 12 and not any(name in c for c in after)
+    # the Classify tab opens on the current query, already classified
+    page.get_by_role("tab", name="Classify").click()
+    page.wait_for_function("document.body.innerText.includes('(3 classes).')")
+    assert "circle" in page.inner_text("#top5")

@@ -28,7 +28,8 @@ def test_search_finds_the_query_first_with_captions(ctx: Any) -> None:
     with Image.open(path) as shown, Image.open(ctx.example) as original:
         assert shown.size == original.size  # small images keep their pixels
         assert shown.tobytes() == original.convert("RGB").tobytes()
-    assert "circle" in cap and "1.000" in cap
+    assert cap == "query · circle_00.png"  # the query's own match; the folder is its label
+    assert r.gallery[1][1] == f"{r.hits[1].score:.3f} · {Path(r.hits[1].relpath).name}"
     assert r.rows()[0]["rank"] == 1 and "ms" in r.status()
 
 
@@ -86,7 +87,13 @@ def test_more_like_this_and_relevance_feedback(ctx: Any) -> None:
     assert pos == [hit.id] and neg == [first.hits[1].id]
     refined = handlers.search(ctx, ctx.example, k=24, positives=pos, negatives=neg)
     ranks = [h.id for h in refined.hits]
-    assert ranks.index(first.hits[1].id) > 0  # pushed down by the negative example
+    assert first.hits[1].id not in ranks  # a "less like this" example is not shown again
+    assert len(ranks) == 23 and hit.id in ranks
+    assert refined.position(hit) == ranks.index(hit.id)  # the selection frame follows it
+    text = handlers.feedback_text(ctx, pos, neg)
+    assert Path(hit.relpath).name in text and Path(first.hits[1].relpath).name in text
+    assert handlers.caption(again.hits[0], query_id=hit.id).startswith("query · ")
+    assert handlers.caption(again.hits[1], query_id=hit.id)[:5] == f"{again.hits[1].score:.3f}"
     assert handlers.toggle(pos, hit.id, [])[0] == []  # a second click removes it
     with pytest.raises(UserError):
         handlers.selected_hit([], 0)
@@ -151,6 +158,7 @@ def test_ui_indexes_only_roots_and_allowed_folders(ctx: Any, tmp_path: Path, tre
 
 def test_classify_knn_then_probe(ctx: Any) -> None:
     top, text = classifying.classify(ctx, ctx.example, "knn")
+    assert text == "By a kNN vote among the labelled images (3 classes)."
     assert set(top) == {"circle", "square", "stripes"}
     assert sum(top.values()) == pytest.approx(1.0, abs=1e-4)
     res = classifying.train(ctx, "default")
@@ -159,7 +167,9 @@ def test_classify_knn_then_probe(ctx: Any) -> None:
     top, text = classifying.classify(ctx, ctx.example)  # default: the probe
     assert len(top) == 3 and "linear probe" in text
     md, png = classifying.probe_summary(ctx, "default")
-    assert "held-out" in md and png
+    assert "on 24 held-out images (5-fold cross-validation)" in md and png
+    assert res.line().startswith("probe default: 3 classes, 24 labelled images; top-1 ")
+    assert "*" not in res.line() and "`" not in res.line()  # plain text for the terminal
     with pytest.raises(UserError):
         classifying.classify(ctx, ctx.example, "nope")
 

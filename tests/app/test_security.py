@@ -75,13 +75,14 @@ def searched_session(server: Any, ctx: Any) -> str:
 SECRETS = ["cwd", "tmp", "svg", "other meta.db", "in a root"]
 EVENTS = {
     # the gallery click took the hit rows from the client (in a session with hits, and without)
-    "click after a search": ("click_result", lambda p: [[fake_hit(p)], 5, "(any)", "", -1], True),
-    "click": ("click_result", lambda p: [[fake_hit(p)], 5, "(any)", "", -1], False),
+    "click after a search": ("select_result", lambda p: [[fake_hit(p)]], True),
+    "click": ("select_result", lambda p: [[fake_hit(p)]], False),
+    "search from it": ("search_from", lambda p: [fake_hit(p), 5, "(any)", "", -1], True),
     # downloads wrote the client's rows; labelling took the client's hit
     "download": ("export", lambda p: [[fake_hit(p)]], True),
     "label": ("label_image", lambda p: [fake_hit(p), "x"], False),
     # a client-named file as an image input
-    "use as query": ("copy_query", lambda p: [file_data(p)], False),
+    "classify the query": ("follow_query", lambda p: [file_data(p), "knn"], False),
     "search": ("do_search", lambda p: [file_data(p), 5, "(any)", "", -1], False),
     "classify": ("do_classify", lambda p: [file_data(p), "knn"], False),
     # indexing the secret's folder from the UI
@@ -111,13 +112,10 @@ def test_no_event_serves_a_file_the_client_names(
 
 def test_a_click_shows_the_servers_own_hit(server: Any, ctx: Any, secrets: dict[str, Path]) -> None:
     session = searched_session(server, ctx)
-    reply = call(
-        server,
-        "click_result",
-        [[fake_hit(str(secrets["tmp"]))], 3, "(any)", "", -1],
-        {"index": 0, "value": None},
-        session=session,
-    )
+    fake = fake_hit(str(secrets["tmp"]))
+    reply = call(server, "select_result", [[fake]], {"index": 0, "value": None}, session=session)
+    assert reply.success, reply.error
+    reply = call(server, "search_from", [fake, 3, "(any)", "", -1], session=session)
     assert reply.success, reply.error
     _gallery, rows, _status, *_ = reply.completed["output"]["data"]
     assert rows[0]["path"] == os.path.realpath(ctx.example)  # the real first hit, not the fake
