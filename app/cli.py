@@ -7,6 +7,8 @@ the command runs, so ``moco-search --help`` stays instant.
 from __future__ import annotations
 
 import argparse
+import itertools
+import socket
 from pathlib import Path
 
 
@@ -39,17 +41,49 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_app)
 
 
+def check_collection(path: Path) -> None:
+    """A clear sentence for the usual mix-ups, before the (slow) collection is opened."""
+    if not path.exists():
+        raise FileNotFoundError(f"Collection not found: {path}")
+    if not path.is_dir():
+        raise NotADirectoryError(f"--collection {path} is a file: give a collection directory")
+    if not (path / "manifest.json").is_file():
+        from moco.data import IMAGE_EXTENSIONS
+
+        first = itertools.islice(path.rglob("*"), 10_000)  # a look, not a full walk
+        if any(f.suffix.lower() in IMAGE_EXTENSIONS for f in first):
+            raise FileNotFoundError(
+                f"{path} is an image folder, not a collection: index it first with "
+                f"moco-search index {path} --collection {path.name}.coll, then open that")
+        raise FileNotFoundError(f"{path} is not a collection (it has no manifest.json)")
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port in use now, not after the collection is loaded and Gradio gives up."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a port
+        try:  # that a closed server left in TIME_WAIT is free, one being listened on is not
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"port {port} on {host} is in use ({e.strerror}): pass another "
+                             "--port, or stop the other server") from None
+
+
 def run_app(args: argparse.Namespace) -> int:
     from app.server import ServerConfig, parse_auth, serve
 
     parse_auth(args.auth)  # a malformed --auth is a user error before anything loads
-    if args.collection is not None and not args.collection.is_dir():
-        raise FileNotFoundError(f"Collection not found: {args.collection}")
+    if args.collection is not None:
+        check_collection(args.collection)
     for d in args.allow_index:
         if not d.is_dir():
             raise FileNotFoundError(f"--allow-index: not a folder: {d}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0-65535, got {args.port}")
+    check_port(args.host, args.port)
     cfg = ServerConfig(collection=args.collection, host=args.host, port=args.port,
                        auth=args.auth, share=args.share, ready_and_exit=args.ready_and_exit,
                        device=args.device, concurrency=args.concurrency,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,52 @@ def test_auth_and_exposure() -> None:
     assert "without --auth" in (exposure_warning("0.0.0.0", None, False) or "")
     assert exposure_warning("0.0.0.0", "u:p", False) is None
     assert "gradio.live" in (exposure_warning("127.0.0.1", None, True) or "")
+
+
+def test_a_port_in_use_is_refused_before_loading(collection_dir: Path, port: int,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        rc = launch.main(["app", "--collection", str(collection_dir), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"port {port} on 127.0.0.1 is in use" in err and "--port" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_image_folder_is_not_a_collection(collection_dir: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    images = collection_dir.parent / "images"
+    assert launch.main(["app", "--collection", str(images), "--ready-and-exit"]) == 2
+    err = capsys.readouterr().err
+    assert "is an image folder, not a collection" in err and "moco-search index" in err
+
+
+@pytest.mark.parametrize("argv,said", [
+    (["serch", "q.png"], "unknown command 'serch' (did you mean 'search'?)"),
+    (["index", "d", "--collection", "c", "--batchsize", "3"],
+     "unrecognized arguments: --batchsize 3 (did you mean '--batch-size'?)"),
+])
+def test_typos_get_did_you_mean(argv: list[str], said: str,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        rc = launch.main(argv)
+    except SystemExit as e:
+        rc = int(e.code or 0)
+    assert rc == 2
+    assert said in capsys.readouterr().err
+
+
+def test_flags_are_never_abbreviated(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:  # --epoch is not taken for --epochs
+        launch.main(["pretrain", str(tmp_path), "--out", str(tmp_path / "r"), "--epoch", "3"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --epoch 3 (did you mean '--epochs'?)" in (
+        capsys.readouterr().err)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        launch.main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("moco-search 0.")
