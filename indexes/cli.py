@@ -105,7 +105,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--before", type=_when, default=None, help="modified before (default: any)")
     p.add_argument("--min-score", type=float, default=None, help="score cut-off (default: none)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--json", action="store_true", help="JSON lines output (default: table)")
+    p.add_argument("--json", action="store_true",
+                   help="JSON Lines, one hit per line with its rank (default: table)")
     p.set_defaults(run=run_search)
 
     p = sub.add_parser("duplicates", help="list groups of near-duplicate images")
@@ -158,12 +159,13 @@ def _hit_dict(h: Any) -> dict[str, Any]:
 
 
 def _print_hits(hits: list[Any], as_json: bool) -> None:
+    """A table, or JSON Lines (one hit per line) with the same 1-based ``rank`` as the UI's."""
     if as_json:
-        for h in hits:
-            print(json.dumps(_hit_dict(h)))
+        for rank, h in enumerate(hits, 1):
+            print(json.dumps({"rank": rank, **_hit_dict(h)}))
         return
     print(f"{'rank':>4}  {'score':>7}  {'id':>7}  {'label':<12}  path")
-    for rank, h in enumerate(hits):
+    for rank, h in enumerate(hits, 1):
         print(f"{rank:>4}  {h.score:7.4f}  {h.id:>7}  {h.label or '-':<12.12}  {_shown(h.path)}")
 
 
@@ -209,8 +211,9 @@ def run_duplicates(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([[_hit_dict(h) for h in g] for g in groups], indent=1))
         return 0
-    for n, g in enumerate(groups):
-        print(f"group {n} ({len(g)} images)")
+    for n, g in enumerate(groups, 1):
+        least = min(h.score for h in g)
+        print(f"group {n} ({len(g)} images, each at least {least:.4f} like the first)")
         for h in g:
             print(f"  {h.score:7.4f}  {h.id:>7}  {_shown(h.path)}")
     print(f"{len(groups)} groups of near-duplicates at threshold {args.threshold}", file=sys.stderr)

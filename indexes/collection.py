@@ -238,10 +238,27 @@ class Collection:
         return self.query_records("images.status = 'error'")
 
     def duplicates(self, threshold: float = 0.95) -> list[list[Hit]]:
-        """Groups of near-identical images (cosine >= threshold) and exact copies."""
-        from indexes.duplicates import find_duplicates
+        """Groups of near-identical images and exact copies (largest first): each led by the
+        image with most near-duplicates, every member's score its cosine to the leader, none
+        below ``threshold`` (``indexes.duplicates``)."""
+        from indexes.duplicates import near_pairs, star_groups
 
-        return find_duplicates(self, self._index, self._params, threshold)
+        with self._lock:
+            chunks = list(store.iter_vectors(self._db, self.dim, chunk=8192))
+            copies = self._db.execute(
+                "SELECT id, duplicate_of FROM images WHERE status = 'duplicate' "
+                "AND duplicate_of IS NOT NULL").fetchall()
+            index, params = self._index, self._params
+
+        def search(vecs: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
+            return vectors.knn(index, vecs, k, params)
+
+        groups = star_groups(near_pairs(chunks, search, threshold), copies)
+        out = []
+        for g in groups:
+            recs = {r.id: r for r in self.records(g.ids)}
+            out.append([Hit.from_record(recs[i], s) for i, s in g.members])
+        return out
 
     def resolve_path(self, id: int) -> Path:
         """The absolute path of image ``id``; refused if it would lie outside its root."""

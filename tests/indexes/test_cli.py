@@ -13,7 +13,6 @@ import pytest
 
 import launch
 from indexes import Collection
-from indexes.duplicates import brute_force_pairs
 
 
 @pytest.fixture
@@ -54,6 +53,7 @@ def test_search_table_and_json(coll: Path, images: Path, capsys: pytest.CaptureF
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["rank", "score", "id", "label", "path"]
     assert len(lines) == 4 and lines[1].split()[-1] == str(q.resolve())
+    assert [line.split()[0] for line in lines[1:]] == ["1", "2", "3"]  # ranks are 1-based
     assert (
         launch.main(
             ["search", "--collection", str(coll), str(q), "-k", "3", "--json", "--label", "cat"]
@@ -62,6 +62,7 @@ def test_search_table_and_json(coll: Path, images: Path, capsys: pytest.CaptureF
     )
     rows = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert len(rows) == 3 and {r["label"] for r in rows} == {"cat"}
+    assert [r["rank"] for r in rows] == [1, 2, 3]
     assert (
         launch.main(
             ["search", "--collection", str(coll), "--id", str(rows[0]["id"]), "--json", "-k", "1"]
@@ -103,11 +104,22 @@ def test_duplicates_match_brute_force(coll: Path, capsys: pytest.CaptureFixture)
         sims = np.sort((vecs @ vecs.T)[np.triu_indices(len(ids), 1)])
         threshold = float(sims[-5] + sims[-4]) / 2  # 4 pairs above it, none on it
         groups = c.duplicates(threshold)
-        pairs = brute_force_pairs(ids, vecs, threshold)
         copy = c.query_records("images.status = 'duplicate'")[0]
+    sim = dict(zip(ids.tolist(), vecs, strict=True))
+    pairs = {
+        (int(a), int(b))
+        for a, b in zip(*np.nonzero(np.triu(vecs @ vecs.T >= threshold, 1)), strict=True)
+    }
+    pairs = {(int(ids[a]), int(ids[b])) for a, b in pairs}
     grouped = [{h.id for h in g} for g in groups]
-    for a, b in pairs:
-        assert any({a, b} <= g for g in grouped)
+    for a, b in pairs:  # every near pair's images are grouped (not always together: stars)
+        assert any(a in g for g in grouped) and any(b in g for g in grouped)
+    for g in groups:  # every score is the exact cosine to the leader, none below the threshold
+        lead = g[0]
+        for h in g[1:]:
+            if h.id in sim:
+                assert h.score == pytest.approx(float(sim[h.id] @ sim[lead.id]), abs=1e-4)
+            assert h.score >= threshold
     assert any({copy.id, copy.duplicate_of} <= g for g in grouped)
     assert (
         launch.main(
@@ -118,6 +130,16 @@ def test_duplicates_match_brute_force(coll: Path, capsys: pytest.CaptureFixture)
     assert [[h["id"] for h in g] for g in json.loads(capsys.readouterr().out)] == [
         [h.id for h in g] for g in groups
     ]
+
+
+def test_star_groups_never_chain() -> None:
+    """A chain a-b-c-d (each pair 0.96, ends far apart) is not one group of four."""
+    from indexes.duplicates import star_groups
+
+    near = {1: {2: 0.96}, 2: {1: 0.96, 3: 0.96}, 3: {2: 0.96, 4: 0.96}, 4: {3: 0.96}}
+    groups = star_groups(near, copies=[(9, 4)])
+    assert [g.ids for g in groups] == [[2, 1, 3], [4, 9]]  # 9 is an exact copy of 4
+    assert all(g.min_score >= 0.96 for g in groups)
 
 
 def test_export_embeddings(coll: Path, tmp_path: Path) -> None:
@@ -135,8 +157,7 @@ def test_export_embeddings(coll: Path, tmp_path: Path) -> None:
 
 
 def test_every_command_has_help() -> None:
-    parser = launch.build_parser()
-    sub = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    _, sub = launch.build_parser()
     for name in ("index", "search", "duplicates", "export-embeddings"):
         text = sub[name].format_help()
         for action in sub[name]._actions:
