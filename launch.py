@@ -23,6 +23,7 @@ USER_ERRORS = (
     ValueError,
     FileNotFoundError,
     NotADirectoryError,
+    IsADirectoryError,
     PermissionError,
     FileExistsError,
     FloatingPointError,

@@ -48,10 +48,11 @@ class IndexReport:
 
     def summary(self) -> str:
         errs = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())) or "none"
+        copies = f"{self.duplicates} exact cop{'y' if self.duplicates == 1 else 'ies'}"
         return (
-            f"{self.total} images indexed ({self.added} added, {self.updated} updated, "
-            f"{self.renamed} renamed, {self.removed} removed, {self.unchanged} unchanged, "
-            f"{self.duplicates} exact copies) in {self.seconds:.1f}s; errors: {errs}"
+            f"{self.total} images in the collection, {copies} besides ({self.added} new, "
+            f"{self.updated} updated, {self.renamed} renamed, {self.removed} removed, "
+            f"{self.unchanged} unchanged) in {self.seconds:.1f}s; errors: {errs}"
             + self._skipped()
         )
 

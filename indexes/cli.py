@@ -144,6 +144,8 @@ def run_index(args: argparse.Namespace) -> int:
         report = index_images(args.images, args.collection, args.encoder, **kwargs)
     if report is not None:
         print(report.summary())
+        print(f"next: moco-search search --collection {args.collection} QUERY.jpg, or "
+              f"python launch.py --collection {args.collection} for the web UI")
     return 0
 
 
@@ -169,6 +171,15 @@ def _print_hits(hits: list[Any], as_json: bool) -> None:
         print(f"{rank:>4}  {h.score:7.4f}  {h.id:>7}  {h.label or '-':<12.12}  {_shown(h.path)}")
 
 
+def check_image_file(path: str | Path, what: str = "Image") -> None:
+    """A missing file and a folder given for a file are told apart."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder: give image files (to add a "
+                                "folder to a collection, use moco-search index)")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+
+
 def run_search(args: argparse.Namespace) -> int:
     from indexes.collection import Collection
     from indexes.filters import Filters
@@ -178,8 +189,7 @@ def run_search(args: argparse.Namespace) -> int:
         raise ValueError("give a query image or --id")
     read_manifest(args.collection)  # a wrong collection is the first thing to report
     for q in [*args.query, *args.negative]:
-        if not Path(q).is_file():
-            raise FileNotFoundError(f"Query image not found: {q}")
+        check_image_file(q, "Query image")
     f = Filters(
         label=args.label,
         path_glob=args.glob,

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
+
+from indexes.cli import check_image_file
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -52,16 +55,28 @@ def run_train(args: argparse.Namespace) -> int:
 def run_predict(args: argparse.Namespace) -> int:
     from indexes.classify import predict_images
     from indexes.collection import Collection
+    from moco import ImageError, load_image
 
     if not args.images:
         raise ValueError("give at least one image file to classify")
-    for p in args.images:
-        if not Path(p).is_file():
-            raise FileNotFoundError(f"Image not found: {p}")
+    good: list[str] = []
+    failed: list[Exception] = []
+    for p in args.images:  # one bad file is reported; the others are still classified
+        try:
+            check_image_file(p)
+            load_image(p)
+            good.append(str(p))
+        except (OSError, ImageError) as e:
+            failed.append(e)
+            if len(args.images) > 1:
+                reason = e.reason if isinstance(e, ImageError) else str(e)
+                print(f"moco-search probe predict: {p}: skipped: {reason}", file=sys.stderr)
+    if not good:
+        raise failed[0] if len(failed) == 1 else ValueError("none of the files could be used")
     with Collection.open(args.collection, device=args.device) as col:
         preds = predict_images(
             col,
-            [str(p) for p in args.images],
+            good,
             name=args.name,
             knn=args.knn,
             k=args.top,
@@ -76,7 +91,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 f"{lab} {p:.0%}" for lab, p in zip(pred.labels, pred.probs, strict=True)
             )
             print(f"{pred.source}: {tops}")
-    return 0
+    return 1 if failed else 0
 
 
 def run_classify_all(args: argparse.Namespace) -> int:

@@ -42,8 +42,8 @@ def coll(
     )
     assert rc == 0
     printed = capsys.readouterr()
-    assert "16 images indexed (17 added" in printed.out
-    assert "images indexed" not in caplog.text  # printed once, not also logged
+    assert "16 images in the collection, 1 exact copy besides (17 new" in printed.out
+    assert "images in the collection" not in caplog.text  # printed once, not also logged
     return out
 
 
@@ -164,3 +164,20 @@ def test_every_command_has_help() -> None:
             if action.help and action.option_strings and action.dest != "help":
                 assert "default" in action.help or action.required, (name, action.dest)
         assert text
+
+
+def test_a_folder_query_and_a_bad_file_among_good_ones(
+    coll: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert launch.main(["search", "--collection", str(coll), str(images / "dog")]) == 2
+    assert "is a folder: give image files" in capsys.readouterr().err
+    launch.main(["probe", "train", "--collection", str(coll)])
+    capsys.readouterr()
+    bad = tmp_path / "bad.txt"
+    bad.write_text("not an image")
+    good = images / "dog" / "002.png"
+    rc = launch.main(["probe", "predict", "--collection", str(coll), str(bad), str(good)])
+    out, err = capsys.readouterr()
+    assert rc == 1  # something was skipped
+    assert f"{bad}: skipped: not an image" in err and "Traceback" not in err
+    assert out.startswith(f"{good}: ") and len(out.splitlines()) == 1  # the good one, predicted

@@ -65,7 +65,7 @@ def test_two_ranks_equal_one_process(tmp_path: Path, encoder_dir: Path) -> None:
     ]
     outs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
-    assert "17 images indexed" in outs[0][0] and outs[1][0] == ""
+    assert "17 images in the collection" in outs[0][0] and outs[1][0] == ""
 
     index_images([images], tmp_path / "one", encoder_dir, workers=0, batch_size=4)
     assert consistency(tmp_path / "dist") == consistency(tmp_path / "one")

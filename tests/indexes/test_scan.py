@@ -22,8 +22,9 @@ def test_ico_is_indexed_and_other_types_are_counted(
     args = ["index", str(images), "--collection", str(coll), "--workers", "0"]
     assert launch.main([*args, "--encoder", str(encoder_dir)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("17 images indexed (17 added")
-    assert out.rstrip().endswith("; 3 files skipped: unsupported type .psd")
+    assert out.startswith("17 images in the collection, 0 exact copies besides (17 new")
+    assert out.splitlines()[0].endswith("; 3 files skipped: unsupported type .psd")
+    assert out.splitlines()[1].startswith(f"next: moco-search search --collection {coll} ")
     with Collection.open(coll) as c:
         (ico,) = c.query_records("images.relpath = 'cat/favicon.ico'")
         assert ico.status == "ok" and ico.format == "ICO"
@@ -31,6 +32,6 @@ def test_ico_is_indexed_and_other_types_are_counted(
     (images / "notes.txt").write_text("not an image\n")
     assert launch.main(args) == 0
     out = capsys.readouterr().out
-    assert out.rstrip().endswith("; 4 files skipped: unsupported types .psd (3), .txt (1)")
+    assert out.splitlines()[0].endswith("; 4 files skipped: unsupported types .psd (3), .txt (1)")
     last_run = json.loads((coll / "manifest.json").read_text())["last_run"]
     assert last_run["skipped"] == {".psd": 3, ".txt": 1}
