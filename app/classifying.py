@@ -14,9 +14,8 @@ from typing import Any
 
 from app.context import USER_PROBE, AppContext
 from app.handlers import UserError, decode_upload
-from app.probes import ProbeResult, train_on_ids
 from indexes import Hit
-from indexes.classify import DEFAULT_PROBE, list_probes
+from indexes.classify import DEFAULT_PROBE, ProbeReport, list_probes, train_probe
 
 KNN = "knn"
 Progress = Callable[[float, str], None]
@@ -72,7 +71,7 @@ def probe_summary(ctx: AppContext, name: str | None) -> tuple[str, str | None]:
             str(png) if png.is_file() else None)
 
 
-def train(ctx: AppContext, source: str, progress: Progress | None = None) -> ProbeResult:
+def train(ctx: AppContext, source: str, progress: Progress | None = None) -> ProbeReport:
     """Train (or retrain) a probe on the indexer's labels (``default``) or the UI's (``ui``)."""
     if source == DEFAULT_PROBE:
         ids, labels = ctx.collection.labeled()
@@ -86,7 +85,10 @@ def train(ctx: AppContext, source: str, progress: Progress | None = None) -> Pro
     if len(set(labels)) < 2:
         raise UserError(f"Training needs labelled images of at least 2 classes; there are "
                         f"{len(ids)} labelled images in {len(set(labels))} class(es).")
-    result = train_on_ids(ctx.collection, ids, labels, name=source, progress=progress)
+    try:
+        result = train_probe(ctx.collection, ids, labels, name=source, progress=progress)
+    except PermissionError as e:  # a read-only collection
+        raise UserError(str(e)) from e
     ctx.forget_classifiers()
     return result
 

@@ -23,7 +23,7 @@ import os
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +47,8 @@ from moco.probe import (
     load_probe,
     read_probe_meta,
     save_probe,
-    train_probe,
 )
+from moco.probe import train_probe as fit_probe
 
 PROBES_DIR = "probes"
 DEFAULT_PROBE = "default"
@@ -86,9 +86,13 @@ def _encoder_hash(col: Collection) -> str:
     return str(col.manifest["encoder"]["content_hash"])
 
 
+Progress = Callable[[float, str], None]
+"""Called with (fraction done, what is being done): the UI's progress bar."""
+
+
 @dataclass(frozen=True)
 class ProbeReport:
-    """What ``train_collection_probe`` did and how reliable its accuracy estimate is."""
+    """What ``train_probe`` did and how reliable its accuracy estimate is."""
 
     name: str
     path: Path
@@ -99,7 +103,19 @@ class ProbeReport:
     confusion_png: Path | None
     seconds: float
 
+    def line(self) -> str:
+        """One plain line: the terminal's log."""
+        return (
+            f"probe {self.name}: {len(self.classes)} classes, {self.n_labeled} labelled "
+            f"images; {self.metrics.summary()} ({self.method}; trained in {self.seconds:.1f} s)"
+        )
+
+    def markdown(self) -> str:
+        """The same line for the UI, the probe's name set off."""
+        return f"**Probe `{self.name}`**" + self.line().removeprefix(f"probe {self.name}")
+
     def summary(self) -> str:
+        """Several lines for ``probe train``: the estimate, how firm it is, each class."""
         lines = [
             f"probe {self.name!r}: {len(self.classes)} classes, {self.n_labeled} labelled "
             f"images; accuracy by {self.method}",
@@ -124,6 +140,7 @@ def _heldout_scores(
     val_fraction: float,
     folds: int,
     seed: int,
+    say: Progress,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Scores of held-out images by probes that never saw them, their labels, and the method."""
     if len(y) <= CV_MAX_LABELS and folds >= 2:
@@ -133,55 +150,68 @@ def _heldout_scores(
         held = [stratified_split(y, val_fraction, seed=seed)[1]]
         method = f"a stratified {val_fraction:.0%} held-out split"
     scores, truth = [], []
-    for va in held:
+    for j, va in enumerate(held):
+        say(0.1 + 0.7 * j / len(held), f"held-out accuracy: part {j + 1} of {len(held)}")
         mask = np.ones(len(y), dtype=bool)
         mask[va] = False
-        probe = train_probe(x[mask], y[mask], cfg, classes=classes)
-        with torch.inference_mode():
-            scores.append(probe(torch.from_numpy(x[va])).numpy())
+        scores.append(_scores(fit_probe(x[mask], y[mask], cfg, classes=classes), x[va]))
         truth.append(y[va])
     if not scores:
         return np.zeros((0, len(classes)), np.float32), np.zeros(0, np.int64), method
     return np.concatenate(scores), np.concatenate(truth), method
 
 
-def train_collection_probe(
+def _scores(probe: LinearProbe, x: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return probe(torch.from_numpy(x)).numpy()
+
+
+def train_probe(
     collection: Collection | str | os.PathLike,
+    ids: Sequence[int],
+    labels: Sequence[str],
     *,
     name: str = DEFAULT_PROBE,
+    heldout: tuple[Sequence[int], Sequence[str]] | None = None,
     cfg: ProbeConfig | None = None,
     val_fraction: float = 0.2,
     folds: int = 5,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> ProbeReport:
-    """Train, measure and save a linear probe on the labelled images of a collection.
+    """Train, measure and save probe ``name`` on the stored vectors of ``ids``: the one way
+    probes are made (``probe train``, the UI's labels, the demo's fixed split).
 
-    Args:
-        collection: a ``Collection`` or its directory.
-        name: the probe's folder under ``probes/``.
-        cfg: probe training settings (``ProbeConfig.fast()``).
-        val_fraction: held-out share when there are more than ``CV_MAX_LABELS`` labels.
-        folds: cross-validation folds for smaller label sets (0 or 1: always one split).
-        seed: split and training seed.
+    Accuracy comes from ``heldout`` (ids, labels) when given; else up to ``CV_MAX_LABELS``
+    labels are cross-validated over ``folds`` (every image predicted once by a probe that did not
+    see it: few labels are all a user typing them in will have) and more are split once
+    (``val_fraction``). The probe saved is then trained on every given label.
     """
     t0 = time.perf_counter()
+    say = progress or (lambda f, m: None)
     col = _open(collection)
     _check_writable(col, "store a probe")
     out = probe_dir(col, name)
     cfg = cfg or ProbeConfig.fast()
-    ids, labels = col.labeled()
-    classes = sorted(set(labels))
-    if len(classes) < 2:
+    classes = sorted(set(labels) | set(heldout[1] if heldout else ()))
+    if len(set(labels)) < 2:
         raise ValueError(
-            f"A classifier needs labelled images of at least 2 classes; {col.path} has "
-            f"{len(ids)} labelled images in {len(classes)} class(es). Label images by folder "
+            f"A classifier needs labelled images of at least 2 classes; got {len(ids)} "
+            f"labelled images in {len(set(labels))} class(es). Label images by folder "
             "(ROOT/CLASS/IMAGE) or with `index --labels CSV`"
         )
-    x = col.vectors(ids)
+    x = col.vectors(list(ids))
     y = np.array([classes.index(v) for v in labels], dtype=np.int64)
-    scores, truth, method = _heldout_scores(x, y, classes, cfg, val_fraction, folds, seed)
+    if heldout is not None and len(heldout[0]):
+        say(0.1, "held-out accuracy")
+        probe = fit_probe(x, y, cfg, classes=classes)
+        scores, method = _scores(probe, col.vectors(list(heldout[0]))), "the fixed held-out split"
+        truth = np.array([classes.index(v) for v in heldout[1]], dtype=np.int64)
+    else:
+        scores, truth, method = _heldout_scores(x, y, classes, cfg, val_fraction, folds, seed, say)
     metrics = classification_metrics(scores, truth, classes)
-    probe = train_probe(x, y, cfg, classes=classes, encoder_hash=_encoder_hash(col))
+    say(0.85, "training on every label")
+    probe = fit_probe(x, y, cfg, classes=classes, encoder_hash=_encoder_hash(col))
     save_probe(
         probe, out, cfg=cfg, metrics={**metrics.to_dict(), "method": method, "n_labeled": len(ids)}
     )
@@ -195,9 +225,25 @@ def train_collection_probe(
         if metrics.n
         else None
     )
+    say(1.0, "saved")
     return ProbeReport(
         name, out, classes, len(ids), method, metrics, png, round(time.perf_counter() - t0, 2)
     )
+
+
+def train_collection_probe(
+    collection: Collection | str | os.PathLike, *, name: str = DEFAULT_PROBE, **kwargs: Any
+) -> ProbeReport:
+    """``train_probe`` on every label the indexer stored (folder names or ``--labels``)."""
+    col = _open(collection)
+    ids, labels = col.labeled()
+    if len(set(labels)) < 2:
+        raise ValueError(
+            f"A classifier needs labelled images of at least 2 classes; {col.path} has "
+            f"{len(ids)} labelled images in {len(set(labels))} class(es). Label images by folder "
+            "(ROOT/CLASS/IMAGE) or with `index --labels CSV`"
+        )
+    return train_probe(col, [int(i) for i in ids], labels, name=name, **kwargs)
 
 
 @dataclass(frozen=True)

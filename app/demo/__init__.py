@@ -65,8 +65,8 @@ def _is_current(coll: Path, content_hash: str, images: Path) -> bool:
 
 def train_demo_probe(coll: Path, images: Path) -> str:
     """Train probe ``default`` on the ``train`` split; its accuracy is on the ``val`` split."""
-    from app.probes import train_on_ids
     from indexes import Collection
+    from indexes.classify import train_probe
 
     split = {r["path"]: (r["label"], r.get("split", "train"))
              for r in read_split(images / "manifest.csv")}
@@ -77,8 +77,8 @@ def train_demo_probe(coll: Path, images: Path) -> str:
             if label and which in parts:
                 parts[which][0].append(rec.id)
                 parts[which][1].append(label)
-        result = train_on_ids(col, parts["train"][0], parts["train"][1], name="default",
-                              heldout=parts["val"] if parts["val"][0] else None)
+        result = train_probe(col, parts["train"][0], parts["train"][1], name="default",
+                             heldout=parts["val"] if parts["val"][0] else None)
     return result.line()
 
 

@@ -183,7 +183,7 @@ def test_label_a_few_images_and_train_a_probe(ctx: Any) -> None:
             msg = classifying.label_image(ctx, Hit.from_record(r, 1.0), lab)
         assert "boxy: 2" in msg and "round: 2" in msg
         res = classifying.train(ctx, USER_PROBE)
-        assert res.classes == ["boxy", "round"] and res.n_train == 4
+        assert res.classes == ["boxy", "round"] and res.n_labeled == 4
         top, _ = classifying.classify(ctx, ctx.example, USER_PROBE)
         assert set(top) == {"boxy", "round"}
         with pytest.raises(UserError):
