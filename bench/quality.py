@@ -131,6 +131,15 @@ def checkpoints(run: Path) -> list[tuple[float, Path]]:
     return out
 
 
+def thin(points: list[Any], n: int) -> list[Any]:
+    """At most ``n`` of ``points``, evenly spread, always with the first and the last."""
+    if n <= 0 or len(points) <= n:
+        return points
+    if n == 1:
+        return points[-1:]
+    return [points[round(i * (len(points) - 1) / (n - 1))] for i in range(n)]
+
+
 class Images:
     """Every image of a set decoded once (downscaled), with its manifest row."""
 
@@ -212,6 +221,17 @@ def measure(spec: str, images: Images, size: int | None, pooling: str = "avg") -
     return row | categories(feats, images) | {"eval_s": round(time.perf_counter() - t0, 1)}
 
 
+def measured(
+    cache: Path, spec: str, images: Images, size: int | None, pooling: str
+) -> dict[str, Any]:
+    """``measure``, remembered in ``cache`` (a JSON file) so that a re-run reuses it."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    row = measure(spec, images, size=size, pooling=pooling)
+    cache.write_text(json.dumps(row) + "\n")
+    return row
+
+
 def random_spec(run: Path) -> str:
     cfg = json.loads((run / "config.json").read_text())
     stem = cfg.get("small_stem")
@@ -272,17 +292,25 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         }
         images = Images(root, rows, size=2 * max(args.eval_size or 64, 64))
         first = next(iter(runs.values()))
+        spec, size, pool = random_spec(first), args.eval_size or 64, args.pooling
         baselines = [
-            measure("pixels", images, size=args.pixels_size),
-            measure(random_spec(first), images, size=args.eval_size or 64),
+            measured(
+                cache / f"pixels{args.pixels_size}.json", "pixels", images, args.pixels_size, "avg"
+            ),
+            measured(
+                cache / f"{spec.replace(':', '_')}_{size}_{pool}.json", spec, images, size, pool
+            ),
         ]
         curves: dict[str, list[dict[str, Any]]] = {}
         for recipe, run in runs.items():
             curves[recipe] = []
-            for minutes, ckpt in checkpoints(run):
-                export_encoder(ckpt, ckpt.with_suffix(".enc"))
-                row = measure(
-                    str(ckpt.with_suffix(".enc")), images, size=args.eval_size, pooling=args.pooling
+            for minutes, ckpt in thin(checkpoints(run), args.max_points):
+                enc = ckpt.with_suffix(".enc")
+                if not enc.is_dir():
+                    export_encoder(ckpt, enc)
+                key = f"{args.eval_size or 'train'}_{args.pooling}"
+                row = measured(
+                    enc / f"metrics_{key}.json", str(enc), images, args.eval_size, args.pooling
                 )
                 curves[recipe].append({"minutes": round(minutes, 2), **row})
                 print(name, recipe, json.dumps(curves[recipe][-1]), flush=True)
@@ -352,6 +380,12 @@ def main() -> None:
         type=Path,
         default=ROOT / "bench" / "results",
         help="output folder (default: bench/results)",
+    )
+    parser.add_argument(
+        "--max-points",
+        type=int,
+        default=4,
+        help="checkpoints measured per run, evenly spread (default: 4; 0: all)",
     )
     parser.add_argument("--demo", action="store_true", help="only the demo encoder's table")
     args = parser.parse_args()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 
 def cosine_lr(base: float, epoch: float, epochs: float, warmup: float = 0.0) -> float:
@@ -59,3 +61,28 @@ def steps_in_budget(
     """
     per_step = step_seconds + epoch_overhead / max(steps_per_epoch, 1)
     return max(int((seconds_left - epoch_overhead) / max(per_step, 1e-9)), 0)
+
+
+@dataclass
+class Schedule:
+    """Where the run is going: its length in steps and its warm-up (``--minutes`` may re-plan)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    @property
+    def epochs(self) -> int:
+        return -(-self.total_steps // self.steps_per_epoch)  # the last one may be partial
+
+    def lr(self, cfg: Any, step: int) -> float:
+        frac, length = step / self.steps_per_epoch, self.total_steps / self.steps_per_epoch
+        if cfg.version == "v1":
+            return step_lr(cfg.base_lr, frac, step_milestones(length))
+        return cosine_lr(cfg.base_lr, frac, length, self.warmup_steps / self.steps_per_epoch)
+
+    def momentum(self, cfg: Any, step: int) -> float:
+        m = cfg.moco_m if cfg.moco_m is not None else 0.999
+        if cfg.m_schedule == "constant":
+            return m
+        return cosine_momentum(m, step, self.total_steps)

@@ -25,16 +25,16 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from moco.augment import TwoCropsTransform, moco_transform
 from moco.checkpoint import LAST, rng_state, save_checkpoint, set_rng_state
 from moco.data import ImageFiles, collate_skip, list_images
 from moco.export import CheckpointError, backbone_from_checkpoint, load_checkpoint_file
 from moco.loss import topk_accuracy
 from moco.model import MoCo, ModelConfig
-from moco.monitor import KnnMonitor, ViewMonitor, verdict
+from moco.monitor import KnnMonitor, verdict
 from moco.recipe import WARMUP_FRACTION, Budget, auto_config, check_config
-from moco.schedule import cosine_lr, cosine_momentum, step_lr, step_milestones
+from moco.schedule import Schedule
 from moco.trainlog import RunLog
+from moco.trainset import holdout, make_dataset, view_monitor
 
 log = logging.getLogger(__name__)
 
@@ -125,58 +125,6 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _cache_images(paths: list[Path], size: int) -> list[Any]:
-    """Decode every image once, downscaled to about ``size`` px: augmentations then cost no
-    decoding, which otherwise starves the model on small images."""
-    from moco.data import ImageError, load_image
-
-    out: list[Any] = []
-    for p in paths:
-        try:
-            im = load_image(p, draft_size=size)
-            if min(im.size) > size:
-                im.thumbnail((size * im.width // min(im.size), size * im.height // min(im.size)))
-            out.append(im)
-        except ImageError as e:
-            log.warning("skipping %s: %s", p, e)
-            out.append(None)
-    return out
-
-
-class _CachedImages(ImageFiles):
-    def __init__(self, images: list[Any], transform: Any) -> None:
-        super().__init__([Path()] * len(images), transform)
-        self.images = images
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        im = self.images[i]
-        return (None if im is None else self.transform(im)), i
-
-
-def view_transform(cfg: TrainConfig) -> Any:
-    """The augmentation of one view, as ``cfg`` sets it."""
-    return moco_transform(
-        cfg.image_size,
-        cfg.version,
-        blur=cfg.blur,
-        crop_min=cfg.crop_min if cfg.crop_min is not None else 0.2,
-        color=cfg.color if cfg.color is not None else 1.0,
-    )
-
-
-def make_dataset(cfg: TrainConfig, paths: list[Path]) -> ImageFiles:
-    transform = TwoCropsTransform(view_transform(cfg))
-    use_cache = cfg.cache == "on" or (
-        cfg.cache == "auto" and len(paths) * (2 * cfg.image_size) ** 2 * 3 < 2 * 2**30
-    )
-    if use_cache:
-        t0 = time.perf_counter()
-        images = _cache_images(paths, 2 * cfg.image_size)
-        log.info("decoded %d images into memory in %.1fs", len(images), time.perf_counter() - t0)
-        return _CachedImages(images, transform)
-    return ImageFiles(paths, transform)
-
-
 def _shard(n: int, epoch: int, cfg: TrainConfig, rank: int, world: int, skip: int) -> list[int]:
     """This rank's indexes for ``epoch``: one seeded permutation shared by all ranks."""
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
@@ -237,31 +185,6 @@ def _init_from(model: MoCo, path: str) -> None:
 
 
 @dataclass
-class Schedule:
-    """Where the run is going: its length in steps and its warm-up (``--minutes`` may re-plan)."""
-
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-
-    @property
-    def epochs(self) -> int:
-        return -(-self.total_steps // self.steps_per_epoch)  # the last one may be partial
-
-    def lr(self, cfg: TrainConfig, step: int) -> float:
-        frac, length = step / self.steps_per_epoch, self.total_steps / self.steps_per_epoch
-        if cfg.version == "v1":
-            return step_lr(cfg.base_lr, frac, step_milestones(length))
-        return cosine_lr(cfg.base_lr, frac, length, self.warmup_steps / self.steps_per_epoch)
-
-    def momentum(self, cfg: TrainConfig, step: int) -> float:
-        m = cfg.moco_m if cfg.moco_m is not None else 0.999
-        if cfg.m_schedule == "constant":
-            return m
-        return cosine_momentum(m, step, self.total_steps)
-
-
-@dataclass
 class _Run:
     """What one epoch of training needs, passed as one object."""
 
@@ -274,30 +197,6 @@ class _Run:
     runlog: RunLog
     schedule: Schedule
     budget: Budget | None
-
-
-def _holdout(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path], list[Path], bool]:
-    """Training paths, the label-free monitor's images, and whether those are held out.
-
-    Folders of 500 images or more give up to ``monitor_images`` (at most a tenth) to the
-    monitor; smaller ones are too precious, and the monitor samples training images instead.
-    """
-    n = min(cfg.monitor_images, len(paths) // 10)
-    g = torch.Generator().manual_seed(cfg.seed + 12345)
-    order = torch.randperm(len(paths), generator=g).tolist()
-    if cfg.monitor_images <= 0:
-        return paths, [], False
-    if len(paths) < 500:
-        chosen = sorted(order[: min(cfg.monitor_images, len(paths))])
-        return paths, [paths[i] for i in chosen], False
-    held = set(order[:n])
-    train_paths = [p for i, p in enumerate(paths) if i not in held]
-    return train_paths, [paths[i] for i in sorted(held)], True
-
-
-def _view_monitor(cfg: TrainConfig, paths: list[Path]) -> ViewMonitor | None:
-    images = [im for im in _cache_images(paths, 2 * (cfg.image_size or 64)) if im is not None]
-    return ViewMonitor(images, view_transform(cfg), seed=cfg.seed) if len(images) >= 2 else None
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -321,7 +220,7 @@ def train(cfg: TrainConfig) -> Path:
             )
     elif ckpt_path.exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
-    paths, monitor_paths, held_out = _holdout(paths, cfg)
+    paths, monitor_paths, held_out = holdout(paths, cfg)
     cfg = check_config(auto_config(cfg, len(paths), device.type), len(paths), world)
 
     _seed_all(cfg.seed)
@@ -350,7 +249,7 @@ def train(cfg: TrainConfig) -> Path:
     dataset = make_dataset(cfg, paths)
     runlog = RunLog(out, cfg, paths, enabled=rank == 0)
     monitor = KnnMonitor(cfg, paths, device) if cfg.val_dir and rank == 0 else None
-    views = _view_monitor(cfg, monitor_paths) if rank == 0 else None
+    views = view_monitor(cfg, monitor_paths) if rank == 0 else None
     steps_per_epoch = max(len(paths) // cfg.batch_size, 1)
     if cfg.max_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)
@@ -446,6 +345,12 @@ def train(cfg: TrainConfig) -> Path:
     runlog.finish()
     if budget is not None:
         log.info("--minutes %g: stopped after %.1f minutes", cfg.minutes, budget.elapsed() / 60)
+        if not budget.planned:
+            log.warning(
+                "--minutes %g ran out before the first steps could be timed: the checkpoint is "
+                "barely trained; give it more minutes",
+                cfg.minutes,
+            )
     if views is not None and "view_recall" in stats:
         knn = None
         if "knn_top1" in stats:

@@ -232,10 +232,10 @@ def test_minutes_stops_on_its_own_and_logs_the_epochs_it_chose(
     caplog.set_level("INFO")
     run = tmp_path / "run"
     t0 = time.perf_counter()
-    ckpt = train(tiny_cfg(emoji_dir, run, minutes=0.2, epochs=10_000, deterministic=False))
+    ckpt = train(tiny_cfg(emoji_dir, run, minutes=0.5, epochs=10_000, deterministic=False))
     assert time.perf_counter() - t0 < 120  # stopped by itself, long before 10,000 epochs
     assert ckpt.is_file() and load_checkpoint_file(ckpt)["epoch"] >= 1
-    assert "--minutes 0.2:" in caplog.text and "chose" in caplog.text
+    assert "--minutes 0.5:" in caplog.text and "chose" in caplog.text
     chosen = json.loads((run / "config.json").read_text())
     assert chosen["total_steps"] > 0 and chosen["epochs"] < 10_000
     rows = read_log(run)
@@ -254,11 +254,12 @@ def test_untrained_baseline_is_logged_and_is_a_real_measurement(
     assert "untrained" in caplog.text.splitlines()[-1]  # the verdict line
     # The logged figure is the monitor applied to the network the run started from...
     from moco.recipe import auto_config
-    from moco.train import _holdout, _seed_all, _view_monitor
+    from moco.train import _seed_all
+    from moco.trainset import holdout, view_monitor
 
-    _, paths, _ = _holdout(list_images(emoji_dir), cfg)
+    _, paths, _ = holdout(list_images(emoji_dir), cfg)
     cfg = auto_config(cfg, 32, "cpu")
-    views = _view_monitor(cfg, paths)
+    views = view_monitor(cfg, paths)
     assert views is not None
     _seed_all(cfg.seed)
     start = MoCo(cfg.model_config())
