@@ -26,7 +26,7 @@ from indexes import Collection
 
 log = logging.getLogger(__name__)
 USER_LABELS = "app_labels.json"
-"""Labels given in the UI, kept beside the collection (the indexer's labels stay untouched)."""
+"""Where earlier versions kept the UI's labels; read once and moved into the database."""
 USER_PROBE = "ui"
 PRIVATE_FILES = ("meta.db", "meta.db-wal", "meta.db-shm", "meta.db-journal", "manifest.json",
                  "manifest.json.tmp", "index.faiss", "index.faiss.tmp", "probes", USER_LABELS)
@@ -148,23 +148,29 @@ class AppContext:
 
     # --- labels given in the UI --------------------------------------------------------------
     def user_labels(self) -> dict[int, str]:
-        p = self.path / USER_LABELS
-        if not p.is_file():
-            return {}
-        return {int(k): str(v) for k, v in json.loads(p.read_text()).items()}
+        """Labels given in the UI, kept in the collection's database (``probe train`` and kNN
+        see them too; the indexer's own labels stay untouched)."""
+        self._import_json_labels()
+        return self.collection.user_labels()
 
     def set_user_label(self, image_id: int, label: str | None) -> dict[int, str]:
-        """Label (or with None, unlabel) one image; written atomically."""
+        """Label (or with None, unlabel) one image; return every label given in the UI."""
+        self._import_json_labels()
+        return self.collection.set_user_labels({int(image_id): label})
+
+    def _import_json_labels(self) -> None:
+        """Labels an earlier version kept in ``app_labels.json`` move into the database once."""
+        old = self.path / USER_LABELS
+        if not old.is_file():
+            return
         with self._lock:
-            labels = self.user_labels()
-            if label:
-                labels[int(image_id)] = label
-            else:
-                labels.pop(int(image_id), None)
-            tmp = self.path / (USER_LABELS + ".tmp")
-            tmp.write_text(json.dumps({str(k): v for k, v in sorted(labels.items())}, indent=1))
-            os.replace(tmp, self.path / USER_LABELS)
-            return labels
+            if not old.is_file():
+                return
+            labels = {int(k): str(v) for k, v in json.loads(old.read_text()).items()}
+            known = self.collection.known_ids(labels)
+            self.collection.set_user_labels({i: v for i, v in labels.items() if i in known})
+            old.unlink()
+            log.info("moved %d labels from %s into the collection's database", len(labels), old)
 
     # --- background indexing -----------------------------------------------------------------
     def start_index(self, folder: str | None) -> IndexJob:

@@ -13,14 +13,13 @@ is then retrained on every label.
 Layout inside the collection:
     probes/<name>/probe.safetensors, probe.json   the probe, its classes, encoder hash, metrics
     probes/<name>/confusion.png                   the held-out confusion matrix
-    meta.db, table ``predictions``                ``classify_all``'s label + confidence per image
+    meta.db, table ``predictions`` (indexes.store) ``classify_all``'s label + confidence per image
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -54,11 +53,6 @@ PROBES_DIR = "probes"
 DEFAULT_PROBE = "default"
 CV_MAX_LABELS = 2000
 """Up to this many labelled images, accuracy is cross-validated rather than split once."""
-PREDICTIONS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS predictions (
-    id INTEGER PRIMARY KEY, label TEXT NOT NULL, confidence REAL NOT NULL, top5 TEXT NOT NULL,
-    method TEXT NOT NULL, encoder_hash TEXT NOT NULL, predicted_at REAL NOT NULL);
-"""
 
 
 def probe_dir(collection: Collection | str | os.PathLike, name: str = DEFAULT_PROBE) -> Path:
@@ -370,7 +364,9 @@ def classify_all(
     col = _open(collection)
     _check_writable(col, "store predictions")
     clf = Classifier(col, name=name, knn=knn, knn_k=knn_k, T=T)
-    ids = [r.id for r in col.query_records("images.status = 'ok' AND images.label IS NULL")]
+    given = col.user_labels()
+    ids = [r.id for r in col.query_records("images.status = 'ok' AND images.label IS NULL")
+           if r.id not in given]
     rows: list[tuple[Any, ...]] = []
     now = time.time()
     for start in range(0, len(ids), chunk):
@@ -383,7 +379,7 @@ def classify_all(
             rows.append(
                 (i, clf.classes[o[0]], float(p[0]), top5, clf.method, _encoder_hash(col), now)
             )
-    _write_predictions(col.path, rows)
+    col.replace_predictions(rows)
     counts = Counter(r[1] for r in rows)
     return ClassifyReport(
         len(rows),
@@ -394,42 +390,11 @@ def classify_all(
     )
 
 
-def _connect(collection: Path) -> sqlite3.Connection:
-    db = collection / "meta.db"
-    if not db.is_file():
-        raise FileNotFoundError(f"Collection database missing: {db}")
-    conn = sqlite3.connect(str(db))
-    conn.execute("PRAGMA busy_timeout=30000")
-    return conn
-
-
-def _write_predictions(collection: Path, rows: list[tuple[Any, ...]]) -> None:
-    conn = _connect(collection)
-    try:
-        with conn:  # one transaction: readers see the old table or the new one
-            conn.executescript(PREDICTIONS_SCHEMA)
-            conn.execute("DELETE FROM predictions")
-            conn.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-    finally:
-        conn.close()
-
-
 def read_predictions(
     collection: Collection | str | os.PathLike, ids: Sequence[int] | None = None
 ) -> dict[int, dict[str, Any]]:
     """Stored predictions by image id (label, confidence, top5, method) of images still indexed."""
-    path = collection.path if isinstance(collection, Collection) else Path(collection)
-    conn = _connect(path)
-    try:
-        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'predictions'").fetchone():
-            return {}
-        q = (
-            "SELECT p.id, p.label, p.confidence, p.top5, p.method FROM predictions p "
-            "JOIN images i ON i.id = p.id AND i.status = 'ok'"
-        )
-        rows = conn.execute(q).fetchall()
-    finally:
-        conn.close()
+    rows = _open(collection).predictions()
     wanted = None if ids is None else {int(i) for i in ids}
     return {
         r[0]: {"label": r[1], "confidence": r[2], "top5": json.loads(r[3]), "method": r[4]}

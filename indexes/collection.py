@@ -8,9 +8,11 @@ FAISS searches run outside it, so concurrent searches from UI threads are safe.
 
 from __future__ import annotations
 
+import json
 import os
+import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,12 +219,51 @@ class Collection:
             return store.query_records(self._db, where, params)
 
     def labeled(self) -> tuple[np.ndarray, list[str]]:
-        """Ids and labels of the indexed images that have a label, in id order."""
+        """Ids and labels of the labelled indexed images, in id order: the indexer's labels
+        (folder names, ``--labels``), overridden and extended by those given in the web UI."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT id, label FROM images WHERE status = 'ok' AND label IS NOT NULL ORDER BY id"
-            ).fetchall()
-        return np.array([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows]
+            rows = dict(self._db.execute(
+                "SELECT id, label FROM images WHERE status = 'ok' AND label IS NOT NULL"
+            ).fetchall())
+            rows.update(store.user_labels(self._db))
+        ids = sorted(rows)
+        return np.array(ids, dtype=np.int64), [rows[i] for i in ids]
+
+    def known_ids(self, ids: Iterable[int]) -> set[int]:
+        """Those of ``ids`` that are indexed images (status ok)."""
+        wanted = sorted({int(i) for i in ids})
+        with self._lock:
+            return {r[0] for r in self._db.execute(
+                "SELECT value FROM json_each(?) JOIN images ON images.id = value "
+                "WHERE images.status = 'ok'", [json.dumps(wanted)]).fetchall()}
+
+    def user_labels(self) -> dict[int, str]:
+        """Labels given in the web UI, by image id."""
+        with self._lock:
+            return store.user_labels(self._db)
+
+    def set_user_labels(self, labels: dict[int, str | None]) -> dict[int, str]:
+        """Label images (``None`` removes a label) in the database; return all UI labels."""
+        import time
+
+        if missing := sorted(set(map(int, labels)) - self.known_ids(labels)):
+            raise ValueError(f"No image with id {missing[0]} in {self.path}")
+        with self._lock:
+            try:
+                store.set_user_labels(self._db, labels, time.time())
+            except sqlite3.OperationalError as e:
+                raise PermissionError(f"Collection {self.path} cannot be written ({e}): the "
+                                      "label was not saved") from None
+            return store.user_labels(self._db)
+
+    def predictions(self) -> list[tuple[Any, ...]]:
+        """``classify-all``'s stored (id, label, confidence, top5 JSON, method) rows."""
+        with self._lock:
+            return store.read_predictions(self._db)
+
+    def replace_predictions(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        with self._lock:
+            store.replace_predictions(self._db, rows)
 
     def label_counts(self) -> dict[str, int]:
         with self._lock:

@@ -42,6 +42,18 @@ CREATE INDEX IF NOT EXISTS images_status_label ON images (status, label);
 CREATE TABLE IF NOT EXISTS vectors (id INTEGER PRIMARY KEY, v BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT);
 """
+PREDICTIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS predictions (
+    id INTEGER PRIMARY KEY, label TEXT NOT NULL, confidence REAL NOT NULL, top5 TEXT NOT NULL,
+    method TEXT NOT NULL, encoder_hash TEXT NOT NULL, predicted_at REAL NOT NULL);
+"""
+USER_LABELS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS user_labels (
+    id INTEGER PRIMARY KEY, label TEXT NOT NULL, labeled_at REAL NOT NULL);
+"""
+"""Tables a collection gets on first use, so that collections made before them still open:
+``classify-all``'s predictions, and labels given in the web UI (``labeled`` sees both kinds)."""
+
 
 ROW_COLUMNS = (
     "images.id, roots.path_raw, images.relpath_raw, images.relpath, images.size, images.mtime, "
@@ -169,6 +181,50 @@ def transaction(db: Database) -> Iterator[None]:
         db.conn.rollback()
         raise
     db.conn.commit()
+
+
+def has_table(db: Database, name: str) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", [name]).fetchone() is not None
+
+
+def replace_predictions(db: Database, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Replace the whole ``predictions`` table (id, label, confidence, top5 JSON, method,
+    encoder hash, time) in one transaction: readers see the old table or the new one."""
+    db.conn.executescript(PREDICTIONS_SCHEMA)
+    with transaction(db):
+        db.conn.execute("DELETE FROM predictions")
+        db.conn.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def read_predictions(db: Database) -> list[tuple[Any, ...]]:
+    """(id, label, confidence, top5 JSON, method) of the predicted images still indexed."""
+    if not has_table(db, "predictions"):
+        return []
+    return db.execute(
+        "SELECT p.id, p.label, p.confidence, p.top5, p.method FROM predictions p "
+        "JOIN images i ON i.id = p.id AND i.status = 'ok' ORDER BY p.id"
+    ).fetchall()
+
+
+def set_user_labels(db: Database, labels: dict[int, str | None], when: float) -> None:
+    """Give images labels in the UI's name (``None`` removes one), in one transaction."""
+    db.conn.executescript(USER_LABELS_SCHEMA)
+    with transaction(db):
+        for i, label in labels.items():
+            if label:
+                db.conn.execute("INSERT OR REPLACE INTO user_labels VALUES (?, ?, ?)",
+                                [int(i), label, when])
+            else:
+                db.conn.execute("DELETE FROM user_labels WHERE id = ?", [int(i)])
+
+
+def user_labels(db: Database) -> dict[int, str]:
+    """Labels given in the UI, of images still indexed, by id."""
+    if not has_table(db, "user_labels"):
+        return {}
+    return dict(db.execute(
+        "SELECT u.id, u.label FROM user_labels u JOIN images i ON i.id = u.id "
+        "AND i.status = 'ok' ORDER BY u.id").fetchall())
 
 
 def read_info(db: Database) -> dict[str, str]:

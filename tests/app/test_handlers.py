@@ -182,6 +182,14 @@ def test_label_a_few_images_and_train_a_probe(ctx: Any) -> None:
             r = rows[name]
             msg = classifying.label_image(ctx, Hit.from_record(r, 1.0), lab)
         assert "boxy: 2" in msg and "round: 2" in msg
+        from indexes import Collection
+
+        with Collection.open(ctx.path) as cli_view:  # what probe train / classify-all see
+            ids, labels = cli_view.labeled()
+            assert dict(zip(ids.tolist(), labels, strict=True))[rows["circle/circle_00.png"].id] \
+                == "round"
+            assert len(ids) == 24 and labels.count("boxy") == 2
+        assert not (ctx.path / "app_labels.json").exists()  # one owner: meta.db
         res = classifying.train(ctx, USER_PROBE)
         assert res.classes == ["boxy", "round"] and res.n_labeled == 4
         top, _ = classifying.classify(ctx, ctx.example, USER_PROBE)
@@ -191,6 +199,18 @@ def test_label_a_few_images_and_train_a_probe(ctx: Any) -> None:
     finally:
         for r in rows.values():
             ctx.set_user_label(r.id, None)
+
+
+def test_labels_of_an_older_version_move_into_the_database(ctx: Any) -> None:
+    old = ctx.path / "app_labels.json"
+    first = ctx.collection.query_records("images.status = 'ok'")[0]
+    old.write_text(json.dumps({str(first.id): "kept", "999999": "gone"}))
+    try:
+        assert ctx.user_labels() == {first.id: "kept"}  # an id no longer indexed is dropped
+        assert not old.exists() and ctx.collection.user_labels() == {first.id: "kept"}
+    finally:
+        ctx.set_user_label(first.id, None)
+    assert ctx.user_labels() == {}
 
 
 def test_overview_stats_map_and_duplicates(ctx: Any) -> None:
