@@ -1,34 +1,22 @@
 """``build_demo(ctx) -> gr.Blocks``: the layout and the wiring, no logic.
 
-Every event calls a function of ``app.handlers`` / ``app.classifying`` / ``app.overview`` /
-``app.encoder_info``; ``_guard`` turns their ``UserError`` into ``gr.Error`` so the message shows
-in the UI (and one line in the server's log). ``search`` and ``classify`` are public API endpoints
-(``gradio_client`` can call them by name). Nothing is loaded at import time; theme and CSS go to
+Every event calls a method of ``app.events.Events`` (what it does, and why it trusts nothing the
+client sends back). ``search`` and ``classify`` are public API endpoints (``gradio_client`` can
+call them by name); the others are private. Nothing is loaded at import time; theme and CSS go to
 ``launch()`` (Gradio 6).
-
-Whatever a handler acts on comes from server-side ``gr.State`` (the last search's hits, the
-selected hit, the feedback ids, the embedding map), never from a component value the client
-sends back: any event can be replayed through the queue API with edited data.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from app import classifying, encoder_info, handlers, overview
 from app.context import USER_PROBE, AppContext
-from app.handlers import UserError
+from app.events import NO_PICK, Events, picture
 
 GALLERY_COLUMNS = 6
-NO_PICK = "Click a result to select it: search from it, or mark it as more or less like this."
-log = logging.getLogger(__name__)
 
 
 def upload_image(**kwargs: Any) -> gr.Image:
@@ -49,28 +37,6 @@ def upload_image(**kwargs: Any) -> gr.Image:
 
     image.preprocess = preprocess  # type: ignore[method-assign]
     return image
-
-
-def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UserError as e:  # a user's mistake: one line here, the sentence in the browser
-            log.info("%s refused: %s", fn.__name__, e)
-            raise gr.Error(str(e), print_exception=False) from None
-    return wrapper
-
-
-def _picture(path: Any) -> Any:
-    """A saved PNG (a confusion matrix in the collection) as pixels: Gradio copies those into its
-    cache, while the collection's own files are blocked from being served."""
-    if not path:
-        return None
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.convert("RGB")
 
 
 def build_demo(ctx: AppContext) -> gr.Blocks:
@@ -136,7 +102,7 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                     label_go = gr.Button("Label it")
                     label_md = gr.Markdown()
                 with gr.Column():
-                    confusion = gr.Image(_picture(classifying.probe_summary(
+                    confusion = gr.Image(picture(classifying.probe_summary(
                         ctx, classifying.default_method(ctx))[1]), label="Held-out confusion",
                         interactive=False)
         with gr.Tab("Collection"):
@@ -177,162 +143,45 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                 gr.Code(encoder_info.config_json(ctx), language="json")
 
         # --- Search wiring --------------------------------------------------------------------
+        ev = Events(ctx)
         filters = [k, label, path_text, cutoff]
         results = [gallery, rows, status, hits]
+        private = dict(api_visibility="private")
 
-        def shown(r: handlers.SearchResult, hit: Any) -> tuple[Any, ...]:
-            """A refined search's outputs; the selection frame follows the selected hit."""
-            tiles = gr.Gallery(value=r.gallery, selected_index=r.position(hit))
-            return tiles, r.rows(), r.status(), r.hits
+        def searched(event: Any) -> None:
+            """After a new query: on failure no stale lines; on success no stale selection."""
+            event.failure(ev.failed_search, None, [status, picked, selected], **private)
+            event.success(ev.unselect, None, [selected, picked], **private)
 
-        @_guard
-        def do_search(img: Any, k_: Any, lab: Any, text: Any, cut: Any) -> tuple[Any, ...]:
-            """A new query: plain values (the public API's); the selection goes (below)."""
-            r = handlers.search(ctx, img, k_, lab, text, cut)
-            return r.gallery, r.rows(), r.status(), r.hits
-
-        search_io = dict(fn=do_search, inputs=[query, *filters], outputs=results)
-
-        def on_failure(event: Any) -> Any:
-            """A refused search leaves no stale status or selection line behind."""
-            event.failure(lambda: ("", NO_PICK, None), None, [status, picked, selected],
-                          api_visibility="private")
-            return event
-
-        def unselect(event: Any) -> None:
-            """New results: the old selection no longer points at anything shown."""
-            event.success(lambda: (None, NO_PICK), None, [selected, picked],
-                          api_visibility="private")
-
-        unselect(on_failure(go.click(**search_io, api_name="search")))
-        unselect(on_failure(query.upload(**search_io, api_visibility="private")))
+        search_io = dict(fn=ev.do_search, inputs=[query, *filters], outputs=results)
+        searched(go.click(**search_io, api_name="search"))
+        searched(query.upload(**search_io, **private))
         if ctx.example:
-            demo.load(**search_io, api_visibility="private")
-
-        @_guard
-        def select_result(found: list[Any], evt: gr.SelectData) -> tuple[Any, str]:
-            """Selecting a result only selects it: marking it must not change the query."""
-            hit = handlers.selected_hit(found, evt.index)
-            return hit, handlers.selection_text(hit)
-
-        gallery.select(select_result, [hits], [selected, picked], api_visibility="private")
-
-        @_guard
-        def search_from(hit: Any, k_: Any, lab: Any, text: Any, cut: Any) -> tuple[Any, ...]:
-            if not hit:
-                raise UserError("Click a result first.")
-            r = handlers.search_id(ctx, hit.id, k_, lab, text, cut)
-            return (*shown(r, hit), handlers.query_image(ctx, hit),
-                    f"Searching from **{Path(hit.relpath).name}**")
-
-        on_failure(from_btn.click(search_from, [selected, *filters], [*results, query, picked],
-                                  api_visibility="private"))
-
-        def mark(which: str) -> Callable[..., Any]:
-            @_guard
-            def fn(hit: Any, pos: list[int], neg: list[int]) -> tuple[Any, ...]:
-                if not hit:
-                    raise UserError("Click a result first.")
-                if which == "pos":
-                    pos, neg = handlers.toggle(pos, hit.id, neg)
-                else:
-                    neg, pos = handlers.toggle(neg, hit.id, pos)
-                return pos, neg, handlers.feedback_text(ctx, pos, neg)
-            return fn
-
-        more.click(mark("pos"), [selected, positives, negatives], [positives, negatives, fb],
-                   api_visibility="private")
-        less.click(mark("neg"), [selected, positives, negatives], [positives, negatives, fb],
-                   api_visibility="private")
-        clear.click(lambda: ([], [], handlers.feedback_text(ctx, [], [])), None,
-                    [positives, negatives, fb], api_visibility="private")
-
-        @_guard
-        def do_refine(img: Any, pos: list[int], neg: list[int], k_: Any, lab: Any, text: Any,
-                      cut: Any, hit: Any) -> tuple[Any, ...]:
-            if not pos and not neg:
-                raise UserError("Mark a result as more or less like this one first.")
-            r = handlers.search(ctx, img, k_, lab, text, cut, positives=pos, negatives=neg)
-            return shown(r, hit)
-
-        on_failure(refine.click(do_refine, [query, positives, negatives, *filters, selected],
-                                results, api_visibility="private"))
-
-        def exporter(fmt: str) -> Callable[..., Any]:
-            @_guard
-            def export(found: list[Any]) -> Any:
-                return gr.File(value=handlers.export(found, fmt), visible=True)
-            return export
-
-        csv_btn.click(exporter("csv"), [hits], [download], api_visibility="private")
-        json_btn.click(exporter("json"), [hits], [download], api_visibility="private")
+            demo.load(**search_io, **private)
+        gallery.select(ev.select_result, [hits], [selected, picked], **private)
+        from_btn.click(ev.search_from, [selected, *filters], [*results, query, picked],
+                       **private).failure(ev.failed_search, None, [status, picked, selected],
+                                          **private)
+        feedback = [selected, positives, negatives]
+        more.click(ev.mark_more, feedback, [positives, negatives, fb], **private)
+        less.click(ev.mark_less, feedback, [positives, negatives, fb], **private)
+        clear.click(ev.clear_examples, None, [positives, negatives, fb], **private)
+        refine.click(ev.do_refine, [query, positives, negatives, *filters, selected], results,
+                     **private)
+        csv_btn.click(ev.export_csv, [hits], [download], **private)
+        json_btn.click(ev.export_json, [hits], [download], **private)
 
         # --- Classify wiring ------------------------------------------------------------------
-        @_guard
-        def do_classify(img: Any, how: Any) -> tuple[Any, str]:
-            return classifying.classify(ctx, img, how)
-
-        cls_go.click(do_classify, [cls_image, method], [top5, cls_md], api_name="classify")
-
-        def follow_query(q: Any, how: Any) -> tuple[Any, ...]:
-            """Opening the Classify tab classifies the Search tab's current query (an upload
-            Gradio has checked is in its cache), so the panel is never empty beside it."""
-            if not q:
-                return gr.update(), gr.update(), gr.update()
-            try:
-                return (q, *classifying.classify(ctx, q, how))
-            except UserError as e:
-                return q, None, str(e)
-
-        cls_tab.select(follow_query, [query, method], [cls_image, top5, cls_md],
-                       api_visibility="private")
-
-        @_guard
-        def do_train(src: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
-            res = classifying.train(ctx, src, progress=lambda f, m: progress(f, desc=m))
-            names = classifying.methods(ctx)
-            return (res.markdown(), _picture(res.confusion_png),
-                    gr.update(choices=names, value=res.name))
-
-        train_go.click(do_train, [source], [probe_md, confusion, method],
-                       api_visibility="private", concurrency_id="train", concurrency_limit=1)
-        @_guard
-        def label_image(hit: Any, text: Any) -> str:
-            return classifying.label_image(ctx, hit, text)
-
-        label_go.click(label_image, [selected, new_label], [label_md], api_visibility="private")
+        cls_go.click(ev.do_classify, [cls_image, method], [top5, cls_md], api_name="classify")
+        cls_tab.select(ev.follow_query, [query, method], [cls_image, top5, cls_md], **private)
+        train_go.click(ev.do_train, [source], [probe_md, confusion, method], **private,
+                       concurrency_id="train", concurrency_limit=1)
+        label_go.click(ev.label_image, [selected, new_label], [label_md], **private)
 
         # --- Collection wiring ----------------------------------------------------------------
-        @_guard
-        def do_index(path: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
-            try:
-                job = ctx.start_index(path.strip() or None)
-            except (ValueError, PermissionError) as e:
-                raise UserError(str(e)) from e
-            while not job.finished:
-                progress((job.done, job.total or None), desc=job.line(), unit="images")
-                time.sleep(0.25)
-            return (job.message, overview.stats_markdown(ctx), overview.label_histogram(ctx),
-                    overview.error_rows(ctx))
-
-        index_go.click(do_index, [folder], [index_md, stats, hist, errors],
-                       api_visibility="private", concurrency_id="index", concurrency_limit=1)
-        dup_go.click(lambda t: overview.duplicate_rows(ctx, t), [thr], [dups],
-                     api_visibility="private")
-
-        def draw_map() -> tuple[Any, Any]:
-            m = overview.embedding_map(ctx)
-            return m.image, m
-
-        map_go.click(draw_map, None, [map_img, map_state], api_visibility="private")
-
-        def click_map(m: overview.EmbeddingMap | None, evt: gr.SelectData) -> tuple[Any, str]:
-            hit_id = m.nearest(*evt.index[:2]) if m is not None else None
-            if hit_id is None:
-                return None, "No point there: click on a dot."
-            rec = ctx.collection.records([hit_id])[0]
-            shown = ctx.shown_file(rec.path, rec.meta())
-            return shown, f"**{rec.relpath}** (label: {rec.label or '-'}, id {rec.id})"
-
-        map_img.select(click_map, [map_state], [point_img, point_md], api_visibility="private")
+        index_go.click(ev.do_index, [folder], [index_md, stats, hist, errors], **private,
+                       concurrency_id="index", concurrency_limit=1)
+        dup_go.click(ev.find_duplicates, [thr], [dups], **private)
+        map_go.click(ev.draw_map, None, [map_img, map_state], **private)
+        map_img.select(ev.click_map, [map_state], [point_img, point_md], **private)
     return demo

@@ -108,6 +108,10 @@ def plot_run(run: Path) -> Path:
         ax[1].plot(epochs, [r.get("knn_top1") for r in rows], marker=".", label="kNN top-1 (val)")
     ax[1].set(xlabel="epoch", ylabel="%", title="accuracy")
     ax[1].legend()
+    from matplotlib.ticker import MaxNLocator
+
+    for a in ax:  # epochs are whole numbers: no tick at 2.5
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     path = run / "curves.png"
     fig.savefig(path, dpi=100)

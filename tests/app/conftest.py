@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,19 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from moco import EncoderConfig, build_encoder, save_encoder
+from tests.conftest import free_port, make_encoder
 
 torch.set_num_threads(1)
 LABELS = ("circle", "square", "stripes")
 PER_LABEL = 8
-
-
-def make_encoder(out: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    cfg = EncoderConfig(arch="resnet18", small_stem=True, feature_dim=512, image_size=32,
-                        crop_pct=1.0)
-    save_encoder(build_encoder("resnet18", small_stem=True), cfg, out)
-    return out
 
 
 def picture(label: str, i: int) -> Image.Image:
@@ -83,12 +74,6 @@ def ctx(collection_dir: Path) -> Iterator[Any]:
     c.example = str(sorted((collection_dir.parent / "images" / "circle").iterdir())[0])
     yield c
     c.collection.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

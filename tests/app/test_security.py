@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from tests.app.conftest import free_port
 from tests.app.queue_api import Reply, call, get, upload
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 TOKEN = f"moco-search-secret-{uuid.uuid4().hex}"
@@ -79,7 +79,7 @@ EVENTS = {
     "click": ("select_result", lambda p: [[fake_hit(p)]], False),
     "search from it": ("search_from", lambda p: [fake_hit(p), 5, "(any)", "", -1], True),
     # downloads wrote the client's rows; labelling took the client's hit
-    "download": ("export", lambda p: [[fake_hit(p)]], True),
+    "download": ("export_csv", lambda p: [[fake_hit(p)]], True),
     "label": ("label_image", lambda p: [fake_hit(p), "x"], False),
     # a client-named file as an image input
     "classify the query": ("follow_query", lambda p: [file_data(p), "knn"], False),

@@ -59,11 +59,17 @@ def test_decompression_bomb_is_refused(client: Client, ctx: Any, tmp_path: Path)
     assert len(search(client, ctx.example, k=2)[1]) == 2
 
 
-def test_upload_over_size_limit_is_refused(client: Client, ctx: Any, tmp_path: Path) -> None:
+def test_upload_over_size_limit_is_refused(server: Any, client: Client, ctx: Any,
+                                           tmp_path: Path) -> None:
+    from tests.app.queue_api import upload
+
     big = tmp_path / "big.bmp"
     Image.new("RGB", (800, 800)).save(big)  # ~1.9 MB > the fixture's 1mb limit
-    with pytest.raises(Exception):  # noqa: B017 - refused at upload, before any handler
-        search(client, big)
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):
+        search(client, big)  # gradio_client checks the limit it was told
+    with pytest.raises(urllib.error.HTTPError) as refused:  # and the server enforces it
+        upload(server, str(big))
+    assert refused.value.code == 413
     assert len(search(client, ctx.example, k=2)[1]) == 2
 
 

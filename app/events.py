@@ -1,0 +1,209 @@
+"""``Events``: what each event of the UI does, as methods over one ``AppContext``.
+
+``app.ui`` lays the components out and wires each event to one of these methods; the methods
+turn component values into display values through ``app.handlers``, ``app.classifying`` and
+``app.overview``. ``guarded`` turns a ``UserError`` into ``gr.Error``: the sentence shows in the
+browser and one line in the server's log, never a traceback.
+
+Whatever a method acts on comes from server-side ``gr.State`` (the last search's hits, the
+selected hit, the feedback ids, the embedding map), never from a component value the client
+sends back: any event can be replayed through the queue API with edited data (docs/ui.md
+"Security"). Method names are the events' names in that API.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from app import classifying, handlers, overview
+from app.context import AppContext
+from app.handlers import UserError
+
+NO_PICK = "Click a result to select it: search from it, or mark it as more or less like this."
+log = logging.getLogger(__name__)
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:  # a user's mistake: one line here, the sentence in the browser
+            log.info("%s refused: %s", fn.__name__, e)
+            raise gr.Error(str(e), print_exception=False) from None
+
+    return wrapper
+
+
+def picture(path: Any) -> Any:
+    """A saved PNG (a confusion matrix in the collection) as pixels: Gradio copies those into its
+    cache, while the collection's own files are blocked from being served."""
+    if not path:
+        return None
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def refined(r: handlers.SearchResult, hit: Any) -> tuple[Any, ...]:
+    """A refined search's outputs; the gallery's selection frame follows the selected hit."""
+    tiles = gr.Gallery(value=r.gallery, selected_index=r.position(hit))
+    return tiles, r.rows(), r.status(), r.hits
+
+
+class Events:
+    """The UI's event handlers over ``ctx``."""
+
+    def __init__(self, ctx: AppContext) -> None:
+        self.ctx = ctx
+
+    # --- Search --------------------------------------------------------------------------------
+    @guarded
+    def do_search(self, img: Any, k: Any, label: Any, text: Any, cut: Any) -> tuple[Any, ...]:
+        """A new query: plain values (the public API's ``search``)."""
+        r = handlers.search(self.ctx, img, k, label, text, cut)
+        return r.gallery, r.rows(), r.status(), r.hits
+
+    @guarded
+    def select_result(self, found: list[Any], evt: gr.SelectData) -> tuple[Any, str]:
+        """Selecting a result only selects it: marking it must not change the query."""
+        hit = handlers.selected_hit(found, evt.index)
+        return hit, handlers.selection_text(hit)
+
+    @guarded
+    def search_from(self, hit: Any, k: Any, label: Any, text: Any, cut: Any) -> tuple[Any, ...]:
+        """The selected result becomes the query (its picture too)."""
+        if not hit:
+            raise UserError("Click a result first.")
+        r = handlers.search_id(self.ctx, hit.id, k, label, text, cut)
+        return (
+            *refined(r, hit),
+            handlers.query_image(self.ctx, hit),
+            f"Searching from **{Path(hit.relpath).name}**",
+        )
+
+    def _mark(self, hit: Any, pos: list[int], neg: list[int], more: bool) -> tuple[Any, ...]:
+        if not hit:
+            raise UserError("Click a result first.")
+        if more:
+            pos, neg = handlers.toggle(pos, hit.id, neg)
+        else:
+            neg, pos = handlers.toggle(neg, hit.id, pos)
+        return pos, neg, handlers.feedback_text(self.ctx, pos, neg)
+
+    @guarded
+    def mark_more(self, hit: Any, pos: list[int], neg: list[int]) -> tuple[Any, ...]:
+        return self._mark(hit, pos, neg, more=True)
+
+    @guarded
+    def mark_less(self, hit: Any, pos: list[int], neg: list[int]) -> tuple[Any, ...]:
+        return self._mark(hit, pos, neg, more=False)
+
+    def clear_examples(self) -> tuple[Any, ...]:
+        return [], [], handlers.feedback_text(self.ctx, [], [])
+
+    @guarded
+    def do_refine(
+        self,
+        img: Any,
+        pos: list[int],
+        neg: list[int],
+        k: Any,
+        label: Any,
+        text: Any,
+        cut: Any,
+        hit: Any,
+    ) -> tuple[Any, ...]:
+        if not pos and not neg:
+            raise UserError("Mark a result as more or less like this one first.")
+        r = handlers.search(self.ctx, img, k, label, text, cut, positives=pos, negatives=neg)
+        return refined(r, hit)
+
+    @guarded
+    def export_csv(self, found: list[Any]) -> Any:
+        return gr.File(value=handlers.export(found, "csv"), visible=True)
+
+    @guarded
+    def export_json(self, found: list[Any]) -> Any:
+        return gr.File(value=handlers.export(found, "json"), visible=True)
+
+    @staticmethod
+    def failed_search() -> tuple[Any, ...]:
+        """A refused search leaves no stale status or selection line behind."""
+        return "", NO_PICK, None
+
+    @staticmethod
+    def unselect() -> tuple[Any, ...]:
+        """New results: the old selection no longer points at anything shown."""
+        return None, NO_PICK
+
+    # --- Classify ------------------------------------------------------------------------------
+    @guarded
+    def do_classify(self, img: Any, how: Any) -> tuple[Any, str]:
+        return classifying.classify(self.ctx, img, how)
+
+    def follow_query(self, q: Any, how: Any) -> tuple[Any, ...]:
+        """Opening the Classify tab classifies the Search tab's current query (an upload
+        Gradio has checked is in its cache), so the panel is never empty beside it."""
+        if not q:
+            return gr.update(), gr.update(), gr.update()
+        try:
+            return (q, *classifying.classify(self.ctx, q, how))
+        except UserError as e:
+            return q, None, str(e)
+
+    @guarded
+    def do_train(self, src: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+        res = classifying.train(self.ctx, src, progress=lambda f, m: progress(f, desc=m))
+        names = classifying.methods(self.ctx)
+        return (
+            res.markdown(),
+            picture(res.confusion_png),
+            gr.update(choices=names, value=res.name),
+        )
+
+    @guarded
+    def label_image(self, hit: Any, text: Any) -> str:
+        return classifying.label_image(self.ctx, hit, text)
+
+    # --- Collection ----------------------------------------------------------------------------
+    @guarded
+    def do_index(self, path: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+        """Run an index job in the background, showing its progress until it ends."""
+        try:
+            job = self.ctx.start_index(path.strip() or None)
+        except (ValueError, PermissionError) as e:
+            raise UserError(str(e)) from e
+        while not job.finished:
+            progress((job.done, job.total or None), desc=job.line(), unit="images")
+            time.sleep(0.25)
+        return (
+            job.message,
+            overview.stats_markdown(self.ctx),
+            overview.label_histogram(self.ctx),
+            overview.error_rows(self.ctx),
+        )
+
+    def find_duplicates(self, threshold: float) -> list[list[Any]]:
+        return overview.duplicate_rows(self.ctx, threshold)
+
+    def draw_map(self) -> tuple[Any, Any]:
+        m = overview.embedding_map(self.ctx)
+        return m.image, m
+
+    def click_map(self, m: overview.EmbeddingMap | None, evt: gr.SelectData) -> tuple[Any, str]:
+        """The image nearest the clicked pixel; ids are the map's own, looked up here."""
+        hit_id = m.nearest(*evt.index[:2]) if m is not None else None
+        if hit_id is None:
+            return None, "No point there: click on a dot."
+        rec = self.ctx.collection.records([hit_id])[0]
+        shown = self.ctx.shown_file(rec.path, rec.meta())
+        return shown, f"**{rec.relpath}** (label: {rec.label or '-'}, id {rec.id})"

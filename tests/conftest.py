@@ -1,0 +1,27 @@
+"""Helpers shared by the test packages: a free local port and a tiny real encoder directory."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_encoder(out: Path, seed: int = 0) -> Path:
+    """A random-init ResNet-18 (small stem, 32 px) saved as an encoder directory at ``out``."""
+    import torch
+
+    from moco import EncoderConfig, build_encoder, save_encoder
+
+    torch.manual_seed(seed)
+    cfg = EncoderConfig(
+        arch="resnet18", small_stem=True, feature_dim=512, image_size=32, crop_pct=1.0
+    )
+    save_encoder(build_encoder("resnet18", small_stem=True), cfg, out)
+    return out
