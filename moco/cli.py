@@ -11,35 +11,58 @@ import dataclasses
 import typing
 from typing import Any
 
+RECIPE = "(default: chosen for the folder and the device, docs/pretraining.md)"
+"""The help's default for a field ``moco.recipe.auto_config`` fills in when left unset."""
 HELP = {
+    "data": "folder of images to train on (searched recursively; no labels needed)",
     "version": "MoCo recipe: v2 (MLP head, T=0.2, blur, cosine lr) or v1",
     "arch": "backbone: resnet18, resnet34, resnet50, resnet101, resnet152, wide_resnet50_2",
-    "small_stem": "3x3 stem without max-pool for small images (default: on when <= 96 px)",
-    "image_size": "training crop size in pixels",
-    "batch_size": "images per step, over all processes",
-    "lr": "learning rate (default: 0.03 x batch/256, the paper's)",
+    "small_stem": "3x3 stem without max-pool for small images "
+    "(default: on at <= 96 px on a GPU; off on a CPU, where it costs 16x)",
+    "image_size": "training crop size in pixels (default: 64 on a CPU, 224 on a GPU)",
+    "epochs": "passes over the images (ignored with --minutes)",
+    "minutes": "train for this long instead: the pace of the first steps sets the epochs and "
+    "the schedule, and the run stops itself on time (0: use --epochs)",
+    "batch_size": "images per step, over all processes " + RECIPE,
+    "lr": "learning rate " + RECIPE,
+    "weight_decay": "SGD weight decay",
+    "warmup_epochs": "linear warm-up before the cosine (default: 0, or a short warm-up with "
+    "--minutes)",
     "moco_dim": "embedding width compared by the loss",
-    "moco_k": "queue size K (negatives); keep it below the number of images",
-    "moco_m": "key-encoder momentum m",
-    "moco_t": "softmax temperature T (default: 0.07 v1, 0.2 v2)",
+    "moco_k": "queue size K (negatives); keep it below the number of images (default: a tenth "
+    "of the images; the paper's ImageNet value is 65536)",
+    "moco_m": "key-encoder momentum m (default: 0.99 rising to 1 with --m-schedule cosine; the "
+    "paper's is 0.999 constant)",
+    "m_schedule": "momentum schedule: cosine (m rises to 1, as in BYOL and MoCo v3) or constant",
+    "moco_t": "softmax temperature T (default: 0.07 for v1, 0.2 for v2)",
+    "mlp": "MLP projection head (default: on for v2, off for v1)",
+    "head_bn": "BatchNorm in the projection head",
     "symmetric": "symmetric loss (both views as queries)",
+    "crop_min": "smallest crop, as a share of the image's area " + RECIPE,
+    "color": "strength of colour jitter and grayscale, 1 being the papers' " + RECIPE,
+    "blur": "v2's Gaussian blur",
     "bn_splits": "BatchNorm groups emulating shuffle-BN on one device (1: off)",
     "sync_bn": "SyncBatchNorm across processes instead of shuffled keys",
-    "adapt": "fit K, lr and batch size to the data instead of only warning",
+    "adapt": "fit the batch and the queue to a small folder instead of only warning",
     "workers": "data-loading processes",
     "cache": "keep decoded images in memory: auto (when under 2 GB), on, off",
+    "seed": "random seed",
     "deterministic": "deterministic algorithms (slower; exact resume on CPU)",
-    "resume": "continue the run in --out from its last checkpoint",
-    "init_from": "start from a checkpoint (this project's or an official MoCo one)",
+    "resume": "continue the run in --out from its last checkpoint, with its saved settings",
+    "init_from": "start from a checkpoint (this project's or an official MoCo one) "
+    "(default: none)",
     "knn_k": "neighbours of the kNN monitor",
     "knn_t": "temperature of the kNN monitor",
-    "val_dir": "ImageFolder tree for a kNN accuracy each epoch (training folders = labels)",
+    "val_dir": "ImageFolder tree for a kNN accuracy each epoch (training folders = labels) "
+    "(default: none)",
+    "monitor_images": "held-out images of the label-free monitor (0: off)",
     "device": "cpu, cuda, cuda:1 ... (default: cuda when available)",
     "amp": "bf16 autocast (default: on for CUDA)",
     "channels_last": "channels-last memory format",
     "compile": "torch.compile the model",
     "save_every": "also keep a numbered checkpoint every N epochs (0: last only)",
-    "max_steps": "at most this many steps per epoch (0: whole epoch)",
+    "max_steps": "at most this many steps per epoch (0: whole epoch; for tests)",
+    "total_steps": "length of the schedule in steps (0: from the epochs; --minutes sets it)",
 }
 
 
@@ -63,9 +86,11 @@ def add_dataclass_flags(
             continue
         tp = _flag_type(hints[f.name])
         default = f.default
-        text = f"{helps.get(f.name, f.name.replace('_', ' '))} (default: {default})"
+        text = helps.get(f.name, f.name.replace("_", " "))
+        if "(default:" not in text:  # a help that explains its default says it once
+            text += f" (default: {default})"
         if f.name in positional:
-            parser.add_argument(f.name, help=helps.get(f.name, f.name))
+            parser.add_argument(f.name, metavar=f.name.upper(), help=helps.get(f.name, f.name))
         elif tp is bool:
             parser.add_argument(
                 f"--{f.name.replace('_', '-')}",
@@ -107,7 +132,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this package's subcommands on the `moco-search` parser."""
-    from moco.train import TrainConfig
+    from moco.config import TrainConfig
 
     p = sub.add_parser(
         "pretrain",

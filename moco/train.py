@@ -26,10 +26,11 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from moco.checkpoint import LAST, rng_state, save_checkpoint, set_rng_state
+from moco.config import TrainConfig, resume_config
 from moco.data import ImageFiles, collate_skip, list_images
 from moco.export import CheckpointError, backbone_from_checkpoint, load_checkpoint_file
 from moco.loss import topk_accuracy
-from moco.model import MoCo, ModelConfig
+from moco.model import MoCo
 from moco.monitor import KnnMonitor, verdict
 from moco.recipe import WARMUP_FRACTION, Budget, auto_config, check_config
 from moco.schedule import Schedule
@@ -41,82 +42,6 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite; continuing would only write garbage checkpoints."""
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Every field is a ``pretrain`` flag; ``None`` means chosen by ``moco.recipe.auto_config``."""
-
-    data: str
-    out: str
-    version: str = "v2"
-    arch: str = "resnet18"
-    small_stem: bool | None = None  # None: on when image_size <= 96, except on CPU
-    image_size: int | None = None  # None: 64 on CPU, 224 on GPU
-    epochs: int = 200
-    minutes: float = 0.0  # > 0: train for this long; the epochs are then chosen by the run
-    batch_size: int | None = None  # None: 64 on CPU, 256 on GPU (at most images / 8)
-    lr: float | None = None  # None: moco.recipe.LR_PER_256 * batch_size / 256
-    weight_decay: float = 1e-4
-    warmup_epochs: float | None = None  # None: 0, or 5% of the run with --minutes
-    moco_dim: int = 128
-    moco_k: int | None = None  # None: a tenth of the images
-    moco_m: float | None = None  # None: 0.99 (rising to 1 with the cosine m_schedule)
-    m_schedule: str = "cosine"  # cosine: m rises to 1 (BYOL, MoCo v3); constant: the paper's
-    moco_t: float | None = None  # None: 0.07 for v1, 0.2 for v2
-    mlp: bool | None = None  # None: the version's head (v2 MLP, v1 linear)
-    head_bn: bool = False
-    symmetric: bool = False
-    crop_min: float | None = None  # None: 0.2, the papers'
-    color: float | None = None  # None: 1, the papers' colour jitter and grayscale
-    blur: bool = True  # v2's Gaussian blur
-    bn_splits: int = 8  # shuffle-BN emulation on one device (official CIFAR demo); 1 disables
-    sync_bn: bool = False
-    adapt: bool = False  # fit K and lr to the data and batch instead of only warning
-    workers: int = 2
-    cache: str = "auto"  # pre-decoded images in memory: auto | on | off
-    seed: int = 0
-    deterministic: bool = False
-    resume: bool = False
-    init_from: str | None = None
-    val_dir: str | None = None
-    knn_k: int = 200
-    knn_t: float = 0.1
-    monitor_images: int = 256  # held-out images of the label-free monitor (0: off)
-    device: str | None = None
-    amp: bool | None = None  # None: bf16 autocast on CUDA
-    channels_last: bool = True
-    compile: bool = False
-    save_every: int = 0  # also keep checkpoint_NNNN.pt every N epochs (0: only the last)
-    max_steps: int = 0  # stop each epoch after this many steps (0: the whole epoch); for tests
-    total_steps: int = 0  # length of the schedule in steps (0: epochs); --minutes sets it
-
-    def model_config(self) -> ModelConfig:
-        v1 = self.version == "v1"
-        return ModelConfig(
-            arch=self.arch,
-            small_stem=self.use_small_stem,
-            dim=self.moco_dim,
-            K=self.moco_k if self.moco_k is not None else 65536,
-            m=self.moco_m if self.moco_m is not None else 0.999,
-            T=self.moco_t if self.moco_t is not None else (0.07 if v1 else 0.2),
-            mlp=self.mlp if self.mlp is not None else not v1,
-            symmetric=self.symmetric,
-            bn_splits=self.bn_splits,
-            sync_bn=self.sync_bn,
-            head_bn=self.head_bn,
-        )
-
-    @property
-    def use_small_stem(self) -> bool:
-        if self.small_stem is not None:
-            return self.small_stem
-        return self.image_size is not None and self.image_size <= 96
-
-    @property
-    def base_lr(self) -> float:
-        batch = self.batch_size or 256
-        return self.lr if self.lr is not None else 0.03 * batch / 256
 
 
 def _seed_all(seed: int) -> None:
@@ -213,11 +138,9 @@ def train(cfg: TrainConfig) -> Path:
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         resumed = load_checkpoint_file(ckpt_path)
         start_epoch, skip_steps = int(resumed["epoch"]), int(resumed.get("step", 0))
-        stored = resumed["config"]
-        if stored.get("minutes"):  # continue the schedule that run planned, without a clock
-            cfg = dataclasses.replace(
-                cfg, epochs=stored["epochs"], total_steps=stored["total_steps"]
-            )
+        cfg, changed = resume_config(cfg, resumed["config"])  # the run's own settings
+        for name, (saved, now) in sorted(changed.items()):
+            log.info("resume: --%s %s (the run had %s)", name.replace("_", "-"), now, saved)
     elif ckpt_path.exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
     paths, monitor_paths, held_out = holdout(paths, cfg)
