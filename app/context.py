@@ -23,6 +23,7 @@ from typing import Any
 
 from app.thumbnails import choose_thumbs_dir, thumbnail
 from indexes import Collection
+from moco.config import KNN_K
 
 log = logging.getLogger(__name__)
 USER_LABELS = "app_labels.json"
@@ -138,7 +139,7 @@ class AppContext:
             if name not in self._classifiers:
                 knn = name == "knn"
                 self._classifiers[name] = Classifier(self.collection, name=name, knn=knn,
-                                                     knn_k=min(200, max(1, len(self.collection))))
+                                                     knn_k=min(KNN_K, max(1, len(self.collection))))
             return self._classifiers[name]
 
     def forget_classifiers(self) -> None:

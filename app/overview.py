@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from app.context import AppContext
+from indexes.duplicates import THRESHOLD
 
 MAP_W, MAP_H, MARGIN, LEGEND_W = 720, 520, 24, 170
 MAP_MAX_POINTS = 5000
@@ -51,7 +52,8 @@ def error_rows(ctx: AppContext, limit: int = 500) -> list[list[Any]]:
     return [[r.relpath, r.reason or "?", r.root] for r in ctx.collection.errors()[:limit]]
 
 
-def duplicate_rows(ctx: AppContext, threshold: float = 0.95, limit: int = 200) -> list[list[Any]]:
+def duplicate_rows(ctx: AppContext, threshold: float = THRESHOLD,
+                   limit: int = 200) -> list[list[Any]]:
     """One row per near-duplicate group: its size and the members' relative paths."""
     groups = ctx.collection.duplicates(threshold=float(threshold))[:limit]
     return [[len(g), f"{min(h.score for h in g):.3f}", " | ".join(h.relpath for h in g)]

@@ -15,6 +15,7 @@ import gradio as gr
 from app import classifying, encoder_info, handlers, overview
 from app.context import USER_PROBE, AppContext
 from app.events import NO_PICK, Events, picture
+from indexes.duplicates import THRESHOLD
 
 GALLERY_COLUMNS = 6
 
@@ -120,7 +121,8 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                                                                           "root"])
             with gr.Accordion("Duplicates", open=False):
                 with gr.Row():
-                    thr = gr.Slider(0.8, 1.0, value=0.95, step=0.005, label="Similarity at least")
+                    thr = gr.Slider(0.8, 1.0, value=THRESHOLD, step=0.005,
+                                    label="Similarity at least")
                     dup_go = gr.Button("Find duplicates")
                 dups = gr.Dataframe(headers=["images", "min score", "files"])
             with gr.Row():

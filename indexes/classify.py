@@ -32,6 +32,7 @@ import torch
 
 from indexes.collection import Collection
 from indexes.faults import not_writable
+from moco.config import KNN_K, KNN_T
 from moco.knn import knn_predict
 from moco.metrics import (
     ClassificationMetrics,
@@ -266,8 +267,8 @@ class Classifier:
         col: Collection,
         name: str = DEFAULT_PROBE,
         knn: bool = False,
-        knn_k: int = 200,
-        T: float = 0.1,
+        knn_k: int = KNN_K,
+        T: float = KNN_T,
     ) -> None:
         self.method = f"knn(k={knn_k},T={T})" if knn else f"probe:{name}"
         self.knn_k, self.T = knn_k, T
@@ -312,8 +313,8 @@ def predict_images(
     name: str = DEFAULT_PROBE,
     knn: bool = False,
     k: int = 5,
-    knn_k: int = 200,
-    T: float = 0.1,
+    knn_k: int = KNN_K,
+    T: float = KNN_T,
 ) -> list[Prediction]:
     """Top-``k`` labels of image files (or bytes, PIL images) embedded as the collection's."""
     col = _open(collection)
@@ -352,8 +353,8 @@ def classify_all(
     *,
     name: str = DEFAULT_PROBE,
     knn: bool = False,
-    knn_k: int = 200,
-    T: float = 0.1,
+    knn_k: int = KNN_K,
+    T: float = KNN_T,
     chunk: int = 4096,
 ) -> ClassifyReport:
     """Predict every unlabelled indexed image; store label, confidence and top-5 in ``meta.db``.

@@ -14,6 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from indexes.duplicates import THRESHOLD
+
 
 def _encoder_arg(value: str) -> Path:
     """An encoder directory, or a published checkpoint's name (downloaded once, checked)."""
@@ -114,8 +116,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--threshold",
         type=float,
-        default=0.95,
-        help="cosine similarity to count as duplicate (default: 0.95)",
+        default=THRESHOLD,
+        help=f"cosine similarity to count as duplicate (default: {THRESHOLD})",
     )
     p.add_argument("--json", action="store_true", help="JSON output (default: text)")
     p.set_defaults(run=run_duplicates)

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy only in annotations: the CLI reads THRESHOLD before numpy loads
+    import numpy as np
 
+THRESHOLD = 0.95
+"""The default similarity at which two images count as near-duplicates (CLI, UI, library)."""
 NEIGHBOURS = 16
 """Neighbours looked up per image (a group can be larger: others find its leader too)."""
 
-Search = Callable[[np.ndarray, int], list[list[tuple[int, float]]]]
+Search = Callable[["np.ndarray", int], list[list[tuple[int, float]]]]
 """(vectors, k) -> for each vector, its k nearest stored (id, score) pairs."""
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from indexes.cli import check_image_file
+from moco.config import KNN_K, KNN_T
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -120,8 +121,9 @@ def _knn_flags(p: argparse.ArgumentParser) -> None:
         help="weighted kNN over the labelled images instead of the probe; needs no "
         "training (default: off)",
     )
-    p.add_argument("--knn-k", type=int, default=200, help="kNN neighbours (default: 200)")
-    p.add_argument("--knn-t", type=float, default=0.1, help="kNN temperature (default: 0.1)")
+    p.add_argument("--knn-k", type=int, default=KNN_K, help=f"kNN neighbours (default: {KNN_K})")
+    p.add_argument("--knn-t", type=float, default=KNN_T,
+                   help=f"kNN temperature (default: {KNN_T})")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

@@ -11,6 +11,8 @@ import dataclasses
 import typing
 from typing import Any
 
+from moco.config import KNN_K, KNN_T
+
 RECIPE = "(default: chosen for the folder and the device, docs/pretraining.md)"
 """The help's default for a field ``moco.recipe.auto_config`` fills in when left unset."""
 HELP = {
@@ -226,8 +228,8 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="override the preset's epochs / L-BFGS iterations (default: 0 = preset)",
     )
-    p.add_argument("--k", type=int, default=200, help="kNN neighbours (default: 200)")
-    p.add_argument("--t", type=float, default=0.1, help="kNN temperature (default: 0.1)")
+    p.add_argument("--k", type=int, default=KNN_K, help=f"kNN neighbours (default: {KNN_K})")
+    p.add_argument("--t", type=float, default=KNN_T, help=f"kNN temperature (default: {KNN_T})")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
     p.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")

@@ -13,6 +13,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from moco.model import ModelConfig
 
+KNN_K, KNN_T = 200, 0.1
+"""The weighted kNN classifier's neighbours and temperature (the official CIFAR demo's), for the
+pretraining monitor, ``eval``, the probe commands and the UI alike."""
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -51,8 +55,8 @@ class TrainConfig:
     resume: bool = False
     init_from: str | None = None
     val_dir: str | None = None
-    knn_k: int = 200
-    knn_t: float = 0.1
+    knn_k: int = KNN_K
+    knn_t: float = KNN_T
     monitor_images: int = 256  # held-out images of the label-free monitor (0: off)
     device: str | None = None
     amp: bool | None = None  # None: bf16 autocast on CUDA

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moco.config import KNN_K, KNN_T
+
 ArrayLike = np.ndarray | torch.Tensor
 
 
@@ -30,8 +32,8 @@ def knn_predict(
     train_labels: ArrayLike,
     query_feats: ArrayLike,
     num_classes: int,
-    k: int = 200,
-    T: float = 0.1,
+    k: int = KNN_K,
+    T: float = KNN_T,
     chunk: int = 1024,
 ) -> torch.Tensor:
     """Class scores of each query: the sums of ``exp(sim / T)`` over its ``k`` nearest neighbours.
@@ -86,8 +88,8 @@ def knn_top1(
     query_feats: ArrayLike,
     query_labels: ArrayLike,
     num_classes: int,
-    k: int = 200,
-    T: float = 0.1,
+    k: int = KNN_K,
+    T: float = KNN_T,
 ) -> float:
     """Top-1 accuracy (percent) of the weighted kNN classifier, the MoCo CIFAR demo's monitor."""
     scores = knn_predict(train_feats, train_labels, query_feats, num_classes, k=k, T=T)
