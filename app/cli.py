@@ -48,7 +48,7 @@ def check_collection(path: Path) -> None:
     if not path.is_dir():
         raise NotADirectoryError(f"--collection {path} is a file: give a collection directory")
     if not (path / "manifest.json").is_file():
-        from moco.data import IMAGE_EXTENSIONS
+        from moco import IMAGE_EXTENSIONS
 
         first = itertools.islice(path.rglob("*"), 10_000)  # a look, not a full walk
         if any(f.suffix.lower() in IMAGE_EXTENSIONS for f in first):

@@ -23,7 +23,7 @@ from typing import Any
 
 from app.thumbnails import choose_thumbs_dir, thumbnail
 from indexes import Collection
-from moco.config import KNN_K
+from moco import KNN_K
 
 log = logging.getLogger(__name__)
 USER_LABELS = "app_labels.json"

@@ -32,23 +32,22 @@ import torch
 
 from indexes.collection import Collection
 from indexes.faults import not_writable
-from moco.config import KNN_K, KNN_T
-from moco.knn import knn_predict
-from moco.metrics import (
+from moco import (
+    KNN_K,
+    KNN_T,
     ClassificationMetrics,
+    LinearProbe,
+    ProbeConfig,
     classification_metrics,
+    knn_predict,
+    load_probe,
+    read_probe_meta,
     save_confusion_png,
+    save_probe,
     stratified_folds,
     stratified_split,
 )
-from moco.probe import (
-    LinearProbe,
-    ProbeConfig,
-    load_probe,
-    read_probe_meta,
-    save_probe,
-)
-from moco.probe import train_probe as fit_probe
+from moco import train_probe as fit_probe
 
 PROBES_DIR = "probes"
 DEFAULT_PROBE = "default"

@@ -19,7 +19,7 @@ from indexes.duplicates import THRESHOLD
 
 def _encoder_arg(value: str) -> Path:
     """An encoder directory, or a published checkpoint's name (downloaded once, checked)."""
-    from moco.published import resolve_encoder
+    from moco import resolve_encoder
 
     return resolve_encoder(value)
 

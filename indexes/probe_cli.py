@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 
 from indexes.cli import check_image_file
-from moco.config import KNN_K, KNN_T
+from moco import KNN_K, KNN_T
 
 
 def run_train(args: argparse.Namespace) -> int:
     from indexes.classify import train_collection_probe
     from indexes.collection import Collection
-    from moco.probe import ProbeConfig
+    from moco import ProbeConfig
 
     cfg = ProbeConfig.preset(args.preset)
     if args.epochs:

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from indexes.manifest import MANIFEST_NAME
 from indexes.store import DB_NAME
-from moco import IMAGE_EXTENSIONS
-from moco.data import walk_files
+from moco import IMAGE_EXTENSIONS, walk_files
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """MoCo v1/v2 pretraining, frozen encoder export, and feature evaluation (kNN, linear probe).
 
-The public names are imported lazily (PEP 562), as in ``indexes``: ``launch.py`` imports
+Everything ``indexes`` and ``app`` use is exported here (tests/test_layering.py checks they reach
+no deeper). The names are imported lazily (PEP 562), as in ``indexes``: ``launch.py`` imports
 ``moco.cli`` to build its parser, and ``--help`` must not wait for torch and torchvision.
 """
 
@@ -11,7 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from moco.augment import TwoCropsTransform, eval_transform, moco_transform
-    from moco.data import IMAGE_EXTENSIONS, ImageError, ImageFiles, list_images, load_image
+    from moco.config import KNN_K, KNN_T, TrainConfig
+    from moco.data import (
+        IMAGE_EXTENSIONS,
+        ImageError,
+        ImageFiles,
+        list_images,
+        load_image,
+        walk_files,
+    )
     from moco.encoders import ENCODERS, build_encoder, feature_dim
     from moco.export import (
         CheckpointError,
@@ -21,57 +30,116 @@ if TYPE_CHECKING:
         read_encoder_config,
         save_encoder,
     )
+    from moco.knn import knn_predict, knn_top1
     from moco.loss import info_nce, moco_logits, topk_accuracy
+    from moco.metrics import (
+        ClassificationMetrics,
+        classification_metrics,
+        retrieval_metrics,
+        save_confusion_png,
+        stratified_folds,
+        stratified_split,
+    )
     from moco.model import MoCo, ModelConfig
+    from moco.probe import (
+        LinearProbe,
+        ProbeConfig,
+        ProbeMismatchError,
+        load_probe,
+        read_probe_meta,
+        save_probe,
+        train_probe,
+    )
+    from moco.published import resolve_encoder
 
 _WHERE = {
     "CheckpointError": "moco.export",
+    "ClassificationMetrics": "moco.metrics",
     "ENCODERS": "moco.encoders",
     "EncoderConfig": "moco.export",
     "IMAGE_EXTENSIONS": "moco.data",
     "ImageError": "moco.data",
     "ImageFiles": "moco.data",
+    "KNN_K": "moco.config",
+    "KNN_T": "moco.config",
+    "LinearProbe": "moco.probe",
     "MoCo": "moco.model",
     "ModelConfig": "moco.model",
+    "ProbeConfig": "moco.probe",
+    "ProbeMismatchError": "moco.probe",
+    "TrainConfig": "moco.config",
     "TwoCropsTransform": "moco.augment",
     "build_encoder": "moco.encoders",
+    "classification_metrics": "moco.metrics",
     "eval_transform": "moco.augment",
     "export_encoder": "moco.export",
     "feature_dim": "moco.encoders",
     "info_nce": "moco.loss",
+    "knn_predict": "moco.knn",
+    "knn_top1": "moco.knn",
     "list_images": "moco.data",
     "load_encoder": "moco.export",
     "load_image": "moco.data",
+    "load_probe": "moco.probe",
     "moco_logits": "moco.loss",
     "moco_transform": "moco.augment",
     "read_encoder_config": "moco.export",
+    "read_probe_meta": "moco.probe",
+    "resolve_encoder": "moco.published",
+    "retrieval_metrics": "moco.metrics",
+    "save_confusion_png": "moco.metrics",
     "save_encoder": "moco.export",
+    "save_probe": "moco.probe",
+    "stratified_folds": "moco.metrics",
+    "stratified_split": "moco.metrics",
     "topk_accuracy": "moco.loss",
+    "train_probe": "moco.probe",
+    "walk_files": "moco.data",
 }
 
 __all__ = [
     "ENCODERS",
     "IMAGE_EXTENSIONS",
+    "KNN_K",
+    "KNN_T",
     "CheckpointError",
+    "ClassificationMetrics",
     "EncoderConfig",
     "ImageError",
     "ImageFiles",
+    "LinearProbe",
     "MoCo",
     "ModelConfig",
+    "ProbeConfig",
+    "ProbeMismatchError",
+    "TrainConfig",
     "TwoCropsTransform",
     "build_encoder",
+    "classification_metrics",
     "eval_transform",
     "export_encoder",
     "feature_dim",
     "info_nce",
+    "knn_predict",
+    "knn_top1",
     "list_images",
     "load_encoder",
     "load_image",
+    "load_probe",
     "moco_logits",
     "moco_transform",
     "read_encoder_config",
+    "read_probe_meta",
+    "resolve_encoder",
+    "retrieval_metrics",
+    "save_confusion_png",
     "save_encoder",
+    "save_probe",
+    "stratified_folds",
+    "stratified_split",
     "topk_accuracy",
+    "train_probe",
+    "walk_files",
 ]
 
 
