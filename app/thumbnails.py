@@ -17,10 +17,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import threading
 from pathlib import Path
 
-from moco import ImageError, load_image
+from moco import ImageError, atomic_file, load_image
 
 SIZE = 320  # longest side; the gallery's tiles are at most about 250 px on a wide screen
 
@@ -78,19 +77,14 @@ def thumbnail(
     out = folder / sha256[:2] / (f"{sha256}.png" if small else f"{sha256}_{size}.webp")
     if out.is_file():
         return str(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.{threading.get_ident()}")
     try:
         im = load_image(path, draft_size=size)
         if max(im.size) > size:
             im.thumbnail((size, size))
         out.parent.mkdir(parents=True, exist_ok=True)
-        if small:
-            im.save(tmp, "PNG", compress_level=1)
-        else:
-            im.save(tmp, "WEBP", quality=85)
-        os.replace(tmp, out)
+        with atomic_file(out, unique=True) as tmp:
+            im.save(tmp, "PNG" if small else "WEBP", **({"compress_level": 1} if small else
+                                                        {"quality": 85}))
     except (ImageError, OSError, ValueError):
         return None
-    finally:
-        tmp.unlink(missing_ok=True)
     return str(out)

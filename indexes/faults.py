@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from moco import atomic_file as atomic_file  # re-exported for the collection's writers
+
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SQLITE_FULL, SQLITE_IOERR = 13, 10
 NEARLY_FULL = 1 << 20
@@ -69,24 +71,6 @@ def disk_full_reported(collection: str | os.PathLike) -> Iterator[None]:
             "committed before are kept, no temporary file is left); free some space and re-run "
             "to carry on"
         ) from e
-
-
-@contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, else it is gone.
-
-    Examples:
-        >>> with atomic_file(coll / "manifest.json") as tmp:  # doctest: +SKIP
-        ...     tmp.write_text(text)
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def not_writable(folder: Path, names: tuple[str, ...] = ()) -> str | None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import hashlib
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 
 from indexes.manifest import MANIFEST_NAME
 from indexes.store import DB_NAME
-from moco import IMAGE_EXTENSIONS, walk_files
+from moco import IMAGE_EXTENSIONS, file_hash, walk_files
 
 
 @dataclass(frozen=True)
@@ -133,13 +132,9 @@ def scan(roots: list[str], labels: dict[str, str] | None = None) -> Scan:
     return Scan(entries, dict(sorted(skipped.items())))
 
 
-def sha256_file(path: str, chunk: int = 1 << 20) -> str | None:
+def sha256_file(path: str) -> str | None:
     """Content hash, or None if the file cannot be read (the decoder reports why later)."""
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
+        return file_hash(path)
     except OSError:
         return None
-    return h.hexdigest()

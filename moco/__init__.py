@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         read_encoder_config,
         save_encoder,
     )
+    from moco.files import atomic_file, file_hash
     from moco.knn import knn_predict, knn_top1
     from moco.loss import info_nce, moco_logits, topk_accuracy
     from moco.metrics import (
@@ -69,11 +70,13 @@ _WHERE = {
     "ProbeMismatchError": "moco.probe",
     "TrainConfig": "moco.config",
     "TwoCropsTransform": "moco.augment",
+    "atomic_file": "moco.files",
     "build_encoder": "moco.encoders",
     "classification_metrics": "moco.metrics",
     "eval_transform": "moco.augment",
     "export_encoder": "moco.export",
     "feature_dim": "moco.encoders",
+    "file_hash": "moco.files",
     "info_nce": "moco.loss",
     "knn_predict": "moco.knn",
     "knn_top1": "moco.knn",
@@ -114,11 +117,13 @@ __all__ = [
     "ProbeMismatchError",
     "TrainConfig",
     "TwoCropsTransform",
+    "atomic_file",
     "build_encoder",
     "classification_metrics",
     "eval_transform",
     "export_encoder",
     "feature_dim",
+    "file_hash",
     "info_nce",
     "knn_predict",
     "knn_top1",

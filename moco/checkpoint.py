@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from moco.files import atomic_file
+
 LAST = "checkpoint_last.pt"
 
 
@@ -43,7 +45,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """``torch.save`` to a temporary file, then rename: a crash never leaves half a checkpoint."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(payload, tmp)
     return path

@@ -14,7 +14,6 @@ Besides this project's own training checkpoints, the official facebookresearch/m
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
@@ -28,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from moco.augment import IMAGENET_MEAN, IMAGENET_STD
 from moco.encoders import build_encoder, feature_dim
+from moco.files import atomic_file, file_hash
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -60,22 +60,12 @@ class EncoderConfig:
         return cls(**d)
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = file_hash  # the encoder's content hash
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_file(path) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_encoder(
@@ -90,14 +80,9 @@ def save_encoder(
         for k, v in backbone.state_dict().items()
         if not k.startswith("fc.")
     }
-    tmp = out / (WEIGHTS + ".tmp")
-    try:
+    with atomic_file(out / WEIGHTS) as tmp:  # a full disk or Ctrl-C leaves no half file
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.chmod(tmp, 0o644)  # safetensors creates it private; an encoder is meant to be shared
-        os.replace(tmp, out / WEIGHTS)
-    except BaseException:  # a full disk or Ctrl-C leaves no half-written file behind
-        tmp.unlink(missing_ok=True)
-        raise
     cfg = dataclasses.replace(cfg, content_hash=sha256_file(out / WEIGHTS))
     _atomic_write_text(out / CONFIG, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     return cfg

@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from moco.files import atomic_file
+
 log = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("none", "l2", "standardize", "l2+standardize")
@@ -350,8 +352,8 @@ def save_probe(probe: LinearProbe, out: str | os.PathLike, *, cfg: ProbeConfig |
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in probe.state_dict().items()}
-    save_file(state, str(out / (PROBE_WEIGHTS + ".tmp")))
-    os.replace(out / (PROBE_WEIGHTS + ".tmp"), out / PROBE_WEIGHTS)
+    with atomic_file(out / PROBE_WEIGHTS) as tmp:
+        save_file(state, str(tmp))
     meta = {
         "format": "moco-search-probe/1",
         "classes": probe.classes,
@@ -361,9 +363,8 @@ def save_probe(probe: LinearProbe, out: str | os.PathLike, *, cfg: ProbeConfig |
         "config": dataclasses.asdict(cfg) if cfg else None,
         "metrics": metrics,
     }
-    tmp = out / (PROBE_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / PROBE_CONFIG)
+    with atomic_file(out / PROBE_CONFIG) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 

@@ -8,13 +8,13 @@ asked for: the demo and the tests never download.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import urllib.request
 from pathlib import Path
 
 from moco.export import CONFIG, CheckpointError, export_encoder
+from moco.files import atomic_file, file_hash
 
 log = logging.getLogger(__name__)
 
@@ -31,14 +31,6 @@ def cache_root() -> Path:
     return Path(os.environ.get("MOCO_SEARCH_CACHE", Path.home() / ".cache" / "moco-search"))
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch_published(name: str, cache: Path | None = None) -> Path:
     """The encoder directory of the published checkpoint ``name``, downloading it once."""
     if name not in PUBLISHED:
@@ -51,14 +43,13 @@ def fetch_published(name: str, cache: Path | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     ckpt = folder / Path(url).name
     if not ckpt.is_file():
-        tmp = ckpt.with_name(ckpt.name + ".part")
         log.info("downloading %s (once) to %s", url, ckpt)
         try:
-            urllib.request.urlretrieve(url, tmp)
+            with atomic_file(ckpt) as tmp:
+                urllib.request.urlretrieve(url, tmp)
         except OSError as e:
             raise CheckpointError(f"Could not download {name} from {url}: {e}") from e
-        os.replace(tmp, ckpt)
-    if not _md5(ckpt).startswith(md5_prefix):
+    if not file_hash(ckpt, "md5").startswith(md5_prefix):
         ckpt.unlink()
         raise CheckpointError(f"{name}: the download does not match md5 {md5_prefix}; removed it")
     export_encoder(ckpt, encoder)
