@@ -33,9 +33,10 @@ HELP = {
     "moco_dim": "embedding width compared by the loss",
     "moco_k": "queue size K (negatives); keep it below the number of images (default: a tenth "
     "of the images; the paper's ImageNet value is 65536)",
-    "moco_m": "key-encoder momentum m (default: 0.99 rising to 1 with --m-schedule cosine; the "
-    "paper's is 0.999 constant)",
-    "m_schedule": "momentum schedule: cosine (m rises to 1, as in BYOL and MoCo v3) or constant",
+    "moco_m": "key-encoder momentum m (default: 0.99, lowered for short runs by --m-schedule "
+    "fit; the paper's is 0.999 constant)",
+    "m_schedule": "momentum schedule: fit (constant, at most 1 - 10/steps), cosine (m rises to "
+    "1, as in BYOL and MoCo v3) or constant",
     "moco_t": "softmax temperature T (default: 0.07 for v1, 0.2 for v2)",
     "mlp": "MLP projection head (default: on for v2, off for v1)",
     "head_bn": "BatchNorm in the projection head",
@@ -51,8 +52,7 @@ HELP = {
     "seed": "random seed",
     "deterministic": "deterministic algorithms (slower; exact resume on CPU)",
     "resume": "continue the run in --out from its last checkpoint, with its saved settings",
-    "init_from": "start from a checkpoint (this project's or an official MoCo one) "
-    "(default: none)",
+    "init_from": "start from a checkpoint (this project's or an official MoCo one) (default: none)",
     "knn_k": "neighbours of the kNN monitor",
     "knn_t": "temperature of the kNN monitor",
     "val_dir": "ImageFolder tree for a kNN accuracy each epoch (training folders = labels) "

@@ -36,8 +36,8 @@ class TrainConfig:
     warmup_epochs: float | None = None  # None: 0, or 5% of the run with --minutes
     moco_dim: int = 128
     moco_k: int | None = None  # None: a tenth of the images
-    moco_m: float | None = None  # None: 0.99 (rising to 1 with the cosine m_schedule)
-    m_schedule: str = "cosine"  # cosine: m rises to 1 (BYOL, MoCo v3); constant: the paper's
+    moco_m: float | None = None  # None: 0.99 (lowered to fit a short run by the "fit" m_schedule)
+    m_schedule: str = "fit"  # fit: m <= 1 - 10/steps; cosine: m rises to 1; constant: the paper's
     moco_t: float | None = None  # None: 0.07 for v1, 0.2 for v2
     mlp: bool | None = None  # None: the version's head (v2 MLP, v1 linear)
     head_bn: bool = False

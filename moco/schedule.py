@@ -82,7 +82,16 @@ class Schedule:
         return cosine_lr(cfg.base_lr, frac, length, self.warmup_steps / self.steps_per_epoch)
 
     def momentum(self, cfg: Any, step: int) -> float:
+        """The key encoder's m at ``step``: "constant", "cosine" (to 1) or "fit" (see below).
+
+        "fit" keeps m constant but at most ``1 - 10 / total_steps`` (and at least 0.9), so that
+        the key encoder averages over no more than a tenth of the run: on emoji, 150 steps with
+        m rising from 0.99 to 1 left the keys near the random network and the pretext accuracy
+        fell from 60% to 0 (docs/pretraining.md, "Ablation").
+        """
         m = cfg.moco_m if cfg.moco_m is not None else 0.999
         if cfg.m_schedule == "constant":
             return m
+        if cfg.m_schedule == "fit":
+            return min(m, max(0.9, 1.0 - 10.0 / max(self.total_steps, 1)))
         return cosine_momentum(m, step, self.total_steps)

@@ -344,7 +344,7 @@ def _plan(run: _Run, done: int) -> None:
         sched.total_steps / sched.steps_per_epoch,
         sched.steps_per_epoch,
         sched.warmup_steps,
-        "rising to 1" if cfg.m_schedule == "cosine" else "constant",
+        f"{sched.momentum(cfg, done):.4g}, {cfg.m_schedule}",
     )
 
 

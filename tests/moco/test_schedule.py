@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moco.recipe import Budget, auto_config
-from moco.schedule import cosine_lr, cosine_momentum, steps_in_budget
+from moco.schedule import Schedule, cosine_lr, cosine_momentum, steps_in_budget
 from moco.train import TrainConfig
 
 
@@ -48,3 +48,15 @@ def test_auto_config_fits_the_data_and_the_device() -> None:
     assert tiny.batch_size == 8 and tiny.moco_k == 8  # 4 steps an epoch; K at least a batch
     mine = auto_config(TrainConfig(data="d", out="o", moco_k=65536, image_size=32), 100, "cpu")
     assert mine.moco_k == 65536 and mine.image_size == 32  # what the user sets is kept
+
+
+def test_fit_momentum_averages_over_at_most_a_tenth_of_the_run() -> None:
+    cfg = TrainConfig(data="d", out="o", moco_m=0.99)  # m_schedule "fit" by default
+    assert Schedule(100, total_steps=100, warmup_steps=5).momentum(cfg, 0) == pytest.approx(0.9)
+    assert Schedule(100, total_steps=400, warmup_steps=5).momentum(cfg, 9) == pytest.approx(0.975)
+    assert Schedule(100, total_steps=50_000, warmup_steps=5).momentum(cfg, 0) == 0.99
+    assert Schedule(100, total_steps=20, warmup_steps=5).momentum(cfg, 0) == 0.9  # at least 0.9
+    rising = TrainConfig(data="d", out="o", moco_m=0.99, m_schedule="cosine")
+    assert Schedule(100, 1000, 5).momentum(rising, 500) == pytest.approx(0.995)
+    fixed = TrainConfig(data="d", out="o", moco_m=0.999, m_schedule="constant")
+    assert Schedule(100, 100, 5).momentum(fixed, 50) == 0.999

@@ -22,6 +22,7 @@ from moco.checkpoint import LAST
 from moco.data import list_images, load_image
 from moco.export import load_checkpoint_file
 from moco.model import MoCo, ModelConfig
+from moco.recipe import LR_PER_256
 from moco.train import TrainConfig, check_config, train
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,7 +120,7 @@ def test_small_data_checks(
     assert "queue size K=4096" in caplog.text and "linear scaling" in caplog.text
     assert "momentum m=0.999" in caplog.text  # 2 epochs x 4 steps cannot move the key encoder
     adapted = check_config(replace(cfg, adapt=True), 32)
-    assert adapted.moco_k == 8 and adapted.lr == pytest.approx(0.03 * 8 / 256)
+    assert adapted.moco_k == 8 and adapted.lr == pytest.approx(LR_PER_256 * 8 / 256)
     assert adapted.moco_m == 0.9
     long_run = replace(cfg, adapt=True, epochs=10_000, moco_k=16)
     assert check_config(long_run, 32).moco_m == 0.999  # 40k steps: the paper's m is fine
