@@ -28,6 +28,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -129,6 +130,20 @@ def checkpoints(run: Path) -> list[tuple[float, Path]]:
         if ckpt.is_file():
             out.append((r["elapsed_s"] / 60, ckpt))
     return out
+
+
+def sample_train(rows: list[dict[str, str]], n: int) -> list[dict[str, str]]:
+    """Every held-out row and ``n`` train rows drawn with a fixed seed (0: all of them).
+
+    The train rows are the kNN bank, the probe's training set and, for instance retrieval,
+    distractors; a sample of them makes each measurement a few times cheaper.
+    """
+    train = [r for r in rows if r["split"] == "train"]
+    if n <= 0 or n >= len(train):
+        return rows
+    import random
+
+    return [r for r in rows if r["split"] != "train"] + random.Random(0).sample(train, n)
 
 
 def thin(points: list[Any], n: int) -> list[Any]:
@@ -290,15 +305,25 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             r: pretrain(data, cache / f"{r}_{args.minutes:g}m", r, args.minutes, {})
             for r in args.recipes
         }
-        images = Images(root, rows, size=2 * max(args.eval_size or 64, 64))
+        images = Images(
+            root, sample_train(rows, args.train_sample), size=2 * max(args.eval_size or 64, 64)
+        )
         first = next(iter(runs.values()))
         spec, size, pool = random_spec(first), args.eval_size or 64, args.pooling
         baselines = [
             measured(
-                cache / f"pixels{args.pixels_size}.json", "pixels", images, args.pixels_size, "avg"
+                cache / f"pixels{args.pixels_size}_{args.train_sample}.json",
+                "pixels",
+                images,
+                args.pixels_size,
+                "avg",
             ),
             measured(
-                cache / f"{spec.replace(':', '_')}_{size}_{pool}.json", spec, images, size, pool
+                cache / f"{spec.replace(':', '_')}_{size}_{pool}_{args.train_sample}.json",
+                spec,
+                images,
+                size,
+                pool,
             ),
         ]
         curves: dict[str, list[dict[str, Any]]] = {}
@@ -308,7 +333,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 enc = ckpt.with_suffix(".enc")
                 if not enc.is_dir():
                     export_encoder(ckpt, enc)
-                key = f"{args.eval_size or 'train'}_{args.pooling}"
+                key = f"{args.eval_size or 'train'}_{args.pooling}_{args.train_sample}"
                 row = measured(
                     enc / f"metrics_{key}.json", str(enc), images, args.eval_size, args.pooling
                 )
@@ -387,8 +412,15 @@ def main() -> None:
         default=4,
         help="checkpoints measured per run, evenly spread (default: 4; 0: all)",
     )
+    parser.add_argument(
+        "--train-sample",
+        type=int,
+        default=0,
+        help="measure with this many train-split images, drawn with seed 0 (default: 0 = all)",
+    )
     parser.add_argument("--demo", action="store_true", help="only the demo encoder's table")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.results.mkdir(parents=True, exist_ok=True)
     if args.demo:
         demo(args.results, image_size=64)
