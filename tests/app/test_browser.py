@@ -89,3 +89,20 @@ def test_less_like_this_then_refine_and_classify_follows(page: Any, server: Any)
     page.get_by_role("tab", name="Classify").click()
     page.wait_for_function("document.body.innerText.includes('(3 classes).')")
     assert "circle" in page.inner_text("#top5")
+
+
+def test_a_non_image_upload_says_so_once_and_clears_the_status(page: Any, server: Any,
+                                                              tmp_path: Path) -> None:
+    page.goto(server.local_url)
+    page.wait_for_function("document.querySelectorAll('#results img').length >= 12")
+    assert "results in" in page.inner_text("#search-status")
+    page.locator("#results img").nth(1).click()
+    page.wait_for_function("document.querySelector('#picked').innerText.includes('Selected')")
+    bad = tmp_path / "notimage.png"
+    bad.write_text("this is not an image")
+    page.locator("input[type=file]").first.set_input_files(str(bad))
+    page.wait_for_function("document.body.innerText.includes('Cannot use notimage.png')")
+    page.wait_for_function("document.querySelector('#search-status').innerText.trim() === ''")
+    assert page.inner_text("#picked").startswith("Click a result to select it")
+    body = page.inner_text("body")
+    assert body.count("notimage.png") == 1 and "gradio" not in body.split("Cannot use")[1][:80]
