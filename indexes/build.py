@@ -18,7 +18,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from indexes import embed, faults, manifest, plan, preflight, scan, store, sync, vectors
+from indexes import budget, embed, faults, manifest, plan, preflight, scan, store, sync, vectors
 from indexes.embed import Decoded
 from indexes.scan import FileEntry
 from moco import EncoderConfig, read_encoder_config
@@ -52,8 +52,7 @@ class IndexReport:
         return (
             f"{self.total} images in the collection, {copies} besides ({self.added} new, "
             f"{self.updated} updated, {self.renamed} renamed, {self.removed} removed, "
-            f"{self.unchanged} unchanged) in {self.seconds:.1f}s; errors: {errs}"
-            + self._skipped()
+            f"{self.unchanged} unchanged) in {self.seconds:.1f}s; errors: {errs}" + self._skipped()
         )
 
     def _skipped(self) -> str:
@@ -76,6 +75,7 @@ def _insert(
     vec: object,
     now: float,
     report: IndexReport,
+    dtype: str = "float32",
 ) -> None:
     """One row (and its vector when it is a new, unique image)."""
     status, dup = ("error", None) if d.reason else ("ok", None)
@@ -112,7 +112,9 @@ def _insert(
         ],
     )
     if status == "ok":
-        db.execute("INSERT INTO vectors (id, v) VALUES (?, ?)", [cur.lastrowid, store.to_blob(vec)])
+        db.execute(
+            "INSERT INTO vectors (id, v) VALUES (?, ?)", [cur.lastrowid, store.to_blob(vec, dtype)]
+        )
 
 
 def commit_batch(
@@ -126,6 +128,7 @@ def commit_batch(
     """Replace/insert the rows of one batch and their vectors in a single transaction."""
     now = time.time()
     good = iter(vecs)  # N_good x D, in item order
+    dtype = store.vector_dtype(db)
     with store.transaction(db):
         for (e, old), d in zip(items, decoded, strict=True):
             if old is not None:
@@ -141,6 +144,7 @@ def commit_batch(
                 next(good) if d.tensor is not None else None,
                 now,
                 report,
+                dtype,
             )
         store.bump_generation(db)
 
@@ -187,6 +191,8 @@ class Run:
     t0: float
     model: Any = None
     """The encoder, when ``start_run`` loaded it already (to check it before a first write)."""
+    max_index_memory: int | None = None
+    """Bytes the ``auto`` index may take (None: the collection's last budget, or the default)."""
 
 
 def start_run(
@@ -197,6 +203,8 @@ def start_run(
     *,
     index_type: str = "auto",
     device: str | None = None,
+    max_index_memory: int | None = None,
+    vector_dtype: str | None = None,
 ) -> Run:
     """Check everything, then scan, diff, and apply renames, deletions and refreshes.
 
@@ -214,6 +222,10 @@ def start_run(
     cfg = read_encoder_config(encoder)
     if index_type != "auto":
         vectors.new_index(index_type, cfg.feature_dim)  # a bad factory string fails here
+    if vector_dtype is not None and vector_dtype not in store.VECTOR_DTYPES:
+        raise ValueError(
+            f"Unknown vector dtype {vector_dtype!r}; valid: {', '.join(store.VECTOR_DTYPES)}"
+        )
     labels = scan.read_labels(labels_csv, names) if labels_csv else None
     bind = old is None or old["encoder"]["content_hash"] != cfg.content_hash
     if old is not None and bind and preflight.vector_count(collection):
@@ -236,13 +248,18 @@ def start_run(
     db = store.open_store(collection / store.DB_NAME)
     with store.transaction(db):
         root_ids = {r: store.root_id(db, r) for r in names}
+    if vector_dtype is not None and vector_dtype != store.vector_dtype(db):
+        n = store.set_vector_dtype(db, vector_dtype, cfg.feature_dim)
+        log.info("%s: %d stored vectors converted to %s", collection, n, vector_dtype)
     found = scan.scan(names, labels)
     p = plan.make_plan(found.entries, plan.existing_rows(db, root_ids))
     report = IndexReport(
         unchanged=p.unchanged, renamed=len(p.renames), removed=len(p.delete), skipped=found.skipped
     )
     _apply_moves(db, p, root_ids)
-    return Run(collection, db, encoder, cfg, names, root_ids, old, p, report, t0, model)
+    return Run(
+        collection, db, encoder, cfg, names, root_ids, old, p, report, t0, model, max_index_memory
+    )
 
 
 def finish_run(run: Run, index_type: str) -> IndexReport:
@@ -255,7 +272,8 @@ def finish_run(run: Run, index_type: str) -> IndexReport:
         metric="inner_product",
         roots=sorted(set(m.get("roots", [])) | set(run.names)),
     )
-    m["index"] = sync.update_index(run.collection, db, m, index_type)
+    m["index"] = sync.update_index(run.collection, db, m, index_type, run.max_index_memory)
+    m["vector_dtype"] = store.vector_dtype(db)
     m["generation"] = store.generation(db)
     m["counts"] = store.status_counts(db)
     report.total = int(m["counts"].get("ok", 0))
@@ -278,6 +296,8 @@ def index_images(
     workers: int | None = None,
     device: str | None = None,
     index_type: str = "auto",
+    max_index_memory: int | str | None = None,
+    vector_dtype: str | None = None,
     progress: Progress | None = None,
 ) -> IndexReport:
     """Index the images under ``roots`` into ``collection``, incrementally and crash-safely.
@@ -286,12 +306,24 @@ def index_images(
     then too (the manifest names it). A different encoder than the collection's is refused,
     unless the collection holds no vectors yet. A full disk raises ``CollectionError`` with
     every committed batch kept: re-running once space is freed carries on.
+
+    ``index_type="auto"`` picks the most accurate index within ``max_index_memory`` (bytes or
+    a size such as ``"2GB"``; see ``budget``). ``vector_dtype`` (float32 or float16) is how
+    SQLite stores vectors from now on, the stored ones converted; None keeps the collection's.
     """
     preflight.check_options(batch_size, workers)
+    limit = budget.parse_bytes(max_index_memory) if max_index_memory is not None else None
     device = embed.default_device(device)
     with faults.disk_full_reported(collection):
         run = start_run(
-            roots, collection, encoder, labels_csv, index_type=index_type, device=device
+            roots,
+            collection,
+            encoder,
+            labels_csv,
+            index_type=index_type,
+            device=device,
+            max_index_memory=limit,
+            vector_dtype=vector_dtype,
         )
         try:
             if run.plan.todo:

@@ -5,6 +5,10 @@ process killed at any moment leaves either both or neither; the FAISS index is d
 ``vectors`` table and can always be rebuilt from it. Ids come from ``AUTOINCREMENT`` so a deleted
 id is never reused: a stale FAISS file can then be reconciled by comparing id sets alone.
 
+Vectors are stored as float32, or float16 when asked (``vector_dtype``): half the database, and
+at most ~1e-3 off in a cosine, well below what separates neighbours. Each blob's length says its
+dtype, so a reader needs no setting and a collection converted half-way still reads.
+
 Paths are stored twice: ``relpath_raw`` holds the exact bytes (``os.fsencode``), so file names that
 are not UTF-8 survive, and ``relpath`` a readable text form for display, globbing and CSV.
 """
@@ -53,7 +57,6 @@ CREATE TABLE IF NOT EXISTS user_labels (
 """
 """Tables a collection gets on first use, so that collections made before them still open:
 ``classify-all``'s predictions, and labels given in the web UI (``labeled`` sees both kinds)."""
-
 
 ROW_COLUMNS = (
     "images.id, roots.path_raw, images.relpath_raw, images.relpath, images.size, images.mtime, "
@@ -265,8 +268,60 @@ def roots(db: Database) -> dict[int, str]:
     return {i: os.fsdecode(raw) for i, raw in db.execute("SELECT id, path_raw FROM roots")}
 
 
-def to_blob(v: np.ndarray) -> bytes:
-    return np.ascontiguousarray(v, dtype=np.float32).tobytes()
+VECTOR_DTYPES = ("float32", "float16")
+
+
+def to_blob(v: np.ndarray, dtype: str = "float32") -> bytes:
+    return np.ascontiguousarray(v, dtype=dtype).tobytes()
+
+
+def from_blobs(blobs: Sequence[bytes], dim: int) -> np.ndarray:
+    """N x dim float32 from stored blobs of either dtype (told apart by their length)."""
+    sizes = {len(b) for b in blobs}
+    if sizes <= {4 * dim}:
+        return np.frombuffer(b"".join(blobs), dtype=np.float32).reshape(-1, dim)
+    if sizes == {2 * dim}:
+        return np.frombuffer(b"".join(blobs), dtype=np.float16).reshape(-1, dim).astype(np.float32)
+    out = np.empty((len(blobs), dim), dtype=np.float32)
+    for row, b in enumerate(blobs):
+        out[row] = np.frombuffer(b, dtype=np.float16 if len(b) == 2 * dim else np.float32)
+    return out
+
+
+def vector_dtype(db: Database) -> str:
+    """The dtype new vectors are written in (float32 unless the collection chose float16)."""
+    row = db.execute("SELECT value FROM info WHERE key = 'vector_dtype'").fetchone()
+    return row[0] if row else "float32"
+
+
+def set_vector_dtype(db: Database, dtype: str, dim: int, chunk: int = 65536) -> int:
+    """Write new vectors as ``dtype`` from now on and convert the stored ones; returns how many.
+
+    Each chunk is its own transaction, so a killed conversion leaves a readable mix that the
+    next run finishes. SQLite reuses the freed pages; ``VACUUM`` would shrink the file.
+    """
+    if dtype not in VECTOR_DTYPES:
+        raise ValueError(f"Unknown vector dtype {dtype!r}; valid: {', '.join(VECTOR_DTYPES)}")
+    with transaction(db):
+        write_info(db, vector_dtype=dtype)
+    size = np.dtype(dtype).itemsize * dim
+    done, last = 0, -1
+    while True:
+        rows = db.execute(
+            "SELECT id, v FROM vectors WHERE id > ? ORDER BY id LIMIT ?", [last, chunk]
+        ).fetchall()
+        if not rows:
+            return done
+        last = rows[-1][0]
+        todo = [(i, b) for i, b in rows if len(b) != size]
+        if todo:
+            vecs = from_blobs([b for _, b in todo], dim)
+            with transaction(db):
+                db.conn.executemany(
+                    "UPDATE vectors SET v = ? WHERE id = ?",
+                    [(to_blob(v, dtype), i) for (i, _), v in zip(todo, vecs, strict=True)],
+                )
+            done += len(todo)
 
 
 def get_vectors(db: Database, ids: Sequence[int], dim: int) -> np.ndarray:
@@ -279,10 +334,8 @@ def get_vectors(db: Database, ids: Sequence[int], dim: int) -> np.ndarray:
     missing = [i for i in ids if i not in found]
     if missing:
         raise KeyError(f"No vector for ids {missing[:10]}")
-    out = np.empty((len(ids), dim), dtype=np.float32)
-    for row, i in enumerate(ids):
-        out[row] = np.frombuffer(found[i], dtype=np.float32)
-    return out
+    out = from_blobs([found[i] for i in ids], dim) if ids else np.zeros((0, dim), np.float32)
+    return out if out.flags.writeable else out.copy()
 
 
 def iter_vectors(
@@ -297,8 +350,7 @@ def iter_vectors(
         if not rows:
             return
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(-1, dim)
-        yield ids, vecs
+        yield ids, from_blobs([r[1] for r in rows], dim)
         last = int(ids[-1])
 
 

@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 from sqlite_utils import Database
 
-from indexes import store, vectors
+from indexes import budget, store, vectors
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +59,28 @@ def recall_sample(db: Database, dim: int, n: int, seed: int = 0) -> tuple[np.nda
 
 
 def update_index(
-    collection: Path, db: Database, manifest: dict[str, Any], index_type: str
+    collection: Path,
+    db: Database,
+    manifest: dict[str, Any],
+    index_type: str,
+    max_index_memory: int | None = None,
 ) -> dict[str, Any]:
-    """Bring the FAISS file up to date, choosing its type; return the manifest's index entry."""
+    """Bring the FAISS file up to date, choosing its type; return the manifest's index entry.
+
+    ``auto`` picks the most accurate type within ``max_index_memory`` bytes (the collection's
+    last budget when None, else ``budget.DEFAULT_BUDGET``), so a nightly run keeps the budget a
+    collection was given once. The type changes (and the index is rebuilt from the stored
+    vectors, nothing re-embedded) when the size or the budget calls for another.
+    """
     dim = int(manifest["feature_dim"])
     n = int(db.execute("SELECT count(*) FROM vectors").fetchone()[0])
-    factory = vectors.choose_factory(n) if index_type == "auto" else index_type
     old = manifest.get("index", {})
+    limit = max_index_memory or old.get("max_index_memory") or budget.DEFAULT_BUDGET
+    factory = budget.choose(n, dim, limit).factory if index_type == "auto" else index_type
     path = collection / vectors.INDEX_NAME
     gen = store.generation(db)
-    if old.get("factory") == factory and path.is_file() and manifest.get("generation") == gen:
+    same = old.get("factory") == factory and old.get("max_index_memory") == limit
+    if same and path.is_file() and manifest.get("generation") == gen:
         return old
     index = None
     if old.get("factory") == factory and path.is_file():
@@ -82,7 +94,8 @@ def update_index(
     recall = 1.0
     if n and factory != "Flat":
         queries, truth = recall_sample(db, dim, n)
-        params, recall = vectors.tune(index, queries, truth)
+        depth = budget.rerank_depth(factory)
+        params, recall = vectors.tune(index, queries, truth, rerank=depth, fetch=_fetch(db, dim))
     vectors.save(index, path)
     return {
         "type": index_type,
@@ -91,4 +104,6 @@ def update_index(
         "recall_at_10": round(recall, 4),
         "ntotal": int(index.ntotal),
         "file_bytes": path.stat().st_size,
+        "max_index_memory": limit,
+        "estimated_bytes": budget.estimate(factory, n, dim),
     }

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sqlite_utils import Database
 
-from indexes import store
+from indexes import Collection, index_images, store
+from indexes.manifest import read_manifest
 
 name_bytes = st.binary(min_size=1, max_size=60).filter(
     lambda b: b"\0" not in b and b"/" not in b and b not in (b".", b"..")
@@ -89,3 +92,27 @@ def test_ids_are_never_reused() -> None:
     a = insert(db, rid, b"a.png")
     store.delete_rows(db, [a])
     assert insert(db, rid, b"a.png") == a + 1  # a stale FAISS id can never name a new image
+
+
+def test_float16_vectors_halve_the_database_and_search_alike(
+    images: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    index_images([images], tmp_path / "a", encoder_dir, workers=0)
+    index_images([images], tmp_path / "b", encoder_dir, workers=0, vector_dtype="float16")
+
+    def vector_bytes(coll: Path) -> int:
+        with sqlite3.connect(coll / "meta.db") as db:
+            return db.execute("SELECT sum(length(v)) FROM vectors").fetchone()[0]
+
+    assert vector_bytes(tmp_path / "b") * 2 == vector_bytes(tmp_path / "a") == 16 * 512 * 4
+    assert read_manifest(tmp_path / "b")["vector_dtype"] == "float16"
+    with Collection.open(tmp_path / "a") as a, Collection.open(tmp_path / "b") as b:
+        np.testing.assert_allclose(a.vectors([1, 2]), b.vectors([1, 2]), atol=1e-3)
+        for i in (1, 7, 12):
+            ha, hb = a.search_id(i, k=5), b.search_id(i, k=5)
+            assert [h.id for h in ha] == [h.id for h in hb]
+            np.testing.assert_allclose([h.score for h in ha], [h.score for h in hb], atol=2e-3)
+    index_images([], tmp_path / "a", None, workers=0, vector_dtype="float16")  # convert in place
+    assert vector_bytes(tmp_path / "a") == vector_bytes(tmp_path / "b")
+    with pytest.raises(ValueError, match="vector dtype"):
+        index_images([], tmp_path / "a", None, workers=0, vector_dtype="int8")

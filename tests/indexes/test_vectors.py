@@ -75,11 +75,42 @@ def test_reconcile_adds_and_removes() -> None:
     assert not vectors.reconcile(hnsw, ids[1:], lambda i: x[i])  # cannot remove: rebuild
 
 
-def test_choose_factory_by_size() -> None:
-    assert vectors.choose_factory(vectors.FLAT_MAX) == "Flat"
-    assert vectors.choose_factory(1_000_000) == "IVF4096,Flat"
+def test_invalid_factory_is_refused() -> None:
     with pytest.raises(ValueError, match="factory"):
         vectors.new_index("NoSuchIndex", 8)
+
+
+def test_rerank_brings_pq_near_exact() -> None:
+    """PQ16 codes alone lose neighbours; re-scoring 10 x k candidates exactly restores them."""
+    x = clustered(5000, dim=64, centers=40)
+    ids = np.arange(1, 5001, dtype=np.int64)
+    index = vectors.build("IVF16,PQ16", 64, ids, lambda i: x[i - 1], chunks(ids, x))
+    q = clustered(100, dim=64, centers=40, seed=5)
+    truth = vectors.exact_knn(q, chunks(ids, x), 10)
+    params = {"nprobe": 16}
+    plain = vectors.recall_at(vectors.knn(index, q, 10, params), truth)
+    found = vectors.knn(index, q, 10, {**params, "rerank": 10}, fetch=lambda i: x[i - 1])
+    reranked = vectors.recall_at(found, truth)
+    assert plain < 0.9 and reranked >= 0.97, (plain, reranked)
+    i, s = found[0][0]
+    assert s == pytest.approx(float(x[i - 1] @ q[0]), abs=1e-5)  # exact scores, not PQ's
+    tuned, recall = vectors.tune(index, q, truth, rerank=10, fetch=lambda i: x[i - 1])
+    assert tuned["rerank"] == 10 and recall >= vectors.TARGET_RECALL
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,SQ8", "IVF16,PQ8"])
+def test_mmap_index_searches_like_the_loaded_one(factory: str, tmp_path: Path) -> None:
+    x = clustered(3000, dim=64)
+    ids = np.arange(1, 3001, dtype=np.int64) * 7
+    index = vectors.build(factory, 64, ids, lambda i: x[i // 7 - 1], chunks(ids, x))
+    vectors.save(index, tmp_path / "i.faiss")
+    mapped = vectors.load(tmp_path / "i.faiss", mmap=True)
+    lists = faiss.extract_index_ivf(mapped).invlists
+    assert isinstance(faiss.downcast_InvertedLists(lists), faiss.OnDiskInvertedLists)
+    q = clustered(20, dim=64, seed=3)
+    for allowed in (None, ids[::5]):
+        want = vectors.knn(vectors.load(tmp_path / "i.faiss"), q, 10, {"nprobe": 4}, allowed)
+        assert vectors.knn(mapped, q, 10, {"nprobe": 4}, allowed) == want
 
 
 def test_collection_with_approximate_index(images: Path, encoder_dir: Path, tmp_path: Path) -> None:
