@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = ServerConfig(collection=args.collection, port=port, encoder=args.demo_encoder)
+    cfg = ServerConfig(collection=args.collection, port=port, demo_encoder=args.demo_encoder)
     ctx = open_context(cfg)
     demo = launch(ctx, cfg)
     try:

@@ -34,7 +34,7 @@ class ServerConfig:
     device: str = "cpu"
     concurrency: int = 4
     max_file_size: str = "10mb"
-    encoder: Path | None = None
+    demo_encoder: Path | None = None
     """Demo only: the encoder directory to build the demo collection with."""
     allow_index: tuple[Path, ...] = ()
     """Folders the UI may add to the collection (and those below them); none by default."""
@@ -70,7 +70,7 @@ def open_context(cfg: ServerConfig) -> Any:
     if cfg.collection is None:
         from app.demo import DEMO_ENCODER, demo_example, ensure_demo_collection
 
-        path = ensure_demo_collection(encoder=cfg.encoder or DEMO_ENCODER)
+        path = ensure_demo_collection(encoder=cfg.demo_encoder or DEMO_ENCODER)
         ctx = AppContext.open(path, device=cfg.device, example=demo_example(),
                               allow_index=cfg.allow_index)
         ctx.title = "demo"

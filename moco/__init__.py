@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         save_encoder,
     )
     from moco.files import atomic_file, file_hash
+    from moco.flags import add_dataclass_flags, config_from_args
     from moco.knn import knn_predict, knn_top1
     from moco.loss import info_nce, moco_logits, topk_accuracy
     from moco.metrics import (
@@ -70,9 +71,11 @@ _WHERE = {
     "ProbeMismatchError": "moco.probe",
     "TrainConfig": "moco.config",
     "TwoCropsTransform": "moco.augment",
+    "add_dataclass_flags": "moco.flags",
     "atomic_file": "moco.files",
     "build_encoder": "moco.encoders",
     "classification_metrics": "moco.metrics",
+    "config_from_args": "moco.flags",
     "eval_transform": "moco.augment",
     "export_encoder": "moco.export",
     "feature_dim": "moco.encoders",
@@ -117,9 +120,11 @@ __all__ = [
     "ProbeMismatchError",
     "TrainConfig",
     "TwoCropsTransform",
+    "add_dataclass_flags",
     "atomic_file",
     "build_encoder",
     "classification_metrics",
+    "config_from_args",
     "eval_transform",
     "export_encoder",
     "feature_dim",

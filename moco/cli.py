@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import typing
-from typing import Any
 
 from moco.config import KNN_K, KNN_T
+from moco.flags import add_dataclass_flags, config_from_args
 
 RECIPE = "(default: chosen for the folder and the device, docs/pretraining.md)"
 """The help's default for a field ``moco.recipe.auto_config`` fills in when left unset."""
@@ -68,50 +67,6 @@ HELP = {
 }
 
 
-def _flag_type(tp: Any) -> Any:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
-
-
-def add_dataclass_flags(
-    parser: argparse.ArgumentParser,
-    cls: type,
-    positional: tuple[str, ...] = (),
-    skip: tuple[str, ...] = (),
-    helps: dict[str, str] | None = None,
-) -> None:
-    """One flag per field of ``cls``; every help string names the default."""
-    helps = helps or HELP
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        tp = _flag_type(hints[f.name])
-        default = f.default
-        text = helps.get(f.name, f.name.replace("_", " "))
-        if "(default:" not in text:  # a help that explains its default says it once
-            text += f" (default: {default})"
-        if f.name in positional:
-            parser.add_argument(f.name, metavar=f.name.upper(), help=helps.get(f.name, f.name))
-        elif tp is bool:
-            parser.add_argument(
-                f"--{f.name.replace('_', '-')}",
-                dest=f.name,
-                default=default,
-                action=argparse.BooleanOptionalAction,
-                help=text,
-            )
-        else:
-            parser.add_argument(
-                f"--{f.name.replace('_', '-')}", dest=f.name, type=tp, default=default, help=text
-            )
-
-
-def config_from_args(cls: type, args: argparse.Namespace) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
-
-
 def _pretrain(args: argparse.Namespace) -> int:
     from moco.train import TrainConfig, log_summary, train
 
@@ -141,7 +96,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="pretrain a MoCo encoder on a folder of images",
         description="Pretrain MoCo (v2 by default) on every image under DATA (recursive).",
     )
-    add_dataclass_flags(p, TrainConfig, positional=("data",), skip=("out",))
+    add_dataclass_flags(p, TrainConfig, HELP, positional=("data",), skip=("out",))
     p.add_argument("--out", required=True, help="run directory for checkpoints and logs")
     p.set_defaults(run=_pretrain)
 
