@@ -314,3 +314,18 @@ def test_large_results_are_shown_as_thumbnails_kept_in_the_collection(
         assert handlers.search(c, str(small), k=4).gallery
     finally:
         c.collection.close()
+
+
+def test_build_demo_wires_every_event_without_a_server(ctx: Any) -> None:
+    """The page builds with no server running; only search and classify are public API, and
+    every event runs a method of ``Events`` (the queue API's names)."""
+    from app.events import Events
+    from app.ui import build_demo
+
+    demo = build_demo(ctx)
+    fns = list(demo.fns.values())
+    public = sorted(f.api_name for f in fns if f.api_visibility == "public")
+    assert public == ["classify", "search"]
+    names = {getattr(f.fn, "__name__", None) for f in fns}
+    handlers_ = {n for n in dir(Events) if not n.startswith("_")} - {"failed_search", "unselect"}
+    assert handlers_ <= names, sorted(handlers_ - names)
