@@ -29,7 +29,8 @@ def stats_markdown(ctx: AppContext) -> str:
     labels = ctx.collection.label_counts()
     return (f"**{len(ctx.collection)} images indexed** ({counts.get('duplicate', 0)} exact copies, "
             f"{counts.get('error', 0)} errors), {len(labels)} labels, index "
-            f"`{m.get('index', {}).get('factory', '?')}`, {m.get('feature_dim')}-d vectors.\n\n"
+            f"`{m.get('index', {}).get('factory', '?')}` (recall@10 "
+            f"{m.get('index', {}).get('recall_at_10', '?')}), {m.get('feature_dim')}-d vectors.\n\n"
             f"Folders:\n{roots}")
 
 

@@ -83,6 +83,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default="auto",
         help="'auto' or a FAISS factory string such as HNSW32 (default: auto)",
     )
+    p.add_argument(
+        "--max-index-memory",
+        default=None,
+        help="memory the 'auto' index may take, e.g. 2GB or 500MB; the most accurate of Flat, "
+        "IVF-Flat, IVF-SQ8, IVF-PQ that fits is built (default: the collection's, else 2GB)",
+    )
+    p.add_argument(
+        "--vector-dtype",
+        choices=["float32", "float16"],
+        default=None,
+        help="how SQLite stores the exact vectors; float16 halves the database, stored vectors "
+        "are converted (default: the collection's, float32 for a new one)",
+    )
     p.set_defaults(run=run_index)
 
     p = sub.add_parser("search", help="search a collection by example images or by id")
@@ -107,8 +120,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--before", type=_when, default=None, help="modified before (default: any)")
     p.add_argument("--min-score", type=float, default=None, help="score cut-off (default: none)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--json", action="store_true",
-                   help="JSON Lines, one hit per line with its rank (default: table)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON Lines, one hit per line with its rank (default: table)",
+    )
     p.set_defaults(run=run_search)
 
     p = sub.add_parser("duplicates", help="list groups of near-duplicate images")
@@ -138,16 +154,24 @@ def run_index(args: argparse.Namespace) -> int:
         device=args.device,
         index_type=args.index_type,
     )
+    storage = dict(max_index_memory=args.max_index_memory, vector_dtype=args.vector_dtype)
     if world_size() > 1:
+        if any(v is not None for v in storage.values()):
+            raise ValueError(
+                "--max-index-memory and --vector-dtype are not supported under torchrun; "
+                "run 'moco-search index --collection C' with them once in one process"
+            )
         report = index_distributed(args.images, args.collection, args.encoder, **kwargs)
     else:
         from indexes.build import index_images
 
-        report = index_images(args.images, args.collection, args.encoder, **kwargs)
+        report = index_images(args.images, args.collection, args.encoder, **kwargs, **storage)
     if report is not None:
         print(report.summary())
-        print(f"next: moco-search search --collection {args.collection} QUERY.jpg, or "
-              f"python launch.py --collection {args.collection} for the web UI")
+        print(
+            f"next: moco-search search --collection {args.collection} QUERY.jpg, or "
+            f"python launch.py --collection {args.collection} for the web UI"
+        )
     return 0
 
 
@@ -176,8 +200,10 @@ def _print_hits(hits: list[Any], as_json: bool) -> None:
 def check_image_file(path: str | Path, what: str = "Image") -> None:
     """A missing file and a folder given for a file are told apart."""
     if Path(path).is_dir():
-        raise IsADirectoryError(f"{what} {path} is a folder: give image files (to add a "
-                                "folder to a collection, use moco-search index)")
+        raise IsADirectoryError(
+            f"{what} {path} is a folder: give image files (to add a "
+            "folder to a collection, use moco-search index)"
+        )
     if not Path(path).is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
 
@@ -211,6 +237,13 @@ def run_search(args: argparse.Namespace) -> int:
                 filters=f,
                 min_score=args.min_score,
             )
+        entry = c.manifest.get("index", {})
+    if not args.json and entry.get("recall_at_10") is not None:
+        print(
+            f"index {entry.get('factory')}: recall@10 {entry['recall_at_10']:.3f} against exact "
+            "search, measured when it was built",
+            file=sys.stderr,
+        )
     _print_hits(hits, args.json)
     return 0
 

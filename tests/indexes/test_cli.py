@@ -181,3 +181,17 @@ def test_a_folder_query_and_a_bad_file_among_good_ones(
     assert rc == 1  # something was skipped
     assert f"{bad}: skipped: not an image" in err and "Traceback" not in err
     assert out.startswith(f"{good}: ") and len(out.splitlines()) == 1  # the good one, predicted
+
+
+def test_index_budget_and_float16_flags_then_search_shows_recall(
+    images: Path, encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    c = str(tmp_path / "c")
+    args = ["index", str(images), "--collection", c, "--encoder", str(encoder_dir)]
+    assert launch.main([*args, "--max-index-memory", "1GB", "--vector-dtype", "float16"]) == 0
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["vector_dtype"] == "float16" and m["index"]["max_index_memory"] == 10**9
+    capsys.readouterr()
+    assert launch.main(["search", "--collection", c, "--id", "1", "-k", "2"]) == 0
+    assert "recall@10 1.000" in capsys.readouterr().err
+    assert launch.main(["index", "--collection", c, "--max-index-memory", "lots"]) == 2
