@@ -81,11 +81,11 @@ def test_invalid_factory_is_refused() -> None:
 
 
 def test_rerank_brings_pq_near_exact() -> None:
-    """PQ16 codes alone lose neighbours; re-scoring 10 x k candidates exactly restores them."""
-    x = clustered(5000, dim=64, centers=40)
-    ids = np.arange(1, 5001, dtype=np.int64)
-    index = vectors.build("IVF16,PQ16", 64, ids, lambda i: x[i - 1], chunks(ids, x))
-    q = clustered(100, dim=64, centers=40, seed=5)
+    """PQ8 codes alone lose neighbours; re-scoring 10 x k candidates exactly restores them."""
+    x = clustered(3000, dim=32, centers=40)
+    ids = np.arange(1, 3001, dtype=np.int64)
+    index = vectors.build("IVF16,PQ8", 32, ids, lambda i: x[i - 1], chunks(ids, x))
+    q = clustered(100, dim=32, centers=40, seed=5)
     truth = vectors.exact_knn(q, chunks(ids, x), 10)
     params = {"nprobe": 16}
     plain = vectors.recall_at(vectors.knn(index, q, 10, params), truth)
