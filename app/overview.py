@@ -27,8 +27,10 @@ def stats_markdown(ctx: AppContext) -> str:
     counts = m.get("counts", {})
     roots = "\n".join(f"- `{r}`" for r in m.get("roots", []))
     labels = ctx.collection.label_counts()
-    return (f"**{len(ctx.collection)} images indexed** ({counts.get('duplicate', 0)} exact copies, "
-            f"{counts.get('error', 0)} errors), {len(labels)} labels, index "
+    copies, errors = counts.get("duplicate", 0), counts.get("error", 0)
+    return (f"**{len(ctx.collection)} images indexed** ({copies} exact "
+            f"cop{'y' if copies == 1 else 'ies'}, {errors} error{'' if errors == 1 else 's'}), "
+            f"{len(labels)} labels, index "
             f"`{m.get('index', {}).get('factory', '?')}` (recall@10 "
             f"{m.get('index', {}).get('recall_at_10', '?')}), {m.get('feature_dim')}-d vectors.\n\n"
             f"Folders:\n{roots}")
