@@ -7,12 +7,16 @@ Prints tables and writes JSON to bench/results/. Three parts, each skippable:
    (channels-last, inference mode; goal: indexing >= 0.85 of it) and a naive eager fp32 NCHW
    forward (goal: indexing >= 1.5x it).
 2. A re-run over an unchanged collection of N files (goal: under 3 s for 30k).
-3. FAISS search with the automatically chosen index on clustered unit vectors (the structure of
-   real embeddings; uniform random vectors are a worst case): p50/p99 latency of one query,
-   recall@10 against exact search, bytes per vector.
+3. Search at scale: a real collection (SQLite rows + vectors, manifest) of N synthetic vectors
+   resampled and perturbed from a real collection's embeddings (``Synth``), its index built by
+   ``index``'s own step for a memory budget; then a fresh process opens it (memory-mapped) and
+   runs held-out queries with ``Collection.search_vector``, with and without a label filter:
+   bytes per vector (index and database), build time, p50/p99 latency for k=10, recall@10
+   against exact search over the stored vectors, open time and the serving process's RSS.
 
 Examples:
-    python bench/bench_index.py --images 256 --rerun-files 3000 --sizes 10000 100000
+    python bench/bench_index.py --images 256 --rerun-files 3000 --sizes 100000
+    python bench/bench_index.py --images 0 --rerun-files 0 --sizes 1000000 --base emoji.coll
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +37,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexes import index_images, vectors
+from indexes import index_images
 from moco import EncoderConfig, build_encoder, save_encoder
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,8 +57,9 @@ def write_jpegs(root: Path, n: int, size: tuple[int, int], seed: int = 0) -> Non
         photo(rng, size).save(d / f"{i:06d}.jpg", quality=90)
 
 
-def forward_rate(model: torch.nn.Module, x: torch.Tensor, channels_last: bool,
-                 repeats: int) -> float:
+def forward_rate(
+    model: torch.nn.Module, x: torch.Tensor, channels_last: bool, repeats: int
+) -> float:
     """Images/s of ``model`` on a pre-decoded batch ``x``."""
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -72,22 +79,31 @@ def bench_throughput(work: Path, n: int, batch: int, workers: int) -> dict:
     save_encoder(build_encoder("resnet18"), EncoderConfig(arch="resnet18"), enc)
     write_jpegs(work / "jpegs", n, size=(1440, 1080))  # 1.5 MP
     t = time.perf_counter()
-    report = index_images([work / "jpegs"], work / "coll224", enc, batch_size=batch,
-                          workers=workers)
+    report = index_images(
+        [work / "jpegs"], work / "coll224", enc, batch_size=batch, workers=workers
+    )
     e2e = report.total / (time.perf_counter() - t)
     x = torch.randn(batch, 3, 224, 224)
     ours = forward_rate(build_encoder("resnet18").eval(), x, True, repeats=3)
     naive = forward_rate(build_encoder("resnet18").eval(), x, False, repeats=3)
-    return {"images": n, "end_to_end_img_s": e2e, "forward_ours_img_s": ours,
-            "forward_naive_img_s": naive, "ratio_vs_ours": e2e / ours,
-            "ratio_vs_naive": e2e / naive, "threads": torch.get_num_threads()}
+    return {
+        "images": n,
+        "end_to_end_img_s": e2e,
+        "forward_ours_img_s": ours,
+        "forward_naive_img_s": naive,
+        "ratio_vs_ours": e2e / ours,
+        "ratio_vs_naive": e2e / naive,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def bench_rerun(work: Path, n: int) -> dict:
     enc = work / "enc32"
-    save_encoder(build_encoder("resnet18", small_stem=True),
-                 EncoderConfig(arch="resnet18", small_stem=True, image_size=32, crop_pct=1.0),
-                 enc)
+    save_encoder(
+        build_encoder("resnet18", small_stem=True),
+        EncoderConfig(arch="resnet18", small_stem=True, image_size=32, crop_pct=1.0),
+        enc,
+    )
     rng = np.random.default_rng(1)
     root = work / "small"
     for i in range(n):
@@ -103,43 +119,226 @@ def bench_rerun(work: Path, n: int) -> dict:
     return {"files": n, "first_run_s": first, "unchanged_rerun_s": time.perf_counter() - t}
 
 
-def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
-    """Unit vectors around n/100 centres, intra-cluster cosine about 0.8."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((max(1, n // 100), dim)).astype(np.float32)
-    x = centres[rng.integers(0, len(centres), n)]
-    x += 0.5 * rng.standard_normal((n, dim)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+def real_base(coll: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The embeddings (N x D) and label codes (N) of a real collection: the structure to copy."""
+    from indexes import store
+    from indexes.manifest import read_manifest
+
+    dim = int(read_manifest(coll)["feature_dim"])
+    db = store.open_store(coll / store.DB_NAME, create=False)
+    ids, vecs = zip(*store.iter_vectors(db, dim), strict=True)
+    ids_all, x = np.concatenate(ids), np.concatenate(vecs)
+    label = dict(db.execute("SELECT id, label FROM images WHERE status = 'ok'").fetchall())
+    names = sorted({str(v) for v in label.values()})
+    codes = np.array([names.index(str(label[int(i)])) for i in ids_all], dtype=np.int16)
+    return x, codes
 
 
-def bench_search(n: int, dim: int, queries: int = 200) -> dict:
-    x = clustered(n, dim)
-    ids = np.arange(1, n + 1, dtype=np.int64)
+class Synth:
+    """Vectors with real features' structure, resampled and perturbed from ``base``.
 
-    def chunks():
-        for s in range(0, n, 65536):
-            yield ids[s : s + 65536], x[s : s + 65536]
+    Each one is ``lam * a + (1 - lam) * b + noise``, renormalised: ``a`` a random real
+    embedding, ``b`` one of its 10 nearest real neighbours, ``lam ~ U(0.5, 1)`` (points along
+    the real manifold, not around a few centres), ``noise`` Gaussian shaped like the real data's
+    covariance (its principal axes and spreads) at ``noise`` x their scale. The label is ``a``'s.
+    """
 
-    factory = vectors.choose_factory(n)
+    def __init__(self, base: np.ndarray, labels: np.ndarray, noise: float = 0.3) -> None:
+        import faiss
+
+        self.base, self.labels, self.noise = base, labels, noise
+        self.nn = faiss.knn(base, base, 11, metric=faiss.METRIC_INNER_PRODUCT)[1][:, 1:]
+        centred = base - base.mean(axis=0)
+        _, s, vt = np.linalg.svd(centred, full_matrices=False)
+        self.axes = (s[:, None] / np.sqrt(len(base))) * vt  # D x D: std along each axis
+
+    def sample(self, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        a = rng.integers(0, len(self.base), n)
+        b = self.nn[a, rng.integers(0, self.nn.shape[1], n)]
+        lam = rng.uniform(0.5, 1.0, (n, 1)).astype(np.float32)
+        x = lam * self.base[a] + (1 - lam) * self.base[b]
+        z = rng.standard_normal((n, self.axes.shape[0])).astype(np.float32)
+        x += self.noise * (z @ self.axes).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        return x.astype(np.float32), self.labels[a]
+
+
+def write_collection(
+    coll: Path, synth: Synth, n: int, encoder: Path, dtype: str, chunk: int = 100_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """A real collection of ``n`` synthetic vectors (rows, vectors, manifest; no index yet).
+
+    Returns the vectors as stored (float16 when ``dtype`` is) and their label codes, for the
+    exact reference.
+    """
+    from indexes import manifest, store
+    from moco import read_encoder_config
+
+    coll.mkdir(parents=True)
+    db = store.open_store(coll / store.DB_NAME)
+    with store.transaction(db):
+        rid = store.root_id(db, "/synthetic")
+        store.write_info(db, vector_dtype=dtype, generation=1)
+    kept = np.empty((n, synth.base.shape[1]), dtype=np.float16 if dtype == "float16" else "f4")
+    labels = np.empty(n, dtype=np.int16)
+    for start in range(0, n, chunk):
+        x, lab = synth.sample(min(chunk, n - start), seed=start)
+        kept[start : start + len(x)] = x
+        labels[start : start + len(x)] = lab
+        ids = range(start + 1, start + len(x) + 1)
+        with store.transaction(db):
+            db.conn.executemany(
+                "INSERT INTO images (id, root_id, relpath, relpath_raw, size, mtime, label, "
+                "status, indexed_at) VALUES (?, ?, ?, ?, 1, 0, ?, 'ok', 0)",
+                [
+                    (i, rid, f"{i}.jpg", f"{i}.jpg".encode(), f"l{c}")
+                    for i, c in zip(ids, lab, strict=True)
+                ],
+            )
+            db.conn.executemany(
+                "INSERT INTO vectors (id, v) VALUES (?, ?)",
+                [(i, store.to_blob(v, dtype)) for i, v in zip(ids, x, strict=True)],
+            )
+    db.conn.close()
+    cfg = read_encoder_config(encoder)
+    manifest.write_manifest(
+        coll,
+        {
+            "encoder": manifest.encoder_entry(encoder, cfg),
+            "feature_dim": cfg.feature_dim,
+            "metric": "inner_product",
+            "roots": ["/synthetic"],
+            "index": {},
+            "generation": None,
+            "vector_dtype": dtype,
+        },
+    )
+    return kept, labels
+
+
+def build_index(coll: Path, limit: str) -> dict:
+    """``index``'s FAISS step on the collection, as ``index --max-index-memory LIMIT`` runs it."""
+    from indexes import budget, manifest, store, sync
+
+    db = store.open_store(coll / store.DB_NAME)
+    m = manifest.read_manifest(coll)
     t = time.perf_counter()
-    index = vectors.build(factory, dim, ids, lambda i: x[i - 1], chunks())
+    m["index"] = sync.update_index(coll, db, m, "auto", budget.parse_bytes(limit))
     build_s = time.perf_counter() - t
-    rng = np.random.default_rng(1)
-    q = x[rng.choice(n, queries, replace=False)]
-    q = q + 0.05 * rng.standard_normal(q.shape).astype(np.float32)  # near, not equal, to members
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    truth = vectors.exact_knn(q, chunks(), 10)
-    params, recall = vectors.tune(index, q, truth)
-    p = vectors.search_params(index, params)
-    lat = []
-    for row in q:
-        t = time.perf_counter()
-        index.search(row[None], 10, params=p) if p is not None else index.search(row[None], 10)
-        lat.append((time.perf_counter() - t) * 1e3)
-    return {"vectors": n, "dim": dim, "factory": factory, "params": params,
-            "recall_at_10": recall, "p50_ms": float(np.median(lat)),
-            "p99_ms": float(np.percentile(lat, 99)), "build_s": build_s,
-            "bytes_per_vector": vectors.memory_bytes(index) / n}
+    m["generation"] = store.generation(db)
+    manifest.write_manifest(coll, m)
+    db.conn.close()
+    return {**m["index"], "build_s": build_s}
+
+
+def serve(coll: Path, queries: Path, out: Path) -> None:
+    """In a fresh process: open the collection, run the queries, report latency and RSS."""
+    import resource
+
+    def rss_mb() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    import faiss
+
+    from indexes import Collection, Filters
+
+    # one FAISS thread per query, as a server answering single queries should run: on 2 shared
+    # cores OpenMP's barriers made a 20k flat search 32 ms with 2 threads, 9.6 ms with 1
+    faiss.omp_set_num_threads(1)
+    data = np.load(queries)
+    q, flabel = data["q"], data["label"]
+    before = rss_mb()
+    t = time.perf_counter()
+    c = Collection.open(coll)
+    res: dict = {
+        "open_s": time.perf_counter() - t,
+        "rss_before_open_mb": before,
+        "rss_open_mb": rss_mb(),
+    }
+    for name, filt in (("plain", False), ("label", True)):
+        lat, cpu, found = [], [], []
+        for row, lab in zip(q, flabel, strict=True):
+            f = Filters(label=f"l{lab}") if filt else None
+            t, t_cpu = time.perf_counter(), time.thread_time()
+            hits = c.search_vector(row, k=10, filters=f)
+            lat.append((time.perf_counter() - t) * 1e3)
+            cpu.append((time.thread_time() - t_cpu) * 1e3)  # one thread: what it cost us
+            found.append([h.id for h in hits])
+        res[name] = {"lat_ms": lat, "cpu_ms": cpu, "ids": found}
+        print(f"serve {name}: cpu p50 {np.median(cpu[1:]):.3f} ms", flush=True)
+    res["rss_end_mb"] = rss_mb()
+    out.write_text(json.dumps(res))
+
+
+def recall(found: list[list[int]], truth: np.ndarray) -> float:
+    return float(
+        np.mean([len(set(f) & set(t.tolist())) / 10 for f, t in zip(found, truth, strict=True)])
+    )
+
+
+def bench_search(
+    base: Path, encoder: Path, n: int, limit: str, dtype: str, work: Path, queries: int = 300
+) -> dict:
+    """One collection of ``n`` vectors: build for ``limit``, serve in a child process."""
+    synth = Synth(*real_base(base))
+    coll = work / f"synth_{n}_{limit}"
+    t = time.perf_counter()
+    kept, labels = write_collection(coll, synth, n, encoder, dtype)
+    write_s = time.perf_counter() - t
+    entry = build_index(coll, limit)
+    q, qlab = synth.sample(queries, seed=10**9)  # held out: not in the collection
+    truth, ftruth = np.zeros((queries, 10), np.int64), np.zeros((queries, 10), np.int64)
+    for s in range(0, queries, 50):  # exact reference over the stored vectors, in chunks
+        sims = np.concatenate(
+            [
+                q[s : s + 50] @ kept[c : c + 200_000].astype(np.float32).T
+                for c in range(0, n, 200_000)
+            ],
+            axis=1,
+        )
+        truth[s : s + 50] = np.argsort(-sims, axis=1)[:, :10] + 1
+        sims[labels[None, :] != qlab[s : s + 50, None]] = -np.inf
+        ftruth[s : s + 50] = np.argsort(-sims, axis=1)[:, :10] + 1
+    del kept
+    qfile = work / "queries.npz"
+    np.savez(qfile, q=q, label=qlab)
+    out = work / "serve.json"
+    subprocess.run(
+        [sys.executable, __file__, "--serve", str(coll), str(qfile), str(out)], check=True
+    )
+    res = json.loads(out.read_text())
+    row = {
+        "vectors": n,
+        "budget": limit,
+        "factory": entry["factory"],
+        "nprobe": entry["params"].get("nprobe"),
+        "rerank": entry["params"].get("rerank", 0),
+        "index_bytes_per_vector": entry["file_bytes"] / n,
+        "db_bytes_per_vector": (coll / "meta.db").stat().st_size / n,
+        "write_db_s": write_s,
+        "build_s": entry["build_s"],
+        "recall_at_10_build": entry["recall_at_10"],
+    }
+    for name, t in (("plain", truth), ("label", ftruth)):
+        lat = res[name]["lat_ms"][1:]  # the first filtered query selects (and caches) its ids
+        row[f"{name}_recall_at_10"] = recall(res[name]["ids"], t)
+        row[f"{name}_p50_ms"] = float(np.median(lat))
+        row[f"{name}_p99_ms"] = float(np.percentile(lat, 99))
+        row[f"{name}_cpu_p50_ms"] = float(np.median(res[name]["cpu_ms"][1:]))
+    row["label_first_query_ms"] = res["label"]["lat_ms"][0]
+    row.update(
+        open_s=res["open_s"],
+        rss_before_open_mb=res["rss_before_open_mb"],
+        rss_open_mb=res["rss_open_mb"],
+        rss_end_mb=res["rss_end_mb"],
+    )
+    shutil.rmtree(coll)
+    print(json.dumps(row), flush=True)  # kept even if a later size fails
+    return row
 
 
 def table(rows: list[dict], title: str) -> None:
@@ -147,8 +346,23 @@ def table(rows: list[dict], title: str) -> None:
     keys = list(rows[0])
     print("  ".join(f"{k:>14}" for k in keys))
     for r in rows:
-        print("  ".join(f"{v:>14.4g}" if isinstance(v, float) else f"{v!s:>14}" for v in
-                        r.values()))
+        print(
+            "  ".join(f"{v:>14.4g}" if isinstance(v, float) else f"{v!s:>14}" for v in r.values())
+        )
+
+
+def demo_base(work: Path, encoder: Path) -> Path:
+    images = encoder.parent / "images"
+    index_images([images], work / "demo.coll", encoder, workers=1)
+    return work / "demo.coll"
+
+
+def columns(rows: list[dict], title: str) -> None:
+    """One column per run, one line per measure (the rows are too wide for a terminal)."""
+    print(f"\n{title}")
+    for key in rows[0]:
+        cells = [f"{r[key]:.4g}" if isinstance(r[key], float) else str(r[key]) for r in rows]
+        print(f"{key:>24}  " + "  ".join(f"{c:>16}" for c in cells))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,25 +371,58 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     ap.add_argument("--workers", type=int, default=None, help="decode workers (default: auto)")
     ap.add_argument("--rerun-files", type=int, default=30_000, help="files for part 2 (0 skips)")
-    ap.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000],
-                    help="vector counts for part 3 (default: 10k 100k 1M)")
-    ap.add_argument("--dim", type=int, default=512, help="vector dim (default: 512)")
+    ap.add_argument(
+        "--sizes",
+        type=int,
+        nargs="*",
+        default=[1_000_000],
+        help="vector counts for part 3 (default: 1M)",
+    )
+    ap.add_argument(
+        "--budgets",
+        nargs="*",
+        default=["2GB"],
+        help="--max-index-memory values for part 3 (default: 2GB)",
+    )
+    ap.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="collection whose embeddings part 3 resamples (default: the demo "
+        "images indexed with the demo encoder, once)",
+    )
+    ap.add_argument("--vector-dtype", default="float16", help="SQLite vectors (default: float16)")
+    ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp)")
+    ap.add_argument("--serve", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.serve:
+        serve(*args.serve)
+        return 0
     out: dict = {"time": time.time(), "cpus": os.cpu_count(), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.images:
-            out["throughput"] = bench_throughput(work, args.images, args.batch_size,
-                                                 args.workers if args.workers is not None
-                                                 else min(8, os.cpu_count() or 1))
+            out["throughput"] = bench_throughput(
+                work,
+                args.images,
+                args.batch_size,
+                args.workers if args.workers is not None else min(8, os.cpu_count() or 1),
+            )
             table([out["throughput"]], "indexing throughput, resnet18 224 px")
         if args.rerun_files:
             out["rerun"] = bench_rerun(work, args.rerun_files)
             table([out["rerun"]], "unchanged re-run")
     if args.sizes:
-        out["search"] = [bench_search(n, args.dim) for n in args.sizes]
-        table([{k: v for k, v in r.items() if k != "params"} for r in out["search"]],
-              "search, automatically chosen index")
+        encoder = Path(__file__).resolve().parents[1] / "app" / "demo" / "encoder"
+        with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+            base = args.base or demo_base(Path(tmp), encoder)
+            out["search"] = [
+                bench_search(base, encoder, n, limit, args.vector_dtype, Path(tmp))
+                for n in args.sizes
+                for limit in args.budgets
+            ]
+        out["search_base"] = str(args.base or "app/demo/images")
+        columns(out["search"], "search, the index chosen for the budget (k=10, one query)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"bench_index_{time.strftime('%Y%m%d_%H%M%S')}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
