@@ -275,8 +275,11 @@ def plot(results: dict[str, Any], path: Path) -> Path:
                         label=base["encoder"],
                         color="grey" if base["encoder"].startswith("pixels") else "black",
                     )
+            # minute 0 of every run is the random-init network (same seed, same backbone)
+            start = [b for b in results[name]["baselines"] if b["encoder"].startswith("random")]
             for recipe, pts in results[name]["runs"].items():
                 if pts and metric in pts[0]:
+                    pts = [{"minutes": 0.0, **start[0]}, *pts] if start else pts
                     ax.plot(
                         [p["minutes"] for p in pts],
                         [p[metric] for p in pts],
@@ -284,6 +287,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
                         label=recipe,
                     )
             ax.set(title=f"{name}: {metric}", xlabel="wall-clock minutes (2 CPU cores)")
+            ax.set_xlim(left=0)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
     fig.tight_layout()
