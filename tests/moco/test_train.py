@@ -274,7 +274,9 @@ def test_untrained_baseline_is_logged_and_is_a_real_measurement(
 
 
 def test_resume_needs_only_data_and_out(
-    emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    emoji_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The run's saved settings are used; a flag given beside --resume overrides and is said;
@@ -282,21 +284,43 @@ def test_resume_needs_only_data_and_out(
     import launch
 
     run = tmp_path / "run"
-    first = ["pretrain", str(emoji_dir), "--out", str(run), "--image-size", "32",
-             "--batch-size", "4", "--moco-k", "16", "--workers", "0", "--epochs", "1",
-             "--max-steps", "2", "--monitor-images", "0", "--bn-splits", "2"]
+    first = [
+        "pretrain",
+        str(emoji_dir),
+        "--out",
+        str(run),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--moco-k",
+        "16",
+        "--workers",
+        "0",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--monitor-images",
+        "0",
+        "--bn-splits",
+        "2",
+    ]
     assert launch.main(first) == 0
     with caplog.at_level("INFO", logger="moco.train"):
-        assert launch.main(["pretrain", str(emoji_dir), "--out", str(run), "--resume",
-                            "--epochs", "2"]) == 0
+        assert (
+            launch.main(
+                ["pretrain", str(emoji_dir), "--out", str(run), "--resume", "--epochs", "2"]
+            )
+            == 0
+        )
     ckpt = load_checkpoint_file(run / LAST)
     assert ckpt["epoch"] == 2
     saved = ckpt["config"]
     assert (saved["image_size"], saved["moco_k"], saved["batch_size"]) == (32, 16, 4)
     assert "resume: --epochs 2 (the run had 1)" in caplog.text
     capsys.readouterr()
-    rc = launch.main(["pretrain", str(emoji_dir), "--out", str(run), "--resume",
-                      "--moco-k", "32"])
+    rc = launch.main(["pretrain", str(emoji_dir), "--out", str(run), "--resume", "--moco-k", "32"])
     err = capsys.readouterr().err
     assert rc == 2 and "--moco-k cannot change when resuming" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
