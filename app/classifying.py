@@ -34,13 +34,15 @@ def default_method(ctx: AppContext) -> str | None:
     return found[0] if found else None
 
 
-def classify(ctx: AppContext, image: Any, method: str | None = None,
-             k: int = 5) -> tuple[dict[str, float], str]:
+def classify(
+    ctx: AppContext, image: Any, method: str | None = None, k: int = 5
+) -> tuple[dict[str, float], str]:
     """Top-``k`` labels with probabilities (probe) or vote shares (kNN), and a caption."""
     method = method or default_method(ctx)
     if method is None:
-        raise UserError("No labels yet: label a few images below (or index folders named by "
-                        "class) to classify.")
+        raise UserError(
+            "No labels yet: label a few images below (or index folders named by class) to classify."
+        )
     if method not in methods(ctx):
         raise UserError(f"Unknown classifier {method!r}; available: {methods(ctx)}")
     vec = ctx.collection.embed([decode_upload(image)])
@@ -63,12 +65,19 @@ def probe_summary(ctx: AppContext, name: str | None) -> tuple[str, str | None]:
     m = probes[name].get("metrics", {})
     how = re.sub(r" \(\d+ images\)$", "", m.get("method", "?"))  # older probes said it twice
     png = ctx.path / "probes" / name / "confusion.png"
-    acc = (f"top-1 {m['top1']:.1f}% (95% CI {m['top1_ci'][0]:.1f}-{m['top1_ci'][1]:.1f}%) on "
-           f"{m['n']} held-out images ({how})") if m.get("n") else \
-        "no held-out estimate"
-    return (f"**Probe `{name}`**: {len(probes[name].get('classes', []))} classes, "
-            f"{m.get('n_labeled', '?')} labelled images; {acc}.",
-            str(png) if png.is_file() else None)
+    acc = (
+        (
+            f"top-1 {m['top1']:.1f}% (95% CI {m['top1_ci'][0]:.1f}-{m['top1_ci'][1]:.1f}%) on "
+            f"{m['n']} held-out images ({how})"
+        )
+        if m.get("n")
+        else "no held-out estimate"
+    )
+    return (
+        f"**Probe `{name}`**: {len(probes[name].get('classes', []))} classes, "
+        f"{m.get('n_labeled', '?')} labelled images; {acc}.",
+        str(png) if png.is_file() else None,
+    )
 
 
 def train(ctx: AppContext, source: str, progress: Progress | None = None) -> ProbeReport:
@@ -80,11 +89,12 @@ def train(ctx: AppContext, source: str, progress: Progress | None = None) -> Pro
         given = ctx.user_labels()
         ids, labels = list(given), list(given.values())
     else:
-        raise UserError(f"Unknown label source {source!r}; use {DEFAULT_PROBE!r} or "
-                        f"{USER_PROBE!r}")
+        raise UserError(f"Unknown label source {source!r}; use {DEFAULT_PROBE!r} or {USER_PROBE!r}")
     if len(set(labels)) < 2:
-        raise UserError(f"Training needs labelled images of at least 2 classes; there are "
-                        f"{len(ids)} labelled images in {len(set(labels))} class(es).")
+        raise UserError(
+            f"Training needs labelled images of at least 2 classes; there are "
+            f"{len(ids)} labelled images in {len(set(labels))} class(es)."
+        )
     try:
         result = train_probe(ctx.collection, ids, labels, name=source, progress=progress)
     except PermissionError as e:  # a read-only collection

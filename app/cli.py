@@ -34,10 +34,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this package's subcommands on the `moco-search` parser."""
     from app.server import ServerConfig
 
-    p = sub.add_parser("app", help="open the web UI (default: on the demo collection)",
-                       description="Search, classify and manage a collection in the browser.")
-    add_dataclass_flags(p, ServerConfig, HELP,
-                        metavars={"auth": "USER:PASS", "allow_index": "DIR"})
+    p = sub.add_parser(
+        "app",
+        help="open the web UI (default: on the demo collection)",
+        description="Search, classify and manage a collection in the browser.",
+    )
+    add_dataclass_flags(p, ServerConfig, HELP, metavars={"auth": "USER:PASS", "allow_index": "DIR"})
     p.set_defaults(run=run_app)
 
 
@@ -54,7 +56,8 @@ def check_collection(path: Path) -> None:
         if any(f.suffix.lower() in IMAGE_EXTENSIONS for f in first):
             raise FileNotFoundError(
                 f"{path} is an image folder, not a collection: index it first with "
-                f"moco-search index {path} --collection {path.name}.coll, then open that")
+                f"moco-search index {path} --collection {path.name}.coll, then open that"
+            )
         raise FileNotFoundError(f"{path} is not a collection (it has no manifest.json)")
 
 
@@ -68,8 +71,10 @@ def check_port(host: str, port: int) -> None:
         try:  # that a closed server left in TIME_WAIT is free, one being listened on is not
             s.bind((host, port))
         except OSError as e:
-            raise ValueError(f"port {port} on {host} is in use ({e.strerror}): pass another "
-                             "--port, or stop the other server") from None
+            raise ValueError(
+                f"port {port} on {host} is in use ({e.strerror}): pass another "
+                "--port, or stop the other server"
+            ) from None
 
 
 def run_app(args: argparse.Namespace) -> int:

@@ -29,8 +29,18 @@ log = logging.getLogger(__name__)
 USER_LABELS = "app_labels.json"
 """Where earlier versions kept the UI's labels; read once and moved into the database."""
 USER_PROBE = "ui"
-PRIVATE_FILES = ("meta.db", "meta.db-wal", "meta.db-shm", "meta.db-journal", "manifest.json",
-                 "manifest.json.tmp", "index.faiss", "index.faiss.tmp", "probes", USER_LABELS)
+PRIVATE_FILES = (
+    "meta.db",
+    "meta.db-wal",
+    "meta.db-shm",
+    "meta.db-journal",
+    "manifest.json",
+    "manifest.json.tmp",
+    "index.faiss",
+    "index.faiss.tmp",
+    "probes",
+    USER_LABELS,
+)
 """Files a collection has or may have later; blocked together with whatever else is in it."""
 
 
@@ -60,8 +70,12 @@ class IndexJob:
 class AppContext:
     """One collection opened for the UI; safe to share between Gradio's worker threads."""
 
-    def __init__(self, collection: Collection, example: str | None = None,
-                 allow_index: tuple[str | os.PathLike, ...] = ()) -> None:
+    def __init__(
+        self,
+        collection: Collection,
+        example: str | None = None,
+        allow_index: tuple[str | os.PathLike, ...] = (),
+    ) -> None:
         self.collection = collection
         self.example = example
         self.title = collection.path.name
@@ -74,10 +88,14 @@ class AppContext:
         """Folders (and the folders below them) that the UI may add to the collection."""
 
     @classmethod
-    def open(cls, path: str | os.PathLike, device: str = "cpu", example: str | None = None,
-             allow_index: tuple[str | os.PathLike, ...] = ()) -> AppContext:
-        return cls(Collection.open(path, device=device), example=example,
-                   allow_index=allow_index)
+    def open(
+        cls,
+        path: str | os.PathLike,
+        device: str = "cpu",
+        example: str | None = None,
+        allow_index: tuple[str | os.PathLike, ...] = (),
+    ) -> AppContext:
+        return cls(Collection.open(path, device=device), example=example, allow_index=allow_index)
 
     @property
     def path(self) -> Path:
@@ -104,8 +122,9 @@ class AppContext:
         """The file to show for the indexed image at ``path`` (``meta``: its sha256, width and
         height): a thumbnail in ``served_dirs``, or None when none can be made. Callers pass
         rows the server looked up itself, never a path or record a client sent."""
-        return thumbnail(self.thumbs, path, meta.get("sha256"), meta.get("width"),
-                         meta.get("height"))
+        return thumbnail(
+            self.thumbs, path, meta.get("sha256"), meta.get("width"), meta.get("height")
+        )
 
     def is_served(self, path: str) -> bool:
         """Whether ``path`` resolves (symlinks followed) inside a served folder."""
@@ -128,7 +147,8 @@ class AppContext:
         raise PermissionError(
             f"Indexing {folder} from the web UI is not allowed (folders allowed: {allowed}). "
             "Start the server with --allow-index DIR to allow DIR and the folders below it, "
-            "or run: moco-search index DIR --collection " + str(self.path))
+            "or run: moco-search index DIR --collection " + str(self.path)
+        )
 
     # --- classifier --------------------------------------------------------------------------
     def classifier(self, name: str) -> Any:
@@ -138,8 +158,12 @@ class AppContext:
         with self._lock:
             if name not in self._classifiers:
                 knn = name == "knn"
-                self._classifiers[name] = Classifier(self.collection, name=name, knn=knn,
-                                                     knn_k=min(KNN_K, max(1, len(self.collection))))
+                self._classifiers[name] = Classifier(
+                    self.collection,
+                    name=name,
+                    knn=knn,
+                    knn_k=min(KNN_K, max(1, len(self.collection))),
+                )
             return self._classifiers[name]
 
     def forget_classifiers(self) -> None:

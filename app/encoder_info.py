@@ -39,9 +39,11 @@ def encoder_markdown(ctx: AppContext) -> str:
     ]
     if log:
         last = log[-1]
-        lines.append(f"- pretraining: {len(log)} epochs logged; last loss "
-                     f"{last.get('loss', float('nan')):.4f}"
-                     + (f", kNN top-1 {last['knn_top1']:.1f}%" if "knn_top1" in last else ""))
+        lines.append(
+            f"- pretraining: {len(log)} epochs logged; last loss "
+            f"{last.get('loss', float('nan')):.4f}"
+            + (f", kNN top-1 {last['knn_top1']:.1f}%" if "knn_top1" in last else "")
+        )
     else:
         lines.append("- pretraining log: not recorded with this encoder")
     return "\n".join(lines)
@@ -61,5 +63,8 @@ def loss_curve(ctx: AppContext) -> Any:
 def config_json(ctx: AppContext) -> str:
     """The encoder config and training settings (without the per-epoch log) as JSON text."""
     train = {k: v for k, v in training_summary(ctx).items() if k != "log"}
-    return json.dumps({"encoder": ctx.collection.manifest["encoder"].get("config", {}),
-                       "training": train}, indent=1, default=str)
+    return json.dumps(
+        {"encoder": ctx.collection.manifest["encoder"].get("config", {}), "training": train},
+        indent=1,
+        default=str,
+    )

@@ -110,17 +110,26 @@ def caption(hit: Hit, query_id: int | None = None) -> str:
     return f"{hit.score:.3f} · {name}{label}"
 
 
-def to_result(ctx: AppContext, hits: list[Hit], seconds: float,
-              query_id: int | None = None) -> SearchResult:
+def to_result(
+    ctx: AppContext, hits: list[Hit], seconds: float, query_id: int | None = None
+) -> SearchResult:
     """Hits as gallery tiles (thumbnails); a hit whose picture cannot be made now is dropped."""
     shown = [(h, p) for h in hits if (p := ctx.shown_file(h.path, h.meta)) is not None]
-    return SearchResult([(p, caption(h, query_id)) for h, p in shown], [h for h, _ in shown],
-                        seconds)
+    return SearchResult(
+        [(p, caption(h, query_id)) for h, p in shown], [h for h, _ in shown], seconds
+    )
 
 
-def search(ctx: AppContext, image: Any, k: Any = 12, label: str | None = None,
-           path_text: str | None = None, min_score: float | None = None,
-           positives: Sequence[int] = (), negatives: Sequence[int] = ()) -> SearchResult:
+def search(
+    ctx: AppContext,
+    image: Any,
+    k: Any = 12,
+    label: str | None = None,
+    path_text: str | None = None,
+    min_score: float | None = None,
+    positives: Sequence[int] = (),
+    negatives: Sequence[int] = (),
+) -> SearchResult:
     """Top-k images like ``image`` (an upload), refined by example ids (relevance feedback).
 
     Rocchio feedback: the query is the mean of the upload and the positive examples minus half
@@ -137,23 +146,31 @@ def search(ctx: AppContext, image: Any, k: Any = 12, label: str | None = None,
     excluded = {int(i) for i in negatives}
     t0 = time.perf_counter()
     try:
-        hits = ctx.collection.search(query, k=k + len(excluded), negatives=sorted(excluded),
-                                     filters=filters, min_score=cut)
+        hits = ctx.collection.search(
+            query, k=k + len(excluded), negatives=sorted(excluded), filters=filters, min_score=cut
+        )
     except ValueError as e:  # e.g. positives and negatives cancel out
         raise UserError(str(e)) from e
     hits = [h for h in hits if h.id not in excluded][:k]
     return to_result(ctx, hits, time.perf_counter() - t0)
 
 
-def search_id(ctx: AppContext, image_id: int, k: Any = 12, label: str | None = None,
-              path_text: str | None = None, min_score: float | None = None) -> SearchResult:
-    """"More like this": the neighbours of an indexed image, itself first."""
+def search_id(
+    ctx: AppContext,
+    image_id: int,
+    k: Any = 12,
+    label: str | None = None,
+    path_text: str | None = None,
+    min_score: float | None = None,
+) -> SearchResult:
+    """ "More like this": the neighbours of an indexed image, itself first."""
     k = check_k(k)
     t0 = time.perf_counter()
     vec = ctx.collection.vectors([int(image_id)])[0]
     cut = None if min_score is None or float(min_score) <= -1 else float(min_score)
-    hits = ctx.collection.search_vector(vec, k, filters=make_filters(label, path_text),
-                                        min_score=cut)
+    hits = ctx.collection.search_vector(
+        vec, k, filters=make_filters(label, path_text), min_score=cut
+    )
     return to_result(ctx, hits, time.perf_counter() - t0, query_id=int(image_id))
 
 
@@ -174,8 +191,10 @@ def selected_hit(hits: Sequence[Hit] | None, index: Any) -> Hit:
 def selection_text(hit: Hit) -> str:
     """The line under the gallery that says which result is selected."""
     label = f", label {hit.label}" if hit.label else ""
-    return (f"Selected **{Path(hit.relpath).name}** (score {hit.score:.3f}{label}): search from "
-            "it, or mark it as more or less like what you are looking for.")
+    return (
+        f"Selected **{Path(hit.relpath).name}** (score {hit.score:.3f}{label}): search from "
+        "it, or mark it as more or less like what you are looking for."
+    )
 
 
 def query_image(ctx: AppContext, hit: Hit) -> Image.Image | None:
@@ -188,17 +207,16 @@ def query_image(ctx: AppContext, hit: Hit) -> Image.Image | None:
         return im.convert("RGB")
 
 
-def toggle(ids: Sequence[int], image_id: int, others: Sequence[int]) -> tuple[list[int],
-                                                                            list[int]]:
+def toggle(ids: Sequence[int], image_id: int, others: Sequence[int]) -> tuple[list[int], list[int]]:
     """Add ``image_id`` to one feedback list (removing it from the other); again removes it."""
     ids, others = [int(i) for i in ids], [int(i) for i in others if int(i) != int(image_id)]
-    ids = [i for i in ids if i != int(image_id)] if int(image_id) in ids else [*ids,
-                                                                             int(image_id)]
+    ids = [i for i in ids if i != int(image_id)] if int(image_id) in ids else [*ids, int(image_id)]
     return ids, others
 
 
-def feedback_text(ctx: AppContext | None, positives: Sequence[int],
-                  negatives: Sequence[int]) -> str:
+def feedback_text(
+    ctx: AppContext | None, positives: Sequence[int], negatives: Sequence[int]
+) -> str:
     """The examples marked so far, by file name."""
     if not positives and not negatives:
         return "No examples yet: select a result, then mark it as more or less like this."
@@ -215,8 +233,17 @@ def feedback_text(ctx: AppContext | None, positives: Sequence[int],
 
 def hit_rows(hits: Sequence[Hit]) -> list[dict[str, Any]]:
     """JSON-friendly rows of ``hits`` (what the API and the downloads return)."""
-    return [{"rank": i + 1, "id": h.id, "score": round(h.score, 4), "label": h.label,
-             "path": h.path, "relpath": h.relpath} for i, h in enumerate(hits)]
+    return [
+        {
+            "rank": i + 1,
+            "id": h.id,
+            "score": round(h.score, 4),
+            "label": h.label,
+            "path": h.path,
+            "relpath": h.relpath,
+        }
+        for i, h in enumerate(hits)
+    ]
 
 
 def export(hits: Sequence[Hit] | None, fmt: str) -> str:
@@ -237,5 +264,3 @@ def export(hits: Sequence[Hit] | None, fmt: str) -> str:
         w.writerows(rows)
         out.write_text(buf.getvalue())
     return str(out)
-
-

@@ -28,19 +28,23 @@ def stats_markdown(ctx: AppContext) -> str:
     roots = "\n".join(f"- `{r}`" for r in m.get("roots", []))
     labels = ctx.collection.label_counts()
     copies, errors = counts.get("duplicate", 0), counts.get("error", 0)
-    return (f"**{len(ctx.collection)} images indexed** ({copies} exact "
-            f"cop{'y' if copies == 1 else 'ies'}, {errors} error{'' if errors == 1 else 's'}), "
-            f"{len(labels)} labels, index "
-            f"`{m.get('index', {}).get('factory', '?')}` (recall@10 "
-            f"{m.get('index', {}).get('recall_at_10', '?')}), {m.get('feature_dim')}-d vectors.\n\n"
-            f"Folders:\n{roots}")
+    return (
+        f"**{len(ctx.collection)} images indexed** ({copies} exact "
+        f"cop{'y' if copies == 1 else 'ies'}, {errors} error{'' if errors == 1 else 's'}), "
+        f"{len(labels)} labels, index "
+        f"`{m.get('index', {}).get('factory', '?')}` (recall@10 "
+        f"{m.get('index', {}).get('recall_at_10', '?')}), {m.get('feature_dim')}-d vectors.\n\n"
+        f"Folders:\n{roots}"
+    )
 
 
 def index_box_label(ctx: AppContext) -> str:
     """The folder box's label: which folders the UI may index (``--allow-index``)."""
     if not ctx.allow_index:
-        return ("Refresh the collection's folders (leave empty). Adding folders here is off: "
-                "start with --allow-index DIR to allow it")
+        return (
+            "Refresh the collection's folders (leave empty). Adding folders here is off: "
+            "start with --allow-index DIR to allow it"
+        )
     return f"Add or refresh a folder under {', '.join(ctx.allow_index)} (empty: re-scan all)"
 
 
@@ -55,12 +59,14 @@ def error_rows(ctx: AppContext, limit: int = 500) -> list[list[Any]]:
     return [[r.relpath, r.reason or "?", r.root] for r in ctx.collection.errors()[:limit]]
 
 
-def duplicate_rows(ctx: AppContext, threshold: float = THRESHOLD,
-                   limit: int = 200) -> list[list[Any]]:
+def duplicate_rows(
+    ctx: AppContext, threshold: float = THRESHOLD, limit: int = 200
+) -> list[list[Any]]:
     """One row per near-duplicate group: its size and the members' relative paths."""
     groups = ctx.collection.duplicates(threshold=float(threshold))[:limit]
-    return [[len(g), f"{min(h.score for h in g):.3f}", " | ".join(h.relpath for h in g)]
-            for g in groups]
+    return [
+        [len(g), f"{min(h.score for h in g):.3f}", " | ".join(h.relpath for h in g)] for g in groups
+    ]
 
 
 @dataclass(frozen=True)
@@ -80,16 +86,35 @@ class EmbeddingMap:
         return int(self.ids[j]) if d[j] <= radius else None
 
 
-TAB20 = ("1f77b4", "ff7f0e", "2ca02c", "d62728", "9467bd", "8c564b", "e377c2", "7f7f7f",
-         "bcbd22", "17becf", "aec7e8", "ffbb78", "98df8a", "ff9896", "c5b0d5", "c49c94",
-         "f7b6d2", "c7c7c7", "dbdb8d", "9edae5")
+TAB20 = (
+    "1f77b4",
+    "ff7f0e",
+    "2ca02c",
+    "d62728",
+    "9467bd",
+    "8c564b",
+    "e377c2",
+    "7f7f7f",
+    "bcbd22",
+    "17becf",
+    "aec7e8",
+    "ffbb78",
+    "98df8a",
+    "ff9896",
+    "c5b0d5",
+    "c49c94",
+    "f7b6d2",
+    "c7c7c7",
+    "dbdb8d",
+    "9edae5",
+)
 """Matplotlib's tab20 order: ten strong colours, then their light twins, so up to 20 labels stay
 apart (evenly spaced hues run together beyond about eight)."""
 
 
 def palette(n: int) -> list[tuple[int, int, int]]:
     """``n`` label colours: tab20, then evenly spaced hues for labels beyond 20."""
-    out = [tuple(int(h[i:i + 2], 16) for i in (0, 2, 4)) for h in TAB20[:n]]
+    out = [tuple(int(h[i : i + 2], 16) for i in (0, 2, 4)) for h in TAB20[:n]]
     for i in range(n - len(out)):
         r, g, b = colorsys.hsv_to_rgb(i / max(n - len(TAB20), 1), 0.6, 0.75)
         out.append((int(255 * r), int(255 * g), int(255 * b)))

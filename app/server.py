@@ -55,11 +55,15 @@ def exposure_warning(host: str, auth: str | None, share: bool) -> str | None:
     if auth:
         return None
     if share:
-        return ("WARNING: --share publishes this UI on a public gradio.live link without "
-                "--auth: anyone with the link can search your images.")
+        return (
+            "WARNING: --share publishes this UI on a public gradio.live link without "
+            "--auth: anyone with the link can search your images."
+        )
     if host not in LOOPBACK:
-        return (f"WARNING: serving on {host} without --auth: anyone who can reach this machine "
-                "can browse the indexed images. Add --auth user:password.")
+        return (
+            f"WARNING: serving on {host} without --auth: anyone who can reach this machine "
+            "can browse the indexed images. Add --auth user:password."
+        )
     return None
 
 
@@ -71,13 +75,15 @@ def open_context(cfg: ServerConfig) -> Any:
         from app.demo import DEMO_ENCODER, demo_example, ensure_demo_collection
 
         path = ensure_demo_collection(encoder=cfg.demo_encoder or DEMO_ENCODER)
-        ctx = AppContext.open(path, device=cfg.device, example=demo_example(),
-                              allow_index=cfg.allow_index)
+        ctx = AppContext.open(
+            path, device=cfg.device, example=demo_example(), allow_index=cfg.allow_index
+        )
         ctx.title = "demo"
         return ctx
     ctx = AppContext.open(cfg.collection, device=cfg.device, allow_index=cfg.allow_index)
     first = ctx.collection.query_records(
-        "images.id = (SELECT min(id) FROM images WHERE status = 'ok')")
+        "images.id = (SELECT min(id) FROM images WHERE status = 'ok')"
+    )
     ctx.example = ctx.shown_file(first[0].path, first[0].meta()) if first else None
     return ctx
 
@@ -97,11 +103,21 @@ def launch(ctx: Any, cfg: ServerConfig) -> Any:
     gr.set_static_paths(ctx.served_dirs)
     demo = build_demo(ctx)
     demo.queue(default_concurrency_limit=cfg.concurrency, max_size=256)
-    demo.launch(server_name=cfg.host, server_port=cfg.port, auth=parse_auth(cfg.auth),
-                share=cfg.share, allowed_paths=ctx.served_dirs,
-                blocked_paths=ctx.blocked_paths(), max_file_size=cfg.max_file_size,
-                prevent_thread_lock=True, show_error=False, quiet=True, ssr_mode=False,
-                inbrowser=False, enable_monitoring=False)
+    demo.launch(
+        server_name=cfg.host,
+        server_port=cfg.port,
+        auth=parse_auth(cfg.auth),
+        share=cfg.share,
+        allowed_paths=ctx.served_dirs,
+        blocked_paths=ctx.blocked_paths(),
+        max_file_size=cfg.max_file_size,
+        prevent_thread_lock=True,
+        show_error=False,
+        quiet=True,
+        ssr_mode=False,
+        inbrowser=False,
+        enable_monitoring=False,
+    )
     return demo
 
 
@@ -112,8 +128,7 @@ def self_check(url: str, ctx: Any, auth: str | None) -> int:
     if not ctx.example:
         return 0
     client = Client(url, auth=parse_auth(auth), verbose=False, download_files=False)
-    _, rows, _ = client.predict(handle_file(ctx.example), 5, "(any)", "", -1,
-                                api_name="/search")
+    _, rows, _ = client.predict(handle_file(ctx.example), 5, "(any)", "", -1, api_name="/search")
     return len(rows)
 
 
@@ -125,8 +140,10 @@ def serve(cfg: ServerConfig) -> int:
     try:
         if cfg.ready_and_exit:
             n = self_check(url, ctx, cfg.auth)
-            print(f"moco-search app: ready at {url} ({len(ctx.collection)} images; the example "
-                  f"query returned {n} results)")
+            print(
+                f"moco-search app: ready at {url} ({len(ctx.collection)} images; the example "
+                f"query returned {n} results)"
+            )
             return 0
         print(f"moco-search app: serving {ctx.path} at {url} (Ctrl+C to stop)")
         demo.block_thread()

@@ -83,8 +83,11 @@ def thumbnail(
             im.thumbnail((size, size))
         out.parent.mkdir(parents=True, exist_ok=True)
         with atomic_file(out, unique=True) as tmp:
-            im.save(tmp, "PNG" if small else "WEBP", **({"compress_level": 1} if small else
-                                                        {"quality": 85}))
+            im.save(
+                tmp,
+                "PNG" if small else "WEBP",
+                **({"compress_level": 1} if small else {"quality": 85}),
+            )
     except (ImageError, OSError, ValueError):
         return None
     return str(out)

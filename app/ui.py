@@ -50,19 +50,30 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         positives, negatives = gr.State([]), gr.State([])
         with gr.Tab("Search"), gr.Row():
             with gr.Column(scale=1, min_width=260):
-                query = upload_image(label="Query image", value=ctx.example, format="png",
-                                    sources=["upload", "clipboard", "webcam"], height=260)
+                query = upload_image(
+                    label="Query image",
+                    value=ctx.example,
+                    format="png",
+                    sources=["upload", "clipboard", "webcam"],
+                    height=260,
+                )
                 k = gr.Slider(1, handlers.MAX_K, value=12, step=1, label="Results (k)")
                 label = gr.Dropdown(labels, value="(any)", label="Label filter")
                 path_text = gr.Textbox(label="Path contains (or a glob: 2024/*.jpg)")
-                cutoff = gr.Slider(-1, 1, value=-1, step=0.01,
-                                   label="Similarity cut-off (-1: none)")
+                cutoff = gr.Slider(
+                    -1, 1, value=-1, step=0.01, label="Similarity cut-off (-1: none)"
+                )
                 go = gr.Button("Search", variant="primary", elem_id="search-btn")
                 status = gr.Markdown(elem_id="search-status")
             with gr.Column(scale=3):
-                gallery = gr.Gallery(label="Most similar", columns=GALLERY_COLUMNS,
-                                     height=560, allow_preview=False, object_fit="contain",
-                                     elem_id="results")
+                gallery = gr.Gallery(
+                    label="Most similar",
+                    columns=GALLERY_COLUMNS,
+                    height=560,
+                    allow_preview=False,
+                    object_fit="contain",
+                    elem_id="results",
+                )
                 picked = gr.Markdown(NO_PICK, elem_id="picked")
                 with gr.Row():
                     from_btn = gr.Button("Search from this one", elem_id="from-btn")
@@ -80,11 +91,16 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         with gr.Tab("Classify", elem_id="classify-tab") as cls_tab:
             with gr.Row():
                 with gr.Column():
-                    cls_image = upload_image(label="Image to classify (follows the Search "
-                                             "tab's query)", value=ctx.example, height=260)
-                    method = gr.Dropdown(classifying.methods(ctx),
-                                         value=classifying.default_method(ctx),
-                                         label="Classifier (probe or kNN)")
+                    cls_image = upload_image(
+                        label="Image to classify (follows the Search tab's query)",
+                        value=ctx.example,
+                        height=260,
+                    )
+                    method = gr.Dropdown(
+                        classifying.methods(ctx),
+                        value=classifying.default_method(ctx),
+                        label="Classifier (probe or kNN)",
+                    )
                     cls_go = gr.Button("Classify", variant="primary")
                 with gr.Column():
                     top5 = gr.Label(num_top_classes=5, label="Top-5 labels", elem_id="top5")
@@ -92,20 +108,28 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             with gr.Row():
                 with gr.Column():
                     gr.Markdown("### Train a linear probe")
-                    source = gr.Radio([("labels from the indexed folders", "default"),
-                                       ("labels given here", USER_PROBE)], value="default",
-                                      label="Train on")
+                    source = gr.Radio(
+                        [
+                            ("labels from the indexed folders", "default"),
+                            ("labels given here", USER_PROBE),
+                        ],
+                        value="default",
+                        label="Train on",
+                    )
                     train_go = gr.Button("Train / retrain probe")
-                    probe_md = gr.Markdown(classifying.probe_summary(
-                        ctx, classifying.default_method(ctx))[0])
+                    probe_md = gr.Markdown(
+                        classifying.probe_summary(ctx, classifying.default_method(ctx))[0]
+                    )
                     gr.Markdown("### Label the selected search result")
                     new_label = gr.Textbox(label="Label (empty removes it)")
                     label_go = gr.Button("Label it")
                     label_md = gr.Markdown()
                 with gr.Column():
-                    confusion = gr.Image(picture(classifying.probe_summary(
-                        ctx, classifying.default_method(ctx))[1]), label="Held-out confusion",
-                        interactive=False)
+                    confusion = gr.Image(
+                        picture(classifying.probe_summary(ctx, classifying.default_method(ctx))[1]),
+                        label="Held-out confusion",
+                        interactive=False,
+                    )
         with gr.Tab("Collection"):
             stats = gr.Markdown(overview.stats_markdown(ctx))
             with gr.Row():
@@ -114,22 +138,22 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             index_md = gr.Markdown()
             counts = overview.label_histogram(ctx)
             top = int(counts["images"].max()) + 1 if len(counts) else 1
-            hist = gr.BarPlot(counts, x="label", y="images", label="Images per label",
-                              height=260, y_lim=[0, top])
+            hist = gr.BarPlot(
+                counts, x="label", y="images", label="Images per label", height=260, y_lim=[0, top]
+            )
             with gr.Accordion("Errors", open=False):
-                errors = gr.Dataframe(overview.error_rows(ctx), headers=["file", "reason",
-                                                                          "root"])
+                errors = gr.Dataframe(overview.error_rows(ctx), headers=["file", "reason", "root"])
             with gr.Accordion("Duplicates", open=False):
                 with gr.Row():
-                    thr = gr.Slider(0.8, 1.0, value=THRESHOLD, step=0.005,
-                                    label="Similarity at least")
+                    thr = gr.Slider(
+                        0.8, 1.0, value=THRESHOLD, step=0.005, label="Similarity at least"
+                    )
                     dup_go = gr.Button("Find duplicates")
                 dups = gr.Dataframe(headers=["images", "min score", "files"])
             with gr.Row():
                 map_go = gr.Button("Draw the embedding map (PCA)")
             with gr.Row():
-                map_img = gr.Image(label="Embeddings", interactive=False, scale=3,
-                                   elem_id="map")
+                map_img = gr.Image(label="Embeddings", interactive=False, scale=3, elem_id="map")
                 with gr.Column(scale=1):
                     point_img = gr.Image(label="Clicked point", interactive=False, height=220)
                     point_md = gr.Markdown()
@@ -161,28 +185,41 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         if ctx.example:
             demo.load(**search_io, **private)
         gallery.select(ev.select_result, [hits], [selected, picked], **private)
-        from_btn.click(ev.search_from, [selected, *filters], [*results, query, picked],
-                       **private).failure(ev.failed_search, None, [status, picked, selected],
-                                          **private)
+        from_btn.click(
+            ev.search_from, [selected, *filters], [*results, query, picked], **private
+        ).failure(ev.failed_search, None, [status, picked, selected], **private)
         feedback = [selected, positives, negatives]
         more.click(ev.mark_more, feedback, [positives, negatives, fb], **private)
         less.click(ev.mark_less, feedback, [positives, negatives, fb], **private)
         clear.click(ev.clear_examples, None, [positives, negatives, fb], **private)
-        refine.click(ev.do_refine, [query, positives, negatives, *filters, selected], results,
-                     **private)
+        refine.click(
+            ev.do_refine, [query, positives, negatives, *filters, selected], results, **private
+        )
         csv_btn.click(ev.export_csv, [hits], [download], **private)
         json_btn.click(ev.export_json, [hits], [download], **private)
 
         # --- Classify wiring ------------------------------------------------------------------
         cls_go.click(ev.do_classify, [cls_image, method], [top5, cls_md], api_name="classify")
         cls_tab.select(ev.follow_query, [query, method], [cls_image, top5, cls_md], **private)
-        train_go.click(ev.do_train, [source], [probe_md, confusion, method], **private,
-                       concurrency_id="train", concurrency_limit=1)
+        train_go.click(
+            ev.do_train,
+            [source],
+            [probe_md, confusion, method],
+            **private,
+            concurrency_id="train",
+            concurrency_limit=1,
+        )
         label_go.click(ev.label_image, [selected, new_label], [label_md], **private)
 
         # --- Collection wiring ----------------------------------------------------------------
-        index_go.click(ev.do_index, [folder], [index_md, stats, hist, errors], **private,
-                       concurrency_id="index", concurrency_limit=1)
+        index_go.click(
+            ev.do_index,
+            [folder],
+            [index_md, stats, hist, errors],
+            **private,
+            concurrency_id="index",
+            concurrency_limit=1,
+        )
         dup_go.click(ev.find_duplicates, [thr], [dups], **private)
         map_go.click(ev.draw_map, None, [map_img, map_state], **private)
         map_img.select(ev.click_map, [map_state], [point_img, point_md], **private)

@@ -60,12 +60,16 @@ def synthetic_collection(out: Path, n: int) -> Path:
 
 def percentiles(xs: list[float]) -> dict[str, float]:
     a = np.asarray(xs) * 1000
-    return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
-            "mean_ms": float(a.mean())}
+    return {
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+        "mean_ms": float(a.mean()),
+    }
 
 
-def run_clients(n_clients: int, per_client: int,
-                call: Callable[[int, int], Any]) -> tuple[list[float], int, float]:
+def run_clients(
+    n_clients: int, per_client: int, call: Callable[[int, int], Any]
+) -> tuple[list[float], int, float]:
     """Latencies, error count and wall seconds of ``n_clients`` threads x ``per_client`` calls."""
     lat: list[float] = []
     errors = [0]
@@ -98,8 +102,12 @@ def run_clients(n_clients: int, per_client: int,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--collection", type=Path, default=None,
-                    help="collection to serve (default: a synthetic one)")
+    ap.add_argument(
+        "--collection",
+        type=Path,
+        default=None,
+        help="collection to serve (default: a synthetic one)",
+    )
     ap.add_argument("--images", type=int, default=200, help="synthetic collection size")
     ap.add_argument("--clients", type=int, default=20)
     ap.add_argument("--searches", type=int, default=50, help="searches per client")
@@ -121,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo = launch(ctx, ServerConfig(port=port, concurrency=args.concurrency))
-    clients = [Client(demo.local_url, verbose=False, download_files=False)
-               for _ in range(args.clients)]
+    clients = [
+        Client(demo.local_url, verbose=False, download_files=False) for _ in range(args.clients)
+    ]
 
     def served(c: int, j: int) -> None:
         q = queries[(c * args.searches + j) % len(queries)]
-        _, rows, _ = clients[c].predict(handle_file(q), args.k, "(any)", "", -1,
-                                        api_name="/search")
+        _, rows, _ = clients[c].predict(handle_file(q), args.k, "(any)", "", -1, api_name="/search")
         assert len(rows) == min(args.k, len(ctx.collection)) and rows[0]["path"] == q
 
     http = httpx.Client(base_url=demo.local_url.rstrip("/") + "/gradio_api", timeout=60)
@@ -163,25 +171,46 @@ def main(argv: list[str] | None = None) -> int:
         (f"server, {args.clients} clients", served, args.clients, args.searches),
     ]:
         lat, errors, wall = run_clients(n_cli, per, fn)
-        rows[name] = {"requests": n_cli * per, "errors": errors,
-                      "requests_per_s": len(lat) / wall, **percentiles(lat)}
+        rows[name] = {
+            "requests": n_cli * per,
+            "errors": errors,
+            "requests_per_s": len(lat) / wall,
+            **percentiles(lat),
+        }
     demo.close()
-    ratio = (rows["server, 1 client (HTTP, as a browser)"]["p50_ms"]
-             / rows["bare Collection.search, 1 thread"]["p50_ms"])
-    print(f"\ncollection: {coll} ({len(ctx.collection)} images), k={args.k}, server concurrency "
-          f"{args.concurrency}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}")
+    ratio = (
+        rows["server, 1 client (HTTP, as a browser)"]["p50_ms"]
+        / rows["bare Collection.search, 1 thread"]["p50_ms"]
+    )
+    print(
+        f"\ncollection: {coll} ({len(ctx.collection)} images), k={args.k}, server concurrency "
+        f"{args.concurrency}, torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}"
+    )
     print(f"{'':46} {'requests':>8} {'errors':>6} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
     for name, r in rows.items():
-        print(f"{name:46} {r['requests']:8d} {r['errors']:6d} {r['requests_per_s']:8.1f} "
-              f"{r['p50_ms']:8.1f} {r['p99_ms']:8.1f}")
+        print(
+            f"{name:46} {r['requests']:8d} {r['errors']:6d} {r['requests_per_s']:8.1f} "
+            f"{r['p50_ms']:8.1f} {r['p99_ms']:8.1f}"
+        )
     print(f"server p50 / bare p50 (one at a time): {ratio:.2f}x (goal <= 1.5x)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"bench_app_{time.strftime('%Y%m%d_%H%M%S')}.json"
-    out.write_text(json.dumps({"collection": str(coll), "images": len(ctx.collection),
-                               "k": args.k, "clients": args.clients,
-                               "searches_per_client": args.searches,
-                               "concurrency": args.concurrency, "cpus": os.cpu_count(),
-                               "results": rows, "p50_ratio_single": ratio}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "collection": str(coll),
+                "images": len(ctx.collection),
+                "k": args.k,
+                "clients": args.clients,
+                "searches_per_client": args.searches,
+                "concurrency": args.concurrency,
+                "cpus": os.cpu_count(),
+                "results": rows,
+                "p50_ratio_single": ratio,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     total_errors = sum(r["errors"] for r in rows.values())
     return 1 if total_errors else 0

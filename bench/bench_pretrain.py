@@ -110,9 +110,7 @@ def _our_runner(v: Variant, mcfg: ModelConfig, device: torch.device) -> Callable
     if v.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    opt = torch.optim.SGD(
-        model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4
-    )
+    opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     fn = torch.compile(model) if v.compile else model
 
     def step(x1: torch.Tensor, x2: torch.Tensor) -> None:
@@ -134,8 +132,10 @@ def make_runner(v: Variant, size: int, device: torch.device) -> Runner:
 
 def _inputs(batch: int, size: int, device: torch.device, fmt: torch.memory_format) -> list[Any]:
     g = torch.Generator().manual_seed(0)
-    return [torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=fmt)
-            for _ in range(2)]
+    return [
+        torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=fmt)
+        for _ in range(2)
+    ]
 
 
 def _time_steps(r: Runner, x: list[torch.Tensor], steps: int, device: torch.device) -> float:
@@ -148,7 +148,12 @@ def _time_steps(r: Runner, x: list[torch.Tensor], steps: int, device: torch.devi
 
 
 def compute_only(
-    variants: list[Variant], size: int, batch: int, rounds: int, steps: int, device: torch.device,
+    variants: list[Variant],
+    size: int,
+    batch: int,
+    rounds: int,
+    steps: int,
+    device: torch.device,
     notes: list[str],
 ) -> list[Runner]:
     runners, inputs = [], {}
@@ -190,8 +195,14 @@ def end_to_end(
         root.mkdir()
         n = batch * (steps + 1)
         _write_images(root, n, max(2 * size, 256))
-        cfg = TrainConfig(data=str(root), out=str(Path(tmp) / "run"), image_size=size,
-                          batch_size=batch, workers=workers, cache="on")
+        cfg = TrainConfig(
+            data=str(root),
+            out=str(Path(tmp) / "run"),
+            image_size=size,
+            batch_size=batch,
+            workers=workers,
+            cache="on",
+        )
         paths = sorted(root.iterdir())
         t0 = time.perf_counter()
         ds = make_dataset(cfg, paths)
@@ -214,9 +225,13 @@ def end_to_end(
         after = _time_steps(best, x, max(2, steps // 3), device)
     compute = (before + after) / 2
     return {
-        "variant": best.variant.name, "workers": workers, "steps": done - 1,
-        "cache_decode_s": round(cache_s, 2), "first_batch_s": round(t_first, 2),
-        "e2e_img_s": batch / e2e, "compute_img_s": batch / compute,
+        "variant": best.variant.name,
+        "workers": workers,
+        "steps": done - 1,
+        "cache_decode_s": round(cache_s, 2),
+        "first_batch_s": round(t_first, 2),
+        "e2e_img_s": batch / e2e,
+        "compute_img_s": batch / compute,
         "ratio": compute / e2e,
     }
 
@@ -228,8 +243,13 @@ def variants_for(device: torch.device, compile_ok: bool) -> list[Variant]:
             Variant("ours fp32 channels_last", channels_last=True),
             Variant("ours bf16 channels_last", channels_last=True, amp=True),
             Variant("ours bf16 cl split-BN", channels_last=True, bn_splits=8, amp=True),
-            Variant("ours bf16 cl split-BN compile", channels_last=True, bn_splits=8, amp=True,
-                    compile=True),
+            Variant(
+                "ours bf16 cl split-BN compile",
+                channels_last=True,
+                bn_splits=8,
+                amp=True,
+                compile=True,
+            ),
         ]
     else:
         vs = [
@@ -272,37 +292,60 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     info = {
         "device": torch.cuda.get_device_name(device) if gpu else platform.processor() or "cpu",
-        "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "load_avg_1min_start": load, "K": K, "rounds": rounds, "steps_per_round": steps,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_avg_1min_start": load,
+        "K": K,
+        "rounds": rounds,
+        "steps_per_round": steps,
     }
     rows: list[dict[str, Any]] = []
     e2e_rows: list[dict[str, Any]] = []
     for size, batch in settings:
-        runners = compute_only(variants_for(device, compile_ok), size, batch, rounds, steps,
-                               device, notes)
+        runners = compute_only(
+            variants_for(device, compile_ok), size, batch, rounds, steps, device, notes
+        )
         naive = statistics.median(runners[0].times)
-        print(f"\n{size} px, batch {batch} ({'small stem' if size <= 96 else 'ImageNet stem'}),"
-              f" {device}: images/s (median of {rounds} interleaved rounds x {steps} steps)")
+        print(
+            f"\n{size} px, batch {batch} ({'small stem' if size <= 96 else 'ImageNet stem'}),"
+            f" {device}: images/s (median of {rounds} interleaved rounds x {steps} steps)"
+        )
         head = ("variant", "img/s", "ms/step", "vs naive", "compile s")
         print("  {:38s} {:>8s} {:>9s} {:>9s} {:>10s}".format(*head))
         for r in runners:
             t = statistics.median(r.times)
-            row = {"size": size, "batch": batch, "variant": r.variant.name, "img_s": batch / t,
-                   "ms_step": 1000 * t, "vs_naive": naive / t, "compile_s": round(r.compile_s, 1),
-                   "round_ms": [round(1000 * x, 1) for x in r.times]}
+            row = {
+                "size": size,
+                "batch": batch,
+                "variant": r.variant.name,
+                "img_s": batch / t,
+                "ms_step": 1000 * t,
+                "vs_naive": naive / t,
+                "compile_s": round(r.compile_s, 1),
+                "round_ms": [round(1000 * x, 1) for x in r.times],
+            }
             rows.append(row)
             comp = f"{r.compile_s:10.0f}" if r.variant.compile else ""
             name = r.variant.name
             print(f"  {name:38s} {batch / t:8.1f} {1000 * t:9.0f} {naive / t:8.2f}x{comp}")
         # End to end with the variant train() runs by default on this device.
-        default = next((r for r in runners if r.variant.bn_splits > 1 and r.variant.channels_last
-                        and not r.variant.compile), runners[-1])
+        default = next(
+            (
+                r
+                for r in runners
+                if r.variant.bn_splits > 1 and r.variant.channels_last and not r.variant.compile
+            ),
+            runners[-1],
+        )
         e2e = end_to_end(default, size, batch, e2e_steps, workers, device)
         e2e_rows.append({"size": size, "batch": batch, **e2e})
-        print(f"  end to end ({e2e['variant']}, {workers} workers, cache decode "
-              f"{e2e['cache_decode_s']} s, first batch {e2e['first_batch_s']} s): "
-              f"{e2e['e2e_img_s']:.1f} img/s vs compute-only {e2e['compute_img_s']:.1f} img/s "
-              f"= {e2e['ratio']:.2f}x (goal >= 0.9x)")
+        print(
+            f"  end to end ({e2e['variant']}, {workers} workers, cache decode "
+            f"{e2e['cache_decode_s']} s, first batch {e2e['first_batch_s']} s): "
+            f"{e2e['e2e_img_s']:.1f} img/s vs compute-only {e2e['compute_img_s']:.1f} img/s "
+            f"= {e2e['ratio']:.2f}x (goal >= 0.9x)"
+        )
         del runners
     info["load_avg_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for n in notes:
@@ -310,8 +353,19 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     out = results / f"bench_pretrain_{time.strftime('%Y%m%d_%H%M%S')}_{device.type}.json"
-    out.write_text(json.dumps({"info": info, "compute": rows, "end_to_end": e2e_rows,
-                               "notes": notes, "quick": args.quick}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "info": info,
+                "compute": rows,
+                "end_to_end": e2e_rows,
+                "notes": notes,
+                "quick": args.quick,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {out}")
     return 0
 

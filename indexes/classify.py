@@ -365,8 +365,11 @@ def classify_all(
     _check_writable(col, "store predictions")
     clf = Classifier(col, name=name, knn=knn, knn_k=knn_k, T=T)
     given = col.user_labels()
-    ids = [r.id for r in col.query_records("images.status = 'ok' AND images.label IS NULL")
-           if r.id not in given]
+    ids = [
+        r.id
+        for r in col.query_records("images.status = 'ok' AND images.label IS NULL")
+        if r.id not in given
+    ]
     rows: list[tuple[Any, ...]] = []
     now = time.time()
     for start in range(0, len(ids), chunk):

@@ -240,9 +240,11 @@ class Collection:
         """Ids and labels of the labelled indexed images, in id order: the indexer's labels
         (folder names, ``--labels``), overridden and extended by those given in the web UI."""
         with self._lock:
-            rows = dict(self._db.execute(
-                "SELECT id, label FROM images WHERE status = 'ok' AND label IS NOT NULL"
-            ).fetchall())
+            rows = dict(
+                self._db.execute(
+                    "SELECT id, label FROM images WHERE status = 'ok' AND label IS NOT NULL"
+                ).fetchall()
+            )
             rows.update(store.user_labels(self._db))
         ids = sorted(rows)
         return np.array(ids, dtype=np.int64), [rows[i] for i in ids]
@@ -251,9 +253,14 @@ class Collection:
         """Those of ``ids`` that are indexed images (status ok)."""
         wanted = sorted({int(i) for i in ids})
         with self._lock:
-            return {r[0] for r in self._db.execute(
-                "SELECT value FROM json_each(?) JOIN images ON images.id = value "
-                "WHERE images.status = 'ok'", [json.dumps(wanted)]).fetchall()}
+            return {
+                r[0]
+                for r in self._db.execute(
+                    "SELECT value FROM json_each(?) JOIN images ON images.id = value "
+                    "WHERE images.status = 'ok'",
+                    [json.dumps(wanted)],
+                ).fetchall()
+            }
 
     def user_labels(self) -> dict[int, str]:
         """Labels given in the web UI, by image id."""
@@ -270,8 +277,9 @@ class Collection:
             try:
                 store.set_user_labels(self._db, labels, time.time())
             except sqlite3.OperationalError as e:
-                raise PermissionError(f"Collection {self.path} cannot be written ({e}): the "
-                                      "label was not saved") from None
+                raise PermissionError(
+                    f"Collection {self.path} cannot be written ({e}): the label was not saved"
+                ) from None
             return store.user_labels(self._db)
 
     def predictions(self) -> list[tuple[Any, ...]]:

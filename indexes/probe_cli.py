@@ -122,8 +122,7 @@ def _knn_flags(p: argparse.ArgumentParser) -> None:
         "training (default: off)",
     )
     p.add_argument("--knn-k", type=int, default=KNN_K, help=f"kNN neighbours (default: {KNN_K})")
-    p.add_argument("--knn-t", type=float, default=KNN_T,
-                   help=f"kNN temperature (default: {KNN_T})")
+    p.add_argument("--knn-t", type=float, default=KNN_T, help=f"kNN temperature (default: {KNN_T})")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:

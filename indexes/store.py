@@ -215,8 +215,9 @@ def set_user_labels(db: Database, labels: dict[int, str | None], when: float) ->
     with transaction(db):
         for i, label in labels.items():
             if label:
-                db.conn.execute("INSERT OR REPLACE INTO user_labels VALUES (?, ?, ?)",
-                                [int(i), label, when])
+                db.conn.execute(
+                    "INSERT OR REPLACE INTO user_labels VALUES (?, ?, ?)", [int(i), label, when]
+                )
             else:
                 db.conn.execute("DELETE FROM user_labels WHERE id = ?", [int(i)])
 
@@ -225,9 +226,12 @@ def user_labels(db: Database) -> dict[int, str]:
     """Labels given in the UI, of images still indexed, by id."""
     if not has_table(db, "user_labels"):
         return {}
-    return dict(db.execute(
-        "SELECT u.id, u.label FROM user_labels u JOIN images i ON i.id = u.id "
-        "AND i.status = 'ok' ORDER BY u.id").fetchall())
+    return dict(
+        db.execute(
+            "SELECT u.id, u.label FROM user_labels u JOIN images i ON i.id = u.id "
+            "AND i.status = 'ok' ORDER BY u.id"
+        ).fetchall()
+    )
 
 
 def read_info(db: Database) -> dict[str, str]:

@@ -76,8 +76,9 @@ class ProbeConfig:
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"Unknown normalize {self.normalize!r}; valid: {NORMALIZATIONS}")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError(f"epochs and batch_size must be >= 1, got {self.epochs}, "
-                             f"{self.batch_size}")
+            raise ValueError(
+                f"epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}"
+            )
 
     @classmethod
     def fast(cls) -> ProbeConfig:
@@ -87,8 +88,17 @@ class ProbeConfig:
     @classmethod
     def paper(cls) -> ProbeConfig:
         """Exactly MoCo's linear classification protocol (official main_lincls.py)."""
-        return cls(optimizer="sgd", lr=30.0, momentum=0.9, weight_decay=0.0, epochs=100,
-                   milestones=(60, 80), gamma=0.1, batch_size=256, normalize="none")
+        return cls(
+            optimizer="sgd",
+            lr=30.0,
+            momentum=0.9,
+            weight_decay=0.0,
+            epochs=100,
+            milestones=(60, 80),
+            gamma=0.1,
+            batch_size=256,
+            normalize="none",
+        )
 
     @classmethod
     def preset(cls, name: str) -> ProbeConfig:
@@ -102,8 +112,9 @@ class ProbeConfig:
 class LinearProbe(nn.Module):
     """``fc(normalise(features))`` with the statistics, class names and encoder hash it needs."""
 
-    def __init__(self, dim: int, classes: Sequence[str], normalize: str = "none",
-                 encoder_hash: str = "") -> None:
+    def __init__(
+        self, dim: int, classes: Sequence[str], normalize: str = "none", encoder_hash: str = ""
+    ) -> None:
         super().__init__()
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"Unknown normalize {normalize!r}; valid: {NORMALIZATIONS}")
@@ -136,8 +147,9 @@ class LinearProbe(nn.Module):
         return self.fc(self.prepare(feats))  # NxC logits
 
     @torch.inference_mode()
-    def predict(self, feats: np.ndarray | torch.Tensor, k: int = 5
-                ) -> tuple[np.ndarray, np.ndarray]:
+    def predict(
+        self, feats: np.ndarray | torch.Tensor, k: int = 5
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` class indexes and their softmax probabilities, each Nxk."""
         x = torch.as_tensor(feats)
         probs = self(x.to(self.fc.weight.device)).softmax(dim=1).cpu()
@@ -145,8 +157,9 @@ class LinearProbe(nn.Module):
         return top.indices.numpy(), top.values.numpy()
 
 
-def encode_labels(labels: Sequence[Any], classes: Sequence[str] | None = None
-                  ) -> tuple[np.ndarray, list[str]]:
+def encode_labels(
+    labels: Sequence[Any], classes: Sequence[str] | None = None
+) -> tuple[np.ndarray, list[str]]:
     """Class indexes of ``labels`` (names or ints) and the class names (sorted when not given)."""
     arr = np.asarray(labels)
     if classes is None:
@@ -179,10 +192,12 @@ def collate_indexed(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.T
 
 def _fit_fc(probe: LinearProbe, batches: Callable[[int], Any], cfg: ProbeConfig) -> list[float]:
     """SGD on ``probe.fc`` over ``batches(epoch)`` -> iterable of (features, targets)."""
-    opt = torch.optim.SGD(probe.fc.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.milestones),
-                                                 gamma=cfg.gamma)
+    opt = torch.optim.SGD(
+        probe.fc.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.MultiStepLR(
+        opt, milestones=list(cfg.milestones), gamma=cfg.gamma
+    )
     losses = []
     for epoch in range(cfg.epochs):
         total, seen = 0.0, 0
@@ -201,9 +216,15 @@ def _fit_fc(probe: LinearProbe, batches: Callable[[int], Any], cfg: ProbeConfig)
 
 def _fit_lbfgs(probe: LinearProbe, x: torch.Tensor, y: torch.Tensor, cfg: ProbeConfig) -> None:
     """Full-batch multinomial logistic regression with an L2 penalty on the weights."""
-    opt = torch.optim.LBFGS(probe.fc.parameters(), lr=cfg.lr, max_iter=cfg.epochs,
-                            history_size=20, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-6, tolerance_change=1e-9)
+    opt = torch.optim.LBFGS(
+        probe.fc.parameters(),
+        lr=cfg.lr,
+        max_iter=cfg.epochs,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+    )
     xp = probe.prepare(x).detach()
 
     def closure() -> torch.Tensor:
@@ -217,9 +238,14 @@ def _fit_lbfgs(probe: LinearProbe, x: torch.Tensor, y: torch.Tensor, cfg: ProbeC
     opt.step(closure)
 
 
-def train_probe(features: np.ndarray | torch.Tensor, labels: Sequence[Any],
-                cfg: ProbeConfig | None = None, *, classes: Sequence[str] | None = None,
-                encoder_hash: str = "") -> LinearProbe:
+def train_probe(
+    features: np.ndarray | torch.Tensor,
+    labels: Sequence[Any],
+    cfg: ProbeConfig | None = None,
+    *,
+    classes: Sequence[str] | None = None,
+    encoder_hash: str = "",
+) -> LinearProbe:
     """A linear classifier trained on cached features.
 
     Args:
@@ -234,8 +260,11 @@ def train_probe(features: np.ndarray | torch.Tensor, labels: Sequence[Any],
         >>> top5, probs = probe.predict(new_feats)
     """
     cfg = cfg or ProbeConfig.fast()
-    x = torch.as_tensor(np.asarray(features, dtype=np.float32)) if isinstance(
-        features, np.ndarray) else features.detach().float().cpu()
+    x = (
+        torch.as_tensor(np.asarray(features, dtype=np.float32))
+        if isinstance(features, np.ndarray)
+        else features.detach().float().cpu()
+    )
     y_np, names = encode_labels(labels, classes)
     if x.ndim != 2 or x.shape[0] != len(y_np) or len(y_np) == 0:
         raise ValueError(f"Need NxD features and N labels, got {tuple(x.shape)} and {len(y_np)}")
@@ -260,12 +289,14 @@ def train_probe(features: np.ndarray | torch.Tensor, labels: Sequence[Any],
 
 def backbone_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of the state dict (head excluded), for ``assert_backbone_unchanged``."""
-    return {k: v.detach().clone() for k, v in backbone.state_dict().items()
-            if not k.startswith("fc.")}
+    return {
+        k: v.detach().clone() for k, v in backbone.state_dict().items() if not k.startswith("fc.")
+    }
 
 
-def assert_backbone_unchanged(before: dict[str, torch.Tensor],
-                              after: dict[str, torch.Tensor]) -> None:
+def assert_backbone_unchanged(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
+) -> None:
     """Fail if probing changed any frozen weight or BatchNorm statistic (main_lincls sanity_check).
 
     BatchNorm in train mode would update its running statistics without any gradient, which is
@@ -280,11 +311,19 @@ def assert_backbone_unchanged(before: dict[str, torch.Tensor],
         raise AssertionError(f"Frozen backbone changed during probing: {changed[:5]}")
 
 
-def train_probe_on_images(backbone: nn.Module, paths: Sequence[Path], labels: Sequence[Any],
-                          transform: Callable[[Any], torch.Tensor], cfg: ProbeConfig | None = None,
-                          *, classes: Sequence[str] | None = None, encoder_hash: str = "",
-                          dim: int | None = None, device: str | torch.device = "cpu",
-                          workers: int = 0) -> LinearProbe:
+def train_probe_on_images(
+    backbone: nn.Module,
+    paths: Sequence[Path],
+    labels: Sequence[Any],
+    transform: Callable[[Any], torch.Tensor],
+    cfg: ProbeConfig | None = None,
+    *,
+    classes: Sequence[str] | None = None,
+    encoder_hash: str = "",
+    dim: int | None = None,
+    device: str | torch.device = "cpu",
+    workers: int = 0,
+) -> LinearProbe:
     """MoCo's protocol: a fresh augmentation of every image each epoch, frozen backbone.
 
     The backbone stays in eval mode (BatchNorm statistics frozen) and without gradients; only the
@@ -315,8 +354,14 @@ def train_probe_on_images(backbone: nn.Module, paths: Sequence[Path], labels: Se
         raise ValueError("The image protocol trains on raw or L2-normalised features only")
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(
-        ImageFiles(list(paths), transform), batch_size=cfg.batch_size, shuffle=True,
-        generator=gen, num_workers=workers, collate_fn=collate_indexed, drop_last=False)
+        ImageFiles(list(paths), transform),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=gen,
+        num_workers=workers,
+        collate_fn=collate_indexed,
+        drop_last=False,
+    )
 
     def batches(epoch: int) -> Any:
         backbone.eval()  # the protocol: never BatchNorm in train mode
@@ -338,16 +383,25 @@ def paper_train_transform(pre: Any) -> Callable[[Any], torch.Tensor]:
     normalisation (``pre`` is an ``EncoderConfig`` or any object with its preprocessing fields)."""
     import torchvision.transforms as T
 
-    return T.Compose([
-        T.RandomResizedCrop(pre.image_size, interpolation=T.InterpolationMode(pre.interpolation)),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(tuple(pre.mean), tuple(pre.std)),
-    ])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(
+                pre.image_size, interpolation=T.InterpolationMode(pre.interpolation)
+            ),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(tuple(pre.mean), tuple(pre.std)),
+        ]
+    )
 
 
-def save_probe(probe: LinearProbe, out: str | os.PathLike, *, cfg: ProbeConfig | None = None,
-               metrics: dict[str, Any] | None = None) -> Path:
+def save_probe(
+    probe: LinearProbe,
+    out: str | os.PathLike,
+    *,
+    cfg: ProbeConfig | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
     """Write ``probe.safetensors`` + ``probe.json`` (classes, normalisation, encoder hash)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -384,8 +438,13 @@ def load_probe(path: str | os.PathLike, encoder_hash: str | None = None) -> Line
         raise ProbeMismatchError(
             f"The probe at {path} was trained on features of encoder "
             f"{meta['encoder_hash'][:12] or '(unknown)'}, not of {encoder_hash[:12]}: its weights "
-            "mean nothing for these features; train a new probe for this encoder")
-    probe = LinearProbe(meta["feature_dim"], meta["classes"], normalize=meta["normalize"],
-                        encoder_hash=meta["encoder_hash"])
+            "mean nothing for these features; train a new probe for this encoder"
+        )
+    probe = LinearProbe(
+        meta["feature_dim"],
+        meta["classes"],
+        normalize=meta["normalize"],
+        encoder_hash=meta["encoder_hash"],
+    )
     probe.load_state_dict(load_file(str(path / PROBE_WEIGHTS)), strict=True)
     return probe.eval()

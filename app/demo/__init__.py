@@ -58,9 +58,11 @@ def _is_current(coll: Path, content_hash: str, images: Path) -> bool:
         m = read_manifest(coll)
     except ValueError:
         return False
-    return (m["encoder"]["content_hash"] == content_hash
-            and m.get("roots") == [os.path.abspath(images)]
-            and "default" in list_probes(coll))
+    return (
+        m["encoder"]["content_hash"] == content_hash
+        and m.get("roots") == [os.path.abspath(images)]
+        and "default" in list_probes(coll)
+    )
 
 
 def train_demo_probe(coll: Path, images: Path) -> str:
@@ -68,8 +70,10 @@ def train_demo_probe(coll: Path, images: Path) -> str:
     from indexes import Collection
     from indexes.classify import train_probe
 
-    split = {r["path"]: (r["label"], r.get("split", "train"))
-             for r in read_split(images / "manifest.csv")}
+    split = {
+        r["path"]: (r["label"], r.get("split", "train"))
+        for r in read_split(images / "manifest.csv")
+    }
     with Collection.open(coll) as col:
         parts: dict[str, tuple[list[int], list[str]]] = {"train": ([], []), "val": ([], [])}
         for rec in col.query_records("images.status = 'ok'"):
@@ -77,14 +81,23 @@ def train_demo_probe(coll: Path, images: Path) -> str:
             if label and which in parts:
                 parts[which][0].append(rec.id)
                 parts[which][1].append(label)
-        result = train_probe(col, parts["train"][0], parts["train"][1], name="default",
-                             heldout=parts["val"] if parts["val"][0] else None)
+        result = train_probe(
+            col,
+            parts["train"][0],
+            parts["train"][1],
+            name="default",
+            heldout=parts["val"] if parts["val"][0] else None,
+        )
     return result.line()
 
 
-def ensure_demo_collection(cache: Path | None = None, *, encoder: Path = DEMO_ENCODER,
-                           images: Path = DEMO_IMAGES,
-                           progress: Callable[[int, int], None] | None = None) -> Path:
+def ensure_demo_collection(
+    cache: Path | None = None,
+    *,
+    encoder: Path = DEMO_ENCODER,
+    images: Path = DEMO_IMAGES,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
     """The demo collection's directory, built (index + probe) if missing or outdated.
 
     Args:
@@ -97,8 +110,10 @@ def ensure_demo_collection(cache: Path | None = None, *, encoder: Path = DEMO_EN
     from moco import read_encoder_config
 
     if not (Path(encoder) / "config.json").is_file():
-        raise FileNotFoundError(f"Demo encoder not found at {encoder}: it ships with the "
-                                "repository (app/demo/encoder/); pass --collection to use yours")
+        raise FileNotFoundError(
+            f"Demo encoder not found at {encoder}: it ships with the "
+            "repository (app/demo/encoder/); pass --collection to use yours"
+        )
     if not images.is_dir():
         raise FileNotFoundError(f"Demo images not found at {images}")
     cfg = read_encoder_config(encoder)

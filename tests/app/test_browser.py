@@ -13,8 +13,14 @@ from typing import Any
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 pytestmark = pytest.mark.slow
 
 
@@ -38,8 +44,7 @@ def captions(page: Any) -> list[str]:
     return page.locator("#results img").evaluate_all("els => els.map(e => e.alt || '')")
 
 
-def test_upload_search_click_screenshot(page: Any, server: Any, ctx: Any,
-                                        tmp_path: Path) -> None:
+def test_upload_search_click_screenshot(page: Any, server: Any, ctx: Any, tmp_path: Path) -> None:
     page.goto(server.local_url)
     gallery = page.locator("#results")
     # the example query is searched on load
@@ -48,7 +53,8 @@ def test_upload_search_click_screenshot(page: Any, server: Any, ctx: Any,
     page.locator("input[type=file]").first.set_input_files(query)
     page.wait_for_function(
         "[...document.querySelectorAll('#results img')].some(i => i.alt && "
-        "i.alt.includes('square_03'))")
+        "i.alt.includes('square_03'))"
+    )
     assert captions(page)[0] == "query · square_03.png"  # its own match, marked
     page.locator("#results img").nth(1).click()
     page.wait_for_function("document.querySelector('#picked').innerText.includes('Selected')")
@@ -59,8 +65,9 @@ def test_upload_search_click_screenshot(page: Any, server: Any, ctx: Any,
     k.fill("7")
     k.press("Enter")
     page.locator("#search-btn").click()
-    page.wait_for_function("document.querySelector('#search-status').innerText"
-                           ".includes('7 results in')")
+    page.wait_for_function(
+        "document.querySelector('#search-status').innerText.includes('7 results in')"
+    )
     assert "Error" not in page.inner_text("body")
     for src in gallery.locator("img").evaluate_all("els => els.map(e => e.src)"):
         assert "/thumbs/" in src  # every tile is a thumbnail, never an original
@@ -82,7 +89,8 @@ def test_less_like_this_then_refine_and_classify_follows(page: Any, server: Any)
     assert page.locator("img").first.get_attribute("src") == query_src  # marking: same query
     page.locator("#refine-btn").click()
     page.wait_for_function(
-        f"![...document.querySelectorAll('#results img')].some(i => i.alt.includes('{name}'))")
+        f"![...document.querySelectorAll('#results img')].some(i => i.alt.includes('{name}'))"
+    )
     after = captions(page)
     assert len(after) == 12 and not any(name in c for c in after)
     # the Classify tab opens on the current query, already classified
@@ -91,8 +99,9 @@ def test_less_like_this_then_refine_and_classify_follows(page: Any, server: Any)
     assert "circle" in page.inner_text("#top5")
 
 
-def test_a_non_image_upload_says_so_once_and_clears_the_status(page: Any, server: Any,
-                                                              tmp_path: Path) -> None:
+def test_a_non_image_upload_says_so_once_and_clears_the_status(
+    page: Any, server: Any, tmp_path: Path
+) -> None:
     page.goto(server.local_url)
     page.wait_for_function("document.querySelectorAll('#results img').length >= 12")
     assert "results in" in page.inner_text("#search-status")

@@ -12,27 +12,44 @@ from app.server import exposure_warning, parse_auth
 
 
 @pytest.mark.slow
-def test_app_ready_and_exit(collection_dir: Path, port: int,
-                            capsys: pytest.CaptureFixture[str]) -> None:
-    rc = launch.main(["app", "--collection", str(collection_dir), "--port", str(port),
-                      "--ready-and-exit"])
+def test_app_ready_and_exit(
+    collection_dir: Path, port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = launch.main(
+        ["app", "--collection", str(collection_dir), "--port", str(port), "--ready-and-exit"]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "ready at http://127.0.0.1:" in out and "returned 5 results" in out
 
 
 @pytest.mark.slow
-def test_no_subcommand_opens_the_app_with_auth(collection_dir: Path, port: int,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
-    rc = launch.main(["--collection", str(collection_dir), "--port", str(port),
-                      "--auth", "ann:s3cret:x", "--ready-and-exit"])
+def test_no_subcommand_opens_the_app_with_auth(
+    collection_dir: Path, port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = launch.main(
+        [
+            "--collection",
+            str(collection_dir),
+            "--port",
+            str(port),
+            "--auth",
+            "ann:s3cret:x",
+            "--ready-and-exit",
+        ]
+    )
     assert rc == 0
     assert "ready at" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["app", "--auth", "nopassword"],
-                                  ["app", "--collection", "/nonexistent/collection"],
-                                  ["app", "--port", "70000"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["app", "--auth", "nopassword"],
+        ["app", "--collection", "/nonexistent/collection"],
+        ["app", "--port", "70000"],
+    ],
+)
 def test_user_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert launch.main([*argv, "--ready-and-exit"]) == 2
     assert "error" in capsys.readouterr().err
@@ -58,8 +75,9 @@ def test_auth_and_exposure() -> None:
     assert "gradio.live" in (exposure_warning("127.0.0.1", None, True) or "")
 
 
-def test_a_port_in_use_is_refused_before_loading(collection_dir: Path, port: int,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_port_in_use_is_refused_before_loading(
+    collection_dir: Path, port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", port))
         busy.listen()
@@ -69,21 +87,28 @@ def test_a_port_in_use_is_refused_before_loading(collection_dir: Path, port: int
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_an_image_folder_is_not_a_collection(collection_dir: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_image_folder_is_not_a_collection(
+    collection_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     images = collection_dir.parent / "images"
     assert launch.main(["app", "--collection", str(images), "--ready-and-exit"]) == 2
     err = capsys.readouterr().err
     assert "is an image folder, not a collection" in err and "moco-search index" in err
 
 
-@pytest.mark.parametrize("argv,said", [
-    (["serch", "q.png"], "unknown command 'serch' (did you mean 'search'?)"),
-    (["index", "d", "--collection", "c", "--batchsize", "3"],
-     "unrecognized arguments: --batchsize 3 (did you mean '--batch-size'?)"),
-])
-def test_typos_get_did_you_mean(argv: list[str], said: str,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "argv,said",
+    [
+        (["serch", "q.png"], "unknown command 'serch' (did you mean 'search'?)"),
+        (
+            ["index", "d", "--collection", "c", "--batchsize", "3"],
+            "unrecognized arguments: --batchsize 3 (did you mean '--batch-size'?)",
+        ),
+    ],
+)
+def test_typos_get_did_you_mean(
+    argv: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     try:
         rc = launch.main(argv)
     except SystemExit as e:
@@ -97,7 +122,8 @@ def test_flags_are_never_abbreviated(tmp_path: Path, capsys: pytest.CaptureFixtu
         launch.main(["pretrain", str(tmp_path), "--out", str(tmp_path / "r"), "--epoch", "3"])
     assert e.value.code == 2
     assert "unrecognized arguments: --epoch 3 (did you mean '--epochs'?)" in (
-        capsys.readouterr().err)
+        capsys.readouterr().err
+    )
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,14 +22,19 @@ def demo_images(root: Path, tree: Any) -> Path:
     return root
 
 
-def test_built_once_then_reused(tmp_path: Path, encoder_dir: Path, tree: Any,
-                                encoder_factory: Any) -> None:
+def test_built_once_then_reused(
+    tmp_path: Path, encoder_dir: Path, tree: Any, encoder_factory: Any
+) -> None:
     from indexes.classify import list_probes
 
     images = demo_images(tmp_path / "images", tree)
     seen: list[tuple[int, int]] = []
-    coll = ensure_demo_collection(tmp_path / "cache", encoder=encoder_dir, images=images,
-                                  progress=lambda d, t: seen.append((d, t)))
+    coll = ensure_demo_collection(
+        tmp_path / "cache",
+        encoder=encoder_dir,
+        images=images,
+        progress=lambda d, t: seen.append((d, t)),
+    )
     assert (coll / "manifest.json").is_file() and seen[-1] == (15, 15)
     probe = list_probes(coll)["default"]
     assert probe["metrics"]["n"] == 3  # the val split only
@@ -41,8 +46,11 @@ def test_built_once_then_reused(tmp_path: Path, encoder_dir: Path, tree: Any,
     ensure_demo_collection(tmp_path / "cache", encoder=other, images=images)
     assert (coll / "manifest.json").stat().st_mtime_ns != stamp  # new encoder: rebuilt
     example = demo_example(images)
-    row = next(r for r in (images / "manifest.csv").read_text().split()
-               if example and Path(example).name in r)
+    row = next(
+        r
+        for r in (images / "manifest.csv").read_text().split()
+        if example and Path(example).name in r
+    )
     assert row.endswith(",val")
 
 

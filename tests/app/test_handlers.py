@@ -52,13 +52,17 @@ def test_bad_k_is_a_user_error(ctx: Any, k: Any) -> None:
         handlers.search(ctx, ctx.example, k=k)
 
 
-@pytest.mark.parametrize("content,reason", [
-    (b"", "empty file"),
-    (b"not an image at all", "not an image"),
-    (None, "truncated"),
-])
-def test_bad_uploads_are_user_errors(ctx: Any, tmp_path: Path, content: bytes | None,
-                                     reason: str) -> None:
+@pytest.mark.parametrize(
+    "content,reason",
+    [
+        (b"", "empty file"),
+        (b"not an image at all", "not an image"),
+        (None, "truncated"),
+    ],
+)
+def test_bad_uploads_are_user_errors(
+    ctx: Any, tmp_path: Path, content: bytes | None, reason: str
+) -> None:
     p = tmp_path / "up.png"
     if content is None:
         full = Path(ctx.example).read_bytes()
@@ -126,8 +130,14 @@ def test_only_thumbnails_are_served(ctx: Any, tmp_path: Path) -> None:
     link = Path(ctx.thumbs) / "zz_out.png"
     link.symlink_to(outside)
     try:
-        for p in [str(outside), "/etc/passwd", str(root / "circle" / "circle_00.png"),
-                  str(ctx.path / "meta.db"), str(link), str(ctx.thumbs) + "-other/x.png"]:
+        for p in [
+            str(outside),
+            "/etc/passwd",
+            str(root / "circle" / "circle_00.png"),
+            str(ctx.path / "meta.db"),
+            str(link),
+            str(ctx.thumbs) + "-other/x.png",
+        ]:
             assert not ctx.is_served(p), p
     finally:
         link.unlink()
@@ -178,8 +188,12 @@ def test_classify_knn_then_probe(ctx: Any) -> None:
 def test_label_a_few_images_and_train_a_probe(ctx: Any) -> None:
     rows = {r.relpath: r for r in ctx.collection.query_records("images.status = 'ok'")}
     try:
-        for name, lab in [("circle/circle_00.png", "round"), ("circle/circle_01.png", "round"),
-                          ("square/square_00.png", "boxy"), ("square/square_01.png", "boxy")]:
+        for name, lab in [
+            ("circle/circle_00.png", "round"),
+            ("circle/circle_01.png", "round"),
+            ("square/square_00.png", "boxy"),
+            ("square/square_01.png", "boxy"),
+        ]:
             r = rows[name]
             msg = classifying.label_image(ctx, Hit.from_record(r, 1.0), lab)
         assert "boxy: 2" in msg and "round: 2" in msg
@@ -187,8 +201,10 @@ def test_label_a_few_images_and_train_a_probe(ctx: Any) -> None:
 
         with Collection.open(ctx.path) as cli_view:  # what probe train / classify-all see
             ids, labels = cli_view.labeled()
-            assert dict(zip(ids.tolist(), labels, strict=True))[rows["circle/circle_00.png"].id] \
+            assert (
+                dict(zip(ids.tolist(), labels, strict=True))[rows["circle/circle_00.png"].id]
                 == "round"
+            )
             assert len(ids) == 24 and labels.count("boxy") == 2
         assert not (ctx.path / "app_labels.json").exists()  # one owner: meta.db
         res = classifying.train(ctx, USER_PROBE)
@@ -218,7 +234,10 @@ def test_overview_stats_map_and_duplicates(ctx: Any) -> None:
     assert "24 images indexed" in overview.stats_markdown(ctx)
     hist = overview.label_histogram(ctx)
     assert dict(zip(hist["label"], hist["images"], strict=True)) == {
-        "circle": 8, "square": 8, "stripes": 8}
+        "circle": 8,
+        "square": 8,
+        "stripes": 8,
+    }
     m = overview.embedding_map(ctx)
     assert len(m.ids) == 24 and m.image.size[0] > 0
     x, y = m.xy[5]
@@ -239,8 +258,9 @@ def test_encoder_info(ctx: Any) -> None:
     assert json.loads(encoder_info.config_json(ctx))["encoder"]["arch"] == "resnet18"
 
 
-def test_index_update_in_background_while_searching(encoder_dir: Path, tmp_path: Path,
-                                                    tree: Any) -> None:
+def test_index_update_in_background_while_searching(
+    encoder_dir: Path, tmp_path: Path, tree: Any
+) -> None:
     """Add a folder while searches run: none fails, and the new images appear after reload."""
     from app.context import AppContext
     from indexes import index_images

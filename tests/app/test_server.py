@@ -41,8 +41,9 @@ def test_classify_returns_labels(client: Client, ctx: Any) -> None:
 
 
 @pytest.mark.parametrize("payload", [b"this is not an image", b"\x89PNG\r\n\x1a\n" + b"\0" * 40])
-def test_bad_upload_gives_error_and_server_keeps_serving(client: Client, ctx: Any,
-                                                         tmp_path: Path, payload: bytes) -> None:
+def test_bad_upload_gives_error_and_server_keeps_serving(
+    client: Client, ctx: Any, tmp_path: Path, payload: bytes
+) -> None:
     bad = tmp_path / "bad.png"
     bad.write_bytes(payload)
     with pytest.raises(Exception, match=r"Cannot use bad\.png: (not an image|truncated)"):
@@ -59,8 +60,9 @@ def test_decompression_bomb_is_refused(client: Client, ctx: Any, tmp_path: Path)
     assert len(search(client, ctx.example, k=2)[1]) == 2
 
 
-def test_upload_over_size_limit_is_refused(server: Any, client: Client, ctx: Any,
-                                           tmp_path: Path) -> None:
+def test_upload_over_size_limit_is_refused(
+    server: Any, client: Client, ctx: Any, tmp_path: Path
+) -> None:
     from tests.app.queue_api import upload
 
     big = tmp_path / "big.bmp"
@@ -86,8 +88,9 @@ def file_url(server: Any, path: str) -> str:
 
 
 def test_files_served_only_from_the_thumbnails(server: Any, ctx: Any, tmp_path: Path) -> None:
-    _, _rows, _ = search(Client(server.local_url, verbose=False, download_files=False),
-                        ctx.example, k=1)
+    _, _rows, _ = search(
+        Client(server.local_url, verbose=False, download_files=False), ctx.example, k=1
+    )
     thumbs = Path(ctx.served_dirs[0])
     shown = next(p for p in thumbs.rglob("*.png"))
     assert get(file_url(server, str(shown))) == 200
@@ -98,12 +101,12 @@ def test_files_served_only_from_the_thumbnails(server: Any, ctx: Any, tmp_path: 
     link.symlink_to(secret)
     try:
         refused = [
-            str(secret),                                              # absolute, elsewhere
+            str(secret),  # absolute, elsewhere
             "/etc/passwd",
-            str(root / "circle" / "circle_00.png"),                  # an original image
+            str(root / "circle" / "circle_00.png"),  # an original image
             str(thumbs / ".." / ".." / secret.relative_to(secret.parents[1])),  # ../ out
-            f"{thumbs}/../meta.db",                                   # the database
-            str(link),                                                # symlink out
+            f"{thumbs}/../meta.db",  # the database
+            str(link),  # symlink out
             "../../../../etc/passwd",
             str(Path(ctx.path) / "manifest.json"),
         ]

@@ -119,9 +119,20 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "CUDA_VISIBLE_DEVICES": "",  # gloo on CPU even on a GPU machine
     }
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-        "--nproc-per-node", str(WORLD), "--master-addr", "127.0.0.1",
-        "--master-port", str(_free_port()), str(script), str(data), str(out),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(WORLD),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        str(script),
+        str(data),
+        str(out),
     ]
     proc = subprocess.run(cmd, env=env, cwd=repo, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

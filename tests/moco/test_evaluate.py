@@ -38,9 +38,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "train" / "class0" / "broken.png").write_bytes(b"not a png")  # skipped, counted
     (root / "val" / "unknown").mkdir()  # a class the training tree lacks: left out
     Image.new("RGB", (32, 32)).save(root / "val" / "unknown" / "x.png")
-    save_encoder(build_encoder("resnet18", small_stem=True),
-                 EncoderConfig(arch="resnet18", small_stem=True, feature_dim=512, image_size=32,
-                               crop_pct=1.0), root / "enc")
+    save_encoder(
+        build_encoder("resnet18", small_stem=True),
+        EncoderConfig(
+            arch="resnet18", small_stem=True, feature_dim=512, image_size=32, crop_pct=1.0
+        ),
+        root / "enc",
+    )
     return root
 
 
@@ -51,8 +55,16 @@ def test_evaluate_encoder_end_to_end(data: Path) -> None:
     r = evaluate(data / "enc", data / "train", data / "val", FAST)
     assert (r["n_train"], r["n_val"], r["skipped"], r["classes"]) == (12, 6, 1, 3)
     assert r["arch"] == "resnet18" and len(r["content_hash"]) == 64 and r["knn_k"] == 5
-    for key in ("knn_top1", "probe_top1", "probe_top5", "mAP@10", "recall@1", "recall@5",
-                "recall@10", "view_recall@1"):
+    for key in (
+        "knn_top1",
+        "probe_top1",
+        "probe_top5",
+        "mAP@10",
+        "recall@1",
+        "recall@5",
+        "recall@10",
+        "view_recall@1",
+    ):
         assert 0.0 <= r[key] <= 100.0, key
     assert r["probe_top5"] == 100.0  # 3 classes: always in the top 5
     assert r["recall@1"] <= r["recall@5"] <= r["recall@10"]
@@ -68,8 +80,9 @@ def test_pixel_baseline_solves_colours(data: Path) -> None:
 
 
 def test_paper_protocol_and_random_baseline(data: Path) -> None:
-    cfg = dataclasses.replace(FAST, protocol="paper",
-                              probe=dataclasses.replace(ProbeConfig.paper(), epochs=2))
+    cfg = dataclasses.replace(
+        FAST, protocol="paper", probe=dataclasses.replace(ProbeConfig.paper(), epochs=2)
+    )
     r = evaluate("random:resnet18:small", data / "train", data / "val", cfg)
     assert r["probe_protocol"] == "paper" and r["probe_config"]["lr"] == 30.0
     assert r["content_hash"].startswith("random-init") and r["image_size"] == 32
@@ -82,9 +95,23 @@ def test_paper_protocol_and_random_baseline(data: Path) -> None:
 def test_cli_writes_json(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     add_eval_command(parser.add_subparsers())
-    args = parser.parse_args(["eval", "--encoder", "pixels", "--train", str(data / "train"),
-                              "--val", str(data / "val"), "--k", "3", "--monitor-size", "4",
-                              "--json-out", str(tmp_path / "r.json")])
+    args = parser.parse_args(
+        [
+            "eval",
+            "--encoder",
+            "pixels",
+            "--train",
+            str(data / "train"),
+            "--val",
+            str(data / "val"),
+            "--k",
+            "3",
+            "--monitor-size",
+            "4",
+            "--json-out",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert args.run(args) == 0
     rows = json.loads((tmp_path / "r.json").read_text())
     assert [row["encoder"] for row in rows] == ["pixels 16x16"] and rows[0]["knn_k"] == 3
@@ -103,11 +130,13 @@ def test_image_folder_errors(tmp_path: Path) -> None:
 def test_retrieval_metrics_by_hand() -> None:
     gallery = np.array([0, 0, 1, 1, 2])
     queries = np.array([0, 1, 3])  # class 3 has nothing relevant: left out
-    sim = np.array([
-        [0.9, 0.1, 0.8, 0.2, 0.0],  # ranking 0(rel) 2 3 1(rel) 4
-        [0.9, 0.8, 0.1, 0.2, 0.0],  # ranking 0 1 3(rel) 2(rel) 4
-        [0.5, 0.4, 0.3, 0.2, 0.1],
-    ])
+    sim = np.array(
+        [
+            [0.9, 0.1, 0.8, 0.2, 0.0],  # ranking 0(rel) 2 3 1(rel) 4
+            [0.9, 0.8, 0.1, 0.2, 0.0],  # ranking 0 1 3(rel) 2(rel) 4
+            [0.5, 0.4, 0.3, 0.2, 0.1],
+        ]
+    )
     m = retrieval_metrics(sim, queries, gallery, ks=(1, 2, 3))
     assert m["queries"] == 2
     assert m["recall@1"] == 50.0 and m["recall@2"] == 50.0 and m["recall@3"] == 100.0

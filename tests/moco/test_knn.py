@@ -9,8 +9,9 @@ import torch
 from moco.knn import knn_predict, knn_top1
 
 
-def brute_force(bank: np.ndarray, labels: np.ndarray, queries: np.ndarray, c: int, k: int,
-                t: float) -> np.ndarray:
+def brute_force(
+    bank: np.ndarray, labels: np.ndarray, queries: np.ndarray, c: int, k: int, t: float
+) -> np.ndarray:
     bank = bank / np.linalg.norm(bank, axis=1, keepdims=True)
     queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     out = np.zeros((len(queries), c))

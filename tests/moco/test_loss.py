@@ -69,6 +69,7 @@ def test_excluded_keys_count_as_if_removed_from_the_queue() -> None:
     losses = F.cross_entropy(logits, labels, reduction="none")
     for n in range(3):
         kept = queue[:, ~exclude[n]].double().numpy()
-        expected = naive_info_nce(q[n : n + 1].double().numpy(), k[n : n + 1].double().numpy(),
-                                  kept, 0.2)
+        expected = naive_info_nce(
+            q[n : n + 1].double().numpy(), k[n : n + 1].double().numpy(), kept, 0.2
+        )
         assert losses[n].item() == pytest.approx(expected, rel=1e-5)

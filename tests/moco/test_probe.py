@@ -32,8 +32,9 @@ from moco.probe import (
 )
 
 
-def clusters(n: int = 300, c: int = 4, d: int = 32, seed: int = 0,
-             scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def clusters(
+    n: int = 300, c: int = 4, d: int = 32, seed: int = 0, scale: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Linearly separable classes: well separated Gaussian clusters."""
     rng = np.random.default_rng(seed)
     y = np.arange(n) % c
@@ -46,9 +47,11 @@ def accuracy(probe: LinearProbe, x: np.ndarray, y: np.ndarray) -> float:
     return float((top[:, 0] == y).mean())
 
 
-@pytest.mark.parametrize("cfg", [ProbeConfig.fast(),
-                                 dataclasses.replace(ProbeConfig.paper(), epochs=5)],
-                         ids=["fast", "paper-hparams"])
+@pytest.mark.parametrize(
+    "cfg",
+    [ProbeConfig.fast(), dataclasses.replace(ProbeConfig.paper(), epochs=5)],
+    ids=["fast", "paper-hparams"],
+)
 def test_separable_features_reach_100(cfg: ProbeConfig) -> None:
     # Small-scale features (like unnormalised MoCo ones): the fast preset normalises, the paper's
     # lr=30 compensates.
@@ -96,9 +99,18 @@ def test_save_load_identical_and_refused_for_another_encoder(tmp_path: Path) -> 
 def test_paper_preset_is_the_papers() -> None:
     cfg = ProbeConfig.paper()
     assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.epochs) == (
-        "sgd", 30.0, 0.9, 0.0, 100)
-    assert (cfg.milestones, cfg.gamma, cfg.batch_size, cfg.normalize) == ((60, 80), 0.1, 256,
-                                                                         "none")
+        "sgd",
+        30.0,
+        0.9,
+        0.0,
+        100,
+    )
+    assert (cfg.milestones, cfg.gamma, cfg.batch_size, cfg.normalize) == (
+        (60, 80),
+        0.1,
+        256,
+        "none",
+    )
     assert ProbeConfig.preset("paper") == cfg and ProbeConfig.preset("fast") == ProbeConfig()
     with pytest.raises(ValueError, match="valid"):
         ProbeConfig(optimizer="adamw")
@@ -138,8 +150,9 @@ def test_paper_protocol_leaves_backbone_unchanged(tmp_path: Path) -> None:
     before = backbone_state(backbone)
     pre = EncoderConfig(arch="resnet18", small_stem=True, image_size=32, crop_pct=1.0)
     cfg = dataclasses.replace(ProbeConfig.paper(), epochs=2, batch_size=4)
-    probe = train_probe_on_images(backbone, paths, labels, paper_train_transform(pre), cfg,
-                                  encoder_hash="h")
+    probe = train_probe_on_images(
+        backbone, paths, labels, paper_train_transform(pre), cfg, encoder_hash="h"
+    )
     assert_backbone_unchanged(before, backbone_state(backbone))  # BatchNorm stats included
     assert probe.classes == ["c0", "c1"] and probe.fc.weight.abs().max() > 0.05  # fc did learn
     backbone.train()(torch.randn(4, 3, 32, 32))  # what train-mode BatchNorm would have done
