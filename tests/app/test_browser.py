@@ -12,15 +12,8 @@ from typing import Any
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
+from app.screenshots import ARGS, CHROMIUM  # one set of browser flags
+
 pytestmark = pytest.mark.slow
 
 
