@@ -175,3 +175,10 @@ def test_a_collection_inside_its_root_keeps_its_files(
     finally:
         demo.close()
         ctx.collection.close()
+
+
+@pytest.mark.parametrize("threshold", ["x", -5, 1e9])
+def test_a_threshold_the_page_never_sends_is_refused(server: Any, threshold: Any) -> None:
+    """The duplicates slider's range (0.8-1) is enforced by Gradio before the handler runs."""
+    reply = call(server, "find_duplicates", [threshold])
+    assert not reply.success and not reply.urls()
