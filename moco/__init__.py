@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         load_image,
         walk_files,
     )
+    from moco.distributed import default_device, world_size
     from moco.encoders import ENCODERS, build_encoder, feature_dim
     from moco.export import (
         CheckpointError,
@@ -76,6 +77,7 @@ _WHERE = {
     "build_encoder": "moco.encoders",
     "classification_metrics": "moco.metrics",
     "config_from_args": "moco.flags",
+    "default_device": "moco.distributed",
     "eval_transform": "moco.augment",
     "export_encoder": "moco.export",
     "feature_dim": "moco.encoders",
@@ -101,6 +103,7 @@ _WHERE = {
     "topk_accuracy": "moco.loss",
     "train_probe": "moco.probe",
     "walk_files": "moco.data",
+    "world_size": "moco.distributed",
 }
 
 __all__ = [
@@ -125,6 +128,7 @@ __all__ = [
     "build_encoder",
     "classification_metrics",
     "config_from_args",
+    "default_device",
     "eval_transform",
     "export_encoder",
     "feature_dim",
@@ -150,6 +154,7 @@ __all__ = [
     "topk_accuracy",
     "train_probe",
     "walk_files",
+    "world_size",
 ]
 
 

@@ -48,6 +48,9 @@ HELP = {
     "adapt": "fit the batch and the queue to a small folder instead of only warning",
     "workers": "data-loading processes",
     "cache": "keep decoded images in memory: auto (when under 2 GB), on, off",
+    "augment": "where views are augmented: batch (a batch at a time on the training device, "
+    "from a uint8 store in memory), pil (per image in --workers processes), or auto (batch "
+    "when the images fit in memory)",
     "seed": "random seed",
     "deterministic": "deterministic algorithms (slower; exact resume on CPU)",
     "resume": "continue the run in --out from its last checkpoint, with its saved settings",

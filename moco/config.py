@@ -50,6 +50,9 @@ class TrainConfig:
     adapt: bool = False  # fit K and lr to the data and batch instead of only warning
     workers: int = 2
     cache: str = "auto"  # pre-decoded images in memory: auto | on | off
+    augment: str = (
+        "auto"  # batch: tensors on the device; pil: per image in workers; auto: batch if cached
+    )
     seed: int = 0
     deterministic: bool = False
     resume: bool = False

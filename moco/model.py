@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moco.batchnorm import split_batchnorm
+from moco.distributed import concat_all_gather, distributed
 from moco.encoders import build_encoder, feature_dim
 from moco.loss import info_nce, moco_logits
 
@@ -49,77 +51,6 @@ class ModelConfig:
     bn_splits: int = 1
     sync_bn: bool = False
     head_bn: bool = False  # BatchNorm after the MLP head's hidden layer (SimCLR v2, MoCo v3)
-
-
-class SplitBatchNorm(nn.BatchNorm2d):
-    """BatchNorm with statistics over ``num_splits`` consecutive groups of the batch.
-
-    Emulates per-GPU BatchNorm on one device (official CIFAR demo). Its state dict is that of a
-    plain ``BatchNorm2d``, so an exported encoder uses ordinary BatchNorm.
-    """
-
-    def __init__(self, num_features: int, num_splits: int, **kw: object) -> None:
-        super().__init__(num_features, **kw)
-        self.num_splits = num_splits
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.num_splits
-        if not self.training or x.shape[0] % s:
-            return super().forward(x)
-        if torch.is_grad_enabled():
-            # Slicing along the batch keeps channels_last tensors dense (a reshape would copy).
-            out = torch.cat(
-                [
-                    F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps)
-                    for c in x.chunk(s)
-                ]
-            )
-            with torch.no_grad():
-                var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=1)
-        else:  # the key encoder: one statistics pass and one fused multiply-add, in any layout
-            n, c = x.shape[:2]
-            groups = x.unflatten(0, (s, n // s))  # s x n/s x C x H x W, a view
-            g_var, g_mean = torch.var_mean(
-                groups.float(), dim=(1, 3, 4), keepdim=True, correction=0
-            )
-            scale = self.weight.view(1, 1, c, 1, 1) * torch.rsqrt(g_var + self.eps)
-            shift = self.bias.view(1, 1, c, 1, 1) - g_mean * scale
-            out = torch.addcmul(shift.to(x.dtype), groups, scale.to(x.dtype)).flatten(0, 1)
-            # Whole-batch statistics from the groups' (law of total variance), unbiased.
-            mean = g_mean.mean(0).view(c)
-            var = (g_var.mean(0) + g_mean.var(0, correction=0)).view(c)
-            var = var * (x.numel() / c) / max(x.numel() / c - 1, 1)
-        with torch.no_grad():  # running stats from the whole batch, as plain BatchNorm keeps them
-            # Under bf16 autocast x is bf16; the running buffers stay fp32 (lerp_ needs one dtype).
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
-            self.num_batches_tracked.add_(1)
-        return out
-
-
-def _split_bn(module: nn.Module, splits: int) -> nn.Module:
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            bn = SplitBatchNorm(child.num_features, splits, eps=child.eps, momentum=child.momentum)
-            bn.load_state_dict(child.state_dict())
-            setattr(module, name, bn)
-        else:
-            _split_bn(child, splits)
-    return module
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-@torch.no_grad()
-def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0 (no gradient flows back)."""
-    if not _distributed():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 class MoCo(nn.Module):
@@ -157,7 +88,7 @@ class MoCo(nn.Module):
                 net.fc,
             )
         if splits > 1:
-            _split_bn(net, splits)
+            split_batchnorm(net, splits)
         if cfg.sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
         return net
@@ -195,7 +126,7 @@ class MoCo(nn.Module):
     @torch.no_grad()
     def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
         """Key features of a shuffled batch, so that BatchNorm groups differ from the queries'."""
-        if _distributed():
+        if distributed():
             world, rank = dist.get_world_size(), dist.get_rank()
             x = concat_all_gather(im_k)
             perm = torch.randperm(x.shape[0], device=x.device)

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moco.augment import eval_transform
+from moco.config import TrainConfig
 from moco.data import ImageError, list_images, load_image
 from moco.export import EncoderConfig
 from moco.knn import knn_top1
@@ -45,7 +46,7 @@ def _decode(paths: list[Path], image_size: int) -> tuple[torch.Tensor, list[int]
 
 
 class KnnMonitor:
-    def __init__(self, cfg: Any, paths: list[Path], device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, paths: list[Path], device: torch.device) -> None:
         root, val_root = Path(cfg.data), Path(cfg.val_dir)
         if len(paths) > MAX_BANK:
             g = torch.Generator().manual_seed(0)

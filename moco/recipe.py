@@ -66,6 +66,8 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
     check_arch(cfg.arch)
     if cfg.version not in ("v1", "v2"):
         raise ValueError(f"Unknown MoCo version {cfg.version!r}; valid: v1, v2")
+    if cfg.augment not in ("auto", "batch", "pil"):
+        raise ValueError(f"Unknown --augment {cfg.augment!r}; valid: auto, batch, pil")
     if cfg.m_schedule not in ("fit", "cosine", "constant"):
         raise ValueError(f"Unknown --m-schedule {cfg.m_schedule!r}; valid: fit, cosine, constant")
     if num_images == 0:

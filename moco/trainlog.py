@@ -13,11 +13,15 @@ from typing import Any
 
 from tqdm import tqdm
 
+from moco.config import TrainConfig
+
 log = logging.getLogger(__name__)
 
 
 class RunLog:
-    def __init__(self, out: Path, cfg: Any, paths: list[Path], enabled: bool = True) -> None:
+    def __init__(
+        self, out: Path, cfg: TrainConfig, paths: list[Path], enabled: bool = True
+    ) -> None:
         self.out, self.cfg, self.paths, self.enabled = out, cfg, paths, enabled
         self.bad: set[int] = set()
         self._tb: Any = None

@@ -1,18 +1,28 @@
 """What a pretraining run trains on: the images (decoded once into memory), their two views,
-and the held-out images of the label-free monitor."""
+the held-out images of the label-free monitor, and each epoch's batches on each rank."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
 
 from moco.augment import TwoCropsTransform, moco_transform
-from moco.data import ImageError, ImageFiles, load_image
+from moco.batchaug import BatchAugment
+from moco.config import TrainConfig
+from moco.data import ImageError, ImageFiles, collate_skip, load_image
+from moco.distributed import world_size
 from moco.monitor import ViewMonitor
+
+if TYPE_CHECKING:
+    from moco.trainlog import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +53,7 @@ class CachedImages(ImageFiles):
         return (None if im is None else self.transform(im)), i
 
 
-def view_transform(cfg: Any) -> Any:
+def view_transform(cfg: TrainConfig) -> Any:
     """The augmentation of one view, as ``cfg`` sets it."""
     return moco_transform(
         cfg.image_size,
@@ -54,20 +64,114 @@ def view_transform(cfg: Any) -> Any:
     )
 
 
-def make_dataset(cfg: Any, paths: list[Path]) -> ImageFiles:
+def make_dataset(cfg: TrainConfig, paths: list[Path]) -> ImageFiles | ImageStore:
+    """The training images: a tensor store (``--augment batch``), decoded PIL images in memory,
+    or the files read anew each epoch (when they would not fit in memory)."""
+    side = 2 * cfg.image_size
+    use_cache = cfg.cache == "on" or (cfg.cache == "auto" and len(paths) * side**2 * 3 < 2 * 2**30)
+    if uses_store(cfg, len(paths)):
+        t0 = time.perf_counter()
+        store = ImageStore(cache_images(paths, side), side)
+        log.info("decoded %d images into memory in %.1fs", len(store), time.perf_counter() - t0)
+        return store
     transform = TwoCropsTransform(view_transform(cfg))
-    use_cache = cfg.cache == "on" or (
-        cfg.cache == "auto" and len(paths) * (2 * cfg.image_size) ** 2 * 3 < 2 * 2**30
-    )
     if use_cache:
         t0 = time.perf_counter()
-        images = cache_images(paths, 2 * cfg.image_size)
+        images = cache_images(paths, side)
         log.info("decoded %d images into memory in %.1fs", len(images), time.perf_counter() - t0)
         return CachedImages(images, transform)
     return ImageFiles(paths, transform)
 
 
-def holdout(paths: list[Path], cfg: Any) -> tuple[list[Path], list[Path], bool]:
+def uses_store(cfg: TrainConfig, n: int) -> bool:
+    """Batched augmentation from a tensor store: ``--augment batch``, or ``auto`` when the
+    images fit in memory (2 GiB) and the cache is not off."""
+    if cfg.augment == "batch":
+        return True
+    fits = n * (2 * cfg.image_size) ** 2 * 3 < 2 * 2**30
+    return cfg.augment == "auto" and cfg.cache != "off" and (cfg.cache == "on" or fits)
+
+
+class ImageStore:
+    """Every training image decoded once into one uint8 tensor: N x 3 x S x S, top-left aligned.
+
+    Each image is downscaled so its longer side is at most ``side`` and keeps its true height
+    and width in ``sizes``, so crops are drawn inside it; ``valid`` is False for a file that
+    could not be decoded (it is reported and skipped, as by the PIL path).
+    """
+
+    def __init__(self, images: list[Any], side: int) -> None:
+        self.images = torch.zeros(len(images), 3, side, side, dtype=torch.uint8)
+        self.sizes = torch.zeros(len(images), 2, dtype=torch.long)
+        self.valid = torch.zeros(len(images), dtype=torch.bool)
+        for i, im in enumerate(images):
+            if im is None:
+                continue
+            if max(im.size) > side:
+                im = im.copy()
+                im.thumbnail((side, side))
+            a = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+            h, w = a.shape[:2]
+            self.images[i, :, :h, :w] = a.permute(2, 0, 1)
+            self.sizes[i] = torch.tensor([h, w])
+            self.valid[i] = True
+
+    def __len__(self) -> int:
+        return len(self.valid)
+
+
+class StoreBatches:
+    """An epoch's batches of an ``ImageStore``, both views augmented on ``device`` at once.
+
+    Yields what the PIL loader's ``collate_skip`` does: ([view_q, view_k], ids, broken ids). The
+    augmentations of batch ``b`` come from a generator seeded by (``seed``, ``b``), so a run
+    resumed mid-epoch draws exactly what it would have.
+    """
+
+    def __init__(
+        self,
+        store: ImageStore,
+        idx: list[int],
+        batch_size: int,
+        augment: BatchAugment,
+        device: torch.device,
+        seed: int,
+        first_batch: int = 0,
+    ) -> None:
+        self.store, self.idx, self.batch_size = store, idx, batch_size
+        self.augment, self.device, self.seed, self.first_batch = augment, device, seed, first_batch
+
+    def __len__(self) -> int:
+        return len(self.idx) // self.batch_size
+
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor, list[int]]]:
+        g = torch.Generator(device=self.device)
+        for b in range(len(self)):
+            ids = torch.tensor(self.idx[b * self.batch_size : (b + 1) * self.batch_size])
+            good = self.store.valid[ids]
+            bad, ids = ids[~good].tolist(), ids[good]
+            if not len(ids):
+                yield None, ids, bad
+                continue
+            images = self.store.images[ids].to(self.device, non_blocking=True)
+            sizes = self.store.sizes[ids].to(self.device)
+            g.manual_seed(self.seed * 1_000_003 + self.first_batch + b)
+            views = [self.augment(images, sizes, g), self.augment(images, sizes, g)]
+            yield views, ids, bad
+
+
+def batch_augment(cfg: TrainConfig) -> BatchAugment:
+    """The batched twin of ``view_transform``: the same recipe, on tensors."""
+    return BatchAugment(
+        cfg.image_size,
+        cfg.version,
+        crop_min=cfg.crop_min if cfg.crop_min is not None else 0.2,
+        color=cfg.color if cfg.color is not None else 1.0,
+        blur=cfg.blur,
+    )
+
+
+def holdout(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path], list[Path], bool]:
     """Training paths, the label-free monitor's images, and whether those are held out.
 
     Folders of 500 images or more give up to ``monitor_images`` (at most a tenth) to the
@@ -86,6 +190,76 @@ def holdout(paths: list[Path], cfg: Any) -> tuple[list[Path], list[Path], bool]:
     return train_paths, [paths[i] for i in sorted(held)], True
 
 
-def view_monitor(cfg: Any, paths: list[Path]) -> ViewMonitor | None:
+def view_monitor(cfg: TrainConfig, paths: list[Path]) -> ViewMonitor | None:
     images = [im for im in cache_images(paths, 2 * (cfg.image_size or 64)) if im is not None]
     return ViewMonitor(images, view_transform(cfg), seed=cfg.seed) if len(images) >= 2 else None
+
+
+def shard(n: int, epoch: int, cfg: TrainConfig, rank: int, world: int, skip: int) -> list[int]:
+    """This rank's indexes for ``epoch``: one seeded permutation shared by all ranks.
+
+    ``skip`` indexes are dropped from the front (the steps an interrupted epoch already did).
+    """
+    g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    per_rank = (n // cfg.batch_size) * cfg.batch_size // world
+    return perm[rank::world][:per_rank][skip:]
+
+
+def loader(
+    ds: ImageFiles | ImageStore,
+    idx: list[int],
+    cfg: TrainConfig,
+    world: int,
+    epoch: int,
+    rank: int = 0,
+    device: torch.device | None = None,
+    first_batch: int = 0,
+) -> DataLoader | StoreBatches:
+    """The epoch's batches of ``ds[idx]``, in order, each rank's augmentations its own.
+
+    ``first_batch``: how many of the epoch's batches ``idx`` already lacks (a resumed epoch).
+    """
+    seed = cfg.seed * 7919 + epoch + 1_000_003 * rank
+    if isinstance(ds, ImageStore):
+        dev = device or torch.device("cpu")
+        return StoreBatches(
+            ds, idx, cfg.batch_size // world, batch_augment(cfg), dev, seed, first_batch
+        )
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        torch.utils.data.Subset(ds, idx),
+        batch_size=cfg.batch_size // world,
+        shuffle=False,
+        num_workers=cfg.workers,
+        collate_fn=collate_skip,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=True,
+        generator=g,
+        persistent_workers=False,
+    )
+
+
+def batches(
+    loader: DataLoader, runlog: RunLog, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The two views and the dataset indexes of each batch's good images; logs broken files."""
+    world = world_size()
+    for views, ids, bad in loader:
+        n = 0 if views is None else views[0].shape[0]
+        if world > 1:
+            # Broken files shrink a rank's batch, but keys are all-gathered with one shape: every
+            # rank steps with the smallest batch (or all skip), and rank 0 logs everyone's files.
+            agree = torch.tensor([-n, len(bad)], device=device)
+            dist.all_reduce(agree, op=dist.ReduceOp.MAX)
+            n, most_bad = -int(agree[0]), int(agree[1])
+            if most_bad:
+                mine = torch.full((most_bad,), -1, dtype=torch.long, device=device)
+                mine[: len(bad)] = torch.tensor(bad, dtype=torch.long)
+                parts = [torch.empty_like(mine) for _ in range(world)]
+                dist.all_gather(parts, mine)
+                bad = [i for i in torch.cat(parts).tolist() if i >= 0]
+        if bad:
+            runlog.skipped(bad)
+        if n:
+            yield views[0][:n], views[1][:n], ids[:n]

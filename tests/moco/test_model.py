@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco.model import MoCo, ModelConfig, SplitBatchNorm
+from moco.batchnorm import SplitBatchNorm
+from moco.model import MoCo, ModelConfig
 
 torch.set_num_threads(1)
 

@@ -1,0 +1,242 @@
+"""MoCo's augmentations as batched tensor operations, each sample with its own random parameters.
+
+The PIL pipeline (``moco.augment``) augments one image at a time in DataLoader workers; on 2 CPU
+cores at 32-64 px that costs as much as the model's step, and on a GPU it starves the device. Here
+a whole uint8 batch is augmented at once on the training device: random resized crop (one
+``roi_align``, which resamples by averaging over each output pixel's footprint), colour jitter,
+grayscale, Gaussian blur (a grouped separable convolution), flip and normalisation. The parameters
+are drawn as torchvision draws them
+(RandomResizedCrop's ten attempts and central fallback, ColorJitter's factor ranges, the same
+probabilities); the colour operations follow ``torchvision.transforms.functional``'s tensor
+formulas. One difference: ColorJitter applies its four operations in a random order per image,
+here in one random order per batch.
+
+Images arrive padded into a square canvas with their true height and width (``ImageStore``), so
+images of any aspect ratio share a batch and each crop is drawn inside its own image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from moco.augment import IMAGENET_MEAN, IMAGENET_STD, _blur_kernel
+
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def crop_boxes(
+    sizes: torch.Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """RandomResizedCrop boxes (x1, y1, x2, y2) for images of ``sizes`` (N x 2: height, width).
+
+    As torchvision: up to ten attempts of an area share in ``scale`` and a log-uniform aspect
+    ratio in ``ratio``; the first that fits is kept, else the largest central crop within
+    ``ratio``.
+    """
+    n, device = sizes.shape[0], sizes.device
+    h_img, w_img = sizes[:, 0].float(), sizes[:, 1].float()
+    area = (h_img * w_img).unsqueeze(1)
+    u = torch.rand(n, 10, 4, generator=generator, device=device)
+    target = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 1]
+    r = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * r))
+    h = torch.round(torch.sqrt(target / r))
+    ok = (w > 0) & (h > 0) & (w <= w_img.unsqueeze(1)) & (h <= h_img.unsqueeze(1))
+    first = torch.where(
+        ok.any(1), ok.float().argmax(1), torch.zeros_like(ok[:, 0], dtype=torch.long)
+    )
+    pick = first.view(n, 1)
+    w, h = w.gather(1, pick).squeeze(1), h.gather(1, pick).squeeze(1)
+    # torchvision: i = randint(0, H - h + 1), j = randint(0, W - w + 1)
+    y = torch.floor(u[..., 2].gather(1, pick).squeeze(1) * (h_img - h + 1))
+    x = torch.floor(u[..., 3].gather(1, pick).squeeze(1) * (w_img - w + 1))
+    # the fallback: a central crop, clamped to the ratio range
+    in_ratio = w_img / h_img
+    fw = torch.where(
+        in_ratio < ratio[0], w_img, torch.where(in_ratio > ratio[1], h_img * ratio[1], w_img)
+    )
+    fh = torch.where(
+        in_ratio < ratio[0], w_img / ratio[0], torch.where(in_ratio > ratio[1], h_img, h_img)
+    )
+    fw, fh = torch.round(fw), torch.round(fh)
+    fx, fy = torch.floor((w_img - fw) / 2), torch.floor((h_img - fh) / 2)
+    found = ok.any(1)
+    x, y = torch.where(found, x, fx), torch.where(found, y, fy)
+    w, h = torch.where(found, w, fw), torch.where(found, h, fh)
+    return torch.stack([x, y, x + w, y + h], dim=1)
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    """N x 1 x H x W luma of an N x 3 x H x W batch in [0, 1]."""
+    r, g, b = x.unbind(1)
+    return (GRAY[0] * r + GRAY[1] * g + GRAY[2] * b).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = factor.view(-1, 1, 1, 1)
+    return (f * x + (1.0 - f) * other).clamp_(0.0, 1.0)
+
+
+def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * factor.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    mean = grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    return _blend(x, mean, factor)
+
+
+def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, grayscale(x), factor)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(dim=1)
+    minc, _ = x.min(dim=1)
+    eqc = maxc == minc
+    cr = maxc - minc
+    ones = torch.ones_like(maxc)
+    s = cr / torch.where(eqc, ones, maxc)
+    cr_divisor = torch.where(eqc, ones, cr)
+    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
+    hr = (maxc == r) * (bc - gc)
+    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
+    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
+    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
+    return torch.stack((h, s, maxc), dim=1)
+
+
+def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """The closed form f(n) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, for
+    n = 5, 3, 1 (R, G, B): torchvision's piecewise conversion in one broadcast."""
+    h, s, v = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + 6.0 * h, 6.0)
+    return v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+
+
+def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue by ``factor`` (in turns, within [-0.5, 0.5]) per image."""
+    hsv = _rgb_to_hsv(x)
+    h = torch.remainder(hsv[:, 0] + factor.view(-1, 1, 1), 1.0)
+    return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
+
+
+def gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Tensor:
+    """Blur each image with its own ``sigma``: a separable kernel, reflect padding (torchvision).
+
+    The kernel is a handful of taps, so each pass is a weighted sum of shifted copies: much
+    faster on CPU than a convolution with one group per image and channel.
+    """
+    half = (kernel - 1) * 0.5
+    t = torch.linspace(-half, half, kernel, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    k = k / k.sum(1, keepdim=True)  # N x kernel
+    pad = kernel // 2
+    y = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    hgt, wid = x.shape[2:]
+    rows = sum(k[:, j].view(-1, 1, 1, 1) * y[:, :, :, j : j + wid] for j in range(kernel))
+    return sum(k[:, j].view(-1, 1, 1, 1) * rows[:, :, j : j + hgt, :] for j in range(kernel))
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    """One MoCo view of each image of a uint8 batch: ``augment(images, sizes, generator)``.
+
+    The same settings as ``moco.augment.moco_transform`` (version, crop_min, color, blur).
+    """
+
+    image_size: int
+    version: str = "v2"
+    crop_min: float = 0.2
+    color: float = 1.0
+    blur: bool = True
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        if self.version not in ("v1", "v2"):
+            raise ValueError(f"Unknown MoCo version {self.version!r}; valid: 'v1', 'v2'")
+        if not 0.0 < self.crop_min <= 1.0 or self.color < 0:
+            raise ValueError(
+                f"crop_min must be in (0, 1] and color >= 0, got {self.crop_min}, {self.color}"
+            )
+
+    def __call__(
+        self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """``images`` N x 3 x S x S uint8 (each in its top-left ``sizes`` corner) -> float views."""
+        n, dev, s = images.shape[0], images.device, self.image_size
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.rand(*shape, generator=generator, device=dev)
+
+        boxes = crop_boxes(sizes, (self.crop_min, 1.0), (3 / 4, 4 / 3), generator)
+        rois = torch.cat([torch.arange(n, device=dev, dtype=boxes.dtype).view(-1, 1), boxes], 1)
+        x = roi_align(
+            images.float(), rois, (s, s), spatial_scale=1.0, sampling_ratio=0, aligned=True
+        )
+        x = (x / 255.0).clamp_(0.0, 1.0)
+        c = self.color
+        v1 = self.version == "v1"
+        strength = (0.4 * c, 0.4 * c, 0.4 * c, min((0.4 if v1 else 0.1) * c, 0.5))
+        if v1:  # v1: grayscale, then jitter always (torchvision's v1 order)
+            x = self._gray(x, min(0.2 * c, 1.0), rand)
+            x = self._jitter(
+                x, strength, torch.ones(n, dtype=torch.bool, device=dev), rand, generator
+            )
+        else:
+            x = self._jitter(x, strength, rand(n) < 0.8, rand, generator)
+            x = self._gray(x, min(0.2 * c, 1.0), rand)
+            if self.blur:
+                sigma = 0.1 + 1.9 * rand(n)
+                blurred = gaussian_blur(x, _blur_kernel(s), sigma)
+                x = torch.where((rand(n) < 0.5).view(-1, 1, 1, 1), blurred, x)
+        x = torch.where((rand(n) < 0.5).view(-1, 1, 1, 1), x.flip(3), x)
+        mean = torch.tensor(self.mean, device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=dev).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    @staticmethod
+    def _gray(x: torch.Tensor, p: float, rand) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        on = (rand(x.shape[0]) < p).view(-1, 1, 1, 1)
+        return torch.where(on, grayscale(x).expand_as(x), x)
+
+    @staticmethod
+    def _jitter(
+        x: torch.Tensor,
+        strength: tuple[float, float, float, float],
+        on: torch.Tensor,
+        rand,  # type: ignore[no-untyped-def]
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """ColorJitter where ``on``: factors as torchvision draws them, one order per batch."""
+        n = x.shape[0]
+        b, c, s, h = strength
+        ops = []
+        if b > 0:
+            ops.append((adjust_brightness, 1.0 + b * (2 * rand(n) - 1)))
+        if c > 0:
+            ops.append((adjust_contrast, 1.0 + c * (2 * rand(n) - 1)))
+        if s > 0:
+            ops.append((adjust_saturation, 1.0 + s * (2 * rand(n) - 1)))
+        if h > 0:
+            ops.append((adjust_hue, h * (2 * rand(n) - 1)))
+        if not ops:
+            return x
+        order = torch.randperm(len(ops), generator=generator, device=x.device).tolist()
+        y = x
+        for i in order:
+            fn, factor = ops[i]
+            y = fn(y, factor)
+        return torch.where(on.view(-1, 1, 1, 1), y, x)

@@ -1,0 +1,158 @@
+"""The batched augmentations against torchvision's, their random parameters, and the store."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from moco import batchaug as B
+from moco.config import TrainConfig
+from moco.trainset import ImageStore, StoreBatches, loader, make_dataset
+
+
+@pytest.fixture
+def batch() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.rand(6, 3, 20, 24)
+
+
+@pytest.mark.parametrize(
+    ("ours", "ref", "low", "high"),
+    [
+        (B.adjust_brightness, TF.adjust_brightness, 0.6, 1.4),
+        (B.adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
+        (B.adjust_saturation, TF.adjust_saturation, 0.6, 1.4),
+        (B.adjust_hue, TF.adjust_hue, -0.1, 0.1),
+    ],
+)
+def test_colour_ops_equal_torchvision_per_image(batch, ours, ref, low, high) -> None:
+    factors = torch.linspace(low, high, batch.shape[0])
+    got = ours(batch.clone(), factors)
+    want = torch.stack([ref(im, float(f)) for im, f in zip(batch, factors, strict=True)])
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_grayscale_equals_torchvision(batch) -> None:
+    want = torch.stack([TF.rgb_to_grayscale(im) for im in batch])
+    assert torch.allclose(B.grayscale(batch), want, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_blur_equals_torchvision_with_each_images_sigma(batch, kernel: int) -> None:
+    sigmas = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0, 0.3])
+    got = B.gaussian_blur(batch, kernel, sigmas)
+    want = torch.stack(
+        [
+            TF.gaussian_blur(im, [kernel, kernel], [float(s)] * 2)
+            for im, s in zip(batch, sigmas, strict=True)
+        ]
+    )
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_a_whole_image_crop_is_the_image_resized() -> None:
+    """roi_align over the full box at the same size is the identity (pixel-centre aligned)."""
+    from torchvision.ops import roi_align
+
+    x = torch.rand(2, 3, 16, 16) * 255
+    rois = torch.tensor([[0, 0, 0, 16, 16], [1, 0, 0, 16, 16]], dtype=torch.float)
+    assert torch.allclose(
+        roi_align(x, rois, (16, 16), sampling_ratio=0, aligned=True), x, atol=1e-3
+    )
+
+
+def test_crop_boxes_follow_random_resized_crop() -> None:
+    """Areas within the scale range, log-ratios spread over [log 3/4, log 4/3], inside the image."""
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([[60, 80]] * 4000)
+    boxes = B.crop_boxes(sizes, (0.2, 1.0), (3 / 4, 4 / 3), g)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 80).all() and (boxes[:, 3] <= 60).all()
+    share = w * h / (60 * 80)
+    assert share.min() >= 0.18 and share.max() <= 1.0
+    # the same distribution as torchvision's (the first of ten attempts that fits)
+    import torchvision.transforms as T
+
+    torch.manual_seed(0)
+    image = torch.zeros(3, 60, 80)
+    ref = torch.tensor(
+        [T.RandomResizedCrop.get_params(image, [0.2, 1.0], [3 / 4, 4 / 3]) for _ in range(4000)]
+    )
+    ref_share = ref[:, 2] * ref[:, 3] / (60 * 80)
+    assert abs(float(share.mean() - ref_share.mean())) < 0.015
+    assert abs(float(share.std() - ref_share.std())) < 0.015
+    log_r = torch.log(w / h)
+    assert log_r.min() > math.log(3 / 4) - 0.1 and log_r.max() < math.log(4 / 3) + 0.1
+    ref_log_r = torch.log(ref[:, 3] / ref[:, 2].float())
+    assert abs(float(log_r.mean() - ref_log_r.mean())) < 0.02
+    # all crops differ: each sample has its own parameters
+    assert len({tuple(b.tolist()) for b in boxes[:100]}) > 90
+
+
+def test_crop_that_never_fits_falls_back_to_a_central_crop() -> None:
+    g = torch.Generator().manual_seed(0)
+    boxes = B.crop_boxes(torch.tensor([[10, 100]]), (0.9, 1.0), (3 / 4, 4 / 3), g)
+    assert boxes[0].tolist() == [43.0, 0.0, 56.0, 10.0]  # 10 px high, at most 4/3 wide: 13 px
+
+
+def test_jitter_and_grayscale_happen_as_often_as_the_recipe_says() -> None:
+    """v2: jitter with p=0.8, grayscale 0.2 (seen as images with equal channels)."""
+    aug = B.BatchAugment(16, blur=False)
+    imgs = torch.zeros(2000, 3, 16, 16, dtype=torch.uint8)
+    imgs[:, 0], imgs[:, 1], imgs[:, 2] = 200, 100, 50
+    out = aug(imgs, torch.tensor([[16, 16]] * 2000), torch.Generator().manual_seed(1))
+    x = out * torch.tensor(aug.std).view(1, 3, 1, 1) + torch.tensor(aug.mean).view(1, 3, 1, 1)
+    gray = (x.amax(1) - x.amin(1)).amax((1, 2)) < 1e-4
+    assert 0.17 < gray.float().mean() < 0.23
+    unchanged = (x[:, 0] - 200 / 255).abs().amax((1, 2)) < 1e-4
+    assert 0.15 < (unchanged & ~gray).float().mean() < 0.25  # no jitter, no grayscale: 0.2*0.8
+
+
+def test_two_views_of_one_batch_differ_and_a_seed_repeats_them() -> None:
+    aug = B.BatchAugment(16)
+    imgs = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
+    sizes = torch.tensor([[32, 32]] * 8)
+    g = torch.Generator().manual_seed(3)
+    a, b = aug(imgs, sizes, g), aug(imgs, sizes, g)
+    assert a.shape == (8, 3, 16, 16) and not torch.allclose(a, b)
+    assert torch.equal(a, aug(imgs, sizes, torch.Generator().manual_seed(3)))
+
+
+def test_store_keeps_each_images_size_and_marks_broken_ones() -> None:
+    images = [Image.new("RGB", (40, 20), (255, 0, 0)), None, Image.new("RGB", (10, 30))]
+    store = ImageStore(images, side=32)
+    assert store.sizes.tolist() == [[16, 32], [0, 0], [30, 10]]
+    assert store.valid.tolist() == [True, False, True]
+    assert store.images[0, 0, :16, :32].eq(255).all() and store.images[0, :, 16:].eq(0).all()
+
+
+def test_a_resumed_epoch_draws_the_same_batches(emoji_dir: Path, tmp_path: Path) -> None:
+    """Batch b's augmentations depend only on (seed, b): resuming at batch 2 repeats 2, 3, ..."""
+    from moco.data import list_images
+
+    cfg = TrainConfig(data=str(emoji_dir), out=str(tmp_path), image_size=16, batch_size=4)
+    paths = list_images(emoji_dir)[:16]
+    store = make_dataset(cfg, paths)
+    assert isinstance(store, ImageStore)
+    full = list(loader(store, list(range(16)), cfg, world=1, epoch=0))
+    resumed = list(loader(store, list(range(8, 16)), cfg, world=1, epoch=0, first_batch=2))
+    assert len(full) == 4 and len(resumed) == 2
+    for (va, ia, _), (vb, ib, _) in zip(full[2:], resumed, strict=True):
+        assert torch.equal(ia, ib) and torch.equal(va[0], vb[0]) and torch.equal(va[1], vb[1])
+    assert not torch.equal(full[0][0][0], full[1][0][0])
+
+
+def test_pil_path_is_kept_for_augment_pil(emoji_dir: Path, tmp_path: Path) -> None:
+    from moco.data import list_images
+
+    cfg = TrainConfig(
+        data=str(emoji_dir), out=str(tmp_path), image_size=16, batch_size=2, augment="pil"
+    )
+    ds = make_dataset(cfg, list_images(emoji_dir)[:4])
+    assert not isinstance(ds, ImageStore)
+    assert not isinstance(loader(ds, [0, 1], cfg, world=1, epoch=0), StoreBatches)
