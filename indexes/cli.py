@@ -145,7 +145,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
-    from indexes.distributed import index_distributed, world_size
+    from indexes.distributed import index_distributed
+    from moco import world_size
 
     kwargs = dict(
         labels_csv=args.labels,

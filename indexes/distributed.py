@@ -10,7 +10,6 @@ Works with gloo on CPU; each rank uses ``cuda:<local rank>`` when GPUs exist.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +20,7 @@ from indexes import embed
 from indexes.build import IndexReport, commit_batch, commit_failed, finish_run, start_run
 from indexes.faults import disk_full_reported
 from indexes.preflight import check_options
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _device(device: str | None) -> str:
-    if device:
-        return device
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    return "cpu"
+from moco import default_device
 
 
 def index_distributed(
@@ -48,7 +36,7 @@ def index_distributed(
 ) -> IndexReport | None:
     """``index_images`` across the ranks of a torchrun job; rank 0 returns the report."""
     check_options(batch_size, workers)  # on every rank, before any of them waits for another
-    device = _device(device)
+    device = str(default_device(device))
     started = not dist.is_initialized()
     if started:
         dist.init_process_group("gloo")

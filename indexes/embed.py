@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+import moco
 from moco import EncoderConfig, ImageError, eval_transform, load_encoder, load_image
 
 ORIENTATION = 0x0112
@@ -155,7 +156,8 @@ def default_workers() -> int:
 
 
 def default_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """``device``, or this process's GPU, or the CPU (moco's rule, as a string for torch)."""
+    return str(moco.default_device(device))
 
 
 def describe(d: Decoded) -> dict[str, Any]:
