@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from moco.config import KNN_K, KNN_T
+from moco.config import ADAPT_HELP, KNN_K, KNN_T
 from moco.flags import add_dataclass_flags, config_from_args
 
 RECIPE = "(default: chosen for the folder and the device, docs/pretraining.md)"
@@ -45,7 +45,7 @@ HELP = {
     "blur": "v2's Gaussian blur",
     "bn_splits": "BatchNorm groups emulating shuffle-BN on one device (1: off)",
     "sync_bn": "SyncBatchNorm across processes instead of shuffled keys",
-    "adapt": "fit the batch and the queue to a small folder instead of only warning",
+    "adapt": ADAPT_HELP,
     "workers": "data-loading processes",
     "cache": "keep decoded images in memory: auto (when under 2 GB), on, off",
     "augment": "where views are augmented: batch (a batch at a time on the training device, "

@@ -13,6 +13,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from moco.model import ModelConfig
 
+ADAPT_HELP = (
+    "fit a setting that would train poorly on this folder (a batch larger than the images, a "
+    "queue over a quarter of them, an lr far from the scaling rule, a momentum too slow for the "
+    "run) instead of only warning; the changes are logged in one line"
+)
+"""The one description of ``--adapt`` (its help text; the README and docs point here)."""
+
 KNN_K, KNN_T = 200, 0.1
 """The weighted kNN classifier's neighbours and temperature (the official CIFAR demo's), for the
 pretraining monitor, ``eval``, the probe commands and the UI alike."""
@@ -47,7 +54,7 @@ class TrainConfig:
     blur: bool = True  # v2's Gaussian blur
     bn_splits: int = 8  # shuffle-BN emulation on one device (official CIFAR demo); 1 disables
     sync_bn: bool = False
-    adapt: bool = False  # fit K and lr to the data and batch instead of only warning
+    adapt: bool = False  # see ADAPT_HELP
     workers: int = 2
     cache: str = "auto"  # pre-decoded images in memory: auto | on | off
     augment: str = (

@@ -82,7 +82,6 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
         if not cfg.adapt:
             raise ValueError(msg + "; pass a smaller --batch-size or --adapt")
         changes["batch_size"] = max(world, num_images - num_images % world)
-        log.warning("%s: batch size set to %d", msg, changes["batch_size"])
     batch = changes.get("batch_size", cfg.batch_size)
     if cfg.moco_k > num_images // 4:
         # Measured on the 1,274-image demo (docs/pretraining.md): K=1024 learned far more slowly
@@ -95,7 +94,6 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
         )
         if cfg.adapt:
             changes["moco_k"] = k
-            log.warning("%s; K set to %d", msg, k)
         else:
             log.warning("%s; consider --moco-k %d (or --adapt)", msg, k)
     total_steps = cfg.total_steps or cfg.epochs * max(num_images // batch, 1)
@@ -109,7 +107,6 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
         )
         if cfg.adapt:
             changes["moco_m"] = round(m, 4)
-            log.warning("%s; m set to %.4f", msg, m)
         else:
             log.warning("%s; consider --moco-m %.3g (or --adapt)", msg, m)
     scaled = LR_PER_256 * batch / 256
@@ -119,7 +116,6 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
         )
         if cfg.adapt:
             changes["lr"] = scaled
-            log.warning("%s; lr set to %.4g", msg, scaled)
         else:
             log.warning(msg)
     if cfg.bn_splits > 1 and (batch // world) % cfg.bn_splits:
@@ -128,7 +124,24 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
             batch // world,
             cfg.bn_splits,
         )
-    return dataclasses.replace(cfg, **changes) if changes else cfg
+    if not changes:
+        return cfg
+    log.info("adapted to %d images: %s", num_images, adapted_line(cfg, changes))
+    return dataclasses.replace(cfg, **changes)
+
+
+_SYMBOL = {"batch_size": "batch", "moco_k": "K", "moco_m": "m", "lr": "lr"}
+
+
+def adapted_line(cfg: Any, changes: dict[str, Any]) -> str:
+    """``"K 65536 -> 880, m 0.999 -> 0.9927"``: what ``--adapt`` changed, old to new."""
+
+    def num(v: Any) -> str:
+        return str(v) if isinstance(v, int) else f"{v:.4g}"
+
+    return ", ".join(
+        f"{_SYMBOL.get(k, k)} {num(getattr(cfg, k))} -> {num(v)}" for k, v in changes.items()
+    )
 
 
 @dataclass

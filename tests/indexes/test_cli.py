@@ -163,7 +163,7 @@ def test_every_command_has_help() -> None:
         for action in sub[name]._actions:
             if action.help and action.option_strings and action.dest != "help":
                 assert "default" in action.help or action.required, (name, action.dest)
-        assert text
+        assert text.startswith("usage:") and f" {name} " in text.splitlines()[0]
 
 
 def test_a_folder_query_and_a_bad_file_among_good_ones(

@@ -119,9 +119,15 @@ def test_small_data_checks(
     assert check_config(cfg, 32) == cfg  # only warns
     assert "queue size K=4096" in caplog.text and "linear scaling" in caplog.text
     assert "momentum m=0.999" in caplog.text  # 2 epochs x 4 steps cannot move the key encoder
-    adapted = check_config(replace(cfg, adapt=True), 32)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="moco.recipe"):
+        adapted = check_config(replace(cfg, adapt=True), 32)
     assert adapted.moco_k == 8 and adapted.lr == pytest.approx(LR_PER_256 * 8 / 256)
     assert adapted.moco_m == 0.9
+    # --adapt reports its changes in one INFO line, old -> new, and warns no more
+    assert [r.getMessage() for r in caplog.records] == [
+        f"adapted to 32 images: K 4096 -> 8, m 0.999 -> 0.9, lr 1 -> {adapted.lr:.4g}"
+    ]
     long_run = replace(cfg, adapt=True, epochs=10_000, moco_k=16)
     assert check_config(long_run, 32).moco_m == 0.999  # 40k steps: the paper's m is fine
     with pytest.raises(ValueError, match="batch size 64 exceeds the 32 images"):

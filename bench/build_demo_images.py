@@ -25,7 +25,7 @@ What it builds
 
 Re-run (from the repository root; 15-30 s on 2 CPU cores, 41 MB download)::
 
-    .venv/bin/python app/demo/build_images.py
+    .venv/bin/python bench/build_demo_images.py
 
 Options: ``--cache DIR`` keeps the downloaded .tgz files, ``--include-trademarked`` keeps the
 renderings left out by default. Needs Python >= 3.10, Pillow with WebP support and ``npm``.
@@ -60,7 +60,7 @@ FLUENT_VERSION = "1.1.0"
 DATASOURCE_PKG = "emoji-datasource"
 DATASOURCE_VERSION = "16.0.0"
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "app" / "demo"  # a maintainer's tool, not installed
 DEFAULT_OUT = HERE / "images"
 NOTICE_PATH = HERE / "NOTICE"
 MANIFEST = "manifest.csv"
@@ -125,7 +125,7 @@ SOFTWARE.
 
 
 def log(msg: str) -> None:
-    print(f"[build_images {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    print(f"[build_demo_images {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -443,7 +443,7 @@ They were taken from the npm package {FLUENT_PKG}@{FLUENT_VERSION}
 (https://github.com/lobehub/fluent-emoji, repackaged by LobeHub; package.json "license": "MIT";
 its README: "{fluent_readme_copyright} This project is MIT licensed.").
 
-Changes made by moco-search (app/demo/build_images.py, which rebuilds everything here):
+Changes made by moco-search (bench/build_demo_images.py, which rebuilds everything here):
 {chr(10).join(bullet(c) for c in changes)}
 
 Emoji names and categories (app/demo/images/manifest.csv) come from the npm package
