@@ -97,11 +97,25 @@ class ProbeReport:
     confusion_png: Path | None
     seconds: float
 
+    def majority(self) -> tuple[str, float] | None:
+        """The most common label among the test images and the accuracy of always guessing it:
+        the bar a probe must clear before its accuracy means anything."""
+        counts = {c: pc["n"] for c, pc in self.metrics.per_class.items() if pc["n"]}
+        if not counts:
+            return None
+        top = max(sorted(counts), key=counts.__getitem__)
+        return top, 100.0 * counts[top] / sum(counts.values())
+
+    def _majority_text(self) -> str:
+        m = self.majority()
+        return f"; always guessing {m[0]!r}: {m[1]:.1f}%" if m else ""
+
     def line(self) -> str:
         """One plain line: the terminal's log."""
         return (
             f"probe {self.name}: {len(self.classes)} classes, {self.n_labeled} labelled "
-            f"images; {self.metrics.summary()} ({self.method}; trained in {self.seconds:.1f} s)"
+            f"images; {self.metrics.summary()}{self._majority_text()} ({self.method}; trained "
+            f"in {self.seconds:.1f} s)"
         )
 
     def markdown(self) -> str:
@@ -115,6 +129,8 @@ class ProbeReport:
             f"images; accuracy by {self.method}",
             "  " + self.metrics.summary(),
         ]
+        if (m := self.majority()) is not None:
+            lines.append(f"  always guessing the most common label ({m[0]}) scores {m[1]:.1f}%")
         if self.metrics.n and self.metrics.n < 30:
             lines.append(
                 f"  only {self.metrics.n} test images: the interval is wide; label "

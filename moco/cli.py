@@ -144,12 +144,30 @@ def _eval(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         seed=args.seed,
     )
-    specs = [args.encoder] + [b for b in (args.baselines or "").split(",") if b]
+    specs = [args.encoder, *default_baselines(args.encoder, args.baselines)]
     rows = evaluate_many(specs, args.train, args.val, cfg)
     print(format_table(rows))
     if args.json_out:
         print(f"wrote {write_json(rows, args.json_out)}")
     return 0
+
+
+def default_baselines(encoder: str, given: str) -> list[str]:
+    """The rows printed beside ``encoder``: ``given`` (comma-separated), "none", or by default
+    ("auto") raw pixels and a random-init network of the encoder's own architecture."""
+    if given == "none":
+        return []
+    if given != "auto":
+        return [b for b in given.split(",") if b]
+    if encoder == "pixels" or encoder.startswith("random:"):
+        return []
+    from moco.export import read_encoder_config
+
+    try:
+        enc = read_encoder_config(encoder)
+    except (OSError, ValueError):
+        return ["pixels"]  # eval reports the bad encoder path itself
+    return ["pixels", f"random:{enc.arch}" + (":small" if enc.small_stem else "")]
 
 
 def add_eval_command(sub: argparse._SubParsersAction) -> None:
@@ -170,8 +188,10 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val", required=True, help="labelled ImageFolder tree to measure on")
     p.add_argument(
         "--baselines",
-        default="",
-        help="comma-separated extra rows, e.g. pixels,random:resnet18:small (default: none)",
+        default="auto",
+        help="rows to measure beside the encoder, comma-separated (pixels, random:ARCH, "
+        "random:ARCH:small), or none (default: auto, raw pixels and a random-init network of "
+        "the encoder's architecture: the bar training must clear)",
     )
     p.add_argument(
         "--protocol",

@@ -37,13 +37,8 @@ from moco.encoders import build_encoder, feature_dim
 from moco.export import EncoderConfig, load_encoder
 from moco.knn import knn_predict
 from moco.metrics import classification_metrics, retrieval_metrics
-from moco.probe import (
-    ProbeConfig,
-    collate_indexed,
-    paper_train_transform,
-    train_probe,
-    train_probe_on_images,
-)
+from moco.probe import ProbeConfig, train_probe
+from moco.probe_images import collate_indexed, paper_train_transform, train_probe_on_images
 
 log = logging.getLogger(__name__)
 

@@ -64,6 +64,12 @@ def test_train_cross_validates_and_saves(coll: Path) -> None:
     manifest = json.loads((coll / "manifest.json").read_text())
     assert meta["encoder_hash"] == manifest["encoder"]["content_hash"]
     assert meta["metrics"]["n"] == 15 and "15 held-out" in report.summary()
+    # the majority-class rate beside the accuracy, from the same test images
+    top, rate = report.majority()
+    counts = {c: pc["n"] for c, pc in report.metrics.per_class.items()}
+    assert rate == pytest.approx(100.0 * counts[top] / sum(counts.values()))
+    assert rate == pytest.approx(100.0 * max(counts.values()) / 15)
+    assert f"always guessing the most common label ({top}) scores {rate:.1f}%" in report.summary()
 
 
 def test_predict_with_probe_and_knn(coll: Path) -> None:

@@ -118,6 +118,20 @@ def test_cli_writes_json(data: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "knn_top1" in capsys.readouterr().out
 
 
+def test_eval_prints_the_baselines_beside_an_encoder_by_default(data: Path) -> None:
+    """The bar an encoder must clear: raw pixels and a random network of its own architecture."""
+    from moco.cli import default_baselines
+
+    assert default_baselines(str(data / "enc"), "auto") == ["pixels", "random:resnet18:small"]
+    assert default_baselines(str(data / "enc"), "none") == []
+    assert default_baselines(str(data / "enc"), "pixels") == ["pixels"]
+    assert default_baselines("pixels", "auto") == []  # a baseline needs no baseline
+    parser = argparse.ArgumentParser()
+    add_eval_command(parser.add_subparsers())
+    args = parser.parse_args(["eval", "--encoder", "x", "--train", "t", "--val", "v"])
+    assert args.baselines == "auto"
+
+
 def test_image_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         image_folder(tmp_path / "missing")

@@ -21,13 +21,15 @@ from moco.probe import (
     LinearProbe,
     ProbeConfig,
     ProbeMismatchError,
-    assert_backbone_unchanged,
-    backbone_state,
     load_probe,
-    paper_train_transform,
     read_probe_meta,
     save_probe,
     train_probe,
+)
+from moco.probe_images import (
+    assert_backbone_unchanged,
+    backbone_state,
+    paper_train_transform,
     train_probe_on_images,
 )
 
