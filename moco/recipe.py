@@ -26,7 +26,7 @@ CPU_IMAGE_SIZE = 64  # resnet18 with the ImageNet stem: ~70 img/s on 2 idle core
 GPU_IMAGE_SIZE = 224
 CPU_BATCH, GPU_BATCH = 64, 256
 QUEUE_FRACTION = 0.1  # K as a share of the images (the paper's is 5% of ImageNet)
-LR_PER_256 = 0.3  # lr = LR_PER_256 x batch / 256: solo-learn's CIFAR MoCo, 10x the paper's 0.03
+LR_PER_256 = 0.03  # lr = LR_PER_256 x batch / 256: the paper's and the official CIFAR demo's
 MOMENTUM = 0.99  # the official CIFAR demo's m; the "fit" schedule lowers it for short runs
 WARMUP_FRACTION = 0.05  # linear lr warm-up over this share of a --minutes run
 CROP_MIN, COLOR = 0.2, 1.0
