@@ -370,6 +370,32 @@ def demo(results_dir: Path, image_size: int) -> None:
     print(f"wrote {write_json(rows, results_dir / f'quality_demo_{stamp}.json')}")
 
 
+def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
+    """``"t01:moco_t=0.1,blur=false"`` -> ("t01", {"moco_t": 0.1, "blur": False}), checked
+    against ``TrainConfig``'s fields, so that an ablation row is one flag of the shipped script."""
+    from moco.config import TrainConfig
+
+    name, _, body = text.partition(":")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    flags: dict[str, Any] = {}
+    for item in filter(None, body.split(",")):
+        key, _, raw = item.partition("=")
+        if key not in fields:
+            raise argparse.ArgumentTypeError(f"{key!r} is not a TrainConfig field")
+        value: Any = {"true": True, "false": False, "none": None}.get(raw.lower(), raw)
+        if isinstance(value, str):
+            for cast in (int, float):
+                try:
+                    value = cast(raw)
+                    break
+                except ValueError:
+                    pass
+        flags[key] = value
+    if not name:
+        raise argparse.ArgumentTypeError("a recipe needs a NAME: before its flags")
+    return name, flags
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sets", nargs="*", help="NAME=ROOT of each image set (emoji=/data/emoji)")
@@ -422,8 +448,29 @@ def main() -> None:
         default=0,
         help="measure with this many train-split images, drawn with seed 0 (default: 0 = all)",
     )
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        default=[],
+        type=parse_recipe,
+        metavar="NAME[=BASE]:FLAG=VALUE,...",
+        help="define a recipe from TrainConfig fields, to name in --recipes (e.g. "
+        "t01:moco_t=0.1; NAME=BASE: starts from recipe BASE, e.g. official32=official:"
+        "image_size=32); repeatable",
+    )
     parser.add_argument("--demo", action="store_true", help="only the demo encoder's table")
     args = parser.parse_args()
+    for spec, flags in args.recipe:
+        name, _, base = spec.partition("=")  # NAME=BASE: BASE's flags, then these
+        if base and base not in RECIPES:
+            parser.error(f"--recipe {spec}: unknown base recipe {base!r}")
+        RECIPES[name] = {**RECIPES.get(base, {}), **flags}
+    unknown = [r for r in args.recipes if r not in RECIPES]
+    if unknown:
+        parser.error(
+            f"unknown recipe {unknown[0]!r}: define it with --recipe or use one of "
+            + ", ".join(RECIPES)
+        )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.results.mkdir(parents=True, exist_ok=True)
     if args.demo:
