@@ -45,6 +45,26 @@ def tiny_cfg(data: Path, out: Path, **kw: object) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
+def tiny_pretrain_args(data: Path, run: Path, epochs: int) -> list[str]:
+    """``pretrain`` on the command line with the tiny settings (32 px, batch 4, K 16)."""
+    return [
+        "pretrain",
+        str(data),
+        "--out",
+        str(run),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--moco-k",
+        "16",
+        "--workers",
+        "0",
+        "--epochs",
+        str(epochs),
+    ]
+
+
 def read_log(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
 
@@ -183,24 +203,7 @@ def test_existing_run_is_not_overwritten(emoji_dir: Path, tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_ctrl_c_saves_and_resume_finishes(emoji_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    args = [
-        sys.executable,
-        str(ROOT / "launch.py"),
-        "pretrain",
-        str(emoji_dir),
-        "--out",
-        str(run),
-        "--image-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--moco-k",
-        "16",
-        "--workers",
-        "0",
-        "--epochs",
-        "50",
-    ]
+    args = [sys.executable, str(ROOT / "launch.py"), *tiny_pretrain_args(emoji_dir, run, 50)]
     proc = subprocess.Popen(
         args,
         cwd=ROOT,
@@ -291,20 +294,7 @@ def test_resume_needs_only_data_and_out(
 
     run = tmp_path / "run"
     first = [
-        "pretrain",
-        str(emoji_dir),
-        "--out",
-        str(run),
-        "--image-size",
-        "32",
-        "--batch-size",
-        "4",
-        "--moco-k",
-        "16",
-        "--workers",
-        "0",
-        "--epochs",
-        "1",
+        *tiny_pretrain_args(emoji_dir, run, 1),
         "--max-steps",
         "2",
         "--monitor-images",
