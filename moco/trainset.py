@@ -68,28 +68,26 @@ def make_dataset(cfg: TrainConfig, paths: list[Path]) -> ImageFiles | ImageStore
     """The training images: a tensor store (``--augment batch``), decoded PIL images in memory,
     or the files read anew each epoch (when they would not fit in memory)."""
     side = 2 * cfg.image_size
-    use_cache = cfg.cache == "on" or (cfg.cache == "auto" and len(paths) * side**2 * 3 < 2 * 2**30)
+    if not (uses_store(cfg, len(paths)) or in_memory(cfg, len(paths))):
+        return ImageFiles(paths, TwoCropsTransform(view_transform(cfg)))
+    t0 = time.perf_counter()
+    images = cache_images(paths, side)
+    log.info("decoded %d images into memory in %.1fs", len(images), time.perf_counter() - t0)
     if uses_store(cfg, len(paths)):
-        t0 = time.perf_counter()
-        store = ImageStore(cache_images(paths, side), side)
-        log.info("decoded %d images into memory in %.1fs", len(store), time.perf_counter() - t0)
-        return store
-    transform = TwoCropsTransform(view_transform(cfg))
-    if use_cache:
-        t0 = time.perf_counter()
-        images = cache_images(paths, side)
-        log.info("decoded %d images into memory in %.1fs", len(images), time.perf_counter() - t0)
-        return CachedImages(images, transform)
-    return ImageFiles(paths, transform)
+        return ImageStore(images, side)
+    return CachedImages(images, TwoCropsTransform(view_transform(cfg)))
+
+
+def in_memory(cfg: TrainConfig, n: int) -> bool:
+    """``--cache on``, or ``auto`` when ``n`` images at twice the training size fit in 2 GiB."""
+    fits = n * (2 * cfg.image_size) ** 2 * 3 < 2 * 2**30
+    return cfg.cache == "on" or (cfg.cache == "auto" and fits)
 
 
 def uses_store(cfg: TrainConfig, n: int) -> bool:
     """Batched augmentation from a tensor store: ``--augment batch``, or ``auto`` when the
-    images fit in memory (2 GiB) and the cache is not off."""
-    if cfg.augment == "batch":
-        return True
-    fits = n * (2 * cfg.image_size) ** 2 * 3 < 2 * 2**30
-    return cfg.augment == "auto" and cfg.cache != "off" and (cfg.cache == "on" or fits)
+    images are kept in memory."""
+    return cfg.augment == "batch" or (cfg.augment == "auto" and in_memory(cfg, n))
 
 
 class ImageStore:
