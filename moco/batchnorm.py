@@ -7,6 +7,9 @@ keys across GPUs, and on one device the official CIFAR demo splits the batch int
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,7 +28,7 @@ class SplitBatchNorm(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.num_splits
-        if not self.training or x.shape[0] % s:
+        if s == 1 or not self.training or x.shape[0] % s:
             return super().forward(x)
         if torch.is_grad_enabled():
             # Slicing along the batch keeps channels_last tensors dense (a reshape would copy).
@@ -52,8 +55,11 @@ class SplitBatchNorm(nn.BatchNorm2d):
             var = var * (x.numel() / c) / max(x.numel() / c - 1, 1)
         with torch.no_grad():  # running stats from the whole batch, as plain BatchNorm keeps them
             # Under bf16 autocast x is bf16; the running buffers stay fp32 (lerp_ needs one dtype).
-            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-            self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+            # Through ``.data``: end-to-end runs this layer twice in one graph, and the first
+            # (plain) pass saved the buffers for its backward, which reads only the batch's
+            # statistics; an in-place update seen by autograd would fail that backward.
+            self.running_mean.data.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.data.lerp_(var.to(self.running_var.dtype), self.momentum)
             self.num_batches_tracked.add_(1)
         return out
 
@@ -68,3 +74,21 @@ def split_batchnorm(module: nn.Module, splits: int) -> nn.Module:
         else:
             split_batchnorm(child, splits)
     return module
+
+
+@contextmanager
+def splitting(module: nn.Module, splits: int) -> Iterator[None]:
+    """Within the block, every ``SplitBatchNorm`` of ``module`` uses ``splits`` groups.
+
+    End-to-end training encodes queries and keys with one network: its queries normalise over
+    the whole batch (1 group) and its keys over shuffled groups, as MoCo's two encoders do.
+    """
+    layers = [m for m in module.modules() if isinstance(m, SplitBatchNorm)]
+    before = [m.num_splits for m in layers]
+    for m in layers:
+        m.num_splits = splits
+    try:
+        yield
+    finally:
+        for m, s in zip(layers, before, strict=True):
+            m.num_splits = s

@@ -17,6 +17,9 @@ RECIPE = "(default: chosen for the folder and the device, docs/pretraining.md)"
 HELP = {
     "data": "folder of images to train on (searched recursively; no labels needed)",
     "version": "MoCo recipe: v2 (MLP head, T=0.2, blur, cosine lr) or v1",
+    "mechanism": "where the keys come from (docs/mechanisms.md): moco (momentum encoder and "
+    "queue), end-to-end (the query encoder, the batch's other images as negatives: K = batch - "
+    "1) or memory-bank (one stored feature per image, K sampled negatives; InstDisc)",
     "arch": "backbone: resnet18, resnet34, resnet50, resnet101, resnet152, wide_resnet50_2",
     "small_stem": "3x3 stem without max-pool for small images "
     "(default: on at <= 96 px on a GPU; off on a CPU, where it costs 16x)",
@@ -30,13 +33,14 @@ HELP = {
     "warmup_epochs": "linear warm-up before the cosine (default: 0, or a short warm-up with "
     "--minutes)",
     "moco_dim": "embedding width compared by the loss",
-    "moco_k": "queue size K (negatives); keep it below the number of images (default: a tenth "
-    "of the images; the paper's ImageNet value is 65536)",
+    "moco_k": "negatives K: the queue's size, or the memory bank's sample; keep it below the "
+    "number of images (default: a tenth of the images; the paper's ImageNet value is 65536)",
     "moco_m": "key-encoder momentum m (default: 0.99, lowered for short runs by --m-schedule "
     "fit; the paper's is 0.999 constant)",
     "m_schedule": "momentum schedule: fit (constant, at most 1 - 10/steps), cosine (m rises to "
     "1, as in BYOL and MoCo v3) or constant",
     "moco_t": "softmax temperature T (default: 0.07 for v1, 0.2 for v2)",
+    "bank_t": "memory-bank: momentum t of an entry's update v <- t v + (1 - t) q",
     "mlp": "MLP projection head (default: on for v2, off for v1)",
     "head_bn": "BatchNorm in the projection head",
     "symmetric": "symmetric loss (both views as queries)",

@@ -20,6 +20,9 @@ ADAPT_HELP = (
 )
 """The one description of ``--adapt`` (its help text; the README and docs point here)."""
 
+MECHANISMS = ("moco", "end-to-end", "memory-bank")
+"""Where a query's keys come from (``--mechanism``; moco.mechanisms, docs/mechanisms.md)."""
+
 KNN_K, KNN_T = 200, 0.1
 """The weighted kNN classifier's neighbours and temperature (the official CIFAR demo's), for the
 pretraining monitor, ``eval``, the probe commands and the UI alike."""
@@ -32,6 +35,7 @@ class TrainConfig:
     data: str
     out: str
     version: str = "v2"
+    mechanism: str = "moco"  # where keys come from: moco, end-to-end, memory-bank
     arch: str = "resnet18"
     small_stem: bool | None = None  # None: on when image_size <= 96, except on CPU
     image_size: int | None = None  # None: 64 on CPU, 224 on GPU
@@ -46,6 +50,7 @@ class TrainConfig:
     moco_m: float | None = None  # None: 0.99 (lowered to fit a short run by the "fit" m_schedule)
     m_schedule: str = "fit"  # fit: m <= 1 - 10/steps; cosine: m rises to 1; constant: the paper's
     moco_t: float | None = None  # None: 0.07 for v1, 0.2 for v2
+    bank_t: float = 0.5  # memory-bank: v <- t * v + (1 - t) * q (InstDisc's t)
     mlp: bool | None = None  # None: the version's head (v2 MLP, v1 linear)
     head_bn: bool = False
     symmetric: bool = False
@@ -76,7 +81,8 @@ class TrainConfig:
     max_steps: int = 0  # stop each epoch after this many steps (0: the whole epoch); for tests
     total_steps: int = 0  # length of the schedule in steps (0: epochs); --minutes sets it
 
-    def model_config(self) -> ModelConfig:
+    def model_config(self, num_images: int = 0) -> ModelConfig:
+        """The model's settings; ``num_images`` sizes the memory bank (one entry per image)."""
         from moco.model import ModelConfig
 
         v1 = self.version == "v1"
@@ -92,6 +98,9 @@ class TrainConfig:
             bn_splits=self.bn_splits,
             sync_bn=self.sync_bn,
             head_bn=self.head_bn,
+            mechanism=self.mechanism,
+            bank_size=num_images if self.mechanism == "memory-bank" else 0,
+            bank_t=self.bank_t,
         )
 
     @property
@@ -106,7 +115,16 @@ class TrainConfig:
         return self.lr if self.lr is not None else 0.03 * batch / 256
 
 
-FIXED_ON_RESUME = ("version", "arch", "small_stem", "moco_dim", "moco_k", "mlp", "head_bn")
+FIXED_ON_RESUME = (
+    "version",
+    "mechanism",
+    "arch",
+    "small_stem",
+    "moco_dim",
+    "moco_k",
+    "mlp",
+    "head_bn",
+)
 """Settings a run cannot change half-way: they shape the weights, the head or the queue."""
 
 

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from moco.config import TrainConfig
 from moco.distributed import world_size
 from moco.loss import topk_accuracy
+from moco.mechanisms import Model
 from moco.model import MoCo
 from moco.recipe import WARMUP_FRACTION, Budget
 from moco.schedule import Schedule
@@ -44,7 +45,7 @@ class TrainState:
     """
 
     step_fn: nn.Module  # the model as called: DDP- and compile-wrapped
-    model: MoCo
+    model: Model  # MoCo, EndToEnd or MemoryBank (--mechanism)
     optimizer: torch.optim.Optimizer
     cfg: TrainConfig
     device: torch.device
@@ -124,7 +125,8 @@ def train_one_epoch(state: TrainState, loader: DataLoader) -> dict[str, float]:
             lr = sched.lr(cfg, global_step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            model.m = sched.momentum(cfg, global_step)
+            if isinstance(model, MoCo):  # the other mechanisms have no key encoder
+                model.m = sched.momentum(cfg, global_step)
             im_q = im_q.to(device, non_blocking=True, memory_format=fmt)
             im_k = im_k.to(device, non_blocking=True, memory_format=fmt)
             ids = ids.to(device, non_blocking=True)
@@ -160,10 +162,11 @@ def train_one_epoch(state: TrainState, loader: DataLoader) -> dict[str, float]:
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
+    momentum = {"momentum": model.m} if isinstance(model, MoCo) else {}
     return {
         "loss": loss_sum / max(n_seen, 1),
         "lr": lr,
-        "momentum": model.m,
+        **momentum,
         "contrastive_acc": acc_sum / max(n_seen, 1),
         "images_per_s": n_seen * world_size() / max(seconds, 1e-9),
         "steps": n_steps,

@@ -1,4 +1,4 @@
-"""InfoNCE over one positive key and K negatives from the queue (MoCo, eq. 1).
+"""InfoNCE over one positive key and K negatives (MoCo, eq. 1): from the queue or the batch.
 
 https://arxiv.org/abs/1911.05722
 """
@@ -37,6 +37,43 @@ def moco_logits(
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # Nx(1+K)
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return logits, labels
+
+
+def batch_logits(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    temperature: float,
+    offset: int = 0,
+    ids: torch.Tensor | None = None,
+    k_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """End-to-end logits: each query's own key, then every other key of the batch as a negative.
+
+    Args:
+        q: NxC normalised queries.
+        k: MxC normalised keys of the whole batch (M >= N; over DDP, every rank's), where query
+            i's positive is ``k[offset + i]``.
+        temperature: T.
+        ids, k_ids: optional dataset indexes of the queries' and keys' images; another key of a
+            query's own image is then left out (logit -inf), as for MoCo's queue.
+
+    Returns:
+        logits Nx M with the positive in column 0 and the other M - 1 keys in order, N zero
+        labels: the layout of ``moco_logits``, so accuracy and loss are computed alike.
+    """
+    q, k = q.float(), k.float()
+    n, m = q.shape[0], k.shape[0]
+    rows = torch.arange(n, device=q.device)
+    sim = q @ k.T  # NxM
+    others = torch.ones(n, m, dtype=torch.bool, device=q.device)
+    others[rows, rows + offset] = False
+    l_pos = sim[rows, rows + offset].unsqueeze(1)
+    l_neg = sim[others].view(n, m - 1)
+    if ids is not None and k_ids is not None:
+        same = k_ids.to(q.device).unsqueeze(0) == ids.to(q.device).unsqueeze(1)
+        l_neg = l_neg.masked_fill(same[others].view(n, m - 1), float("-inf"))
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    return logits, torch.zeros(n, dtype=torch.long, device=q.device)
 
 
 def info_nce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

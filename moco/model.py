@@ -51,6 +51,28 @@ class ModelConfig:
     bn_splits: int = 1
     sync_bn: bool = False
     head_bn: bool = False  # BatchNorm after the MLP head's hidden layer (SimCLR v2, MoCo v3)
+    mechanism: str = "moco"  # where keys come from: moco, end-to-end, memory-bank (mechanisms.py)
+    bank_size: int = 0  # memory-bank: one entry per training image
+    bank_t: float = 0.5  # memory-bank: momentum of an entry's update (InstDisc's 0.5)
+
+
+def make_encoder(cfg: ModelConfig, splits: int) -> nn.Module:
+    """The backbone with its projection head (v1 linear, v2 MLP), BatchNorm split or synced."""
+    net = build_encoder(cfg.arch, num_classes=cfg.dim, small_stem=cfg.small_stem)
+    if cfg.mlp:  # v2: a 2-layer MLP head replaces the linear fc
+        width = feature_dim(cfg.arch)
+        norm: list[nn.Module] = [nn.BatchNorm1d(width)] if cfg.head_bn else []
+        net.fc = nn.Sequential(
+            nn.Linear(width, width, bias=not cfg.head_bn),
+            *norm,
+            nn.ReLU(inplace=True),
+            net.fc,
+        )
+    if splits > 1:
+        split_batchnorm(net, splits)
+    if cfg.sync_bn:
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return net
 
 
 class MoCo(nn.Module):
@@ -59,8 +81,8 @@ class MoCo(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.encoder_q = self._make_encoder(cfg, splits=1)
-        self.encoder_k = self._make_encoder(cfg, splits=cfg.bn_splits)
+        self.encoder_q = make_encoder(cfg, splits=1)
+        self.encoder_k = make_encoder(cfg, splits=cfg.bn_splits)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         self.m = cfg.m  # the momentum of the next update; a schedule may change it every step
         for p in self.encoder_k.parameters():
@@ -74,24 +96,6 @@ class MoCo(nn.Module):
         # Checkpoints written before the queue kept image ids: their keys' images are unknown.
         state_dict.setdefault(prefix + "queue_ids", torch.full_like(self.queue_ids, -1))
         super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
-
-    @staticmethod
-    def _make_encoder(cfg: ModelConfig, splits: int) -> nn.Module:
-        net = build_encoder(cfg.arch, num_classes=cfg.dim, small_stem=cfg.small_stem)
-        if cfg.mlp:  # v2: a 2-layer MLP head replaces the linear fc
-            width = feature_dim(cfg.arch)
-            norm: list[nn.Module] = [nn.BatchNorm1d(width)] if cfg.head_bn else []
-            net.fc = nn.Sequential(
-                nn.Linear(width, width, bias=not cfg.head_bn),
-                *norm,
-                nn.ReLU(inplace=True),
-                net.fc,
-            )
-        if splits > 1:
-            split_batchnorm(net, splits)
-        if cfg.sync_bn:
-            net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        return net
 
     @torch.no_grad()
     def momentum_update(self) -> None:

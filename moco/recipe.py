@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from moco.config import MECHANISMS
 from moco.encoders import check_arch
 from moco.schedule import steps_in_budget
 
@@ -68,6 +69,10 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
         raise ValueError(f"Unknown MoCo version {cfg.version!r}; valid: v1, v2")
     if cfg.augment not in ("auto", "batch", "pil"):
         raise ValueError(f"Unknown --augment {cfg.augment!r}; valid: auto, batch, pil")
+    if cfg.mechanism not in MECHANISMS:
+        raise ValueError(f"Unknown --mechanism {cfg.mechanism!r}; valid: {', '.join(MECHANISMS)}")
+    if cfg.mechanism == "memory-bank" and not 0.0 <= cfg.bank_t < 1.0:
+        raise ValueError(f"--bank-t {cfg.bank_t} must be in [0, 1)")
     if cfg.m_schedule not in ("fit", "cosine", "constant"):
         raise ValueError(f"Unknown --m-schedule {cfg.m_schedule!r}; valid: fit, cosine, constant")
     if num_images == 0:
@@ -83,7 +88,19 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
             raise ValueError(msg + "; pass a smaller --batch-size or --adapt")
         changes["batch_size"] = max(world, num_images - num_images % world)
     batch = changes.get("batch_size", cfg.batch_size)
-    if cfg.moco_k > num_images // 4:
+    moco = cfg.mechanism == "moco"
+    if cfg.mechanism == "end-to-end":
+        log.info(
+            "end-to-end: K = batch - 1 = %d negatives (the batch's other images); --moco-k is "
+            "not used",
+            batch - 1,
+        )
+    if moco and cfg.moco_m == 0:
+        log.warning(
+            "--moco-m 0 makes the key encoder a copy of the query encoder at every step; the "
+            "paper reports that training then fails to converge (the loss oscillates)"
+        )
+    if moco and cfg.moco_k > num_images // 4:
         # Measured on the 1,274-image demo (docs/pretraining.md): K=1024 learned far more slowly
         # than K=128, even with a query's own image masked out of the queue. The paper's queue is
         # 5% of ImageNet; a tenth of the images worked here.
@@ -97,7 +114,7 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
         else:
             log.warning("%s; consider --moco-k %d (or --adapt)", msg, k)
     total_steps = cfg.total_steps or cfg.epochs * max(num_images // batch, 1)
-    if cfg.m_schedule == "constant" and 1.0 / (1.0 - cfg.moco_m) > total_steps / 10:
+    if moco and cfg.m_schedule == "constant" and 1.0 / (1.0 - cfg.moco_m) > total_steps / 10:
         # The key encoder averages the query encoder over ~1/(1-m) steps; when that is a large part
         # of the run the keys stay close to the random initial network and training stalls.
         m = min(cfg.moco_m, max(0.9, 1.0 - 10.0 / total_steps))

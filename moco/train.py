@@ -27,7 +27,7 @@ from moco.data import list_images
 from moco.distributed import default_device, init_distributed
 from moco.export import CheckpointError, backbone_from_checkpoint, load_checkpoint_file
 from moco.loop import TrainingDiverged, TrainState, train_one_epoch
-from moco.model import MoCo
+from moco.mechanisms import Model, build_model
 from moco.monitor import KnnMonitor, verdict
 from moco.recipe import Budget, auto_config, check_config
 from moco.schedule import Schedule
@@ -45,8 +45,8 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _init_from(model: MoCo, path: str) -> None:
-    """Start both encoders from the backbone of ``path`` (ours or an official MoCo checkpoint)."""
+def _init_from(model: Model, path: str) -> None:
+    """Start the encoders (both, for MoCo) from the backbone of ``path`` (ours or official)."""
     state, meta = backbone_from_checkpoint(load_checkpoint_file(path))
     if meta["arch"] != model.cfg.arch or meta["small_stem"] != model.cfg.small_stem:
         raise CheckpointError(
@@ -54,14 +54,16 @@ def _init_from(model: MoCo, path: str) -> None:
             f"run builds {model.cfg.arch} (small_stem={model.cfg.small_stem}): pass --arch "
             "and --image-size/--small-stem to match"
         )
-    for enc in (model.encoder_q, model.encoder_k):
+    for enc in (model.encoder_q, getattr(model, "encoder_k", None)):
+        if enc is None:
+            continue
         missing, unexpected = enc.load_state_dict(state, strict=False)
         assert not unexpected and all(k.startswith("fc.") for k in missing), (missing, unexpected)
-    log.info("initialised both encoders from %s (%s)", path, meta["source"])
+    log.info("initialised the encoders from %s (%s)", path, meta["source"])
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Pretrain MoCo as ``cfg`` says; return the path of the last checkpoint."""
+    """Pretrain as ``cfg`` says (``--mechanism``: MoCo by default); return the last checkpoint."""
     budget = Budget(cfg.minutes * 60.0) if cfg.minutes > 0 and not cfg.resume else None
     rank, world, local_rank = init_distributed()
     paths = list_images(cfg.data)
@@ -85,7 +87,7 @@ def train(cfg: TrainConfig) -> Path:
     _seed_all(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    model = MoCo(cfg.model_config()).to(device)
+    model = build_model(cfg.model_config(len(paths))).to(device)
     if cfg.init_from and resumed is None:
         _init_from(model, cfg.init_from)
     if cfg.channels_last:
