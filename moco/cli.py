@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
+from typing import Any
 
 from moco.config import ADAPT_HELP, KNN_K, KNN_T
 from moco.flags import add_dataclass_flags, config_from_args
@@ -123,7 +125,81 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--half", action="store_true", help="store fp16 weights (default: fp32)")
     p.set_defaults(run=_export)
+    add_ablate_command(sub)
     add_eval_command(sub)
+
+
+# --- ablate (issue 15) ------------------------------------------------------------------------
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from moco.ablate import ablate
+    from moco.config import TrainConfig
+
+    base = config_from_args(TrainConfig, args)
+    report = ablate(base, args.mechanisms, args.k, args.momentum, args.momentum_k)
+    out = args.out.rstrip("/")
+    print((Path(out) / "ablation.md").read_text(), end="")
+    print(f"wrote {out}/ablation.md, ablation.json, ablation.png ({len(report['cells'])} cells)")
+    return 0
+
+
+def _listed(kind: type) -> Any:
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            msg = f"not a comma-separated list of {kind.__name__}: {text}"
+            raise argparse.ArgumentTypeError(msg) from None
+
+    return parse
+
+
+def add_ablate_command(sub: argparse._SubParsersAction) -> None:
+    """Register ``ablate``: the paper's mechanism x K grid and momentum table on a folder."""
+    from moco.config import MECHANISMS, TrainConfig
+
+    p = sub.add_parser(
+        "ablate",
+        help="compare MoCo, end-to-end and memory bank (and MoCo's momentum) on a folder",
+        description="Run the MoCo paper's ablations on DATA as pretrain runs with one budget "
+        "each: the three mechanisms against the dictionary size K (Figure 3) and MoCo's "
+        "momentum m at one K. Each cell is measured by the label-free monitor and, with "
+        "--val-dir, kNN top-1; the tables and a plot are written to --out. Running it again "
+        "continues an interrupted grid (docs/mechanisms.md).",
+    )
+    helps = {**HELP, "epochs": "passes over the images per cell (default: 10)"}
+    skip = ("out", "resume", "mechanism", "moco_k", "save_every", "max_steps", "total_steps")
+    add_dataclass_flags(p, TrainConfig, helps, positional=("data",), skip=skip)
+    p.set_defaults(epochs=10)
+    p.add_argument("--out", required=True, help="folder for the cells, tables and plot")
+    p.add_argument(
+        "--mechanisms",
+        type=_listed(str),
+        default=MECHANISMS,
+        help="mechanisms of the K table, comma-separated (default: " + ",".join(MECHANISMS) + ")",
+    )
+    p.add_argument(
+        "--k",
+        type=_listed(int),
+        default=(),
+        help="dictionary sizes K, comma-separated; end-to-end trains with a batch of K "
+        "(default: powers of two from 16 to a quarter of the images)",
+    )
+    p.add_argument(
+        "--momentum",
+        type=_listed(float),
+        default=(0.0, 0.9, 0.99, 0.999, 0.9999),
+        help="MoCo momenta of the momentum table, constant through each run; none: '' "
+        "(default: 0,0.9,0.99,0.999,0.9999, the paper's)",
+    )
+    p.add_argument(
+        "--momentum-k",
+        type=int,
+        default=0,
+        help="K of the momentum table (default: the grid's K nearest a tenth of the images)",
+    )
+    p.set_defaults(run=_ablate)
 
 
 # --- eval (issue 4) ---------------------------------------------------------------------------
