@@ -101,8 +101,12 @@ def train(cfg: TrainConfig) -> Path:
         log.info("resumed from %s at epoch %d step %d", ckpt_path, start_epoch, skip_steps)
     net: nn.Module = model
     if world > 1:
+        # DDP copies rank 0's buffers to every rank before each step; the memory bank (one
+        # entry per image) is kept identical by its own gathered updates instead.
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=cfg.mechanism != "memory-bank",
         )
     step_fn = torch.compile(net) if cfg.compile else net
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"

@@ -44,13 +44,15 @@ _WORKER = textwrap.dedent(
     made = []
 
 
-    class Capture(MoCo):
-        def __init__(self, cfg):
-            super().__init__(cfg)
-            made.append(self)
+    build = mt.build_model
 
 
-    mt.MoCo = Capture  # the trainer builds its model through this name
+    def capture(cfg):
+        made.append(build(cfg))
+        return made[-1]
+
+
+    mt.build_model = capture  # the trainer builds its model through this name
     cfg = mt.TrainConfig(
         data=str(data), out=str(out / "run"), arch="resnet18", image_size=32, epochs=2,
         batch_size=8, moco_k=16, workers=0, seed=0, bn_splits=1, max_steps=2, cache="on",
@@ -58,6 +60,12 @@ _WORKER = textwrap.dedent(
     mt.train(cfg)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.save(made[0].state_dict(), out / f"rank{rank}.pt")
+    # The other mechanisms under DDP: one epoch each, every rank saves its state.
+    for mech in ("memory-bank", "end-to-end"):
+        run = mt.TrainConfig(**{**cfg.__dict__, "out": str(out / mech), "epochs": 1,
+                                "mechanism": mech, "moco_k": 8})
+        mt.train(run)
+        torch.save(made[-1].state_dict(), out / f"{mech}{rank}.pt")
 
     # enqueue: every rank must write the keys of all ranks, in rank order, wrapping past K.
     torch.manual_seed(0)
@@ -174,6 +182,23 @@ def test_ddp_ranks_end_with_identical_weights(ddp_run: Path) -> None:
     ptr = int(s0["queue_ptr"])
     last = s0["queue_ids"][[(ptr - 1 - i) % 16 for i in range(8)]].tolist()
     assert min(last) >= 0 and len(set(last)) == 8
+
+
+def test_ddp_memory_bank_and_end_to_end_stay_identical_across_ranks(ddp_run: Path) -> None:
+    """Every rank applies every rank's bank updates; end-to-end's gradients are all-reduced."""
+    for mech in ("memory-bank", "end-to-end"):
+        s0 = torch.load(ddp_run / f"{mech}0.pt", weights_only=True)
+        s1 = torch.load(ddp_run / f"{mech}1.pt", weights_only=True)
+        assert s0.keys() == s1.keys() and "queue" not in s0
+        # BatchNorm's running statistics are each rank's own, as in plain DDP
+        for k in [k for k in s0 if k.endswith((".weight", ".bias")) or k == "bank"]:
+            assert torch.equal(s0[k], s1[k]), (mech, k)
+    from moco.data import list_images
+
+    bank = torch.load(ddp_run / "memory-bank0.pt", weights_only=True)["bank"]
+    n = len(list_images(ddp_run.parent / "images"))
+    assert bank.shape[1] == n  # one entry per file listed (a broken file keeps its unused one)
+    assert torch.allclose(bank.norm(dim=0), torch.ones(n), atol=1e-5)
 
 
 def test_ddp_run_writes_logs_and_survives_broken_file(ddp_run: Path) -> None:
