@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from app.context import AppContext
-from moco import read_encoder_config
+from moco import epoch_numbers, read_encoder_config
 
 
 def training_summary(ctx: AppContext) -> dict[str, Any]:
@@ -54,7 +54,8 @@ def loss_curve(ctx: AppContext) -> Any:
     import pandas as pd
 
     log = training_summary(ctx).get("log") or []
-    rows = [(int(r["epoch"]) + 1, float(r["loss"])) for r in log if "loss" in r and "epoch" in r]
+    log = [r for r in log if "loss" in r and "epoch" in r]
+    rows = list(zip(epoch_numbers(log), (float(r["loss"]) for r in log), strict=True))
     if not rows:
         return None
     return pd.DataFrame(rows, columns=["epoch", "loss"])

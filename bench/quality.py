@@ -52,6 +52,7 @@ from moco.export import export_encoder  # noqa: E402
 from moco.knn import knn_predict  # noqa: E402
 from moco.metrics import retrieval_metrics  # noqa: E402
 from moco.probe import ProbeConfig, train_probe  # noqa: E402
+from moco.trainlog import epoch_numbers  # noqa: E402
 
 SHIPPED = ROOT / "app" / "demo" / "encoder"
 
@@ -125,8 +126,8 @@ def checkpoints(run: Path) -> list[tuple[float, Path]]:
     """(wall-clock minutes since the start of the run, checkpoint) for each saved epoch."""
     rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x]
     out = []
-    for r in rows:
-        ckpt = run / f"checkpoint_{r['epoch'] + 1:04d}.pt"
+    for r, epoch in zip(rows, epoch_numbers(rows), strict=True):
+        ckpt = run / f"checkpoint_{epoch:04d}.pt"
         if ckpt.is_file():
             out.append((r["elapsed_s"] / 60, ckpt))
     return out

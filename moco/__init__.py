@@ -54,6 +54,7 @@ if TYPE_CHECKING:
         train_probe,
     )
     from moco.published import resolve_encoder
+    from moco.trainlog import epoch_numbers
 
 _WHERE = {
     "CheckpointError": "moco.export",
@@ -78,6 +79,7 @@ _WHERE = {
     "classification_metrics": "moco.metrics",
     "config_from_args": "moco.flags",
     "default_device": "moco.distributed",
+    "epoch_numbers": "moco.trainlog",
     "eval_transform": "moco.augment",
     "export_encoder": "moco.export",
     "feature_dim": "moco.encoders",
@@ -129,6 +131,7 @@ __all__ = [
     "classification_metrics",
     "config_from_args",
     "default_device",
+    "epoch_numbers",
     "eval_transform",
     "export_encoder",
     "feature_dim",

@@ -31,7 +31,7 @@ from moco.mechanisms import Model, build_model
 from moco.monitor import KnnMonitor, verdict
 from moco.recipe import Budget, auto_config, check_config
 from moco.schedule import Schedule
-from moco.trainlog import RunLog
+from moco.trainlog import RunLog, epoch_numbers
 from moco.trainset import holdout, loader, make_dataset, shard, view_monitor
 
 __all__ = ["TrainConfig", "TrainingDiverged", "check_config", "log_summary", "train"]
@@ -233,6 +233,6 @@ def log_summary(ckpt: Path) -> str:
         return f"checkpoint: {ckpt}"
     e = last[-1]
     return (
-        f"epoch {e['epoch'] + 1}: loss {e['loss']:.4f}, contrastive acc "
+        f"epoch {epoch_numbers(last)[-1]}: loss {e['loss']:.4f}, contrastive acc "
         f"{e['contrastive_acc']:.1f}%, {e['images_per_s']:.0f} img/s; checkpoint: {ckpt}"
     )

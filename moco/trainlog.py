@@ -66,12 +66,12 @@ class RunLog:
     def epoch_end(self, epoch: int, stats: dict[str, float]) -> None:
         if not self.enabled:
             return
-        row = {"epoch": epoch, **stats, "skipped_files": len(self.bad)}
+        row = {"epoch": epoch + 1, **stats, "skipped_files": len(self.bad)}  # 1-based, as printed
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb:
             for k, v in stats.items():
-                self.tb.add_scalar(f"epoch/{k}", v, epoch)
+                self.tb.add_scalar(f"epoch/{k}", v, epoch + 1)
             self.tb.flush()
         knn = f", kNN top-1 {stats['knn_top1']:.1f}%" if "knn_top1" in stats else ""
         log.info(
@@ -96,6 +96,16 @@ class RunLog:
             plot_run(self.out)
 
 
+def epoch_numbers(rows: list[dict[str, Any]]) -> list[int]:
+    """Each ``log.jsonl`` row's epoch, counted from 1 as every message counts them.
+
+    Logs written before epochs were 1-based (the shipped demo encoder's among them) counted
+    from 0, and their first row says so.
+    """
+    shift = 1 if rows and min(int(r["epoch"]) for r in rows) == 0 else 0
+    return [int(r["epoch"]) + shift for r in rows]
+
+
 def plot_run(run: Path) -> Path:
     import matplotlib
 
@@ -103,7 +113,7 @@ def plot_run(run: Path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
-    epochs = [r["epoch"] + 1 for r in rows]
+    epochs = epoch_numbers(rows)
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     ax[0].plot(epochs, [r["loss"] for r in rows], marker=".")
     ax[0].set(xlabel="epoch", ylabel="InfoNCE loss", title="training loss")

@@ -109,6 +109,6 @@ def test_an_interrupted_grid_resumes_without_rerunning_finished_cells(
     if interrupted:  # the Ctrl-C landed inside the cell's training (almost always)
         assert "resuming the interrupted run" in rc.stderr
     rows = [json.loads(x) for x in (second / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1]  # the second cell has both epochs, once each
+    assert [r["epoch"] for r in rows] == [1, 2]  # the second cell has both epochs, once each
     report = json.loads((out / "ablation.json").read_text())
     assert [c["cell"] for c in report["cells"]] == ["moco_K8", "moco_K16", "moco_K8_m0.9"]

@@ -204,7 +204,7 @@ def test_ddp_memory_bank_and_end_to_end_stay_identical_across_ranks(ddp_run: Pat
 def test_ddp_run_writes_logs_and_survives_broken_file(ddp_run: Path) -> None:
     run = ddp_run / "run"
     rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in rows] == [0, 1]
+    assert [r["epoch"] for r in rows] == [1, 2]
     assert all(r["steps"] == 2 and np.isfinite(r["loss"]) for r in rows)
     assert (run / "checkpoint_last.pt").is_file()
     # Rank 0 logs the broken files of every rank, wherever the shuffle puts it.

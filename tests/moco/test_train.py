@@ -96,7 +96,7 @@ def test_training_run_writes_its_outputs(emoji_dir: Path, tmp_path: Path) -> Non
     ckpt = train(tiny_cfg(emoji_dir, tmp_path / "run", epochs=2, val_dir=str(emoji_dir)))
     rows = read_log(tmp_path / "run")
     assert all(0 <= r["knn_top1"] <= 100 for r in rows)  # the kNN monitor ran each epoch
-    assert [r["epoch"] for r in rows] == [0, 1] and ckpt.is_file()
+    assert [r["epoch"] for r in rows] == [1, 2] and ckpt.is_file()
     assert all(r["steps"] == 4 and r["loss"] > 0 and r["images_per_s"] > 0 for r in rows)
     assert rows[1]["lr"] < rows[0]["lr"]  # cosine decay
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
@@ -320,3 +320,13 @@ def test_resume_needs_only_data_and_out(
     err = capsys.readouterr().err
     assert rc == 2 and "--moco-k cannot change when resuming" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_epoch_numbers_count_from_one_for_old_and_new_logs() -> None:
+    """New logs are 1-based; a log written when they counted from 0 (the shipped demo
+    encoder's) is read as 1-based too."""
+    from moco.trainlog import epoch_numbers
+
+    assert epoch_numbers([{"epoch": 1}, {"epoch": 2}]) == [1, 2]
+    assert epoch_numbers([{"epoch": 0}, {"epoch": 1}]) == [1, 2]
+    assert epoch_numbers([]) == []
