@@ -10,11 +10,13 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from indexes.duplicates import THRESHOLD
+from moco import add_dataclass_flags, config_from_args, flag
 
 
 def _encoder_arg(value: str) -> Path:
@@ -41,6 +43,91 @@ def _shown(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+@dataclass(frozen=True, kw_only=True)
+class IndexArgs:
+    """``moco-search index``: one field per flag (the defaults live here once)."""
+
+    images: tuple[Path, ...] = field(default=(), metadata=flag(nargs="*", metavar="IMAGE_DIR"))
+    collection: Path
+    encoder: Path | None = field(default=None, metadata=flag(type=_encoder_arg))
+    labels: Path | None = None
+    batch_size: int = 64
+    workers: int | None = None
+    device: str | None = None
+    index_type: str = "auto"
+    max_index_memory: str | None = None
+    vector_dtype: str | None = field(default=None, metadata=flag(choices=("float32", "float16")))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchArgs:
+    """``moco-search search``."""
+
+    query: tuple[str, ...] = field(default=(), metadata=flag(nargs="*"))
+    collection: Path
+    k: int = field(default=10, metadata=flag(flags=("-k",)))
+    id: int | None = None
+    negative: tuple[str, ...] = field(default=(), metadata=flag(action="append", metavar="IMAGE"))
+    label: str | None = None
+    glob: str | None = None
+    min_width: int | None = None
+    min_height: int | None = None
+    after: float | None = field(default=None, metadata=flag(type=_when))
+    before: float | None = field(default=None, metadata=flag(type=_when))
+    min_score: float | None = None
+    device: str = "cpu"
+    json: bool = field(default=False, metadata=flag(action="store_true"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DuplicatesArgs:
+    """``moco-search duplicates``."""
+
+    collection: Path
+    threshold: float = THRESHOLD
+    json: bool = field(default=False, metadata=flag(action="store_true"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportArgs:
+    """``moco-search export-embeddings``."""
+
+    collection: Path
+    out: Path
+
+
+HELP = {
+    "images": "folders to index (default: the collection's folders)",
+    "collection": "collection directory",
+    "encoder": "encoder directory, or a published checkpoint's name such as moco_v2_800ep, "
+    "fetched once (default: the one the collection was built with)",
+    "labels": "CSV with path,label columns (default: parent folder names)",
+    "batch_size": "images per batch",
+    "device": "torch device (default: cuda if present)",
+    "workers": "decoding processes (default: CPU count - 1, at most 8)",
+    "index_type": "'auto' or a FAISS factory string such as HNSW32",
+    "max_index_memory": "memory the 'auto' index may take, e.g. 2GB or 500MB; the most "
+    "accurate of Flat, IVF-Flat, IVF-SQ8, IVF-PQ that fits is built (default: the "
+    "collection's, else 2GB)",
+    "vector_dtype": "how SQLite stores the exact vectors; float16 halves the database, stored "
+    "vectors are converted (default: the collection's, float32 for a new one)",
+    "query": "query image file(s); several are averaged",
+    "k": "number of results",
+    "id": "search by a stored image id instead",
+    "negative": "image(s) to steer away from; repeat the flag for more",
+    "label": "only images with this label (default: any)",
+    "glob": "only relative paths matching (default: any)",
+    "min_width": "minimum width (default: any)",
+    "min_height": "minimum height (default: any)",
+    "after": "modified after this date or Unix time (default: any)",
+    "before": "modified before this date or Unix time (default: any)",
+    "min_score": "score cut-off",
+    "threshold": "cosine similarity to count as duplicate",
+    "out": "output directory",
+}
+"""The help of each flag, by field name; ``add_dataclass_flags`` appends the defaults."""
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this package's subcommands on the `moco-search` parser."""
     p = sub.add_parser(
@@ -49,105 +136,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Embed the images under IMAGE_DIRs into a collection. "
         "Re-running only processes new, changed, renamed and deleted files.",
     )
-    p.add_argument(
-        "images",
-        nargs="*",
-        type=Path,
-        metavar="IMAGE_DIR",
-        help="folders to index (default: the collection's folders)",
-    )
-    p.add_argument("--collection", type=Path, required=True, help="collection directory")
-    p.add_argument(
-        "--encoder",
-        type=_encoder_arg,
-        default=None,
-        help="encoder directory, or a published checkpoint's name such as "
-        "moco_v2_800ep, fetched once (default: the one the collection was built with)",
-    )
-    p.add_argument(
-        "--labels",
-        type=Path,
-        default=None,
-        help="CSV with path,label columns (default: parent folder names)",
-    )
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="decoding processes (default: CPU count - 1, at most 8)",
-    )
-    p.add_argument("--device", default=None, help="torch device (default: cuda if present)")
-    p.add_argument(
-        "--index-type",
-        default="auto",
-        help="'auto' or a FAISS factory string such as HNSW32 (default: auto)",
-    )
-    p.add_argument(
-        "--max-index-memory",
-        default=None,
-        help="memory the 'auto' index may take, e.g. 2GB or 500MB; the most accurate of Flat, "
-        "IVF-Flat, IVF-SQ8, IVF-PQ that fits is built (default: the collection's, else 2GB)",
-    )
-    p.add_argument(
-        "--vector-dtype",
-        choices=["float32", "float16"],
-        default=None,
-        help="how SQLite stores the exact vectors; float16 halves the database, stored vectors "
-        "are converted (default: the collection's, float32 for a new one)",
-    )
+    add_dataclass_flags(p, IndexArgs, HELP, positional=("images",))
     p.set_defaults(run=run_index)
 
     p = sub.add_parser("search", help="search a collection by example images or by id")
-    p.add_argument("query", nargs="*", help="query image file(s); several are averaged")
-    p.add_argument("--collection", type=Path, required=True, help="collection directory")
-    p.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
-    p.add_argument(
-        "--id", type=int, default=None, help="search by a stored image id instead (default: none)"
-    )
-    p.add_argument(
-        "--negative",
-        action="append",
-        default=[],
-        metavar="IMAGE",
-        help="image(s) to steer away from (default: none)",
-    )
-    p.add_argument("--label", default=None, help="only images with this label (default: any)")
-    p.add_argument("--glob", default=None, help="only relative paths matching (default: any)")
-    p.add_argument("--min-width", type=int, default=None, help="minimum width (default: any)")
-    p.add_argument("--min-height", type=int, default=None, help="minimum height (default: any)")
-    p.add_argument("--after", type=_when, default=None, help="modified after (default: any)")
-    p.add_argument("--before", type=_when, default=None, help="modified before (default: any)")
-    p.add_argument("--min-score", type=float, default=None, help="score cut-off (default: none)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help="JSON Lines, one hit per line with its rank (default: table)",
-    )
+    helps = {
+        **HELP,
+        "device": "torch device",
+        "json": "JSON Lines, one hit per line with its rank (default: table)",
+    }
+    add_dataclass_flags(p, SearchArgs, helps, positional=("query",))
     p.set_defaults(run=run_search)
 
     p = sub.add_parser("duplicates", help="list groups of near-duplicate images")
-    p.add_argument("--collection", type=Path, required=True, help="collection directory")
-    p.add_argument(
-        "--threshold",
-        type=float,
-        default=THRESHOLD,
-        help=f"cosine similarity to count as duplicate (default: {THRESHOLD})",
-    )
-    p.add_argument("--json", action="store_true", help="JSON output (default: text)")
+    add_dataclass_flags(p, DuplicatesArgs, {**HELP, "json": "JSON output (default: text)"})
     p.set_defaults(run=run_duplicates)
 
     p = sub.add_parser("export-embeddings", help="write embeddings.npy, ids.npy, metadata.csv")
-    p.add_argument("--collection", type=Path, required=True, help="collection directory")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    add_dataclass_flags(p, ExportArgs, HELP)
     p.set_defaults(run=run_export)
 
 
-def run_index(args: argparse.Namespace) -> int:
+def run_index(ns: argparse.Namespace) -> int:
     from indexes.distributed import index_distributed
     from moco import world_size
 
+    args = config_from_args(IndexArgs, ns)
     kwargs = dict(
         labels_csv=args.labels,
         batch_size=args.batch_size,
@@ -162,11 +176,11 @@ def run_index(args: argparse.Namespace) -> int:
                 "--max-index-memory and --vector-dtype are not supported under torchrun; "
                 "run 'moco-search index --collection C' with them once in one process"
             )
-        report = index_distributed(args.images, args.collection, args.encoder, **kwargs)
+        report = index_distributed(list(args.images), args.collection, args.encoder, **kwargs)
     else:
         from indexes.build import index_images
 
-        report = index_images(args.images, args.collection, args.encoder, **kwargs, **storage)
+        report = index_images(list(args.images), args.collection, args.encoder, **kwargs, **storage)
     if report is not None:
         print(report.summary())
         print(
@@ -209,11 +223,12 @@ def check_image_file(path: str | Path, what: str = "Image") -> None:
         raise FileNotFoundError(f"{what} not found: {path}")
 
 
-def run_search(args: argparse.Namespace) -> int:
+def run_search(ns: argparse.Namespace) -> int:
     from indexes.collection import Collection
     from indexes.filters import Filters
     from indexes.manifest import read_manifest
 
+    args = config_from_args(SearchArgs, ns)
     if args.id is None and not args.query:
         raise ValueError("give a query image or --id")
     read_manifest(args.collection)  # a wrong collection is the first thing to report
@@ -234,7 +249,7 @@ def run_search(args: argparse.Namespace) -> int:
             hits = c.search(
                 list(args.query),
                 k=args.k,
-                negatives=args.negative,
+                negatives=list(args.negative),
                 filters=f,
                 min_score=args.min_score,
             )
@@ -249,9 +264,10 @@ def run_search(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_duplicates(args: argparse.Namespace) -> int:
+def run_duplicates(ns: argparse.Namespace) -> int:
     from indexes.collection import Collection
 
+    args = config_from_args(DuplicatesArgs, ns)
     with Collection.open(args.collection) as c:
         groups = c.duplicates(threshold=args.threshold)
     if args.json:
@@ -266,9 +282,10 @@ def run_duplicates(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_export(args: argparse.Namespace) -> int:
+def run_export(ns: argparse.Namespace) -> int:
     from indexes.export import export_embeddings
 
+    args = config_from_args(ExportArgs, ns)
     r = export_embeddings(args.collection, args.out)
     print(f"{r.count} embeddings -> {r.embeddings}, {r.ids}; metadata -> {r.metadata}")
     return 0

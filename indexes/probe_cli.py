@@ -10,17 +10,19 @@ import argparse
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from indexes.cli import check_image_file
-from moco import KNN_K, KNN_T
+from moco import KNN_K, KNN_T, add_dataclass_flags, config_from_args, flag
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run_train(ns: argparse.Namespace) -> int:
     from indexes.classify import train_collection_probe
     from indexes.collection import Collection
     from moco import ProbeConfig
 
+    args = config_from_args(TrainArgs, ns)
     cfg = ProbeConfig.preset(args.preset)
     if args.epochs:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)
@@ -53,11 +55,12 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_predict(args: argparse.Namespace) -> int:
+def run_predict(ns: argparse.Namespace) -> int:
     from indexes.classify import predict_images
     from indexes.collection import Collection
     from moco import ImageError, load_image
 
+    args = config_from_args(PredictArgs, ns)
     if not args.images:
         raise ValueError("give at least one image file to classify")
     good: list[str] = []
@@ -95,34 +98,75 @@ def run_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def run_classify_all(args: argparse.Namespace) -> int:
+def run_classify_all(ns: argparse.Namespace) -> int:
     from indexes.classify import classify_all
     from indexes.collection import Collection
 
+    args = config_from_args(ClassifyAllArgs, ns)
     with Collection.open(args.collection) as col:
         report = classify_all(col, name=args.name, knn=args.knn, knn_k=args.knn_k, T=args.knn_t)
     print(report.summary())
     return 0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--collection", type=Path, required=True, help="collection directory")
-    p.add_argument(
-        "--name",
-        default="default",
-        help="probe name, a folder under COLLECTION/probes (default: default)",
-    )
+@dataclass(frozen=True, kw_only=True)
+class ProbeArgs:
+    """The flags every ``probe`` action has (one field per flag; the defaults live here)."""
+
+    collection: Path
+    name: str = "default"
 
 
-def _knn_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--knn",
-        action="store_true",
-        help="weighted kNN over the labelled images instead of the probe; needs no "
-        "training (default: off)",
-    )
-    p.add_argument("--knn-k", type=int, default=KNN_K, help=f"kNN neighbours (default: {KNN_K})")
-    p.add_argument("--knn-t", type=float, default=KNN_T, help=f"kNN temperature (default: {KNN_T})")
+@dataclass(frozen=True, kw_only=True)
+class KnnArgs(ProbeArgs):
+    knn: bool = field(default=False, metadata=flag(action="store_true"))
+    knn_k: int = KNN_K
+    knn_t: float = KNN_T
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainArgs(ProbeArgs):
+    """``probe train``."""
+
+    preset: str = field(default="fast", metadata=flag(choices=("fast", "paper")))
+    epochs: int = 0
+    folds: int = 5
+    val_fraction: float = 0.2
+    seed: int = 0
+    json: bool = field(default=False, metadata=flag(action="store_true"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictArgs(KnnArgs):
+    """``probe predict``."""
+
+    images: tuple[Path, ...] = field(default=(), metadata=flag(nargs="*", metavar="IMAGE"))
+    top: int = 5
+    device: str = "cpu"
+    json: bool = field(default=False, metadata=flag(action="store_true"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClassifyAllArgs(KnnArgs):
+    """``probe classify-all``."""
+
+
+HELP = {
+    "collection": "collection directory",
+    "name": "probe name, a folder under COLLECTION/probes",
+    "knn": "weighted kNN over the labelled images instead of the probe; needs no training",
+    "knn_k": "kNN neighbours",
+    "knn_t": "kNN temperature",
+    "preset": "fast: normalised features + L-BFGS; paper: SGD lr=30, 100 epochs",
+    "epochs": "override the preset's epochs / iterations (0: the preset's)",
+    "folds": "cross-validation folds for up to 2000 labels; 0 = one split",
+    "val_fraction": "held-out share for a single split",
+    "seed": "split and training seed",
+    "images": "image files",
+    "top": "labels shown per image",
+    "device": "torch device for embedding",
+}
+"""The help of each flag, by field name; ``add_dataclass_flags`` appends the defaults."""
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -136,47 +180,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     actions = probe.add_subparsers(dest="probe_action", metavar="ACTION", required=True)
 
     p = actions.add_parser("train", help="train, measure and save a probe on the labelled images")
-    _common(p)
-    p.add_argument(
-        "--preset",
-        choices=("fast", "paper"),
-        default="fast",
-        help="fast: normalised features + L-BFGS; paper: SGD lr=30, 100 epochs (default: fast)",
-    )
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=0,
-        help="override the preset's epochs / iterations (default: 0 = preset)",
-    )
-    p.add_argument(
-        "--folds",
-        type=int,
-        default=5,
-        help="cross-validation folds for up to 2000 labels; 0 = one split (default: 5)",
-    )
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.2,
-        help="held-out share for a single split (default: 0.2)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="split and training seed (default: 0)")
-    p.add_argument("--json", action="store_true", help="print metrics as JSON (default: off)")
+    add_dataclass_flags(p, TrainArgs, {**HELP, "json": "print metrics as JSON"})
     p.set_defaults(run=run_train)
 
     p = actions.add_parser("predict", help="top-5 labels of image files, with probabilities")
-    p.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="image files")
-    _common(p)
-    _knn_flags(p)
-    p.add_argument("--top", type=int, default=5, help="labels shown per image (default: 5)")
-    p.add_argument("--device", default="cpu", help="torch device for embedding (default: cpu)")
-    p.add_argument("--json", action="store_true", help="one JSON object per image (default: off)")
+    helps = {**HELP, "json": "one JSON object per image"}
+    add_dataclass_flags(p, PredictArgs, helps, positional=("images",))
     p.set_defaults(run=run_predict)
 
     p = actions.add_parser(
         "classify-all", help="predict every unlabelled image; store label + confidence"
     )
-    _common(p)
-    _knn_flags(p)
+    add_dataclass_flags(p, ClassifyAllArgs, HELP)
     p.set_defaults(run=run_classify_all)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
         save_encoder,
     )
     from moco.files import atomic_file, file_hash
-    from moco.flags import add_dataclass_flags, config_from_args
+    from moco.flags import add_dataclass_flags, config_from_args, flag
     from moco.knn import knn_predict, knn_top1
     from moco.loss import info_nce, moco_logits, topk_accuracy
     from moco.metrics import (
@@ -84,6 +84,7 @@ _WHERE = {
     "export_encoder": "moco.export",
     "feature_dim": "moco.encoders",
     "file_hash": "moco.files",
+    "flag": "moco.flags",
     "info_nce": "moco.loss",
     "knn_predict": "moco.knn",
     "knn_top1": "moco.knn",
@@ -136,6 +137,7 @@ __all__ = [
     "export_encoder",
     "feature_dim",
     "file_hash",
+    "flag",
     "info_nce",
     "knn_predict",
     "knn_top1",

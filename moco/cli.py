@@ -7,11 +7,10 @@ the library: ``--moco-k`` is ``TrainConfig.moco_k``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 from typing import Any
 
-from moco.config import ADAPT_HELP, KNN_K, KNN_T
+from moco.config import ADAPT_HELP
 from moco.flags import add_dataclass_flags, config_from_args
 
 RECIPE = "(default: chosen for the folder and the device, docs/pretraining.md)"
@@ -99,6 +98,7 @@ def _export(args: argparse.Namespace) -> int:
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register this package's subcommands on the `moco-search` parser."""
     from moco.config import TrainConfig
+    from moco.eval_cli import add_eval_command
 
     p = sub.add_parser(
         "pretrain",
@@ -200,111 +200,3 @@ def add_ablate_command(sub: argparse._SubParsersAction) -> None:
         help="K of the momentum table (default: the grid's K nearest a tenth of the images)",
     )
     p.set_defaults(run=_ablate)
-
-
-# --- eval (issue 4) ---------------------------------------------------------------------------
-
-
-def _eval(args: argparse.Namespace) -> int:
-    from moco.evaluate import EvalConfig, evaluate_many, format_table, write_json
-    from moco.probe import ProbeConfig
-
-    probe = ProbeConfig.preset("paper" if args.protocol == "paper" else "fast")
-    if args.probe_epochs:
-        probe = dataclasses.replace(probe, epochs=args.probe_epochs)
-    cfg = EvalConfig(
-        protocol=args.protocol,
-        k=args.k,
-        T=args.t,
-        probe=probe,
-        batch_size=args.batch_size,
-        device=args.device,
-        workers=args.workers,
-        monitor_size=args.monitor_size,
-        image_size=args.image_size,
-        seed=args.seed,
-    )
-    specs = [args.encoder, *default_baselines(args.encoder, args.baselines)]
-    rows = evaluate_many(specs, args.train, args.val, cfg)
-    print(format_table(rows))
-    if args.json_out:
-        print(f"wrote {write_json(rows, args.json_out)}")
-    return 0
-
-
-def default_baselines(encoder: str, given: str) -> list[str]:
-    """The rows printed beside ``encoder``: ``given`` (comma-separated), "none", or by default
-    ("auto") raw pixels and a random-init network of the encoder's own architecture."""
-    if given == "none":
-        return []
-    if given != "auto":
-        return [b for b in given.split(",") if b]
-    if encoder == "pixels" or encoder.startswith("random:"):
-        return []
-    from moco.export import read_encoder_config
-
-    try:
-        enc = read_encoder_config(encoder)
-    except (OSError, ValueError):
-        return ["pixels"]  # eval reports the bad encoder path itself
-    return ["pixels", f"random:{enc.arch}" + (":small" if enc.small_stem else "")]
-
-
-def add_eval_command(sub: argparse._SubParsersAction) -> None:
-    """Register ``eval``: kNN, linear probe, retrieval and a label-free monitor on folders."""
-    p = sub.add_parser(
-        "eval",
-        help="measure an encoder: kNN, linear probe, retrieval, label-free monitor",
-        description="Evaluate an encoder on two ImageFolder trees (one subfolder per class): "
-        "weighted kNN top-1, linear-probe top-1/top-5, retrieval mAP@10 and recall@1/5/10 "
-        "(val queries against train), and recall@1 of the other augmented view (no labels).",
-    )
-    p.add_argument(
-        "--encoder",
-        required=True,
-        help="encoder directory, or a baseline: pixels, random:ARCH, random:ARCH:small",
-    )
-    p.add_argument("--train", required=True, help="labelled ImageFolder tree to train on")
-    p.add_argument("--val", required=True, help="labelled ImageFolder tree to measure on")
-    p.add_argument(
-        "--baselines",
-        default="auto",
-        help="rows to measure beside the encoder, comma-separated (pixels, random:ARCH, "
-        "random:ARCH:small), or none (default: auto, raw pixels and a random-init network of "
-        "the encoder's architecture: the bar training must clear)",
-    )
-    p.add_argument(
-        "--protocol",
-        choices=("cached", "paper"),
-        default="cached",
-        help="linear probe on cached features, or MoCo's protocol (SGD lr=30, 100 "
-        "epochs, RandomResizedCrop+flip on the frozen backbone) (default: cached)",
-    )
-    p.add_argument(
-        "--probe-epochs",
-        type=int,
-        default=0,
-        help="override the preset's epochs / L-BFGS iterations (default: 0 = preset)",
-    )
-    p.add_argument("--k", type=int, default=KNN_K, help=f"kNN neighbours (default: {KNN_K})")
-    p.add_argument("--t", type=float, default=KNN_T, help=f"kNN temperature (default: {KNN_T})")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward (default: 64)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default: cpu)")
-    p.add_argument("--workers", type=int, default=0, help="data-loading processes (default: 0)")
-    p.add_argument(
-        "--monitor-size",
-        type=int,
-        default=256,
-        help="held-out images for the augmented-view monitor (default: 256)",
-    )
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="input size of the baselines (default: pixels 16, random 32 small/224)",
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of probe, baselines and views (default: 0)"
-    )
-    p.add_argument("--json-out", default=None, help="write the rows as JSON here (default: none)")
-    p.set_defaults(run=_eval)

@@ -20,6 +20,14 @@ def _flag_type(tp: Any) -> tuple[Any, bool]:
     return (args[0] if args else tp), False
 
 
+def flag(**options: Any) -> dict[str, Any]:
+    """A field's command-line spelling, as ``field(metadata=flag(...))``: ``type`` (a parser such
+    as a date reader), ``choices``, ``flags`` (e.g. ``("-k",)``), ``nargs`` (for positionals),
+    ``action`` ("append": the flag may be repeated; "store_true": ``--json`` without a
+    ``--no-json``), ``metavar``."""
+    return {"cli": options}
+
+
 def add_dataclass_flags(
     parser: argparse.ArgumentParser,
     cls: type,
@@ -29,41 +37,70 @@ def add_dataclass_flags(
     metavars: dict[str, str] | None = None,
 ) -> None:
     """One flag per field of ``cls`` (``helps`` by field name); every help names its default,
-    once: a help that explains its own default keeps it, others get ``(default: X)``."""
+    once: a help that explains its own default keeps it, others get ``(default: X)``.
+
+    A field without a default is a required flag (or a positional, if named in ``positional``);
+    ``flag(...)`` metadata on a field refines its spelling.
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         tp, many = _flag_type(hints[f.name])
+        opts = dict(f.metadata.get("cli", {}))
+        tp = opts.pop("type", tp)
         default = f.default
-        if default is dataclasses.MISSING:  # a required field: positional, or given elsewhere
+        required = False
+        if default is dataclasses.MISSING:  # a required field: positional, or a required flag
             no_factory = f.default_factory is dataclasses.MISSING
             default = None if no_factory else f.default_factory()
+            required = no_factory and f.name not in positional
         text = helps.get(f.name, f.name.replace("_", " "))
-        if "(default:" not in text:
+        if "(default:" not in text and not required:
             shown = (
                 {None: "none", (): "none", False: "off", True: "on"}.get(default, default)
                 if isinstance(default, (bool, tuple, type(None)))
                 else default
             )
             text += f" (default: {shown})"
+        metavar = (metavars or {}).get(f.name, opts.pop("metavar", None))
+        extra: dict[str, Any] = {"metavar": metavar} if metavar else {}
+        if "choices" in opts:
+            extra["choices"] = opts.pop("choices")
         if f.name in positional:
-            parser.add_argument(f.name, metavar=f.name.upper(), help=helps.get(f.name, f.name))
-            continue
-        flag = f"--{f.name.replace('_', '-')}"
-        extra: dict[str, Any] = (
-            {"metavar": (metavars or {}).get(f.name)} if (metavars and f.name in metavars) else {}
-        )
-        if tp is bool:
+            nargs = opts.pop("nargs", None)
             parser.add_argument(
-                flag, dest=f.name, default=default, help=text, action=argparse.BooleanOptionalAction
+                f.name,
+                help=helps.get(f.name, f.name),
+                type=tp,
+                **({"nargs": nargs, "default": default} if nargs else {}),
+                **({"metavar": metavar or f.name.upper()}),
+                **{k: v for k, v in extra.items() if k != "metavar"},
+            )
+            continue
+        flags = opts.pop("flags", (f"--{f.name.replace('_', '-')}",))
+        if required:
+            extra["required"] = True
+        if opts.get("action") == "store_true":  # a switch that is only ever turned on
+            parser.add_argument(*flags, dest=f.name, action="store_true", help=text)
+        elif tp is bool:
+            parser.add_argument(
+                *flags,
+                dest=f.name,
+                default=default,
+                help=text,
+                action=argparse.BooleanOptionalAction,
+            )
+        elif opts.get("action") == "append":
+            parser.add_argument(
+                *flags, dest=f.name, type=tp, action="append", default=[], help=text, **extra
             )
         elif many:
             parser.add_argument(
-                flag, dest=f.name, type=tp, nargs="+", default=default, help=text, **extra
+                *flags, dest=f.name, type=tp, nargs="+", default=default, help=text, **extra
             )
         else:
-            parser.add_argument(flag, dest=f.name, type=tp, default=default, help=text, **extra)
+            parser.add_argument(*flags, dest=f.name, type=tp, default=default, help=text, **extra)
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:

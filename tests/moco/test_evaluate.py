@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moco.cli import add_eval_command
 from moco.encoders import build_encoder
+from moco.eval_cli import add_eval_command
 from moco.evaluate import EvalConfig, evaluate, format_table, image_folder, load_featurizer
 from moco.export import EncoderConfig, save_encoder
 from moco.metrics import retrieval_metrics
@@ -120,7 +120,7 @@ def test_cli_writes_json(data: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_eval_prints_the_baselines_beside_an_encoder_by_default(data: Path) -> None:
     """The bar an encoder must clear: raw pixels and a random network of its own architecture."""
-    from moco.cli import default_baselines
+    from moco.eval_cli import default_baselines
 
     assert default_baselines(str(data / "enc"), "auto") == ["pixels", "random:resnet18:small"]
     assert default_baselines(str(data / "enc"), "none") == []
