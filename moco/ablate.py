@@ -189,11 +189,16 @@ def plot(results: list[dict[str, Any]], ks: tuple[int, ...], momentum_k: int, pa
     key, title = metric(results)
     ok = [r for r in results if key in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    untrained = [r[f"untrained_{key}"] for r in ok if f"untrained_{key}" in r]
+    for ax in (left, right) if untrained else ():
+        ax.axhline(untrained[0], ls="--", lw=1, color="grey", label="untrained network")
     for mech in ("end-to-end", "memory-bank", "moco"):
         pts = sorted((r["K"], r[key]) for r in ok if r["mechanism"] == mech and r["m"] is None)
         if pts:
             left.plot(*zip(*pts, strict=True), marker="o", label=LABEL[mech])
-    left.set(xscale="log", xlabel="K (negatives)", ylabel=title, title="mechanisms")
+    left.set_xscale("log", base=2)
+    left.set(xlabel="K (negatives)", ylabel=title, title="mechanisms")
+    left.minorticks_off()
     left.set_xticks(list(ks), [str(k) for k in ks])
     left.legend()
     pts = sorted((r["m"], r[key]) for r in ok if r["m"] is not None and r["K"] == momentum_k)

@@ -114,10 +114,11 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
         else:
             log.warning("%s; consider --moco-k %d (or --adapt)", msg, k)
     total_steps = cfg.total_steps or cfg.epochs * max(num_images // batch, 1)
-    if moco and cfg.m_schedule == "constant" and 1.0 / (1.0 - cfg.moco_m) > total_steps / 10:
+    m = min(cfg.moco_m, max(0.9, 1.0 - 10.0 / total_steps))
+    if moco and cfg.m_schedule == "constant" and m < cfg.moco_m:
         # The key encoder averages the query encoder over ~1/(1-m) steps; when that is a large part
         # of the run the keys stay close to the random initial network and training stalls.
-        m = min(cfg.moco_m, max(0.9, 1.0 - 10.0 / total_steps))
+        # (Below 0.9 nothing is suggested: such runs are too short for any momentum to matter.)
         msg = (
             f"momentum m={cfg.moco_m} averages the key encoder over {1 / (1 - cfg.moco_m):.0f} "
             f"steps, too many for a run of {total_steps} steps"

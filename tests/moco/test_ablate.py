@@ -86,7 +86,7 @@ def test_an_interrupted_grid_resumes_without_rerunning_finished_cells(
     emoji_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "grid"
-    args = grid_args(emoji_dir, out, "--mechanisms", "moco", "--momentum", "0.9")
+    args = grid_args(emoji_dir, out, "--mechanisms", "moco", "--momentum", "")
     cmd = [sys.executable, str(ROOT / "launch.py"), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
@@ -111,4 +111,4 @@ def test_an_interrupted_grid_resumes_without_rerunning_finished_cells(
     rows = [json.loads(x) for x in (second / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]  # the second cell has both epochs, once each
     report = json.loads((out / "ablation.json").read_text())
-    assert [c["cell"] for c in report["cells"]] == ["moco_K8", "moco_K16", "moco_K8_m0.9"]
+    assert [c["cell"] for c in report["cells"]] == ["moco_K8", "moco_K16"]

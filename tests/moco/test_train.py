@@ -148,6 +148,9 @@ def test_small_data_checks(
     assert [r.getMessage() for r in caplog.records] == [
         f"adapted to 32 images: K 4096 -> 8, m 0.999 -> 0.9, lr 1 -> {adapted.lr:.4g}"
     ]
+    caplog.clear()
+    check_config(replace(cfg, moco_m=0.9, moco_k=8, lr=None), 32)  # already the floor: no advice
+    assert "momentum" not in caplog.text
     long_run = replace(cfg, adapt=True, epochs=10_000, moco_k=16)
     assert check_config(long_run, 32).moco_m == 0.999  # 40k steps: the paper's m is fine
     with pytest.raises(ValueError, match="batch size 64 exceeds the 32 images"):
