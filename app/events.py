@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -197,11 +198,17 @@ class Events:
 
     def draw_map(self) -> tuple[Any, Any]:
         m = overview.embedding_map(self.ctx)
-        return m.image, m
+        return m.html(), m
 
-    def click_map(self, m: overview.EmbeddingMap | None, evt: gr.SelectData) -> tuple[Any, str]:
-        """The image nearest the clicked pixel; ids are the map's own, looked up here."""
-        hit_id = m.nearest(*evt.index[:2]) if m is not None else None
+    def click_map(self, m: overview.EmbeddingMap | None, evt: gr.EventData) -> tuple[Any, str]:
+        """The image nearest the clicked pixel; ids are the map's own, looked up here (the
+        client sends only where it was clicked, and that is checked to be two numbers)."""
+        data = getattr(evt, "_data", None) or {}
+        try:
+            x, y = float(data["x"]), float(data["y"])
+        except (KeyError, TypeError, ValueError):
+            x = y = float("nan")
+        hit_id = m.nearest(x, y) if m is not None and math.isfinite(x + y) else None
         if hit_id is None:
             return None, "No point there: click on a dot."
         rec = self.ctx.collection.records([hit_id])[0]

@@ -7,8 +7,11 @@ point: no plotting library in the loop, and testable as plain arithmetic.
 
 from __future__ import annotations
 
+import base64
 import colorsys
+import io
 from dataclasses import dataclass
+from html import escape
 from typing import Any
 
 import numpy as np
@@ -76,6 +79,26 @@ class EmbeddingMap:
     image: Image.Image
     ids: np.ndarray
     xy: np.ndarray  # N x 2 pixel coordinates
+    names: tuple[str, ...] = ()  # per point, the file shown on hover (its relative path)
+
+    def html(self) -> str:
+        """The map for the page: the drawn PNG under one invisible SVG circle per point, whose
+        title is the point's file (the browser shows it on hover). A click sends back only its
+        coordinates (``MAP_JS``); the point is found here, so no id comes from the client."""
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG")
+        png = base64.b64encode(buf.getvalue()).decode("ascii")
+        w, h = self.image.size
+        dots = "".join(
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="transparent">'
+            f"<title>{escape(name)}</title></circle>"
+            for (x, y), name in zip(self.xy, self.names, strict=True)
+        )
+        return (
+            f'<svg class="embedding-map" viewBox="0 0 {w} {h}" width="100%" '
+            f'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="embedding map">'
+            f'<image href="data:image/png;base64,{png}" width="{w}" height="{h}"/>{dots}</svg>'
+        )
 
     def nearest(self, x: float, y: float, radius: float = 12.0) -> int | None:
         """The id of the point drawn closest to pixel (x, y), if within ``radius``."""
@@ -85,6 +108,16 @@ class EmbeddingMap:
         j = int(np.argmin(d))
         return int(self.ids[j]) if d[j] <= radius else None
 
+
+MAP_JS = """
+element.addEventListener('click', (e) => {
+  const svg = element.querySelector('svg.embedding-map');
+  if (!svg) return;
+  const p = new DOMPoint(e.clientX, e.clientY).matrixTransform(svg.getScreenCTM().inverse());
+  trigger('click', {x: p.x, y: p.y});
+});
+"""
+"""The map's click: its position in the map's own pixels, for ``EmbeddingMap.nearest``."""
 
 TAB20 = (
     "1f77b4",
@@ -160,4 +193,4 @@ def embedding_map(ctx: AppContext, seed: int = 0) -> EmbeddingMap:
         draw.rectangle([MAP_W + 4, y, MAP_W + 14, y + 10], fill=colours[name])
         draw.text((MAP_W + 20, y - 2), name[:22], fill="black")
     draw.text((MARGIN, MAP_H - 14), "PCA of the embeddings (click a point)", fill="black")
-    return EmbeddingMap(img, ids, xy)
+    return EmbeddingMap(img, ids, xy, tuple(r.relpath for r in recs))

@@ -45,7 +45,7 @@ def take(url: str, out: Path, width: int = 1400, height: int = 1000) -> list[Pat
         page.screenshot(path=str(shots[-1]))
         page.get_by_role("tab", name="Collection").click()
         page.get_by_role("button", name="Draw the embedding map (PCA)").click()
-        page.wait_for_function("document.querySelector('#map img') !== null")
+        page.wait_for_function("document.querySelector('#map svg circle') !== null")
         page.wait_for_timeout(1000)
         shots.append(out / "collection.png")
         page.screenshot(path=str(shots[-1]), full_page=True)

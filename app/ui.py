@@ -153,7 +153,9 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             with gr.Row():
                 map_go = gr.Button("Draw the embedding map (PCA)")
             with gr.Row():
-                map_img = gr.Image(label="Embeddings", interactive=False, scale=3, elem_id="map")
+                map_img = gr.HTML(
+                    "", label="Embeddings", js_on_load=overview.MAP_JS, elem_id="map", scale=3
+                )
                 with gr.Column(scale=1):
                     point_img = gr.Image(label="Clicked point", interactive=False, height=220)
                     point_md = gr.Markdown()
@@ -222,5 +224,5 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         )
         dup_go.click(ev.find_duplicates, [thr], [dups], **private)
         map_go.click(ev.draw_map, None, [map_img, map_state], **private)
-        map_img.select(ev.click_map, [map_state], [point_img, point_md], **private)
+        map_img.click(ev.click_map, [map_state], [point_img, point_md], **private)
     return demo

@@ -108,3 +108,21 @@ def test_a_non_image_upload_says_so_once_and_clears_the_status(
     assert page.inner_text("#picked").startswith("Click a result to select it")
     body = page.inner_text("body")
     assert body.count("notimage.png") == 1 and "gradio" not in body.split("Cannot use")[1][:80]
+
+
+def test_the_map_names_each_point_on_hover_and_opens_it_on_click(page: Any, server: Any) -> None:
+    page.goto(server.local_url)
+    page.get_by_role("tab", name="Collection").click()
+    page.get_by_role("button", name="Draw the embedding map (PCA)").click()
+    page.wait_for_function("document.querySelectorAll('#map svg circle').length === 24")
+    # every point's hover text (its SVG title) is the file it stands for
+    titles = page.locator("#map svg circle title").evaluate_all(
+        "els => els.map(e => e.textContent)"
+    )
+    assert len(set(titles)) == 24 and all(t.endswith(".png") and "/" in t for t in titles)
+    page.locator("#map svg circle").nth(3).click(force=True)  # the PNG lies under it
+    page.wait_for_function(
+        f"document.body.innerText.includes({titles[3]!r}) && "
+        "document.body.innerText.includes('label:')"
+    )
+    assert titles[3].split("/")[0] in page.inner_text("body")  # its label, the folder name

@@ -349,3 +349,22 @@ def test_build_demo_wires_every_event_without_a_server(ctx: Any) -> None:
     names = {getattr(f.fn, "__name__", None) for f in fns}
     handlers_ = {n for n in dir(Events) if not n.startswith("_")} - {"failed_search", "unselect"}
     assert handlers_ <= names, sorted(handlers_ - names)
+
+
+def test_the_map_html_escapes_names_and_a_click_is_found_on_the_server(ctx: Any) -> None:
+    import gradio as gr
+
+    from app.events import Events
+
+    m = overview.embedding_map(ctx)
+    page = m.html()
+    assert page.count("<circle") == 24 and page.count("<title>") == 24
+    assert all(f"<title>{name}</title>" in page for name in m.names)
+    hostile = overview.EmbeddingMap(m.image, m.ids[:1], m.xy[:1], ('<img src=x onerror="a()">',))
+    assert "<img src=x" not in hostile.html() and "&lt;img src=x" in hostile.html()
+    ev = Events(ctx)
+    x, y = m.xy[2]
+    _, text = ev.click_map(m, gr.EventData(None, {"x": x + 1.0, "y": y}))
+    assert m.names[2] in text
+    for bad in ({"x": "a", "y": 1}, {"x": 1e9, "y": 1e9}, {}, None):  # whatever a client sends
+        assert ev.click_map(m, gr.EventData(None, bad))[1].startswith("No point there")
