@@ -24,7 +24,8 @@ HELP = {
     "arch": "backbone: resnet18, resnet34, resnet50, resnet101, resnet152, wide_resnet50_2",
     "small_stem": "3x3 stem without max-pool for small images "
     "(default: on at <= 96 px on a GPU; off on a CPU, where it costs 16x)",
-    "image_size": "training crop size in pixels (default: 64 on a CPU, 224 on a GPU)",
+    "image_size": "training crop size in pixels (default: 32 on a CPU, where 15 minutes at 64 px "
+    "did not learn, docs/pretraining.md; 224 on a GPU)",
     "epochs": "passes over the images (ignored with --minutes)",
     "minutes": "train for this long instead: the pace of the first steps sets the epochs and "
     "the schedule, and the run stops itself on time (0: use --epochs)",
