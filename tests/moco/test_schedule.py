@@ -40,14 +40,14 @@ def test_budget_plans_from_the_median_step() -> None:
 
 def test_auto_config_fits_the_data_and_the_device() -> None:
     cfg = auto_config(TrainConfig(data="d", out="o"), num_images=8809, device_type="cpu")
-    assert (cfg.image_size, cfg.small_stem, cfg.batch_size) == (64, False, 64)
+    assert (cfg.image_size, cfg.small_stem, cfg.batch_size) == (32, False, 64)
     assert cfg.moco_k == 881 and cfg.moco_m == 0.99
     gpu = auto_config(TrainConfig(data="d", out="o"), num_images=8809, device_type="cuda")
     assert gpu.image_size == 224 and gpu.batch_size == 256
     tiny = auto_config(TrainConfig(data="d", out="o"), num_images=32, device_type="cpu")
     assert tiny.batch_size == 8 and tiny.moco_k == 8  # 4 steps an epoch; K at least a batch
-    mine = auto_config(TrainConfig(data="d", out="o", moco_k=65536, image_size=32), 100, "cpu")
-    assert mine.moco_k == 65536 and mine.image_size == 32  # what the user sets is kept
+    mine = auto_config(TrainConfig(data="d", out="o", moco_k=65536, image_size=64), 100, "cpu")
+    assert mine.moco_k == 65536 and mine.image_size == 64  # what the user sets is kept
 
 
 def test_fit_momentum_averages_over_at_most_a_tenth_of_the_run() -> None:
