@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moco.augment import eval_transform, moco_transform
+from moco.config import KNN_K, KNN_T
 from moco.data import ImageFiles, list_images
 from moco.encoders import build_encoder, feature_dim
 from moco.export import EncoderConfig, load_encoder
@@ -52,8 +53,8 @@ class EvalConfig:
     """Settings of ``evaluate``; the probe preset follows ``protocol`` unless ``probe`` is given."""
 
     protocol: str = "cached"
-    k: int = 200
-    T: float = 0.1
+    k: int = KNN_K
+    T: float = KNN_T
     probe: ProbeConfig | None = None
     batch_size: int = 64
     device: str = "cpu"
