@@ -153,12 +153,14 @@ def gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Te
 class BatchAugment:
     """One MoCo view of each image of a uint8 batch: ``augment(images, sizes, generator)``.
 
-    The same settings as ``moco.augment.moco_transform`` (version, crop_min, color, blur).
+    The same settings as ``moco.augment.moco_transform`` (version, crop_min, color, blur);
+    ``crop_max`` below 1 makes the small local views of multi-crop.
     """
 
     image_size: int
     version: str = "v2"
     crop_min: float = 0.2
+    crop_max: float = 1.0
     color: float = 1.0
     blur: bool = True
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -167,9 +169,10 @@ class BatchAugment:
     def __post_init__(self) -> None:
         if self.version not in ("v1", "v2"):
             raise ValueError(f"Unknown MoCo version {self.version!r}; valid: 'v1', 'v2'")
-        if not 0.0 < self.crop_min <= 1.0 or self.color < 0:
+        if not 0.0 < self.crop_min <= self.crop_max <= 1.0 or self.color < 0:
             raise ValueError(
-                f"crop_min must be in (0, 1] and color >= 0, got {self.crop_min}, {self.color}"
+                "need 0 < crop_min <= crop_max <= 1 and color >= 0, got "
+                f"{self.crop_min}, {self.crop_max}, {self.color}"
             )
 
     def __call__(
@@ -181,7 +184,7 @@ class BatchAugment:
         def rand(*shape: int) -> torch.Tensor:
             return torch.rand(*shape, generator=generator, device=dev)
 
-        boxes = crop_boxes(sizes, (self.crop_min, 1.0), (3 / 4, 4 / 3), generator)
+        boxes = crop_boxes(sizes, (self.crop_min, self.crop_max), (3 / 4, 4 / 3), generator)
         rois = torch.cat([torch.arange(n, device=dev, dtype=boxes.dtype).view(-1, 1), boxes], 1)
         x = roi_align(
             images.float(), rois, (s, s), spatial_scale=1.0, sampling_ratio=0, aligned=True

@@ -49,6 +49,9 @@ HELP = {
     "crop_min": "smallest crop, as a share of the image's area " + RECIPE,
     "color": "strength of colour jitter and grayscale, 1 being the papers' " + RECIPE,
     "blur": "v2's Gaussian blur",
+    "local_crops": "multi-crop (SwAV): this many small crops of each image as extra queries "
+    "against its key (0: off; needs --augment batch)",
+    "local_size": "side of the local crops in pixels (default: half of --image-size)",
     "bn_splits": "BatchNorm groups emulating shuffle-BN on one device (1: off)",
     "sync_bn": "SyncBatchNorm across processes instead of shuffled keys",
     "adapt": ADAPT_HELP,

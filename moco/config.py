@@ -57,6 +57,8 @@ class TrainConfig:
     crop_min: float | None = None  # None: 0.2, the papers'
     color: float | None = None  # None: 1, the papers' colour jitter and grayscale
     blur: bool = True  # v2's Gaussian blur
+    local_crops: int = 0  # multi-crop: small views per image, extra queries against the key
+    local_size: int | None = None  # None: half of image_size
     bn_splits: int = 8  # shuffle-BN emulation on one device (official CIFAR demo); 1 disables
     sync_bn: bool = False
     adapt: bool = False  # see ADAPT_HELP

@@ -117,7 +117,7 @@ def train_one_epoch(state: TrainState, loader: DataLoader) -> dict[str, float]:
     bar = state.runlog.progress(state.epoch, total=state.steps_this_epoch(), initial=state.step)
     state.in_epoch = True
     try:
-        for im_q, im_k, ids in batches(loader, state.runlog, device):
+        for views, ids in batches(loader, state.runlog, device):
             if state.step >= state.steps_this_epoch() or (budget is not None and budget.expired()):
                 break
             cfg = state.cfg
@@ -127,11 +127,11 @@ def train_one_epoch(state: TrainState, loader: DataLoader) -> dict[str, float]:
                 group["lr"] = lr
             if isinstance(model, MoCo):  # the other mechanisms have no key encoder
                 model.m = sched.momentum(cfg, global_step)
-            im_q = im_q.to(device, non_blocking=True, memory_format=fmt)
-            im_k = im_k.to(device, non_blocking=True, memory_format=fmt)
+            im_q, im_k, *local = (v.to(device, non_blocking=True, memory_format=fmt) for v in views)
             ids = ids.to(device, non_blocking=True)
+            extra = (torch.cat(local),) if local else ()  # multi-crop: all local views at once
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=state.amp):
-                loss, logits, labels = state.step_fn(im_q, im_k, ids)
+                loss, logits, labels = state.step_fn(im_q, im_k, ids, *extra)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {state.epoch + 1} step {state.step}; "

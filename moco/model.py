@@ -144,7 +144,11 @@ class MoCo(nn.Module):
         return k[torch.argsort(perm)]
 
     def forward(
-        self, im_q: torch.Tensor, im_k: torch.Tensor, ids: torch.Tensor | None = None
+        self,
+        im_q: torch.Tensor,
+        im_k: torch.Tensor,
+        ids: torch.Tensor | None = None,
+        local: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One training step's loss; also updates the key encoder and the queue.
 
@@ -152,9 +156,12 @@ class MoCo(nn.Module):
             im_q, im_k: two augmented views of the same N images.
             ids: the images' dataset indexes (N); older keys of the same images in the queue are
                 then not used as negatives. None: every queued key is a negative (the paper).
+            local: multi-crop's small views, L x N of them (all N images' first view, then the
+                second ...): each is one more query against its image's key of ``im_k``.
 
         Returns:
-            loss, and the logits Nx(1+K) and labels of the (im_q, im_k) pair for accuracy.
+            loss (the mean over every query view), and the logits Nx(1+K) and labels of the
+            (im_q, im_k) pair for accuracy.
         """
         self.momentum_update()
         q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
@@ -162,12 +169,20 @@ class MoCo(nn.Module):
         queue, same = self.queue.clone().detach(), self._same_image(ids)
         logits, labels = moco_logits(q, k, queue, self.cfg.T, exclude=same)
         loss = info_nce(logits, labels)
-        keys, key_ids = k, ids
+        keys, key_ids, views = k, ids, 1
         if self.cfg.symmetric:  # swap the roles of the two views and average
             q2 = F.normalize(self.encoder_q(im_k), dim=1)
             k2 = self._keys(im_q)
-            loss = 0.5 * (loss + info_nce(*moco_logits(q2, k2, queue, self.cfg.T, exclude=same)))
+            loss = loss + info_nce(*moco_logits(q2, k2, queue, self.cfg.T, exclude=same))
             keys = torch.cat([k, k2])
             key_ids = None if ids is None else torch.cat([ids, ids])
+            views = 2
+        if local is not None:  # every query view weighs the same, as in SwAV's multi-crop
+            n_local = local.shape[0] // im_q.shape[0]
+            q_local = F.normalize(self.encoder_q(local), dim=1)  # (L*N)xC
+            mask = None if same is None else same.repeat(n_local, 1)
+            pos = k.repeat(n_local, 1)
+            local_loss = info_nce(*moco_logits(q_local, pos, queue, self.cfg.T, exclude=mask))
+            loss, views = loss + n_local * local_loss, views + n_local
         self.enqueue(keys, key_ids)
-        return loss, logits, labels
+        return loss / views, logits, labels

@@ -68,6 +68,11 @@ def make_dataset(cfg: TrainConfig, paths: list[Path]) -> ImageFiles | ImageStore
     """The training images: a tensor store (``--augment batch``), decoded PIL images in memory,
     or the files read anew each epoch (when they would not fit in memory)."""
     side = 2 * cfg.image_size
+    if cfg.local_crops and not uses_store(cfg, len(paths)):
+        raise ValueError(
+            f"--local-crops needs the images in memory, and {len(paths)} images at "
+            f"{side} px do not fit in 2 GiB: pass --augment batch to keep them anyway"
+        )
     if not (uses_store(cfg, len(paths)) or in_memory(cfg, len(paths))):
         return ImageFiles(paths, TwoCropsTransform(view_transform(cfg)))
     t0 = time.perf_counter()
@@ -119,10 +124,11 @@ class ImageStore:
 
 
 class StoreBatches:
-    """An epoch's batches of an ``ImageStore``, both views augmented on ``device`` at once.
+    """An epoch's batches of an ``ImageStore``, every view augmented on ``device`` at once.
 
-    Yields what the PIL loader's ``collate_skip`` does: ([view_q, view_k], ids, broken ids). The
-    augmentations of batch ``b`` come from a generator seeded by (``seed``, ``b``), so a run
+    Yields what the PIL loader's ``collate_skip`` does: ([view_q, view_k, *local views], ids,
+    broken ids), with ``local_crops`` views of ``local`` after the two global ones (multi-crop).
+    The augmentations of batch ``b`` come from a generator seeded by (``seed``, ``b``), so a run
     resumed mid-epoch draws exactly what it would have.
     """
 
@@ -135,9 +141,12 @@ class StoreBatches:
         device: torch.device,
         seed: int,
         first_batch: int = 0,
+        local: BatchAugment | None = None,
+        local_crops: int = 0,
     ) -> None:
         self.store, self.idx, self.batch_size = store, idx, batch_size
         self.augment, self.device, self.seed, self.first_batch = augment, device, seed, first_batch
+        self.local, self.local_crops = local, local_crops if local is not None else 0
 
     def __len__(self) -> int:
         return len(self.idx) // self.batch_size
@@ -155,18 +164,36 @@ class StoreBatches:
             sizes = self.store.sizes[ids].to(self.device)
             g.manual_seed(self.seed * 1_000_003 + self.first_batch + b)
             views = [self.augment(images, sizes, g), self.augment(images, sizes, g)]
+            views += [self.local(images, sizes, g) for _ in range(self.local_crops)]  # type: ignore[misc]
             yield views, ids, bad
 
 
-def batch_augment(cfg: TrainConfig) -> BatchAugment:
-    """The batched twin of ``view_transform``: the same recipe, on tensors."""
+LOCAL_CROP_MIN = 0.05
+"""The smallest local crop (SwAV: local crops 0.05-0.14 of the area, global ones 0.14-1)."""
+
+
+def batch_augment(cfg: TrainConfig, local: bool = False) -> BatchAugment:
+    """The batched twin of ``view_transform``: the same recipe, on tensors.
+
+    ``local``: multi-crop's small views instead, at ``local_size`` px from crops between
+    ``LOCAL_CROP_MIN`` and the global views' smallest crop, so the two scales do not overlap.
+    """
+    crop_min = cfg.crop_min if cfg.crop_min is not None else 0.2
+    size, low, high = cfg.image_size, crop_min, 1.0
+    if local:
+        size, low, high = local_size(cfg), min(LOCAL_CROP_MIN, crop_min), crop_min
     return BatchAugment(
-        cfg.image_size,
+        size,
         cfg.version,
-        crop_min=cfg.crop_min if cfg.crop_min is not None else 0.2,
+        crop_min=low,
+        crop_max=high,
         color=cfg.color if cfg.color is not None else 1.0,
         blur=cfg.blur,
     )
+
+
+def local_size(cfg: TrainConfig) -> int:
+    return cfg.local_size or max(cfg.image_size // 2, 8)
 
 
 def holdout(paths: list[Path], cfg: TrainConfig) -> tuple[list[Path], list[Path], bool]:
@@ -221,8 +248,17 @@ def loader(
     seed = cfg.seed * 7919 + epoch + 1_000_003 * rank
     if isinstance(ds, ImageStore):
         dev = device or torch.device("cpu")
+        local = batch_augment(cfg, local=True) if cfg.local_crops else None
         return StoreBatches(
-            ds, idx, cfg.batch_size // world, batch_augment(cfg), dev, seed, first_batch
+            ds,
+            idx,
+            cfg.batch_size // world,
+            batch_augment(cfg),
+            dev,
+            seed,
+            first_batch,
+            local=local,
+            local_crops=cfg.local_crops,
         )
     g = torch.Generator().manual_seed(seed)
     return DataLoader(
@@ -240,8 +276,9 @@ def loader(
 
 def batches(
     loader: DataLoader, runlog: RunLog, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The two views and the dataset indexes of each batch's good images; logs broken files."""
+) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """The views (query, key, then any local ones) and the dataset indexes of each batch's good
+    images; logs broken files."""
     world = world_size()
     for views, ids, bad in loader:
         n = 0 if views is None else views[0].shape[0]
@@ -260,4 +297,4 @@ def batches(
         if bad:
             runlog.skipped(bad)
         if n:
-            yield views[0][:n], views[1][:n], ids[:n]
+            yield [v[:n] for v in views], ids[:n]

@@ -156,3 +156,37 @@ def test_pil_path_is_kept_for_augment_pil(emoji_dir: Path, tmp_path: Path) -> No
     ds = make_dataset(cfg, list_images(emoji_dir)[:4])
     assert not isinstance(ds, ImageStore)
     assert not isinstance(loader(ds, [0, 1], cfg, world=1, epoch=0), StoreBatches)
+
+
+def test_local_views_crop_small_areas_at_their_own_size(emoji_dir: Path, tmp_path: Path) -> None:
+    """--local-crops: L more views per batch at --local-size, from crops of 0.05 to crop_min of
+    the image (SwAV's split), after the two global views, which stay as without multi-crop."""
+    from moco.data import list_images
+    from moco.trainset import batch_augment
+
+    common = dict(data=str(emoji_dir), out=str(tmp_path), image_size=16, batch_size=4)
+    cfg = TrainConfig(**common, local_crops=3, local_size=8)
+    paths = list_images(emoji_dir)[:8]
+    store = make_dataset(cfg, paths)
+    views, _, _ = next(iter(loader(store, list(range(8)), cfg, world=1, epoch=0)))
+    assert [tuple(v.shape) for v in views] == [(4, 3, 16, 16)] * 2 + [(4, 3, 8, 8)] * 3
+    assert not torch.equal(views[2], views[3])
+    plain = TrainConfig(**common)
+    same, _, _ = next(iter(loader(store, list(range(8)), plain, world=1, epoch=0)))
+    assert torch.equal(same[0], views[0]) and torch.equal(same[1], views[1])
+    local = batch_augment(cfg, local=True)
+    assert (local.image_size, local.crop_min, local.crop_max) == (8, 0.05, 0.2)
+    assert batch_augment(TrainConfig(**common, local_crops=2), local=True).image_size == 8
+    sizes = torch.tensor([[64, 64]] * 2000)
+    boxes = B.crop_boxes(sizes, (local.crop_min, local.crop_max), (3 / 4, 4 / 3), torch.Generator())
+    share = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / 64**2
+    assert share.min() > 0.04 and share.max() < 0.22 and 0.11 < share.mean() < 0.14
+
+
+def test_local_crops_need_the_batched_augmentation_and_moco(tmp_path: Path) -> None:
+    from moco.recipe import check_config
+
+    for bad in (dict(augment="pil"), dict(mechanism="end-to-end")):
+        cfg = TrainConfig(data="d", out=str(tmp_path), batch_size=4, local_crops=2, **bad)
+        with pytest.raises(ValueError, match="--local-crops needs"):
+            check_config(cfg, num_images=100)

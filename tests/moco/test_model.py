@@ -208,3 +208,31 @@ def test_head_bn_puts_batchnorm_in_the_mlp() -> None:
     assert any(isinstance(m, nn.BatchNorm1d) for m in model.encoder_q.fc)
     loss, _, _ = model(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
     assert torch.isfinite(loss)
+
+
+def test_local_crops_are_queries_against_their_images_key_by_hand() -> None:
+    """Multi-crop: each of the L local views is one more query against the key of ``im_k``,
+    with the pre-step queue and the own-image mask; every query view weighs the same."""
+    model = tiny(K=16, m=0.5).eval()  # eval: BatchNorm ignores the shuffle
+    ref = tiny(K=16, m=0.5).eval()
+    ref.load_state_dict(model.state_dict())
+    ids = torch.tensor([0, 1, 2, 3])
+    model.queue_ids[:4] = ref.queue_ids[:4] = torch.tensor([1, 7, 7, 7])  # key 0: image 1's
+    x1, x2 = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16)
+    local = torch.randn(8, 3, 8, 8)  # L = 2 small views of the 4 images
+    loss, logits, _ = model(x1, x2, ids, local)
+    with torch.no_grad():
+        ref.momentum_update()
+        queue, t = ref.queue.clone(), ref.cfg.T
+        k = F.normalize(ref.encoder_k(x2), dim=1)
+
+        def against_k(a: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+            q = F.normalize(ref.encoder_q(a), dim=1)
+            neg = (q @ queue).masked_fill(ref.queue_ids.unsqueeze(0) == own.unsqueeze(1), -1e9)
+            logits = torch.cat([(q * k[own]).sum(1, keepdim=True), neg], dim=1) / t
+            return -torch.log_softmax(logits, dim=1)[:, 0].mean()
+
+        expected = (against_k(x1, ids) + 2 * against_k(local, torch.cat([ids, ids]))) / 3
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert logits.shape == (4, 17)  # accuracy stays that of the two global views
+    assert int(model.queue_ptr) == 4  # only the global keys are enqueued
