@@ -248,6 +248,12 @@ def measured(
     return row
 
 
+def embed_size(run: Path) -> int:
+    """The size the run's exported encoder embeds at (``export``'s default)."""
+    cfg = json.loads((run / "config.json").read_text())
+    return int(cfg.get("embed_size") or cfg["image_size"])
+
+
 def random_spec(run: Path) -> str:
     cfg = json.loads((run / "config.json").read_text())
     stem = cfg.get("small_stem")
@@ -314,7 +320,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             root, sample_train(rows, args.train_sample), size=2 * max(args.eval_size or 64, 64)
         )
         first = next(iter(runs.values()))
-        spec, size, pool = random_spec(first), args.eval_size or 64, args.pooling
+        spec, size, pool = random_spec(first), args.eval_size or embed_size(first), args.pooling
         baselines = [
             measured(
                 cache / f"pixels{args.pixels_size}_{args.train_sample}.json",
@@ -338,7 +344,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 enc = ckpt.with_suffix(".enc")
                 if not enc.is_dir():
                     export_encoder(ckpt, enc)
-                key = f"{args.eval_size or 'train'}_{args.pooling}_{args.train_sample}"
+                key = f"{args.eval_size or 'export'}_{args.pooling}_{args.train_sample}"
                 row = measured(
                     enc / f"metrics_{key}.json", str(enc), images, args.eval_size, args.pooling
                 )
@@ -425,7 +431,7 @@ def main() -> None:
         "--eval-size",
         type=int,
         default=None,
-        help="embed at this size (default: the training size)",
+        help="embed at this size (default: the exported encoder's, i.e. the run's embed_size)",
     )
     parser.add_argument("--pooling", default="avg", help="avg or gem (default: avg)")
     parser.add_argument(

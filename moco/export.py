@@ -240,11 +240,15 @@ def export_encoder(
     image_size: int | None = None,
     half: bool = False,
 ) -> EncoderConfig:
-    """Write the frozen query-encoder backbone of ``checkpoint`` as an encoder directory."""
+    """Write the frozen query-encoder backbone of ``checkpoint`` as an encoder directory.
+
+    It embeds at ``image_size``, else at the run's ``embed_size`` (which ``pretrain`` chose for
+    search, ``moco.recipe.auto_config``), else at its training size (224 for official ones).
+    """
     state, meta = backbone_from_checkpoint(load_checkpoint_file(checkpoint))
     model = build_backbone(state, meta["arch"], meta["small_stem"])
     train_cfg = meta["config"]
-    size = image_size or train_cfg.get("image_size") or 224
+    size = image_size or train_cfg.get("embed_size") or train_cfg.get("image_size") or 224
     ours = bool(train_cfg)
     cfg = EncoderConfig(
         arch=meta["arch"],

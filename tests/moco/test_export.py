@@ -39,6 +39,15 @@ def our_checkpoint(path: Path, small_stem: bool = True) -> MoCo:
     return model
 
 
+def test_export_embeds_at_the_runs_embed_size_unless_told(tmp_path: Path) -> None:
+    our_checkpoint(tmp_path / "ckpt.pt")
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    ckpt["config"]["embed_size"] = 48
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    assert export_encoder(tmp_path / "ckpt.pt", tmp_path / "a").image_size == 48
+    assert export_encoder(tmp_path / "ckpt.pt", tmp_path / "b", image_size=32).image_size == 32
+
+
 def test_export_round_trip_equals_the_query_encoder(tmp_path: Path) -> None:
     model = our_checkpoint(tmp_path / "ckpt.pt")
     cfg = export_encoder(tmp_path / "ckpt.pt", tmp_path / "enc")

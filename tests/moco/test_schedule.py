@@ -50,6 +50,18 @@ def test_auto_config_fits_the_data_and_the_device() -> None:
     assert mine.moco_k == 65536 and mine.image_size == 64  # what the user sets is kept
 
 
+def test_small_images_on_the_imagenet_stem_embed_at_one_and_a_half_times_their_size() -> None:
+    def embed(**kw: object) -> int:
+        cfg = auto_config(TrainConfig(data="d", out="o", **kw), num_images=8809, device_type="cpu")
+        return cfg.embed_size
+
+    assert embed() == 48 and embed(image_size=24) == 36
+    assert embed(image_size=64) == 64 and embed(small_stem=True) == 32
+    assert embed(embed_size=40) == 40
+    gpu = auto_config(TrainConfig(data="d", out="o"), num_images=8809, device_type="cuda")
+    assert gpu.embed_size == 224
+
+
 def test_fit_momentum_averages_over_at_most_a_tenth_of_the_run() -> None:
     cfg = TrainConfig(data="d", out="o", moco_m=0.99)  # m_schedule "fit" by default
     assert Schedule(100, total_steps=100, warmup_steps=5).momentum(cfg, 0) == pytest.approx(0.9)
