@@ -248,14 +248,18 @@ def measured(
     return row
 
 
+def run_config(run: Path) -> dict[str, Any]:
+    return json.loads((run / "config.json").read_text())
+
+
 def embed_size(run: Path) -> int:
     """The size the run's exported encoder embeds at (``export``'s default)."""
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = run_config(run)
     return int(cfg.get("embed_size") or cfg["image_size"])
 
 
 def random_spec(run: Path) -> str:
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = run_config(run)
     stem = cfg.get("small_stem")
     return f"random:{cfg['arch']}" + (":small" if stem else "")
 

@@ -127,7 +127,8 @@ class StoreBatches:
     """An epoch's batches of an ``ImageStore``, every view augmented on ``device`` at once.
 
     Yields what the PIL loader's ``collate_skip`` does: ([view_q, view_k, *local views], ids,
-    broken ids), with ``local_crops`` views of ``local`` after the two global ones (multi-crop).
+    broken ids): after the two global views, one view of each of ``extra`` (multi-crop's local
+    augmentation, once per local crop).
     The augmentations of batch ``b`` come from a generator seeded by (``seed``, ``b``), so a run
     resumed mid-epoch draws exactly what it would have.
     """
@@ -141,12 +142,11 @@ class StoreBatches:
         device: torch.device,
         seed: int,
         first_batch: int = 0,
-        local: BatchAugment | None = None,
-        local_crops: int = 0,
+        extra: tuple[BatchAugment, ...] = (),
     ) -> None:
         self.store, self.idx, self.batch_size = store, idx, batch_size
         self.augment, self.device, self.seed, self.first_batch = augment, device, seed, first_batch
-        self.local, self.local_crops = local, local_crops if local is not None else 0
+        self.extra = extra
 
     def __len__(self) -> int:
         return len(self.idx) // self.batch_size
@@ -164,7 +164,7 @@ class StoreBatches:
             sizes = self.store.sizes[ids].to(self.device)
             g.manual_seed(self.seed * 1_000_003 + self.first_batch + b)
             views = [self.augment(images, sizes, g), self.augment(images, sizes, g)]
-            views += [self.local(images, sizes, g) for _ in range(self.local_crops)]  # type: ignore[misc]
+            views += [aug(images, sizes, g) for aug in self.extra]
             yield views, ids, bad
 
 
@@ -248,7 +248,6 @@ def loader(
     seed = cfg.seed * 7919 + epoch + 1_000_003 * rank
     if isinstance(ds, ImageStore):
         dev = device or torch.device("cpu")
-        local = batch_augment(cfg, local=True) if cfg.local_crops else None
         return StoreBatches(
             ds,
             idx,
@@ -257,8 +256,7 @@ def loader(
             dev,
             seed,
             first_batch,
-            local=local,
-            local_crops=cfg.local_crops,
+            extra=(batch_augment(cfg, local=True),) * cfg.local_crops,
         )
     g = torch.Generator().manual_seed(seed)
     return DataLoader(
