@@ -2,7 +2,7 @@
 
 Prints tables and writes JSON to bench/results/bench_pretrain_<timestamp>.json.
 
-1. Compute only (pre-made tensors), resnet18 (small stem at <= 96 px as ``train`` picks it), for
+1. Compute only (pre-made tensors), resnet18 (with the stem ``train`` picks), for
    each (image size, batch): the naive step that the official code and lightly run (one fp32 NCHW
    forward+backward of the query encoder, one forward of the key encoder, plain BatchNorm, SGD,
    queue update), beside this project's step with channels_last, split BatchNorm on/off,
@@ -43,7 +43,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from moco.config import TrainConfig
-from moco.model import MoCo, ModelConfig
+from moco.model import MoCo, ModelConfig, compile_encoders
 from moco.trainlog import RunLog
 from moco.trainset import batches, loader, make_dataset
 
@@ -112,7 +112,9 @@ def _our_runner(v: Variant, mcfg: ModelConfig, device: torch.device) -> Callable
         model = model.to(memory_format=torch.channels_last)
     model.train()
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
-    fn = torch.compile(model) if v.compile else model
+    if v.compile:
+        compile_encoders(model)
+    fn = model
 
     def step(x1: torch.Tensor, x2: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=v.amp):
@@ -125,7 +127,9 @@ def _our_runner(v: Variant, mcfg: ModelConfig, device: torch.device) -> Callable
 
 
 def make_runner(v: Variant, size: int, device: torch.device) -> Runner:
-    mcfg = ModelConfig(arch="resnet18", small_stem=size <= 96, K=K, bn_splits=1)
+    # The stem ``train`` picks: CIFAR's at <= 96 px on a GPU, ImageNet's on CPU (moco.recipe).
+    small = size <= 96 and device.type != "cpu"
+    mcfg = ModelConfig(arch="resnet18", small_stem=small, K=K, bn_splits=1)
     step = _naive_runner(mcfg, device) if v.naive else _our_runner(v, mcfg, device)
     fmt = torch.channels_last if v.channels_last else torch.contiguous_format
     return Runner(v, step, fmt)
@@ -214,6 +218,7 @@ def end_to_end(
             workers=workers,
             cache="on",
             augment=augment,
+            store_dir=str(Path(tmp) / "stores"),
         )
         paths = sorted(root.iterdir())
         t0 = time.perf_counter()
@@ -224,9 +229,9 @@ def end_to_end(
         epoch_loader = loader(ds, list(range(n)), cfg, world=1, epoch=0, device=device)
         runlog = RunLog(Path(tmp) / "run", cfg, paths, enabled=False)
         t_first, t_start, done = time.perf_counter(), 0.0, 0
-        for im_q, im_k, _ in batches(epoch_loader, runlog, device):
-            im_q = im_q.to(device, non_blocking=True, memory_format=best.fmt)
-            im_k = im_k.to(device, non_blocking=True, memory_format=best.fmt)
+        for views, _ in batches(epoch_loader, runlog, device):
+            im_q = views[0].to(device, non_blocking=True, memory_format=best.fmt)
+            im_k = views[1].to(device, non_blocking=True, memory_format=best.fmt)
             best.step(im_q, im_k)
             if done == 0:  # the first batch waits for worker start-up: not steady state
                 _sync(device)
@@ -320,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             variants_for(device, compile_ok), size, batch, rounds, steps, device, notes
         )
         naive = statistics.median(runners[0].times)
+        stem = "small stem" if size <= 96 and gpu else "ImageNet stem"
         print(
-            f"\n{size} px, batch {batch} ({'small stem' if size <= 96 else 'ImageNet stem'}),"
+            f"\n{size} px, batch {batch} ({stem}),"
             f" {device}: images/s (median of {rounds} interleaved rounds x {steps} steps)"
         )
         head = ("variant", "img/s", "ms/step", "vs naive", "compile s")

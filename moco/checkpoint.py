@@ -3,7 +3,9 @@
 A checkpoint is ``{"model", "optimizer", "epoch", "step", "config", "rng"}``: the whole MoCo
 module (both encoders, queue and pointer), the SGD momentum buffers, where training stopped, the
 ``TrainConfig`` as a plain dict (not a pickled object: ``torch.load(weights_only=True)`` reads it),
-and the random states needed to continue exactly.
+and the random states needed to continue exactly: rank 0's inside it, every other rank's of a
+distributed run beside it (``checkpoint_last.rank<r>.rng.pt``), so that each rank continues its
+own random stream after a mid-epoch resume.
 """
 
 from __future__ import annotations
@@ -48,3 +50,28 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     with atomic_file(path) as tmp:
         torch.save(payload, tmp)
     return path
+
+
+def rank_rng_file(ckpt: str | os.PathLike, rank: int) -> Path:
+    """Where rank ``rank`` (> 0) keeps its random state beside the checkpoint ``ckpt``."""
+    ckpt = Path(ckpt)
+    return ckpt.with_name(f"{ckpt.stem}.rank{rank}.rng.pt")
+
+
+def save_rank_rng(ckpt: str | os.PathLike, rank: int, epoch: int, step: int) -> None:
+    """Rank ``rank``'s random state at (``epoch``, ``step``): written without waiting for the
+    other ranks, so an interrupt that reaches every rank saves every rank's state."""
+    save_checkpoint(rank_rng_file(ckpt, rank), {"epoch": epoch, "step": step, "rng": rng_state()})
+
+
+def rank_rng(ckpt: str | os.PathLike, rank: int, resumed: dict[str, Any]) -> dict[str, Any] | None:
+    """Rank ``rank``'s random state when ``resumed`` (read from ``ckpt``) was saved; None when
+    that rank's file is missing, unreadable or from another point of the run."""
+    if rank == 0:
+        return resumed.get("rng")
+    try:
+        saved = torch.load(rank_rng_file(ckpt, rank), weights_only=True)
+        at = (int(saved["epoch"]), int(saved["step"]))
+    except Exception:  # missing, cut short or foreign: the rank reseeds instead
+        return None
+    return saved["rng"] if at == (int(resumed["epoch"]), int(resumed.get("step", 0))) else None

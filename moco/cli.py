@@ -59,10 +59,12 @@ HELP = {
     "sync_bn": "SyncBatchNorm across processes instead of shuffled keys",
     "adapt": ADAPT_HELP,
     "workers": "data-loading processes",
-    "cache": "keep decoded images in memory: auto (when under 2 GB), on, off",
+    "cache": "with --augment pil, keep decoded images in memory: auto (when under 2 GB), on, off",
     "augment": "where views are augmented: batch (a batch at a time on the training device, "
-    "from a uint8 store in memory), pil (per image in --workers processes), or auto (batch "
-    "when the images fit in memory)",
+    "from the decoded image store), pil (per image in --workers processes), or auto (batch, "
+    "or pil when the store cannot be written)",
+    "store_dir": "folder of the decoded image stores, one per data folder and size, reused by "
+    "later runs (default: $MOCO_SEARCH_CACHE/stores or ~/.cache/moco-search/stores)",
     "seed": "random seed",
     "deterministic": "deterministic algorithms (slower; exact resume on CPU)",
     "resume": "continue the run in --out from its last checkpoint, with its saved settings",

@@ -64,10 +64,9 @@ class TrainConfig:
     sync_bn: bool = False
     adapt: bool = False  # see ADAPT_HELP
     workers: int = 2
-    cache: str = "auto"  # pre-decoded images in memory: auto | on | off
-    augment: str = (
-        "auto"  # batch: tensors on the device; pil: per image in workers; auto: batch if cached
-    )
+    cache: str = "auto"  # --augment pil: pre-decoded images in memory: auto | on | off
+    augment: str = "auto"  # batch: from the image store, on the device; pil: per image; auto
+    store_dir: str | None = None  # None: moco.imagestore.default_root()
     seed: int = 0
     deterministic: bool = False
     resume: bool = False

@@ -44,7 +44,7 @@ class TrainState:
     ``step`` is 0 and ``in_epoch`` False, so an interruption between epochs resumes at the next.
     """
 
-    step_fn: nn.Module  # the model as called: DDP- and compile-wrapped
+    step_fn: nn.Module  # the model as called: DDP-wrapped when distributed
     model: Model  # MoCo, EndToEnd or MemoryBank (--mechanism)
     optimizer: torch.optim.Optimizer
     cfg: TrainConfig

@@ -21,13 +21,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moco.checkpoint import LAST, rng_state, save_checkpoint, set_rng_state
+from moco.checkpoint import LAST, rank_rng, rng_state, save_checkpoint, save_rank_rng, set_rng_state
 from moco.config import TrainConfig, resume_config
 from moco.data import list_images
 from moco.distributed import default_device, init_distributed
 from moco.export import CheckpointError, backbone_from_checkpoint, load_checkpoint_file
 from moco.loop import TrainingDiverged, TrainState, train_one_epoch
 from moco.mechanisms import Model, build_model
+from moco.model import compile_encoders
 from moco.monitor import KnnMonitor, verdict
 from moco.recipe import Budget, auto_config, check_config
 from moco.schedule import Schedule
@@ -92,6 +93,8 @@ def train(cfg: TrainConfig) -> Path:
         _init_from(model, cfg.init_from)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        compile_encoders(model)
     optimizer = torch.optim.SGD(
         model.encoder_q.parameters(), lr=cfg.base_lr, momentum=0.9, weight_decay=cfg.weight_decay
     )
@@ -108,7 +111,6 @@ def train(cfg: TrainConfig) -> Path:
             device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=cfg.mechanism != "memory-bank",
         )
-    step_fn = torch.compile(net) if cfg.compile else net
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
 
     dataset = make_dataset(cfg, paths)
@@ -157,7 +159,13 @@ def train(cfg: TrainConfig) -> Path:
             "untrained": baseline,
         }
 
-    state = TrainState(step_fn, model, optimizer, cfg, device, amp, runlog, schedule, budget)
+    def save(epoch: int, step: int) -> None:
+        if rank == 0:
+            save_checkpoint(ckpt_path, payload(epoch, step))
+        else:
+            save_rank_rng(ckpt_path, rank, epoch, step)
+
+    state = TrainState(net, model, optimizer, cfg, device, amp, runlog, schedule, budget)
     state.epoch, state.step = start_epoch, skip_steps
     stats: dict[str, float] = {}
     try:
@@ -165,8 +173,11 @@ def train(cfg: TrainConfig) -> Path:
             epoch = state.epoch
             # Each epoch reproducible on its own; ranks differ (augmentations with workers=0).
             _seed_all(cfg.seed * 1_000_003 + epoch + 7919 * rank)
-            if resumed is not None and state.step and "rng" in resumed:
-                set_rng_state(resumed["rng"])  # mid-epoch (Ctrl-C): continue the interrupted RNG
+            if resumed is not None and state.step:  # mid-epoch (Ctrl-C): continue its RNG
+                if (rng := rank_rng(ckpt_path, rank, resumed)) is not None:
+                    set_rng_state(rng)
+                else:
+                    log.warning("rank %d: no saved random state; it reseeds at the resume", rank)
             skip = state.step * (cfg.batch_size // world)
             idx = shard(len(paths), epoch, cfg, rank, world, skip)
             batches = loader(dataset, idx, cfg, world, epoch, rank, device, state.step)
@@ -189,16 +200,15 @@ def train(cfg: TrainConfig) -> Path:
                     stats["view_recall"],
                     baseline["view_recall"],
                 )
-            if rank == 0:
-                save_checkpoint(ckpt_path, payload(epoch + 1, 0))
-                if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
-                    save_checkpoint(out / f"checkpoint_{epoch + 1:04d}.pt", payload(epoch + 1, 0))
+            save(epoch + 1, 0)
+            if rank == 0 and cfg.save_every and (epoch + 1) % cfg.save_every == 0:
+                save_checkpoint(out / f"checkpoint_{epoch + 1:04d}.pt", payload(epoch + 1, 0))
     except KeyboardInterrupt:
         # Inside an epoch: resume at its step. Between epochs (monitor, logging, saving): the
         # finished epochs are all in the weights, so resume at the next one.
         epoch, step = state.epoch, state.step
+        save(epoch, step)
         if rank == 0:
-            save_checkpoint(ckpt_path, payload(epoch, step))
             log.warning(
                 "interrupted: saved %s at epoch %d step %d; continue with --resume",
                 ckpt_path,

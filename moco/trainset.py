@@ -1,4 +1,4 @@
-"""What a pretraining run trains on: the images (decoded once into memory), their two views,
+"""What a pretraining run trains on: the images (decoded once into a store), their two views,
 the held-out images of the label-free monitor, and each epoch's batches on each rank."""
 
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -19,6 +19,7 @@ from moco.batchaug import BatchAugment
 from moco.config import TrainConfig
 from moco.data import ImageError, ImageFiles, collate_skip, load_image
 from moco.distributed import world_size
+from moco.imagestore import ImageStore, StoreError, default_root, open_store, store_dir, store_side
 from moco.monitor import ViewMonitor
 
 if TYPE_CHECKING:
@@ -65,62 +66,35 @@ def view_transform(cfg: TrainConfig) -> Any:
 
 
 def make_dataset(cfg: TrainConfig, paths: list[Path]) -> ImageFiles | ImageStore:
-    """The training images: a tensor store (``--augment batch``), decoded PIL images in memory,
-    or the files read anew each epoch (when they would not fit in memory)."""
-    side = 2 * cfg.image_size
-    if cfg.local_crops and not uses_store(cfg, len(paths)):
-        raise ValueError(
-            f"--local-crops needs the images in memory, and {len(paths)} images at "
-            f"{side} px do not fit in 2 GiB: pass --augment batch to keep them anyway"
-        )
-    if not (uses_store(cfg, len(paths)) or in_memory(cfg, len(paths))):
-        return ImageFiles(paths, TwoCropsTransform(view_transform(cfg)))
+    """The training images: the decoded image store for batched augmentation (the default),
+    else, for ``--augment pil``, decoded PIL images in memory or the files read anew each epoch.
+
+    When the store cannot be written (read-only cache folder, full disk), ``--augment auto``
+    says why and trains from the files; ``--augment batch`` (and multi-crop) stop with the error.
+    """
+    if cfg.augment != "pil":
+        side = store_side(cfg.image_size)
+        root = Path(cfg.store_dir) if cfg.store_dir else default_root()
+        try:
+            return open_store(paths, side, store_dir(root, cfg.data, side), cfg.workers)
+        except StoreError as e:
+            if cfg.augment == "batch" or cfg.local_crops:
+                raise StoreError(f"the decoded image store {e}; pass --store-dir DIR") from e
+            log.warning("no decoded image store (%s): augmenting per image instead", e)
+    transform = TwoCropsTransform(view_transform(cfg))
+    if not in_memory(cfg, len(paths)):
+        return ImageFiles(paths, transform)
     t0 = time.perf_counter()
-    images = cache_images(paths, side)
+    images = cache_images(paths, 2 * cfg.image_size)
     log.info("decoded %d images into memory in %.1fs", len(images), time.perf_counter() - t0)
-    if uses_store(cfg, len(paths)):
-        return ImageStore(images, side)
-    return CachedImages(images, TwoCropsTransform(view_transform(cfg)))
+    return CachedImages(images, transform)
 
 
 def in_memory(cfg: TrainConfig, n: int) -> bool:
-    """``--cache on``, or ``auto`` when ``n`` images at twice the training size fit in 2 GiB."""
+    """PIL path: ``--cache on``, or ``auto`` when ``n`` images at twice the training size fit
+    in 2 GiB."""
     fits = n * (2 * cfg.image_size) ** 2 * 3 < 2 * 2**30
     return cfg.cache == "on" or (cfg.cache == "auto" and fits)
-
-
-def uses_store(cfg: TrainConfig, n: int) -> bool:
-    """Batched augmentation from a tensor store: ``--augment batch``, or ``auto`` when the
-    images are kept in memory."""
-    return cfg.augment == "batch" or (cfg.augment == "auto" and in_memory(cfg, n))
-
-
-class ImageStore:
-    """Every training image decoded once into one uint8 tensor: N x 3 x S x S, top-left aligned.
-
-    Each image is downscaled so its longer side is at most ``side`` and keeps its true height
-    and width in ``sizes``, so crops are drawn inside it; ``valid`` is False for a file that
-    could not be decoded (it is reported and skipped, as by the PIL path).
-    """
-
-    def __init__(self, images: list[Any], side: int) -> None:
-        self.images = torch.zeros(len(images), 3, side, side, dtype=torch.uint8)
-        self.sizes = torch.zeros(len(images), 2, dtype=torch.long)
-        self.valid = torch.zeros(len(images), dtype=torch.bool)
-        for i, im in enumerate(images):
-            if im is None:
-                continue
-            if max(im.size) > side:
-                im = im.copy()
-                im.thumbnail((side, side))
-            a = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
-            h, w = a.shape[:2]
-            self.images[i, :, :h, :w] = a.permute(2, 0, 1)
-            self.sizes[i] = torch.tensor([h, w])
-            self.valid[i] = True
-
-    def __len__(self) -> int:
-        return len(self.valid)
 
 
 class StoreBatches:
@@ -151,21 +125,33 @@ class StoreBatches:
     def __len__(self) -> int:
         return len(self.idx) // self.batch_size
 
+    def _read(self, b: int) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+        """Batch ``b``'s good ids, broken ids and uint8 canvases (pinned for a CUDA copy)."""
+        ids = torch.tensor(self.idx[b * self.batch_size : (b + 1) * self.batch_size])
+        good = self.store.valid[ids]
+        bad, ids = ids[~good].tolist(), ids[good]
+        pin = self.device.type == "cuda"
+        return ids, bad, self.store.gather(ids, pin) if len(ids) else None
+
     def __iter__(self) -> Iterator[tuple[Any, torch.Tensor, list[int]]]:
         g = torch.Generator(device=self.device)
-        for b in range(len(self)):
-            ids = torch.tensor(self.idx[b * self.batch_size : (b + 1) * self.batch_size])
-            good = self.store.valid[ids]
-            bad, ids = ids[~good].tolist(), ids[good]
-            if not len(ids):
-                yield None, ids, bad
-                continue
-            images = self.store.images[ids].to(self.device, non_blocking=True)
-            sizes = self.store.sizes[ids].to(self.device)
-            g.manual_seed(self.seed * 1_000_003 + self.first_batch + b)
-            views = [self.augment(images, sizes, g), self.augment(images, sizes, g)]
-            views += [aug(images, sizes, g) for aug in self.extra]
-            yield views, ids, bad
+        # The next batch is read from the memory map while this one trains (index_select and
+        # page faults release the GIL); augmentation stays here, on the device, in seed order.
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            ahead = reader.submit(self._read, 0) if len(self) else None
+            for b in range(len(self)):
+                assert ahead is not None
+                ids, bad, canvases = ahead.result()
+                ahead = reader.submit(self._read, b + 1) if b + 1 < len(self) else None
+                if canvases is None:
+                    yield None, ids, bad
+                    continue
+                images = canvases.to(self.device, non_blocking=True)
+                sizes = self.store.sizes[ids].to(self.device)
+                g.manual_seed(self.seed * 1_000_003 + self.first_batch + b)
+                views = [self.augment(images, sizes, g), self.augment(images, sizes, g)]
+                views += [aug(images, sizes, g) for aug in self.extra]
+                yield views, ids, bad
 
 
 LOCAL_CROP_MIN = 0.05

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _store_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Decoded image stores (moco.imagestore) go to a temporary folder, not ~/.cache."""
+    os.environ["MOCO_SEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
 def free_port() -> int:

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
 
 from moco import batchaug as B
 from moco.config import TrainConfig
-from moco.trainset import ImageStore, StoreBatches, loader, make_dataset
+from moco.imagestore import ImageStore
+from moco.trainset import StoreBatches, loader, make_dataset
 
 
 @pytest.fixture
@@ -121,14 +121,6 @@ def test_two_views_of_one_batch_differ_and_a_seed_repeats_them() -> None:
     a, b = aug(imgs, sizes, g), aug(imgs, sizes, g)
     assert a.shape == (8, 3, 16, 16) and not torch.allclose(a, b)
     assert torch.equal(a, aug(imgs, sizes, torch.Generator().manual_seed(3)))
-
-
-def test_store_keeps_each_images_size_and_marks_broken_ones() -> None:
-    images = [Image.new("RGB", (40, 20), (255, 0, 0)), None, Image.new("RGB", (10, 30))]
-    store = ImageStore(images, side=32)
-    assert store.sizes.tolist() == [[16, 32], [0, 0], [30, 10]]
-    assert store.valid.tolist() == [True, False, True]
-    assert store.images[0, 0, :16, :32].eq(255).all() and store.images[0, :, 16:].eq(0).all()
 
 
 def test_a_resumed_epoch_draws_the_same_batches(emoji_dir: Path, tmp_path: Path) -> None:

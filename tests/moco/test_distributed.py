@@ -66,6 +66,28 @@ _WORKER = textwrap.dedent(
                                 "mechanism": mech, "moco_k": 8})
         mt.train(run)
         torch.save(made[-1].state_dict(), out / f"{mech}{rank}.pt")
+    # The memory-bank run again, interrupted on every rank after its first step, then resumed:
+    # each rank must continue its own random stream (its bank negatives) where it stopped.
+    real_loader = mt.loader
+
+
+    def interrupted(*args, **kw):
+        for i, batch in enumerate(real_loader(*args, **kw)):
+            if i == 1:
+                raise KeyboardInterrupt
+            yield batch
+
+
+    mt.loader = interrupted
+    again = mt.TrainConfig(**{**cfg.__dict__, "out": str(out / "resumed"), "epochs": 1,
+                              "mechanism": "memory-bank", "moco_k": 8})
+    try:
+        mt.train(again)
+    except KeyboardInterrupt:
+        dist.barrier()  # as a new launch would: resume once rank 0's checkpoint is written
+    mt.loader = real_loader
+    mt.train(mt.TrainConfig(**{**again.__dict__, "resume": True}))
+    torch.save(made[-1].state_dict(), out / f"resumed{rank}.pt")
 
     # enqueue: every rank must write the keys of all ranks, in rank order, wrapping past K.
     torch.manual_seed(0)
@@ -199,6 +221,21 @@ def test_ddp_memory_bank_and_end_to_end_stay_identical_across_ranks(ddp_run: Pat
     n = len(list_images(ddp_run.parent / "images"))
     assert bank.shape[1] == n  # one entry per file listed (a broken file keeps its unused one)
     assert torch.allclose(bank.norm(dim=0), torch.ones(n), atol=1e-5)
+
+
+def test_ddp_mid_epoch_resume_is_exact_on_every_rank(ddp_run: Path) -> None:
+    """Rank 1 draws its own bank negatives: without its saved random state it would redraw the
+    epoch's first step's after the resume, and its gradients (all-reduced) would differ."""
+    assert (ddp_run / "resumed" / "checkpoint_last.rank1.rng.pt").is_file()
+    for rank in range(WORLD):
+        whole = torch.load(ddp_run / f"memory-bank{rank}.pt", weights_only=True)
+        resumed = torch.load(ddp_run / f"resumed{rank}.pt", weights_only=True)
+        # The checkpoint is rank 0's: rank 1 resumes with rank 0's BatchNorm running statistics
+        # (rank-local, never used in training nor exported), so those are compared on rank 0.
+        keys = [k for k in whole if rank == 0 or not k.endswith(("running_mean", "running_var"))]
+        assert len(keys) > 80
+        for k in keys:
+            assert torch.equal(whole[k], resumed[k]), (rank, k)
 
 
 def test_ddp_run_writes_logs_and_survives_broken_file(ddp_run: Path) -> None:
