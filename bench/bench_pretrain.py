@@ -254,6 +254,62 @@ def end_to_end(
     }
 
 
+def _memory() -> dict[str, float]:
+    """This process's resident memory (MiB): all of it, anonymous, and file-backed (the map)."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    fields = {k: v for k, _, v in (line.partition(":") for line in status)}
+    return {k: int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "RssAnon", "RssFile", "VmHWM")}
+
+
+def store_bench(n: int, size: int, batch: int, workers: int, device: torch.device) -> dict:
+    """Build the decoded image store of ``n`` JPEGs, open it again, read one epoch of batched
+    views from it, and report the times and the resident memory at the end."""
+    from moco.imagestore import open_store, store_side
+    from moco.trainset import StoreBatches, batch_augment
+
+    side = store_side(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "images"
+        root.mkdir()
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        for i in range(n):  # 4:3 photo-like files at about the canvas size
+            low = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+            im = Image.fromarray(low).resize((side, side * 3 // 4), Image.BILINEAR)
+            im.save(root / f"{i:06d}.jpg", quality=85)
+        write_s = time.perf_counter() - t0
+        paths = sorted(root.iterdir())
+        where = Path(tmp) / "store"
+        before = _memory()
+        t0 = time.perf_counter()
+        open_store(paths, side, where, workers)
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        store = open_store(paths, side, where, workers)
+        reopen_s = time.perf_counter() - t0
+        cfg = TrainConfig(data=str(root), out=tmp, image_size=size, batch_size=batch)
+        epoch = StoreBatches(store, list(range(n)), batch, batch_augment(cfg), device, seed=0)
+        t0, seen = time.perf_counter(), 0
+        for views, _, _ in epoch:
+            seen += views[0].shape[0]
+        epoch_s = time.perf_counter() - t0
+        mem = _memory()
+        file_mb = (where / "pixels.u8").stat().st_size / 2**20
+    return {
+        "images": n,
+        "image_size": size,
+        "side": side,
+        "store_mib": round(file_mb),
+        "write_files_s": round(write_s, 1),
+        "build_s": round(build_s, 1),
+        "build_img_s": round(n / build_s),
+        "reopen_s": round(reopen_s, 1),
+        "epoch_views_img_s": round(seen / epoch_s),
+        **{f"{k}_mib": round(v) for k, v in mem.items()},
+        **{f"{k}_mib_before": round(v) for k, v in before.items()},
+    }
+
+
 def variants_for(device: torch.device, compile_ok: bool) -> list[Variant]:
     if device.type == "cuda":
         vs = [
@@ -292,8 +348,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="loader workers (default 2; GPU 8)")
     ap.add_argument("--e2e-steps", type=int, default=0, help="end-to-end steps (default 8)")
     ap.add_argument("--results", default=str(RESULTS), help=f"JSON folder (default: {RESULTS})")
+    ap.add_argument(
+        "--store-images",
+        type=int,
+        default=0,
+        help="instead: build the decoded image store of this many files at 64 px, read an "
+        "epoch of views from it, report times and resident memory",
+    )
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.store_images:
+        row = store_bench(args.store_images, 64, 256, args.workers or 2, device)
+        print(json.dumps(row, indent=2))
+        out = Path(args.results) / f"bench_store_{time.strftime('%Y%m%d_%H%M%S')}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(row, indent=2) + "\n")
+        print(f"wrote {out}")
+        return 0
     gpu = device.type == "cuda"
     if args.quick:
         settings = [(32, 16), (64, 16)]
