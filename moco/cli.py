@@ -61,8 +61,8 @@ HELP = {
     "workers": "data-loading processes",
     "cache": "with --augment pil, keep decoded images in memory: auto (when under 2 GB), on, off",
     "augment": "where views are augmented: batch (a batch at a time on the training device, "
-    "from the decoded image store), pil (per image in --workers processes), or auto (batch, "
-    "or pil when the store cannot be written)",
+    "from the decoded image store), pil (per image in --workers processes), or auto (batch; "
+    "on CPU above 96 px pil, which measured faster there; pil when the store cannot be written)",
     "store_dir": "folder of the decoded image stores, one per data folder and size, reused by "
     "later runs (default: $MOCO_SEARCH_CACHE/stores or ~/.cache/moco-search/stores)",
     "seed": "random seed",
@@ -77,7 +77,7 @@ HELP = {
     "device": "cpu, cuda, cuda:1 ... (default: cuda when available)",
     "amp": "bf16 autocast (default: on for CUDA)",
     "channels_last": "channels-last memory format",
-    "compile": "torch.compile the model",
+    "compile": "torch.compile the encoders (measured no faster on 2 CPU cores; see docs)",
     "save_every": "also keep a numbered checkpoint every N epochs (0: last only)",
     "max_steps": "at most this many steps per epoch (0: whole epoch; for tests)",
     "total_steps": "length of the schedule in steps (0: from the epochs; --minutes sets it)",

@@ -113,7 +113,7 @@ def train(cfg: TrainConfig) -> Path:
         )
     amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
 
-    dataset = make_dataset(cfg, paths)
+    dataset = make_dataset(cfg, paths, device.type)
     runlog = RunLog(out, cfg, paths, enabled=rank == 0)
     monitor = KnnMonitor(cfg, paths, device) if cfg.val_dir and rank == 0 else None
     views = view_monitor(cfg, monitor_paths) if rank == 0 else None

@@ -139,6 +139,22 @@ def test_a_resumed_epoch_draws_the_same_batches(emoji_dir: Path, tmp_path: Path)
     assert not torch.equal(full[0][0][0], full[1][0][0])
 
 
+def test_ranks_draw_different_augmentations_of_the_same_images(
+    emoji_dir: Path, tmp_path: Path
+) -> None:
+    from moco.data import list_images
+
+    cfg = TrainConfig(data=str(emoji_dir), out=str(tmp_path), image_size=16, batch_size=8)
+    store = make_dataset(cfg, list_images(emoji_dir)[:8])
+    idx = list(range(4))  # the same images on both ranks, to compare their views
+    ((v0, i0, _),) = loader(store, idx, cfg, world=2, epoch=0, rank=0)
+    ((v1, i1, _),) = loader(store, idx, cfg, world=2, epoch=0, rank=1)
+    assert torch.equal(i0, i1)
+    assert not torch.equal(v0[0], v1[0]) and not torch.equal(v0[1], v1[1])
+    ((again, _, _),) = loader(store, idx, cfg, world=2, epoch=0, rank=1)
+    assert torch.equal(again[0], v1[0])
+
+
 def test_pil_path_is_kept_for_augment_pil(emoji_dir: Path, tmp_path: Path) -> None:
     from moco.data import list_images
 
@@ -182,3 +198,17 @@ def test_local_crops_need_the_batched_augmentation_and_moco(tmp_path: Path) -> N
         cfg = TrainConfig(data="d", out=str(tmp_path), batch_size=4, local_crops=2, **bad)
         with pytest.raises(ValueError, match="--local-crops needs"):
             check_config(cfg, num_images=100)
+
+
+def test_auto_augments_where_it_measured_faster(tmp_path: Path) -> None:
+    """Batched on a GPU and for small images on CPU; PIL workers for large images on CPU."""
+    from moco.trainset import batched
+
+    def cfg(**kw: object) -> TrainConfig:
+        return TrainConfig(data=str(tmp_path), out=str(tmp_path), **kw)
+
+    assert batched(cfg(image_size=32), "cpu") and batched(cfg(image_size=96), "cpu")
+    assert not batched(cfg(image_size=224), "cpu") and batched(cfg(image_size=224), "cuda")
+    assert batched(cfg(image_size=224, local_crops=2), "cpu")  # multi-crop is batched only
+    assert batched(cfg(image_size=224, augment="batch"), "cpu")
+    assert not batched(cfg(image_size=32, augment="pil"), "cuda")
