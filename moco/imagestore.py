@@ -50,8 +50,10 @@ CACHE_ENV = "MOCO_SEARCH_CACHE"
 CHUNK = 64  # images per decoding task
 
 
-class StoreError(OSError):
-    """The store cannot be written (read-only folder, full disk): train from the files instead."""
+class StoreError(ValueError):
+    """The store cannot be written (read-only folder, full disk): train from the files instead.
+
+    A ValueError, as the CLI reports user-fixable settings: the fix is another ``--store-dir``."""
 
 
 def store_side(image_size: int) -> int:
