@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import time
 import zlib
 from collections.abc import Iterator
@@ -137,6 +138,10 @@ def _decode_into(pixels: str, side: int, jobs: list[tuple[str, int]]) -> list[li
     return out
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
@@ -243,11 +248,16 @@ class _Store:
         bar = tqdm(total=len(jobs), unit="img", desc="decoding", mininterval=1.0, leave=False)
         with bar:
             if workers > 0 and len(chunks) > 1:
-                with ProcessPoolExecutor(max_workers=workers) as pool:
+                # Ctrl-C reaches this process alone (the workers ignore it), which then cancels
+                # the chunks not started: the old index stays, nothing half-written is trusted.
+                pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+                try:
                     futures = [pool.submit(_decode_into, pixels, self.side, c) for c in chunks]
                     for chunk, fut in zip(chunks, futures, strict=True):
                         out.update(zip((k for k, _ in chunk), fut.result(), strict=True))
                         bar.update(len(chunk))
+                finally:
+                    pool.shutdown(wait=True, cancel_futures=True)
             else:
                 for chunk in chunks:
                     decoded = _decode_into(pixels, self.side, chunk)
