@@ -149,25 +149,38 @@ class StoreBatches:
         pin = self.device.type == "cuda"
         return ids, bad, self.store.gather(ids, pin) if len(ids) else None
 
-    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor, list[int]]]:
+    def _views(self, b: int, canvases: torch.Tensor, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Batch ``b``'s views, from a generator seeded by (``seed``, ``b``) alone."""
         g = torch.Generator(device=self.device)
-        # The next batch is read from the memory map while this one trains (index_select and
-        # page faults release the GIL); augmentation stays here, on the device, in seed order.
+        g.manual_seed(self.seed * 1_000_003 + self.first_batch + b)
+        images = canvases.to(self.device, non_blocking=True)
+        sizes = self.store.sizes[ids].to(self.device)
+        views = [self.augment(images, sizes, g), self.augment(images, sizes, g)]
+        return views + [aug(images, sizes, g) for aug in self.extra]
+
+    def _prepare(self, b: int) -> tuple[torch.Tensor, list[int], Any]:
+        """Read batch ``b``; on CPU also augment it (in the reader thread, beside the step)."""
+        ids, bad, canvases = self._read(b)
+        if canvases is not None and self.device.type == "cpu":
+            return ids, bad, self._views(b, canvases, ids)
+        return ids, bad, canvases
+
+    def __iter__(self) -> Iterator[tuple[Any, torch.Tensor, list[int]]]:
+        # The next batch is prepared in a thread while this one trains (torch ops and page
+        # faults release the GIL). On CPU that includes its augmentation; on a GPU the views
+        # are drawn here, on the training stream. Each batch's draws depend on (seed, b) only.
         with ThreadPoolExecutor(max_workers=1) as reader:
-            ahead = reader.submit(self._read, 0) if len(self) else None
+            ahead = reader.submit(self._prepare, 0) if len(self) else None
             for b in range(len(self)):
                 assert ahead is not None
-                ids, bad, canvases = ahead.result()
-                ahead = reader.submit(self._read, b + 1) if b + 1 < len(self) else None
-                if canvases is None:
+                ids, bad, ready = ahead.result()
+                ahead = reader.submit(self._prepare, b + 1) if b + 1 < len(self) else None
+                if ready is None:
                     yield None, ids, bad
-                    continue
-                images = canvases.to(self.device, non_blocking=True)
-                sizes = self.store.sizes[ids].to(self.device)
-                g.manual_seed(self.seed * 1_000_003 + self.first_batch + b)
-                views = [self.augment(images, sizes, g), self.augment(images, sizes, g)]
-                views += [aug(images, sizes, g) for aug in self.extra]
-                yield views, ids, bad
+                elif isinstance(ready, list):
+                    yield ready, ids, bad
+                else:
+                    yield self._views(b, ready, ids), ids, bad
 
 
 LOCAL_CROP_MIN = 0.05
