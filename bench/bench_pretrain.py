@@ -114,11 +114,10 @@ def _our_runner(v: Variant, mcfg: ModelConfig, device: torch.device) -> Callable
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
     if v.compile:
         compile_encoders(model)
-    fn = model
 
     def step(x1: torch.Tensor, x2: torch.Tensor) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=v.amp):
-            loss, _, _ = fn(x1, x2)
+            loss, _, _ = model(x1, x2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

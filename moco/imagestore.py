@@ -94,7 +94,6 @@ class ImageStore:
     slots: torch.Tensor
     sizes: torch.Tensor
     valid: torch.Tensor
-    path: Path | None = None
 
     def __len__(self) -> int:
         return len(self.valid)
@@ -224,7 +223,6 @@ class _Store:
     def _reserve(self, slots: int) -> None:
         need = slots * self.slot_bytes
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
             have = self.pixels.stat().st_size if self.pixels.exists() else 0
             free = shutil.disk_usage(self.path).free
             if need - have > free:
@@ -245,24 +243,24 @@ class _Store:
         out: dict[str, list[Any]] = {}
         chunks = list(_chunks(jobs, CHUNK))
         pixels = os.fspath(self.pixels)
+        pool = None
+        if workers > 0 and len(chunks) > 1:
+            # Ctrl-C reaches this process alone (the workers ignore it), which then cancels the
+            # chunks not started: the old index stays, nothing half-written is trusted.
+            pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+            futures = [pool.submit(_decode_into, pixels, self.side, c) for c in chunks]
+            results = (f.result() for f in futures)
+        else:
+            results = (_decode_into(pixels, self.side, c) for c in chunks)
         bar = tqdm(total=len(jobs), unit="img", desc="decoding", mininterval=1.0, leave=False)
-        with bar:
-            if workers > 0 and len(chunks) > 1:
-                # Ctrl-C reaches this process alone (the workers ignore it), which then cancels
-                # the chunks not started: the old index stays, nothing half-written is trusted.
-                pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
-                try:
-                    futures = [pool.submit(_decode_into, pixels, self.side, c) for c in chunks]
-                    for chunk, fut in zip(chunks, futures, strict=True):
-                        out.update(zip((k for k, _ in chunk), fut.result(), strict=True))
-                        bar.update(len(chunk))
-                finally:
-                    pool.shutdown(wait=True, cancel_futures=True)
-            else:
-                for chunk in chunks:
-                    decoded = _decode_into(pixels, self.side, chunk)
-                    out.update(zip((k for k, _ in chunk), decoded, strict=True))
-                    bar.update(len(chunk))
+        try:
+            for chunk, decoded in zip(chunks, results, strict=True):
+                out.update(zip((k for k, _ in chunk), decoded, strict=True))
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         log.info(
             "decoded %d images into the store %s in %.1fs",
             len(jobs),
@@ -287,7 +285,7 @@ class _Store:
             images = torch.from_numpy(np.memmap(self.pixels, dtype=np.uint8, mode="c", shape=shape))
         else:
             images = torch.zeros(shape, dtype=torch.uint8)
-        return ImageStore(images, slots, sizes, valid, self.path)
+        return ImageStore(images, slots, sizes, valid)
 
 
 def open_store(paths: list[Path], side: int, path: Path, workers: int = 0) -> ImageStore:

@@ -159,12 +159,6 @@ def train(cfg: TrainConfig) -> Path:
             "untrained": baseline,
         }
 
-    def save(epoch: int, step: int) -> None:
-        if rank == 0:
-            save_checkpoint(ckpt_path, payload(epoch, step))
-        else:
-            save_rank_rng(ckpt_path, rank, epoch, step)
-
     state = TrainState(net, model, optimizer, cfg, device, amp, runlog, schedule, budget)
     state.epoch, state.step = start_epoch, skip_steps
     stats: dict[str, float] = {}
@@ -200,21 +194,24 @@ def train(cfg: TrainConfig) -> Path:
                     stats["view_recall"],
                     baseline["view_recall"],
                 )
-            save(epoch + 1, 0)
-            if rank == 0 and cfg.save_every and (epoch + 1) % cfg.save_every == 0:
-                save_checkpoint(out / f"checkpoint_{epoch + 1:04d}.pt", payload(epoch + 1, 0))
+            if rank == 0:  # at an epoch's end every rank reseeds: no rank's state is needed
+                save_checkpoint(ckpt_path, payload(epoch + 1, 0))
+                if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
+                    save_checkpoint(out / f"checkpoint_{epoch + 1:04d}.pt", payload(epoch + 1, 0))
     except KeyboardInterrupt:
         # Inside an epoch: resume at its step. Between epochs (monitor, logging, saving): the
         # finished epochs are all in the weights, so resume at the next one.
         epoch, step = state.epoch, state.step
-        save(epoch, step)
         if rank == 0:
+            save_checkpoint(ckpt_path, payload(epoch, step))
             log.warning(
                 "interrupted: saved %s at epoch %d step %d; continue with --resume",
                 ckpt_path,
                 epoch,
                 step,
             )
+        else:  # each rank's own random stream, for an exact mid-epoch resume
+            save_rank_rng(ckpt_path, rank, epoch, step)
         runlog.close()
         raise
     runlog.finish()

@@ -175,12 +175,9 @@ class StoreBatches:
                 assert ahead is not None
                 ids, bad, ready = ahead.result()
                 ahead = reader.submit(self._prepare, b + 1) if b + 1 < len(self) else None
-                if ready is None:
-                    yield None, ids, bad
-                elif isinstance(ready, list):
-                    yield ready, ids, bad
-                else:
-                    yield self._views(b, ready, ids), ids, bad
+                if isinstance(ready, torch.Tensor):  # canvases, on a GPU: draw the views here
+                    ready = self._views(b, ready, ids)
+                yield ready, ids, bad
 
 
 LOCAL_CROP_MIN = 0.05
