@@ -7,6 +7,7 @@ factory            bytes per vector              note
 =================  ============================  ===========================================
 ``Flat``           4d + 8                        exact; only up to ``FLAT_MAX`` (then slow)
 ``IVF<L>,Flat``    4d + 8                        exact codes, probes a few of ``L`` lists
+``IVF<L>,SQfp16``  2d + 8                        half; float16 codes, not re-ranked
 ``IVF<L>,SQ8``     d + 8                         4x smaller; re-ranked from SQLite
 ``IVF<L>,PQ<m>``   m + 8                         m in d/2, d/4 ... 8; re-ranked from SQLite
 =================  ============================  ===========================================
@@ -14,10 +15,13 @@ factory            bytes per vector              note
 plus ``L`` centroids (4d bytes each) and the codebooks. The 8 bytes are the id each inverted
 list stores. Compressed codes only pick the candidates: the top ``rerank x k`` are scored again
 with the exact vectors from SQLite, which is what keeps recall@10 near exact search (on
-clustered embeddings SQ8 alone topped out near 0.94, PQ lower).
+clustered embeddings SQ8 alone topped out near 0.94, PQ lower). Float16 codes need no second
+pass: they are the vectors as ``--vector-dtype float16`` stores them, and within ~1e-4 of the
+float32 ones, so they rank as exact codes do and skip a database read per query (at 1M vectors
+that read was the largest part of a search).
 
-The default budget, 2 GB, keeps today's exact codes up to about 950k vectors of 512 dims, SQ8
-up to 3.8M and PQ128 at 10M (1.4 GB).
+The default budget, 2 GB, keeps exact codes up to about 950k vectors of 512 dims, float16 codes
+up to 1.9M, SQ8 up to 3.8M and PQ128 at 10M (1.4 GB).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ FLAT_MAX = 50_000
 DEFAULT_BUDGET = 2_000_000_000
 UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 UNITS |= {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-RERANK = {"Flat": 0, "SQ8": 4, "PQ": 10}
+RERANK = {"Flat": 0, "SQfp16": 0, "SQ8": 4, "PQ": 10}
 """Candidates re-ranked per requested hit, by code type (0: the codes are exact already)."""
 
 
@@ -73,7 +77,9 @@ def estimate(factory: str, n: int, d: int) -> int:
     """Approximate RAM (or mapped file) bytes of ``factory`` holding ``n`` vectors."""
     codes, extra = 4 * d, 0
     nlist = int(m[1]) if (m := re.search(r"IVF(\d+)", factory)) else 0
-    if "SQ8" in factory:
+    if "SQfp16" in factory:
+        codes = 2 * d
+    elif "SQ8" in factory:
         codes, extra = d, 8 * d
     elif m := re.search(r"PQ(\d+)", factory):
         codes, extra = int(m[1]), 256 * 4 * d
@@ -85,6 +91,8 @@ def estimate(factory: str, n: int, d: int) -> int:
 def rerank_depth(factory: str) -> int:
     """How many candidates per hit to re-score exactly (0 for exact codes)."""
     tail = factory.rsplit(",", 1)[-1]
+    if tail == "SQfp16":
+        return RERANK["SQfp16"]
     if tail.startswith("SQ"):
         return RERANK["SQ8"]
     if "PQ" in tail or tail.startswith(("LSH", "RQ", "LSQ")):
@@ -96,7 +104,7 @@ def candidates(n: int, d: int) -> list[str]:
     """Factory strings for ``n`` vectors of ``d`` dims, most accurate first."""
     out = ["Flat"] if n <= FLAT_MAX else []
     nlist = nlist_for(n)
-    out += [f"IVF{nlist},Flat", f"IVF{nlist},SQ8"]
+    out += [f"IVF{nlist},Flat", f"IVF{nlist},SQfp16", f"IVF{nlist},SQ8"]
     out += [
         f"IVF{nlist},PQ{m}"
         for m in (d // 2, d // 4, d // 8, d // 16, d // 32, d // 64)
@@ -113,7 +121,7 @@ def choose(n: int, d: int, budget: int = DEFAULT_BUDGET) -> Choice:
 
     Examples:
         >>> choose(1_000_000, 512).factory
-        'IVF4096,SQ8'
+        'IVF4096,SQfp16'
         >>> choose(10_000_000, 512).factory
         'IVF16384,PQ128'
     """

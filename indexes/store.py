@@ -58,6 +58,8 @@ CREATE TABLE IF NOT EXISTS user_labels (
 """Tables a collection gets on first use, so that collections made before them still open:
 ``classify-all``'s predictions, and labels given in the web UI (``labeled`` sees both kinds)."""
 
+MMAP_BYTES = 2**31
+"""How much of the database a serving connection reads through a memory map (SQLite caps it)."""
 ROW_COLUMNS = (
     "images.id, roots.path_raw, images.relpath_raw, images.relpath, images.size, images.mtime, "
     "images.sha256, images.width, images.height, images.format, images.label, images.status, "

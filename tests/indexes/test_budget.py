@@ -19,7 +19,8 @@ from tests.indexes.conftest import consistency
         (10_000, "2GB", "Flat"),
         (10_000, "10MB", "IVF256,SQ8"),  # Flat is 20.6 MB
         (200_000, "2GB", "IVF2048,Flat"),
-        (1_000_000, "2GB", "IVF4096,SQ8"),  # IVF-Flat would be 2.06 GB
+        (1_000_000, "2GB", "IVF4096,SQfp16"),  # IVF-Flat would be 2.06 GB
+        (1_000_000, "1GB", "IVF4096,SQ8"),  # float16 codes would be 1.04 GB
         (1_000_000, "3GB", "IVF4096,Flat"),
         (1_000_000, "200MB", "IVF4096,PQ128"),
         (10_000_000, "2GB", "IVF16384,PQ128"),
@@ -31,7 +32,8 @@ from tests.indexes.conftest import consistency
 def test_budget_picks_the_most_accurate_that_fits(n: int, limit: str, want: str) -> None:
     choice = budget.choose(n, 512, budget.parse_bytes(limit))
     assert choice.factory == want
-    assert choice.rerank == (0 if want.endswith("Flat") else 4 if "SQ8" in want else 10)
+    exact = want.endswith(("Flat", "SQfp16"))
+    assert choice.rerank == (0 if exact else 4 if "SQ8" in want else 10)
 
 
 def test_estimate_matches_the_real_index() -> None:
@@ -39,7 +41,7 @@ def test_estimate_matches_the_real_index() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((10_000, 16)).astype(np.float32)
     ids = np.arange(len(x), dtype=np.int64)
-    for factory in ("Flat", "IVF32,Flat", "IVF32,SQ8", "IVF32,PQ4"):
+    for factory in ("Flat", "IVF32,Flat", "IVF32,SQfp16", "IVF32,SQ8", "IVF32,PQ4"):
         index = vectors.build(factory, 16, ids, lambda i: x[i], [(ids, x)])
         real = vectors.memory_bytes(index)
         assert abs(budget.estimate(factory, len(x), 16) - real) < 0.1 * real, factory

@@ -98,7 +98,22 @@ def test_rerank_brings_pq_near_exact() -> None:
     assert tuned["rerank"] == 10 and recall >= vectors.TARGET_RECALL
 
 
-@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,SQ8", "IVF16,PQ8"])
+def test_float16_codes_rank_as_exact_without_rerank() -> None:
+    """Why ``SQfp16`` skips the second pass: with every list probed its top 10 are the exact
+    ones and its scores within 1e-3 of float32 inner products."""
+    x = clustered(3000, dim=32, centers=40)
+    ids = np.arange(1, 3001, dtype=np.int64)
+    index = vectors.build("IVF16,SQfp16", 32, ids, lambda i: x[i - 1], chunks(ids, x))
+    q = clustered(100, dim=32, centers=40, seed=5)
+    truth = vectors.exact_knn(q, chunks(ids, x), 10)
+    found = vectors.knn(index, q, 10, {"nprobe": 16})
+    assert vectors.recall_at(found, truth) >= 0.995
+    for row, hits in zip(q, found, strict=True):
+        exact = x[np.array([i for i, _ in hits]) - 1] @ row
+        assert np.abs(exact - [s for _, s in hits]).max() < 1e-3
+
+
+@pytest.mark.parametrize("factory", ["IVF16,Flat", "IVF16,SQfp16", "IVF16,SQ8", "IVF16,PQ8"])
 def test_mmap_index_searches_like_the_loaded_one(factory: str, tmp_path: Path) -> None:
     x = clustered(3000, dim=64)
     ids = np.arange(1, 3001, dtype=np.int64) * 7
@@ -107,6 +122,7 @@ def test_mmap_index_searches_like_the_loaded_one(factory: str, tmp_path: Path) -
     mapped = vectors.load(tmp_path / "i.faiss", mmap=True)
     lists = faiss.extract_index_ivf(mapped).invlists
     assert isinstance(faiss.downcast_InvertedLists(lists), faiss.OnDiskInvertedLists)
+    assert faiss.downcast_InvertedLists(lists).prefetch_nthread == 0  # no threads per search
     q = clustered(20, dim=64, seed=3)
     for allowed in (None, ids[::5]):
         want = vectors.knn(vectors.load(tmp_path / "i.faiss"), q, 10, {"nprobe": 4}, allowed)
@@ -125,3 +141,41 @@ def test_collection_with_approximate_index(images: Path, encoder_dir: Path, tmp_
     (images / "cat" / "000.png").unlink()
     index_images([images], tmp_path / "c", None, workers=0, index_type="IVF4,Flat")
     assert consistency(tmp_path / "c") == {"ok": 15}
+
+
+@pytest.mark.parametrize("step", [3, 1000])
+def test_selector_selects_exactly_and_is_built_once(step: int) -> None:
+    """Dense id sets get a bitmap, sparse ones a hash set; both select exactly ``allowed``,
+    and a filter's array keeps its selector until the array is gone."""
+    allowed = np.arange(7, 20_000, step, dtype=np.int64)
+    sel = vectors.selector(allowed)
+    kind = faiss.IDSelectorBitmap if step == 3 else faiss.IDSelectorBatch
+    assert isinstance(sel, kind)
+    member = np.zeros(20_010, dtype=bool)
+    member[allowed] = True
+    assert [sel.is_member(i) for i in range(20_010)] == member.tolist()
+    assert vectors.selector(allowed) is sel
+    assert vectors.selector(allowed.copy()) is not sel
+    del allowed
+    assert id(sel) not in {id(s) for s in vectors._selectors.values()}
+
+
+def test_many_lists_get_a_graph_quantizer(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """From ``GRAPH_MIN_LISTS`` lists the coarse quantizer is an HNSW graph over the trained
+    centroids, kept through save and a mapped load, and it probes the lists a flat one would."""
+    x = clustered(3000, dim=32, centers=40)
+    ids = np.arange(1, 3001, dtype=np.int64)
+    q = clustered(100, dim=32, centers=40, seed=5)
+    flat = vectors.build("IVF32,SQfp16", 32, ids, lambda i: x[i - 1], chunks(ids, x))
+    monkeypatch.setattr(vectors, "GRAPH_MIN_LISTS", 32)
+    index = vectors.build("IVF32,SQfp16", 32, ids, lambda i: x[i - 1], chunks(ids, x))
+    vectors.save(index, tmp_path / "i.faiss")
+    for ix in (index, vectors.load(tmp_path / "i.faiss", mmap=True)):
+        graph = faiss.downcast_index(faiss.extract_index_ivf(ix).quantizer)
+        assert isinstance(graph, faiss.IndexHNSWFlat) and graph.ntotal == 32
+    assert isinstance(
+        faiss.downcast_index(faiss.extract_index_ivf(flat).quantizer), faiss.IndexFlat
+    )
+    truth = vectors.exact_knn(q, chunks(ids, x), 10)
+    want = vectors.recall_at(vectors.knn(flat, q, 10, {"nprobe": 4}), truth)
+    assert vectors.recall_at(vectors.knn(ix, q, 10, {"nprobe": 4}), truth) >= want - 0.01
