@@ -25,6 +25,8 @@ from indexes.faults import atomic_file
 
 INDEX_NAME = "index.faiss"
 TARGET_RECALL = 0.98
+PLATEAU = 0.002
+"""``tune`` stops raising nprobe (efSearch) when recall@10 gains less than this."""
 GRAPH_MIN_LISTS = 4096
 """IVF indexes of at least this many lists get a graph (HNSW) coarse quantizer."""
 FetchVectors = Callable[[np.ndarray], np.ndarray]
@@ -278,6 +280,8 @@ def tune(
     """The cheapest search parameter reaching ``target`` recall@10, and the recall reached.
 
     With ``rerank`` and ``fetch`` the recall is that of the re-ranked results, as served.
+    Compressed codes can top out below the target; once doubling the parameter gains less
+    than ``PLATEAU`` the previous value is kept, rather than scanning every list for nothing.
     """
     base = {"rerank": rerank} if rerank and fetch is not None else {}
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
@@ -290,13 +294,16 @@ def tune(
         name, values = "efSearch", [16, 32, 64, 128, 256, 512]
     else:
         return base, recall_at(knn(index, queries, 10, base, fetch=fetch), truth)
-    params, recall = {**base, name: values[-1]}, 0.0
+    best: tuple[dict[str, Any], float] = ({**base, name: values[0]}, -1.0)
     for v in values:
         params = {**base, name: v}
         recall = recall_at(knn(index, queries, 10, params, fetch=fetch), truth)
+        if recall < best[1] + PLATEAU:
+            break
+        best = params, recall
         if recall >= target:
             break
-    return params, recall
+    return best
 
 
 def save(index: faiss.Index, path: str | os.PathLike) -> None:

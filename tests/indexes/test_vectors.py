@@ -179,3 +179,18 @@ def test_many_lists_get_a_graph_quantizer(monkeypatch: pytest.MonkeyPatch, tmp_p
     truth = vectors.exact_knn(q, chunks(ids, x), 10)
     want = vectors.recall_at(vectors.knn(flat, q, 10, {"nprobe": 4}), truth)
     assert vectors.recall_at(vectors.knn(ix, q, 10, {"nprobe": 4}), truth) >= want - 0.01
+
+
+def test_tune_stops_where_recall_stops_rising() -> None:
+    """Codes too coarse for the target: tune keeps the nprobe after which doubling gains less
+    than PLATEAU, not the largest (a scan of every list)."""
+    x = clustered(6000, dim=32, centers=40)
+    ids = np.arange(1, 6001, dtype=np.int64)
+    index = vectors.build("IVF64,PQ4", 32, ids, lambda i: x[i - 1], chunks(ids, x))
+    q = clustered(200, dim=32, centers=40, seed=5)
+    truth = vectors.exact_knn(q, chunks(ids, x), 10)
+    params, recall = vectors.tune(index, q, truth, target=0.999)
+    assert params["nprobe"] < 64 and recall < 0.9
+    assert recall == vectors.recall_at(vectors.knn(index, q, 10, params), truth)
+    doubled = vectors.knn(index, q, 10, {"nprobe": 2 * params["nprobe"]})
+    assert vectors.recall_at(doubled, truth) < recall + vectors.PLATEAU
