@@ -107,7 +107,7 @@ HELP = {
     "workers": "decoding processes (default: CPU count - 1, at most 8)",
     "index_type": "'auto' or a FAISS factory string such as HNSW32",
     "max_index_memory": "memory the 'auto' index may take, e.g. 2GB or 500MB; the most "
-    "accurate of Flat, IVF-Flat, IVF-SQ8, IVF-PQ that fits is built (default: the "
+    "accurate of Flat, IVF-Flat, IVF-SQfp16, IVF-SQ8, IVF-PQ that fits is built (default: the "
     "collection's, else 2GB)",
     "vector_dtype": "how SQLite stores the exact vectors; float16 halves the database, stored "
     "vectors are converted (default: the collection's, float32 for a new one)",
