@@ -179,11 +179,11 @@ def write_collection(
     vectors as stored (float16 when ``dtype`` is), found chunk by chunk as they are written:
     10M vectors are never held at once.
     """
-    from indexes import manifest, store
+    from indexes import manifest, store, vectors
     from moco import read_encoder_config
 
     q, qlab = queries
-    top = [Top10(len(q)), Top10(len(q))]
+    top = [vectors.TopK(len(q), 10), vectors.TopK(len(q), 10)]
     coll.mkdir(parents=True)
     db = store.open_store(coll / store.DB_NAME)
     with store.transaction(db):
@@ -225,22 +225,6 @@ def write_collection(
         },
     )
     return top[0].ids, top[1].ids
-
-
-class Top10:
-    """The running top 10 (ids, by score) of each query over chunks of scores."""
-
-    def __init__(self, queries: int) -> None:
-        self.ids = np.zeros((queries, 0), np.int64)
-        self.scores = np.zeros((queries, 0), np.float32)
-
-    def add(self, sims: np.ndarray, ids: np.ndarray) -> None:
-        s = np.hstack([self.scores, sims])
-        i = np.hstack([self.ids, np.broadcast_to(ids, sims.shape)])
-        k = min(10, s.shape[1])
-        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
-        order = np.take_along_axis(part, np.argsort(-np.take_along_axis(s, part, 1), 1), 1)
-        self.scores, self.ids = np.take_along_axis(s, order, 1), np.take_along_axis(i, order, 1)
 
 
 def build_index(coll: Path, limit: str) -> dict:
