@@ -75,7 +75,8 @@ HELP = {
     "(default: none)",
     "monitor_images": "held-out images of the label-free monitor (0: off)",
     "device": "cpu, cuda, cuda:1 ... (default: cuda when available)",
-    "amp": "bf16 autocast (default: on for CUDA)",
+    "amp": "bf16 autocast (default: on for CUDA, and from 48 px on CPUs with bf16 units: AMX, "
+    "AVX-512 BF16)",
     "channels_last": "channels-last memory format",
     "compile": "torch.compile the encoders (measured no faster on 2 CPU cores; see docs)",
     "save_every": "also keep a numbered checkpoint every N epochs (0: last only)",

@@ -76,7 +76,7 @@ class TrainConfig:
     knn_t: float = KNN_T
     monitor_images: int = 256  # held-out images of the label-free monitor (0: off)
     device: str | None = None
-    amp: bool | None = None  # None: bf16 autocast on CUDA
+    amp: bool | None = None  # None: bf16 autocast on CUDA, and on CPUs with bf16 units >= 48 px
     channels_last: bool = True
     compile: bool = False
     save_every: int = 0  # also keep checkpoint_NNNN.pt every N epochs (0: only the last)

@@ -32,6 +32,29 @@ LR_PER_256 = 0.03  # lr = LR_PER_256 x batch / 256: the paper's and the official
 MOMENTUM = 0.99  # the official CIFAR demo's m; the "fit" schedule lowers it for short runs
 WARMUP_FRACTION = 0.05  # linear lr warm-up over this share of a --minutes run
 CROP_MIN, COLOR = 0.2, 1.0
+# bf16 autocast on a CPU with bf16 units pays from this size up (resnet18 step, 2 cores, AMX:
+# 0.9x fp32 at 32 px, 1.4x at 48, 1.9x at 64, 3x at 224); smaller images stay fp32.
+CPU_BF16_MIN_SIZE = 48
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AMX tiles or AVX-512 BF16).
+
+    There oneDNN runs bf16 convolutions several times faster than fp32; elsewhere bf16 is
+    emulated and slower, so autocast stays off. (``torch.cpu``'s probes are private: a torch
+    without them counts as no.)
+    """
+    import torch
+
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def default_amp(device_type: str, image_size: int) -> bool:
+    """bf16 autocast where it measured faster: CUDA, and CPUs with bf16 units from 48 px."""
+    if device_type == "cuda":
+        return True
+    return device_type == "cpu" and image_size >= CPU_BF16_MIN_SIZE and cpu_has_bf16()
 
 
 def auto_config(cfg: Any, num_images: int, device_type: str) -> Any:
@@ -65,6 +88,7 @@ def auto_config(cfg: Any, num_images: int, device_type: str) -> Any:
         cfg,
         image_size=size,
         embed_size=embed,
+        amp=cfg.amp if cfg.amp is not None else default_amp(device_type, size),
         small_stem=small,
         batch_size=max(batch, 1),
         moco_k=k,

@@ -111,7 +111,7 @@ def train(cfg: TrainConfig) -> Path:
             device_ids=[device.index] if device.type == "cuda" else None,
             broadcast_buffers=cfg.mechanism != "memory-bank",
         )
-    amp = cfg.amp if cfg.amp is not None else device.type == "cuda"
+    amp = bool(cfg.amp)  # auto_config chose it when unset
 
     dataset = make_dataset(cfg, paths, device.type)
     runlog = RunLog(out, cfg, paths, enabled=rank == 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from moco.recipe import Budget, auto_config
@@ -72,3 +74,35 @@ def test_fit_momentum_averages_over_at_most_a_tenth_of_the_run() -> None:
     assert Schedule(100, 1000, 5).momentum(rising, 500) == pytest.approx(0.995)
     fixed = TrainConfig(data="d", out="o", moco_m=0.999, m_schedule="constant")
     assert Schedule(100, 100, 5).momentum(fixed, 50) == 0.999
+
+
+def test_bf16_autocast_where_it_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moco import recipe
+
+    def amp(device: str, **kw: object) -> bool | None:
+        return auto_config(TrainConfig(data="d", out="o", **kw), 8809, device).amp
+
+    monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: True)  # a CPU with AMX
+    assert amp("cpu") is False  # 32 px, the CPU default: fp32 measured faster there
+    assert amp("cpu", image_size=48) is True and amp("cpu", image_size=224) is True
+    assert amp("cpu", image_size=224, amp=False) is False  # --no-amp is kept
+    monkeypatch.setattr(recipe, "cpu_has_bf16", lambda: False)  # bf16 would be emulated
+    assert amp("cpu", image_size=224) is False
+    assert amp("cuda") is True and amp("mps") is False
+
+
+def test_cpu_bf16_probe_agrees_with_the_kernel() -> None:
+    flags_line = (
+        next(
+            (x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")),
+            None,
+        )
+        if Path("/proc/cpuinfo").is_file()
+        else None
+    )
+    if flags_line is None:
+        pytest.skip("no /proc/cpuinfo flags on this system")
+    flags = set(flags_line.split(":", 1)[1].split())
+    from moco.recipe import cpu_has_bf16
+
+    assert cpu_has_bf16() == bool(flags & {"amx_bf16", "amx_tile", "avx512_bf16"})

@@ -104,6 +104,17 @@ def test_training_run_writes_its_outputs(emoji_dir: Path, tmp_path: Path) -> Non
     assert any((tmp_path / "run" / "tb").iterdir())
 
 
+def test_bf16_autocast_trains_on_cpu(emoji_dir: Path, tmp_path: Path) -> None:
+    """``--amp`` on a CPU (the default on CPUs with bf16 units from 48 px): split-BN, queue and
+    loss under bf16 autocast; the weights and the queue stay fp32, the choice is saved."""
+    ckpt = train(tiny_cfg(emoji_dir, tmp_path / "run", amp=True, deterministic=False))
+    rows = read_log(tmp_path / "run")
+    assert all(0 < r["loss"] < 20 for r in rows)
+    state = load_checkpoint_file(ckpt)
+    assert state["config"]["amp"] is True
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     emoji_dir: Path, tmp_path: Path
 ) -> None:
