@@ -69,14 +69,19 @@ BATCHED_CPU_MAX = 96
 """``--augment auto`` on CPU: batched up to this size, PIL workers above. Measured on 2 cores
 (bench/results/bench_pretrain_20261202_150200_cpu.json, end to end over compute only): 32 px
 batched 97 img/s against PIL 73; 64 px 0.93x against 0.92x; 224 px 0.88x against 0.94x, where
-the workers' processes overlap the step and the batched ops, in the training process, do not."""
+the workers' processes overlap the step and the batched ops, in the training process, do not.
+With bf16 autocast on a CPU with bf16 units the step is 2.4x faster and the workers compete
+with it for the same cores: batched wins at every size there (224 px: 0.74x against 0.62x;
+bench/results/bench_pretrain_20261205_103041_cpu.json)."""
 
 
 def batched(cfg: TrainConfig, device: str = "cpu") -> bool:
     """Whether views are augmented a batch at a time on the device (else per image, PIL)."""
     if cfg.augment != "auto":
         return cfg.augment == "batch"
-    return device != "cpu" or cfg.image_size <= BATCHED_CPU_MAX or cfg.local_crops > 0
+    return (
+        device != "cpu" or cfg.image_size <= BATCHED_CPU_MAX or bool(cfg.amp) or cfg.local_crops > 0
+    )
 
 
 def make_dataset(

@@ -209,6 +209,7 @@ def test_auto_augments_where_it_measured_faster(tmp_path: Path) -> None:
 
     assert batched(cfg(image_size=32), "cpu") and batched(cfg(image_size=96), "cpu")
     assert not batched(cfg(image_size=224), "cpu") and batched(cfg(image_size=224), "cuda")
+    assert batched(cfg(image_size=224, amp=True), "cpu")  # a bf16 step: workers would compete
     assert batched(cfg(image_size=224, local_crops=2), "cpu")  # multi-crop is batched only
     assert batched(cfg(image_size=224, augment="batch"), "cpu")
     assert not batched(cfg(image_size=32, augment="pil"), "cuda")
