@@ -331,7 +331,7 @@ def variants_for(device: torch.device, compile_ok: bool) -> list[Variant]:
             Variant("ours NCHW (plain BN)"),
             Variant("ours channels_last", channels_last=True),
             Variant("ours NCHW split-BN", bn_splits=8),
-            Variant("ours channels_last split-BN (default)", channels_last=True, bn_splits=8),
+            Variant("ours channels_last split-BN", channels_last=True, bn_splits=8),
             Variant("ours cl split-BN compile", channels_last=True, bn_splits=8, compile=True),
             Variant("ours cl compile", channels_last=True, compile=True),
         ]
@@ -403,6 +403,19 @@ def main(argv: list[str] | None = None) -> int:
             f"\n{size} px, batch {batch} ({stem}),"
             f" {device}: images/s (median of {rounds} interleaved rounds x {steps} steps)"
         )
+        # The variant train() runs by default on this device at this size (also end to end).
+        amp = default_amp(device.type, size)
+        default = next(
+            (
+                r
+                for r in runners
+                if r.variant.bn_splits > 1
+                and r.variant.channels_last
+                and not r.variant.compile
+                and r.variant.amp == amp
+            ),
+            runners[-1],
+        )
         head = ("variant", "img/s", "ms/step", "vs naive", "compile s")
         print("  {:38s} {:>8s} {:>9s} {:>9s} {:>10s}".format(*head))
         for r in runners:
@@ -416,24 +429,12 @@ def main(argv: list[str] | None = None) -> int:
                 "vs_naive": naive / t,
                 "compile_s": round(r.compile_s, 1),
                 "round_ms": [round(1000 * x, 1) for x in r.times],
+                "default": r is default,
             }
             rows.append(row)
             comp = f"{r.compile_s:10.0f}" if r.variant.compile else ""
-            name = r.variant.name
+            name = r.variant.name + (" (default)" if r is default else "")
             print(f"  {name:38s} {batch / t:8.1f} {1000 * t:9.0f} {naive / t:8.2f}x{comp}")
-        # End to end with the variant train() runs by default on this device at this size.
-        amp = default_amp(device.type, size)
-        default = next(
-            (
-                r
-                for r in runners
-                if r.variant.bn_splits > 1
-                and r.variant.channels_last
-                and not r.variant.compile
-                and r.variant.amp == amp
-            ),
-            runners[-1],
-        )
         for augment in ("pil", "batch"):
             e2e = end_to_end(default, size, batch, e2e_steps, workers, device, augment)
             e2e_rows.append({"size": size, "batch": batch, **e2e})
