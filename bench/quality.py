@@ -18,6 +18,7 @@ the benchmark
     python bench/quality.py emoji=/data/emoji mnist5k=/data/mnist5k --minutes 15
     python bench/quality.py emoji=/data/emoji --build ../shared/datasets   # build if missing
     python bench/quality.py --demo    # the README's table for the shipped demo encoder
+    python bench/quality.py --merge results/quality_A.json results/quality_B.json  # one plot
 
 The data sets are never shipped and never read by the tests.
 """
@@ -364,6 +365,27 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def merge(paths: list[Path], results_dir: Path) -> Path:
+    """One JSON and one PNG from several outputs of this script, e.g. one per budget: each curve
+    is named by its recipe and budget; a set's baselines are from the first file that has it.
+    The files must embed at the same size (their baselines are measured at it)."""
+    sets: dict[str, Any] = {}
+    metas = [json.loads(p.read_text()) for p in paths]
+    for d in metas:
+        for name, data in d["sets"].items():
+            merged = sets.setdefault(name, {**data, "runs": {}})
+            sizes = [[b["image_size"] for b in x["baselines"]] for x in (merged, data)]
+            if sizes[0] != sizes[1]:
+                raise SystemExit(f"--merge: {name} is embedded at different sizes {sizes}")
+            for recipe, points in data["runs"].items():
+                merged["runs"][f"{recipe}, {d['meta']['minutes']:g} min"] = points
+    meta = {**metas[0]["meta"], "merged": [str(p) for p in paths]}
+    out = results_dir / f"quality_merged_{time.strftime('%Y%m%d_%H%M%S')}.json"
+    out.write_text(json.dumps({"meta": meta, "sets": sets}, indent=2) + "\n")
+    print(f"wrote {out}\nwrote {plot(sets, out.with_suffix('.png'))}")
+    return out
+
+
 def demo(results_dir: Path, image_size: int) -> None:
     """The README's table: the shipped demo encoder against pixels and random init."""
     import tempfile
@@ -470,6 +492,13 @@ def main() -> None:
         "image_size=32); repeatable",
     )
     parser.add_argument("--demo", action="store_true", help="only the demo encoder's table")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="instead: one JSON and PNG from outputs of this script (one per budget)",
+    )
     args = parser.parse_args()
     for spec, flags in args.recipe:
         name, _, base = spec.partition("=")  # NAME=BASE: BASE's flags, then these
@@ -486,6 +515,9 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     if args.demo:
         demo(args.results, image_size=64)
+        return
+    if args.merge:
+        merge(args.merge, args.results)
         return
     if not args.sets:
         parser.error("give at least one NAME=ROOT image set (or --demo)")
