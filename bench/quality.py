@@ -115,7 +115,7 @@ def pretrain(data: Path, run: Path, recipe: str, minutes: float, extra: dict[str
         data=str(data),
         out=str(run),
         minutes=minutes,
-        save_every=1,
+        save_minutes=minutes / 10,  # ten points a curve, whatever an epoch takes
         workers=1,
         **{**RECIPES[recipe], **extra},
     )
@@ -124,13 +124,16 @@ def pretrain(data: Path, run: Path, recipe: str, minutes: float, extra: dict[str
 
 
 def checkpoints(run: Path) -> list[tuple[float, Path]]:
-    """(wall-clock minutes since the start of the run, checkpoint) for each saved epoch."""
+    """(wall-clock minutes since the start of the run, checkpoint) for each saved epoch, the
+    last one (``checkpoint_last.pt``) included."""
     rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x]
     out = []
     for r, epoch in zip(rows, epoch_numbers(rows), strict=True):
         ckpt = run / f"checkpoint_{epoch:04d}.pt"
         if ckpt.is_file():
             out.append((r["elapsed_s"] / 60, ckpt))
+    if rows and not (out and out[-1][0] == rows[-1]["elapsed_s"] / 60):
+        out.append((rows[-1]["elapsed_s"] / 60, run / "checkpoint_last.pt"))
     return out
 
 

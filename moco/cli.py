@@ -80,6 +80,9 @@ HELP = {
     "channels_last": "channels-last memory format",
     "compile": "torch.compile the encoders (measured no faster on 2 CPU cores; see docs)",
     "save_every": "also keep a numbered checkpoint every N epochs (0: last only)",
+    "save_minutes": "also keep a numbered checkpoint at the first epoch end after every M minutes "
+    "of the run (0: off); for a curve of a --minutes run on a small folder, where an epoch takes "
+    "seconds and --save-every 1 would fill the disk",
     "max_steps": "at most this many steps per epoch (0: whole epoch; for tests)",
     "total_steps": "length of the schedule in steps (0: from the epochs; --minutes sets it)",
 }
@@ -179,7 +182,16 @@ def add_ablate_command(sub: argparse._SubParsersAction) -> None:
         "continues an interrupted grid (docs/mechanisms.md).",
     )
     helps = {**HELP, "epochs": "passes over the images per cell (default: 10)"}
-    skip = ("out", "resume", "mechanism", "moco_k", "save_every", "max_steps", "total_steps")
+    skip = (
+        "out",
+        "resume",
+        "mechanism",
+        "moco_k",
+        "save_every",
+        "save_minutes",
+        "max_steps",
+        "total_steps",
+    )
     add_dataclass_flags(p, TrainConfig, helps, positional=("data",), skip=skip)
     p.set_defaults(epochs=10)
     p.add_argument("--out", required=True, help="folder for the cells, tables and plot")

@@ -80,6 +80,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     save_every: int = 0  # also keep checkpoint_NNNN.pt every N epochs (0: only the last)
+    save_minutes: float = 0.0  # also keep checkpoint_NNNN.pt every M minutes (0: off)
     max_steps: int = 0  # stop each epoch after this many steps (0: the whole epoch); for tests
     total_steps: int = 0  # length of the schedule in steps (0: epochs); --minutes sets it
 

@@ -162,6 +162,7 @@ def train(cfg: TrainConfig) -> Path:
     state = TrainState(net, model, optimizer, cfg, device, amp, runlog, schedule, budget)
     state.epoch, state.step = start_epoch, skip_steps
     stats: dict[str, float] = {}
+    saved_mark = 0  # --save-minutes: the last whole period of the run that has its checkpoint
     try:
         while state.epoch < schedule.epochs and not (budget and budget.expired()):
             epoch = state.epoch
@@ -196,8 +197,10 @@ def train(cfg: TrainConfig) -> Path:
                 )
             if rank == 0:  # at an epoch's end every rank reseeds: no rank's state is needed
                 save_checkpoint(ckpt_path, payload(epoch + 1, 0))
-                if cfg.save_every and (epoch + 1) % cfg.save_every == 0:
+                mark = int(stats["elapsed_s"] // (60 * cfg.save_minutes)) if cfg.save_minutes else 0
+                if (cfg.save_every and (epoch + 1) % cfg.save_every == 0) or mark > saved_mark:
                     save_checkpoint(out / f"checkpoint_{epoch + 1:04d}.pt", payload(epoch + 1, 0))
+                saved_mark = mark
     except KeyboardInterrupt:
         # Inside an epoch: resume at its step. Between epochs (monitor, logging, saving): the
         # finished epochs are all in the weights, so resume at the next one.

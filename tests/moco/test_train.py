@@ -102,6 +102,16 @@ def test_training_run_writes_its_outputs(emoji_dir: Path, tmp_path: Path) -> Non
     assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
     assert (tmp_path / "run" / "config.json").is_file()
     assert any((tmp_path / "run" / "tb").iterdir())
+    assert not list((tmp_path / "run").glob("checkpoint_0*.pt"))  # only the last by default
+
+
+def test_save_minutes_keeps_a_checkpoint_per_period(emoji_dir: Path, tmp_path: Path) -> None:
+    """--save-minutes M: a numbered checkpoint at the first epoch end after each M minutes; a
+    period shorter than an epoch gives one per epoch, never more."""
+    train(tiny_cfg(emoji_dir, tmp_path / "run", epochs=3, save_minutes=1e-6))
+    names = sorted(p.name for p in (tmp_path / "run").glob("checkpoint_0*.pt"))
+    assert names == ["checkpoint_0001.pt", "checkpoint_0002.pt", "checkpoint_0003.pt"]
+    assert load_checkpoint_file(tmp_path / "run" / names[1])["epoch"] == 2
 
 
 def test_bf16_autocast_trains_on_cpu(emoji_dir: Path, tmp_path: Path) -> None:
