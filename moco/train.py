@@ -162,7 +162,9 @@ def train(cfg: TrainConfig) -> Path:
     state = TrainState(net, model, optimizer, cfg, device, amp, runlog, schedule, budget)
     state.epoch, state.step = start_epoch, skip_steps
     stats: dict[str, float] = {}
-    saved_mark = 0  # --save-minutes: the last whole period of the run that has its checkpoint
+    elapsed_before = runlog.elapsed_before() if resumed is not None else 0.0
+    # --save-minutes: the last whole period of the run that has its numbered checkpoint
+    saved_mark = int(elapsed_before // (60 * cfg.save_minutes)) if cfg.save_minutes else 0
     try:
         while state.epoch < schedule.epochs and not (budget and budget.expired()):
             epoch = state.epoch
@@ -186,7 +188,8 @@ def train(cfg: TrainConfig) -> Path:
                 stats["knn_top1"] = monitor(model.encoder_q)
                 stats["untrained_knn_top1"] = baseline["knn_top1"]
             stats["planned_epochs"] = schedule.total_steps / steps_per_epoch
-            stats["elapsed_s"] = budget.elapsed() if budget else time.perf_counter() - t0
+            now = budget.elapsed() if budget else time.perf_counter() - t0
+            stats["elapsed_s"] = elapsed_before + now
             runlog.epoch_end(epoch, stats)
             if views is not None:
                 log.info(

@@ -63,6 +63,13 @@ class RunLog:
             with open(self.out / "skipped.txt", "a") as f:
                 f.writelines(f"{self.paths[i]}\n" for i in new)
 
+    def elapsed_before(self) -> float:
+        """Seconds the run had trained when it was last logged (0 for a new run), so that a
+        resumed run's ``elapsed_s`` goes on counting the run's time instead of restarting."""
+        path = self.out / "log.jsonl"
+        rows = path.read_text().splitlines() if path.is_file() else []
+        return float(json.loads(rows[-1]).get("elapsed_s", 0.0)) if rows else 0.0
+
     def epoch_end(self, epoch: int, stats: dict[str, float]) -> None:
         if not self.enabled:
             return

@@ -258,6 +258,9 @@ def test_ctrl_c_saves_and_resume_finishes(emoji_dir: Path, tmp_path: Path) -> No
         )
     )
     assert load_checkpoint_file(done)["epoch"] == int(ckpt["epoch"]) + 1
+    # The run's clock goes on across the interruption: elapsed_s never restarts.
+    elapsed = [r["elapsed_s"] for r in read_log(run)]
+    assert len(elapsed) >= 2 and elapsed == sorted(elapsed) and elapsed[0] > 0
 
 
 def test_minutes_stops_on_its_own_and_logs_the_epochs_it_chose(
