@@ -26,9 +26,8 @@ HELP = {
     "(default: on at <= 96 px on a GPU; off on a CPU, where it costs 16x)",
     "image_size": "training crop size in pixels (default: 32 on a CPU, where 15 minutes at 64 px "
     "did not learn, docs/pretraining.md; 224 on a GPU)",
-    "embed_size": "size the exported encoder embeds at (default: 1.5x --image-size at 32 px and "
-    "below with the ImageNet stem, where it finds the same object in another style more often, "
-    "docs/pretraining.md; else --image-size)",
+    "embed_size": "size the exported encoder embeds at (default: --image-size; 1.5x it finds the "
+    "same object drawn in another style more often and classifies worse, docs/pretraining.md)",
     "epochs": "passes over the images (ignored with --minutes)",
     "minutes": "train for this long instead: the pace of the first steps sets the epochs and "
     "the schedule, and the run stops itself on time (0: use --epochs)",

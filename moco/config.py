@@ -39,7 +39,7 @@ class TrainConfig:
     arch: str = "resnet18"
     small_stem: bool | None = None  # None: on when image_size <= 96, except on CPU
     image_size: int | None = None  # None: 32 on CPU, 224 on GPU
-    embed_size: int | None = None  # what export embeds at; None: 1.5x for <= 32 px, ImageNet stem
+    embed_size: int | None = None  # what export embeds at; None: image_size
     epochs: int = 200
     minutes: float = 0.0  # > 0: train for this long; the epochs are then chosen by the run
     batch_size: int | None = None  # None: 64 on CPU, 256 on GPU (at most images / 8)

@@ -242,8 +242,9 @@ def export_encoder(
 ) -> EncoderConfig:
     """Write the frozen query-encoder backbone of ``checkpoint`` as an encoder directory.
 
-    It embeds at ``image_size``, else at the run's ``embed_size`` (which ``pretrain`` chose for
-    search, ``moco.recipe.auto_config``), else at its training size (224 for official ones).
+    It embeds at ``image_size``, else at the run's ``embed_size`` (``pretrain --embed-size``;
+    runs of 2026-12-02 to -05 chose 1.5x their training size), else at its training size (224
+    for official ones).
     """
     state, meta = backbone_from_checkpoint(load_checkpoint_file(checkpoint))
     model = build_backbone(state, meta["arch"], meta["small_stem"])

@@ -24,7 +24,6 @@ from moco.schedule import steps_in_budget
 log = logging.getLogger(__name__)
 
 CPU_IMAGE_SIZE = 32  # resnet18, ImageNet stem: 100-270 img/s on 2 idle cores (64 px: 40-100)
-EMBED_SCALE = 1.5  # small images, ImageNet stem: embed at 1.5x the training size (see below)
 GPU_IMAGE_SIZE = 224
 CPU_BATCH, GPU_BATCH = 64, 256
 QUEUE_FRACTION = 0.1  # K as a share of the images (the paper's is 5% of ImageNet)
@@ -65,11 +64,12 @@ def auto_config(cfg: Any, num_images: int, device_type: str) -> Any:
     not 64: on emoji, 15 idle minutes at 64 px (665 steps) left the label-free monitor below
     the untrained network (7.4% against 9.4%) while 32 px (1,197 steps) lifted it to 20.3%.
 
-    ``embed_size``, what ``export`` embeds at: 1.5x the training size at 32 px and below on the
-    ImageNet stem. There the last stage sees a 1x1 map in training, and random crops show
-    objects larger than a whole image at the same size does (train-test resolution, Touvron et
-    al. 2019); on emoji after 15 minutes, instance R@1 across vendors is 24.0 at 32 px, 32.7 at
-    48 and 30.4 at 64 (docs/pretraining.md). Otherwise the training size.
+    ``embed_size``, what ``export`` embeds at: the training size. 1.5x it (48 px, the default
+    until 2026-12-05) finds the same emoji drawn by another vendor more often (instance R@1 29.5
+    against 23.9 after 15 minutes), but it is a size the network never saw (at 32 px its last
+    stage works on a 1x1 map, so the off-centre taps of its 3x3 convolutions never learned) and
+    categories suffer everywhere: kNN top-1 on Tux Paint 21.6 against 50.7 (the random network:
+    26.1), on emoji 64.2 against 70.1 (docs/pretraining.md). ``--embed-size`` keeps the choice.
     """
     cpu = device_type == "cpu"
     size = cfg.image_size or (CPU_IMAGE_SIZE if cpu else GPU_IMAGE_SIZE)
@@ -81,13 +81,10 @@ def auto_config(cfg: Any, num_images: int, device_type: str) -> Any:
     k = cfg.moco_k
     if k is None:
         k = min(max(round(QUEUE_FRACTION * num_images), batch), 65536)
-    embed = cfg.embed_size
-    if embed is None:
-        embed = round(EMBED_SCALE * size) if size <= CPU_IMAGE_SIZE and not small else size
     return dataclasses.replace(
         cfg,
         image_size=size,
-        embed_size=embed,
+        embed_size=cfg.embed_size or size,
         amp=cfg.amp if cfg.amp is not None else default_amp(device_type, size),
         small_stem=small,
         batch_size=max(batch, 1),

@@ -52,14 +52,14 @@ def test_auto_config_fits_the_data_and_the_device() -> None:
     assert mine.moco_k == 65536 and mine.image_size == 64  # what the user sets is kept
 
 
-def test_small_images_on_the_imagenet_stem_embed_at_one_and_a_half_times_their_size() -> None:
+def test_encoders_embed_at_their_training_size_unless_told() -> None:
     def embed(**kw: object) -> int:
         cfg = auto_config(TrainConfig(data="d", out="o", **kw), num_images=8809, device_type="cpu")
         return cfg.embed_size
 
-    assert embed() == 48 and embed(image_size=24) == 36
+    assert embed() == 32 and embed(image_size=24) == 24
     assert embed(image_size=64) == 64 and embed(small_stem=True) == 32
-    assert embed(embed_size=40) == 40
+    assert embed(embed_size=48) == 48
     gpu = auto_config(TrainConfig(data="d", out="o"), num_images=8809, device_type="cuda")
     assert gpu.embed_size == 224
 
