@@ -31,8 +31,9 @@ LR_PER_256 = 0.03  # lr = LR_PER_256 x batch / 256: the paper's and the official
 MOMENTUM = 0.99  # the official CIFAR demo's m; the "fit" schedule lowers it for short runs
 WARMUP_FRACTION = 0.05  # linear lr warm-up over this share of a --minutes run
 CROP_MIN, COLOR = 0.2, 1.0
-# bf16 autocast on a CPU with bf16 units pays from this size up (resnet18 step, 2 cores, AMX:
-# 0.9x fp32 at 32 px, 1.4x at 48, 1.9x at 64, 3x at 224); smaller images stay fp32.
+# bf16 autocast on a CPU with bf16 units pays from this size up (2 cores with AMX: resnet18's
+# forward and backward 0.9x fp32 at 32 px, 1.4x at 48; the MoCo step 1.6x at 64 px and 2.4x at
+# 224, bench/results/bench_pretrain_20261205_103041_cpu.json); smaller images stay fp32.
 CPU_BF16_MIN_SIZE = 48
 
 
