@@ -18,6 +18,7 @@ from app import cli as app_cli
 from indexes import cli as indexes_cli
 from indexes import probe_cli
 from moco import cli as moco_cli
+from moco.flags import given_flags
 
 USER_ERRORS = (
     ValueError,
@@ -132,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand's own parser, with its own flags to suggest
         commands[args.command].unrecognized(extra)
+    # what the command line says, as opposed to defaults (``pretrain --resume --save-every 0``)
+    args.given = given_flags(commands[args.command], argv[argv.index(args.command) + 1 :])
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -90,7 +90,7 @@ HELP = {
 def _pretrain(args: argparse.Namespace) -> int:
     from moco.train import TrainConfig, log_summary, train
 
-    ckpt = train(config_from_args(TrainConfig, args))
+    ckpt = train(config_from_args(TrainConfig, args), given=getattr(args, "given", None))
     print(log_summary(ckpt))
     print(f"next: moco-search export {ckpt} --out {ckpt.parent / 'encoder'}")
     return 0

@@ -7,6 +7,7 @@ the CLI cannot drift from the library), and must answer before torch would have 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -131,9 +132,12 @@ FIXED_ON_RESUME = (
 """Settings a run cannot change half-way: they shape the weights, the head or the queue."""
 
 
-def resume_config(given: TrainConfig, stored: dict[str, Any]) -> tuple[TrainConfig, dict]:
+def resume_config(
+    given: TrainConfig, stored: dict[str, Any], flags: Collection[str] | None = None
+) -> tuple[TrainConfig, dict]:
     """The config a ``--resume`` continues with: the run's own, as its checkpoint saved it,
-    with the flags given now (those not at their default) on top.
+    with the flags given now on top: ``flags`` names them (the command line's), else those
+    not at their default count as given.
 
     DATA and ``--out`` are enough to resume (``pretrain DATA --out RUN --resume``); a flag
     given beside them overrides the saved value and is reported in the returned
@@ -146,7 +150,7 @@ def resume_config(given: TrainConfig, stored: dict[str, Any]) -> tuple[TrainConf
     now = {
         k: getattr(given, k)
         for k in names - {"data", "out", "resume"}
-        if getattr(given, k) != getattr(defaults, k)
+        if (k in flags if flags is not None else getattr(given, k) != getattr(defaults, k))
     }
     changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     for k in FIXED_ON_RESUME:

@@ -103,6 +103,20 @@ def add_dataclass_flags(
             parser.add_argument(*flags, dest=f.name, type=tp, default=default, help=text, **extra)
 
 
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations that ``argv`` sets on the command line, a flag given at its default
+    value included (which comparing the parsed values with the defaults cannot tell)."""
+    defaults = [(a, a.default) for a in parser._actions]
+    try:
+        for a, _ in defaults:
+            a.default = argparse.SUPPRESS
+        seen, _ = parser.parse_known_args(argv)
+    finally:
+        for a, d in defaults:
+            a.default = d
+    return set(vars(seen))
+
+
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     """An instance of ``cls`` from the parsed flags (lists become the fields' tuples)."""
     names = {f.name for f in dataclasses.fields(cls)}

@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,12 @@ def _init_from(model: Model, path: str) -> None:
     log.info("initialised the encoders from %s (%s)", path, meta["source"])
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Pretrain as ``cfg`` says (``--mechanism``: MoCo by default); return the last checkpoint."""
+def train(cfg: TrainConfig, given: Collection[str] | None = None) -> Path:
+    """Pretrain as ``cfg`` says (``--mechanism``: MoCo by default); return the last checkpoint.
+
+    ``given``: the fields the user set (the CLI's flags), which override a resumed run's saved
+    settings; by default, those that differ from ``TrainConfig``'s defaults.
+    """
     budget = Budget(cfg.minutes * 60.0) if cfg.minutes > 0 and not cfg.resume else None
     rank, world, local_rank = init_distributed()
     paths = list_images(cfg.data)
@@ -77,7 +82,7 @@ def train(cfg: TrainConfig) -> Path:
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         resumed = load_checkpoint_file(ckpt_path)
         start_epoch, skip_steps = int(resumed["epoch"]), int(resumed.get("step", 0))
-        cfg, changed = resume_config(cfg, resumed["config"])  # the run's own settings
+        cfg, changed = resume_config(cfg, resumed["config"], given)  # the run's own settings
         for name, (saved, now) in sorted(changed.items()):
             log.info("resume: --%s %s (the run had %s)", name.replace("_", "-"), now, saved)
     elif ckpt_path.exists():

@@ -347,6 +347,12 @@ def test_resume_needs_only_data_and_out(
     err = capsys.readouterr().err
     assert rc == 2 and "--moco-k cannot change when resuming" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    # A flag set back to its default value overrides too (the run had --bn-splits 2).
+    resume = ["pretrain", str(emoji_dir), "--out", str(run), "--resume", "--epochs", "3"]
+    with caplog.at_level("INFO", logger="moco.train"):
+        assert launch.main([*resume, "--bn-splits", "8", "--save-every", "0"]) == 0
+    assert load_checkpoint_file(run / LAST)["config"]["bn_splits"] == 8
+    assert "resume: --bn-splits 8 (the run had 2)" in caplog.text
 
 
 def test_epoch_numbers_count_from_one_for_old_and_new_logs() -> None:
