@@ -281,6 +281,9 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     for i, name in enumerate(sets):
         for j, metric in enumerate(METRICS):
             ax = axes[i][j]
+            if not any(metric in b for b in results[name]["baselines"]):
+                ax.axis("off")  # a set without this measure (no renderings to search across)
+                continue
             for base in results[name]["baselines"]:
                 if metric in base:
                     ax.axhline(
