@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -13,6 +14,13 @@ import pytest
 def _store_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Decoded image stores (moco.imagestore) go to a temporary folder, not ~/.cache."""
     os.environ["MOCO_SEARCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT (Ctrl-C): Python turns SIGINT
+    into KeyboardInterrupt only if it is not ignored at start, and a shell ignores it for the
+    jobs it starts in the background (``pytest &``), which the child would inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 import launch
 from moco.ablate import Cell, cell_config, default_ks, grid
 from moco.config import TrainConfig
+from tests.conftest import interruptible
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -89,7 +90,9 @@ def test_an_interrupted_grid_resumes_without_rerunning_finished_cells(
     args = grid_args(emoji_dir, out, "--mechanisms", "moco", "--momentum", "")
     cmd = [sys.executable, str(ROOT / "launch.py"), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        cmd, env=env, stderr=subprocess.PIPE, text=True, cwd=tmp_path, preexec_fn=interruptible
+    )
     first, second = out / "cells" / "moco_K8", out / "cells" / "moco_K16"
     deadline = time.time() + 300
     # Ctrl-C inside the second cell: after its first epoch's checkpoint, before its result

@@ -24,6 +24,7 @@ from moco.export import load_checkpoint_file
 from moco.model import MoCo, ModelConfig
 from moco.recipe import LR_PER_256
 from moco.train import TrainConfig, check_config, train
+from tests.conftest import interruptible
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -234,6 +235,7 @@ def test_ctrl_c_saves_and_resume_finishes(emoji_dir: Path, tmp_path: Path) -> No
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=interruptible,
     )
     deadline = time.time() + 120
     while not (run / "log.jsonl").exists() and time.time() < deadline:
