@@ -133,8 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand's own parser, with its own flags to suggest
         commands[args.command].unrecognized(extra)
-    # what the command line says, as opposed to defaults (``pretrain --resume --save-every 0``)
-    args.given = given_flags(commands[args.command], argv[argv.index(args.command) + 1 :])
+    if getattr(args, "resume", False):  # the flags that override a run's saved settings
+        args.given = given_flags(commands[args.command], argv[argv.index(args.command) + 1 :])
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

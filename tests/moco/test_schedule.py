@@ -92,17 +92,12 @@ def test_bf16_autocast_where_it_measured_faster(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_cpu_bf16_probe_agrees_with_the_kernel() -> None:
-    flags_line = (
-        next(
-            (x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")),
-            None,
-        )
-        if Path("/proc/cpuinfo").is_file()
-        else None
-    )
-    if flags_line is None:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    flag_lines = [x for x in lines if x.startswith("flags")]
+    if not flag_lines:
         pytest.skip("no /proc/cpuinfo flags on this system")
-    flags = set(flags_line.split(":", 1)[1].split())
+    flags = set(flag_lines[0].split(":", 1)[1].split())
     from moco.recipe import cpu_has_bf16
 
     assert cpu_has_bf16() == bool(flags & {"amx_bf16", "amx_tile", "avx512_bf16"})
