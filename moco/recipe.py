@@ -110,6 +110,9 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
         raise ValueError(f"--bank-t {cfg.bank_t} must be in [0, 1)")
     if cfg.m_schedule not in ("fit", "cosine", "constant"):
         raise ValueError(f"Unknown --m-schedule {cfg.m_schedule!r}; valid: fit, cosine, constant")
+    for flag in ("minutes", "save_minutes", "save_every", "max_steps"):
+        if getattr(cfg, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0 (0: off)")
     if cfg.local_crops < 0 or (cfg.local_size is not None and cfg.local_size < 8):
         raise ValueError("--local-crops must be >= 0 and --local-size >= 8")
     if cfg.local_crops and (cfg.mechanism != "moco" or cfg.augment == "pil"):

@@ -180,6 +180,11 @@ def test_small_data_checks(
     assert check_config(replace(cfg, batch_size=64, adapt=True), 32).batch_size == 32
     with pytest.raises(ValueError, match="No images found"):
         check_config(cfg, 0)
+    # a negative budget or period would silently train or save nothing
+    with pytest.raises(ValueError, match="--save-minutes must be >= 0"):
+        check_config(replace(cfg, save_minutes=-1), 32)
+    with pytest.raises(ValueError, match="--minutes must be >= 0"):
+        check_config(replace(cfg, minutes=-0.5), 32)
 
 
 def test_cli_errors_are_one_line(
