@@ -25,6 +25,7 @@ class RunLog:
         self.out, self.cfg, self.paths, self.enabled = out, cfg, paths, enabled
         self.bad: set[int] = set()
         self._tb: Any = None
+        self._rows: list[dict[str, Any]] = []  # epochs not yet in log.jsonl
         if enabled:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -70,16 +71,21 @@ class RunLog:
         rows = path.read_text().splitlines() if path.is_file() else []
         return float(json.loads(rows[-1]).get("elapsed_s", 0.0)) if rows else 0.0
 
-    def epoch_end(self, epoch: int, stats: dict[str, float]) -> None:
+    def epoch_end(self, epoch: int, stats: dict[str, float], report: bool = True) -> None:
+        """Record an epoch; write the rows so far to ``log.jsonl`` and print them if ``report``.
+
+        Rows wait for the next report, where ``checkpoint_last.pt`` is saved too, so that the
+        log never runs ahead of the checkpoint a resume starts from.
+        """
         if not self.enabled:
             return
-        row = {"epoch": epoch + 1, **stats, "skipped_files": len(self.bad)}  # 1-based, as printed
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._rows.append({"epoch": epoch + 1, **stats, "skipped_files": len(self.bad)})
         if self.tb:
             for k, v in stats.items():
                 self.tb.add_scalar(f"epoch/{k}", v, epoch + 1)
-            self.tb.flush()
+        if not report:
+            return
+        self.flush()
         knn = f", kNN top-1 {stats['knn_top1']:.1f}%" if "knn_top1" in stats else ""
         log.info(
             "epoch %d/%d: loss %.4f, contrastive acc %.1f%%, %.0f img/s, lr %.4g%s",
@@ -92,7 +98,19 @@ class RunLog:
             knn,
         )
 
+    def flush(self) -> None:
+        """Append the waiting rows to ``log.jsonl`` (epochs counted from 1, as printed)."""
+        if self._rows:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.writelines(json.dumps(row) + "\n" for row in self._rows)
+            self._rows.clear()
+        if self.tb:
+            self.tb.flush()
+
     def close(self) -> None:
+        """Flush (an interrupted run's checkpoint holds every finished epoch) and close."""
+        if self.enabled:
+            self.flush()
         if self.tb:
             self.tb.close()
 
@@ -125,8 +143,9 @@ def plot_run(run: Path) -> Path:
     ax[0].plot(epochs, [r["loss"] for r in rows], marker=".")
     ax[0].set(xlabel="epoch", ylabel="InfoNCE loss", title="training loss")
     ax[1].plot(epochs, [r["contrastive_acc"] for r in rows], marker=".", label="contrastive acc")
-    if any("knn_top1" in r for r in rows):
-        ax[1].plot(epochs, [r.get("knn_top1") for r in rows], marker=".", label="kNN top-1 (val)")
+    monitored = [(e, r["knn_top1"]) for e, r in zip(epochs, rows, strict=True) if "knn_top1" in r]
+    if monitored:  # at the epochs that ran the monitor (moco.train.REPORT_SECONDS)
+        ax[1].plot(*zip(*monitored, strict=True), marker=".", label="kNN top-1 (val)")
     ax[1].set(xlabel="epoch", ylabel="%", title="accuracy")
     ax[1].legend()
     from matplotlib.ticker import MaxNLocator

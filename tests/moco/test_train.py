@@ -154,6 +154,23 @@ def test_broken_file_is_skipped_and_logged(emoji_dir: Path, tmp_path: Path) -> N
     assert read_log(tmp_path / "run")[0]["skipped_files"] == 2
 
 
+def test_short_epochs_report_at_first_last_and_numbered(
+    emoji_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Monitors and checkpoint_last.pt are throttled; every epoch is still in the log."""
+    monkeypatch.setattr("moco.train.REPORT_SECONDS", 1e9)  # only the forced reports
+    run = tmp_path / "run"
+    ckpt = train(tiny_cfg(emoji_dir, run, epochs=5, max_steps=1, save_every=3))
+    rows = read_log(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+    assert ["view_recall" in r for r in rows] == [True, False, True, False, True]
+    assert sorted(p.name for p in run.glob("checkpoint_0*.pt")) == ["checkpoint_0003.pt"]
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 5
+    monkeypatch.setattr("moco.train.REPORT_SECONDS", 0.0)  # a report at every epoch
+    train(tiny_cfg(emoji_dir, tmp_path / "every", epochs=3, max_steps=1))
+    assert all("view_recall" in r for r in read_log(tmp_path / "every"))
+
+
 def test_small_data_checks(
     emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
