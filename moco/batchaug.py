@@ -99,37 +99,22 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _blend(x, grayscale(x), factor)
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(dim=1)
-    minc, _ = x.min(dim=1)
-    eqc = maxc == minc
-    cr = maxc - minc
-    ones = torch.ones_like(maxc)
-    s = cr / torch.where(eqc, ones, maxc)
-    cr_divisor = torch.where(eqc, ones, cr)
-    rc, gc, bc = (maxc - r) / cr_divisor, (maxc - g) / cr_divisor, (maxc - b) / cr_divisor
-    hr = (maxc == r) * (bc - gc)
-    hg = ((maxc == g) & (maxc != r)) * (2.0 + rc - bc)
-    hb = ((maxc != g) & (maxc != r)) * (4.0 + gc - rc)
-    h = torch.fmod((hr + hg + hb) / 6.0 + 1.0, 1.0)
-    return torch.stack((h, s, maxc), dim=1)
-
-
-def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
-    """The closed form f(n) = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, for
-    n = 5, 3, 1 (R, G, B): torchvision's piecewise conversion in one broadcast."""
-    h, s, v = x[:, 0:1], x[:, 1:2], x[:, 2:3]
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    k = torch.remainder(n + 6.0 * h, 6.0)
-    return v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
-
-
 def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by ``factor`` (in turns, within [-0.5, 0.5]) per image."""
-    hsv = _rgb_to_hsv(x)
-    h = torch.remainder(hsv[:, 0] + factor.view(-1, 1, 1), 1.0)
-    return _hsv_to_rgb(torch.stack((h, hsv[:, 1], hsv[:, 2]), dim=1))
+    """Rotate the hue by ``factor`` (in turns, within [-0.5, 0.5]) per image.
+
+    torchvision's RGB -> HSV -> RGB round trip, folded: with v = max, v s = max - min = c and
+    6h = d / c + 2i (i the first channel holding the max, d the difference of the other two in
+    HSV's order), each output channel is v - c clamp(min(k, 4 - k), 0, 1) with
+    k = (n + 6h + 6 factor) mod 6 for n = 5, 3, 1. A third of the round trip's tensor passes.
+    """
+    v, i = x.max(dim=1, keepdim=True)  # ties: the first channel, as torchvision's r, g, b order
+    c = v - x.amin(dim=1, keepdim=True)
+    r, g, b = x[:, 0:1], x[:, 1:2], x[:, 2:3]
+    d = torch.where(i == 0, g - b, torch.where(i == 1, b - r, r - g))
+    h6 = d / torch.where(c > 0, c, torch.ones_like(c)) + 2.0 * i + 6.0 * factor.view(-1, 1, 1, 1)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(n + h6, 6.0)
+    return v - c * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
 def gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Tensor:

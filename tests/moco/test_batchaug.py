@@ -37,6 +37,15 @@ def test_colour_ops_equal_torchvision_per_image(batch, ours, ref, low, high) -> 
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_hue_equals_torchvision_where_channels_tie() -> None:
+    """Grey pixels, black, white and two channels sharing the max: torchvision's tie order."""
+    torch.manual_seed(1)
+    x = torch.randint(0, 3, (8, 3, 6, 6)).float() / 2  # values 0, 0.5, 1: many ties
+    factors = torch.linspace(-0.5, 0.5, 8)
+    want = torch.stack([TF.adjust_hue(im, float(f)) for im, f in zip(x, factors, strict=True)])
+    assert torch.allclose(B.adjust_hue(x, factors), want, atol=1e-5)
+
+
 def test_grayscale_equals_torchvision(batch) -> None:
     want = torch.stack([TF.rgb_to_grayscale(im) for im in batch])
     assert torch.allclose(B.grayscale(batch), want, atol=1e-6)
