@@ -72,7 +72,8 @@ class RunLog:
         return float(json.loads(rows[-1]).get("elapsed_s", 0.0)) if rows else 0.0
 
     def epoch_end(self, epoch: int, stats: dict[str, float], report: bool = True) -> None:
-        """Record an epoch; write the rows so far to ``log.jsonl`` and print them if ``report``.
+        """Record an epoch; if ``report``, append the rows so far to ``log.jsonl`` and print
+        this epoch's line.
 
         Rows wait for the next report, where ``checkpoint_last.pt`` is saved too, so that the
         log never runs ahead of the checkpoint a resume starts from.
