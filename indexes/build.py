@@ -227,7 +227,7 @@ def start_run(
             f"Unknown vector dtype {vector_dtype!r}; valid: {', '.join(store.VECTOR_DTYPES)}"
         )
     labels = scan.read_labels(labels_csv, names) if labels_csv else None
-    bind = old is None or old["encoder"]["content_hash"] != cfg.content_hash
+    bind = old is None or not manifest.same_encoder(old, cfg)
     if old is not None and bind and preflight.vector_count(collection):
         manifest.check_encoder(old, cfg, encoder)  # raises: its vectors are another encoder's
     model = embed.load_model(encoder, embed.default_device(device))[0] if bind else None

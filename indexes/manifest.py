@@ -50,6 +50,41 @@ def encoder_entry(path: str | os.PathLike, cfg: EncoderConfig) -> dict[str, Any]
     return {"path": str(Path(path).resolve()), "content_hash": cfg.content_hash, "config": config}
 
 
+# Besides the weights (``content_hash``), what decides an image's vector: an encoder exported
+# again at another size keeps its hash but its vectors no longer compare with the old ones.
+FEATURE_FIELDS = (
+    "arch",
+    "small_stem",
+    "feature_dim",
+    "image_size",
+    "crop_pct",
+    "interpolation",
+    "mean",
+    "std",
+)
+
+
+def encoder_changes(manifest: dict[str, Any], cfg: EncoderConfig) -> list[str]:
+    """How ``cfg`` embeds differently from the collection's encoder, as "field old -> new"."""
+    saved = manifest["encoder"].get("config", {})
+    now = dataclasses.asdict(cfg)
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, list | tuple) else v
+
+    return [
+        f"{k} {plain(saved[k])} -> {plain(now[k])}"
+        for k in FEATURE_FIELDS
+        if k in saved and plain(saved[k]) != plain(now[k])
+    ]
+
+
+def same_encoder(manifest: dict[str, Any], cfg: EncoderConfig) -> bool:
+    """Whether ``cfg`` makes the same vectors as the encoder the collection was built with."""
+    same_weights = manifest["encoder"]["content_hash"] == cfg.content_hash
+    return same_weights and not encoder_changes(manifest, cfg)
+
+
 def check_encoder(manifest: dict[str, Any], cfg: EncoderConfig, path: str | os.PathLike) -> None:
     """Refuse an encoder other than the one the collection's vectors came from."""
     want = manifest["encoder"]["content_hash"]
@@ -59,4 +94,11 @@ def check_encoder(manifest: dict[str, Any], cfg: EncoderConfig, path: str | os.P
             f"({manifest['encoder']['path']}), but {path} is encoder {cfg.content_hash[:16]}; "
             "vectors of different encoders cannot be compared. Use the original encoder or "
             "index into a new collection."
+        )
+    if changes := encoder_changes(manifest, cfg):
+        raise ValueError(
+            f"Encoder mismatch: {path} has the weights the collection was built with "
+            f"({want[:16]}) but embeds differently ({', '.join(changes)}); its vectors cannot "
+            "be compared with the collection's. Export it again as it was, or index into a "
+            "new collection."
         )

@@ -120,6 +120,25 @@ def test_wrong_encoder_is_refused(
         Collection.open(tmp_path / "c", encoder=other_encoder_dir)
 
 
+def test_same_weights_at_another_size_are_refused(
+    images: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    """Re-exported in place at another size, the weights hash is unchanged but the vectors are
+    not comparable: indexing and searching must refuse it, not mix the two."""
+    import json
+    import shutil
+
+    enc = tmp_path / "enc"
+    shutil.copytree(encoder_dir, enc)
+    build(images, tmp_path / "c", enc)
+    cfg = json.loads((enc / "config.json").read_text())
+    (enc / "config.json").write_text(json.dumps({**cfg, "image_size": cfg["image_size"] + 16}))
+    with pytest.raises(ValueError, match=r"Encoder mismatch.*image_size \d+ -> \d+"):
+        build(images, tmp_path / "c", enc)
+    with pytest.raises(ValueError, match="Encoder mismatch"), Collection.open(tmp_path / "c") as c:
+        c.search(next(images.rglob("*.png")), k=1)
+
+
 def test_new_collection_needs_an_encoder(images: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="encoder"):
         build(images, tmp_path / "c", None)
