@@ -226,32 +226,12 @@ def categories(feats: torch.Tensor, images: Images) -> dict[str, float]:
     }
 
 
-class Stages(nn.Module):
-    """A ResNet's pooled layer2, layer3 and layer4 outputs, each L2-normalised, concatenated:
-    features from earlier stages for instance search (``--pooling stages``)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = self.net
-        x = n.layer1(n.maxpool(n.relu(n.bn1(n.conv1(x)))))
-        out = []
-        for layer in (n.layer2, n.layer3, n.layer4):
-            x = layer(x)
-            out.append(F.normalize(x.mean((2, 3)), dim=1))
-        return torch.cat(out, 1)
-
-
 def measure(spec: str, images: Images, size: int | None, pooling: str = "avg") -> dict[str, Any]:
     """All metrics of one encoder directory or baseline spec (see ``load_featurizer``)."""
     model, enc, name = load_featurizer(spec, image_size=size if spec == "pixels" else None)
     if size and spec != "pixels":
         enc = dataclasses.replace(enc, image_size=size, crop_pct=1.0)
-    if pooling == "stages":
-        model = Stages(model)
-    elif pooling != "avg":
+    if pooling != "avg":
         model = with_pooling(model, pooling)
     t0 = time.perf_counter()
     feats = features(model.eval(), eval_transform(enc), images)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision.models as tvm
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
@@ -73,12 +74,37 @@ class GeM(nn.Module):
         return pooled.pow(1.0 / self.p)
 
 
+class Stages(nn.Module):
+    """A ResNet's pooled layer2, layer3 and layer4 outputs, each L2-normalised, concatenated.
+
+    Earlier stages keep more of an image's layout and colour: on emoji searched across vendors
+    they found the same emoji more often (+3.4 R@1 after 15 minutes) at a cost in category kNN
+    (docs/pretraining.md). Features only (``with_pooling(net, "stages")``), never in training.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n.layer1(n.maxpool(n.relu(n.bn1(n.conv1(x)))))
+        out = []
+        for layer in (n.layer2, n.layer3, n.layer4):
+            x = layer(x)
+            out.append(F.normalize(x.mean(dim=(2, 3)), dim=1))
+        return torch.cat(out, 1)
+
+
 def with_pooling(net: nn.Module, pooling: str) -> nn.Module:
-    """``net`` (a torchvision ResNet) with its global pooling set: "avg" or "gem" (GeM p=3)."""
+    """``net`` (a torchvision ResNet) with its global pooling set: "avg", "gem" (GeM p=3), or
+    "stages" (a wrapper, ``Stages``)."""
     if pooling == "avg":
         net.avgpool = nn.AdaptiveAvgPool2d(1)
     elif pooling == "gem":
         net.avgpool = GeM()
+    elif pooling == "stages":
+        return Stages(net)
     else:
-        raise ValueError(f"Unknown pooling {pooling!r}; valid: avg, gem")
+        raise ValueError(f"Unknown pooling {pooling!r}; valid: avg, gem, stages")
     return net

@@ -172,12 +172,16 @@ def train(cfg: TrainConfig, given: Collection[str] | None = None) -> Path:
     state.epoch, state.step = start_epoch, skip_steps
     stats: dict[str, float] = {}
     elapsed_before = runlog.elapsed_before() if resumed is not None else 0.0
-    # --save-minutes: the last whole period of the run that has its numbered checkpoint
-    saved_mark = int(elapsed_before // (60 * cfg.save_minutes)) if cfg.save_minutes else 0
 
     def clock() -> float:
         """Seconds the run has trained, across resumes (``elapsed_s`` in the log)."""
         return elapsed_before + (budget.elapsed() if budget else time.perf_counter() - t0)
+
+    def period(seconds: float) -> int:
+        """Which ``--save-minutes`` period of the run ``seconds`` falls in (0: off)."""
+        return int(seconds // (60 * cfg.save_minutes)) if cfg.save_minutes else 0
+
+    saved_mark = period(elapsed_before)  # the last period that has its numbered checkpoint
 
     reported = time.perf_counter()
     try:
@@ -198,7 +202,7 @@ def train(cfg: TrainConfig, given: Collection[str] | None = None) -> Path:
             cfg = state.cfg  # with --minutes: the epochs and steps planned, as config.json says
             state.epoch, state.step, state.in_epoch = epoch + 1, 0, False
             done = state.epoch >= schedule.epochs or (budget is not None and budget.expired())
-            mark = int(clock() // (60 * cfg.save_minutes)) if cfg.save_minutes else 0
+            mark = period(clock())
             numbered = bool(cfg.save_every and state.epoch % cfg.save_every == 0)
             numbered = numbered or mark > saved_mark
             # Short epochs (a few hundred images) end every few seconds: the monitors and the

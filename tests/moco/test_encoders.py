@@ -29,3 +29,15 @@ def test_with_pooling_swaps_the_resnet_pool() -> None:
     assert torch.allclose(with_pooling(net, "avg")(x), avg)
     with pytest.raises(ValueError, match="Unknown pooling 'max'; valid: avg, gem"):
         with_pooling(net, "max")
+
+
+def test_stages_concatenate_normalised_pools_of_layers_2_to_4() -> None:
+    net = build_encoder("resnet18").eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        avg = with_pooling(net, "avg")(x)
+        f = with_pooling(net, "stages")(x)
+    assert f.shape == (2, 128 + 256 + 512)
+    assert torch.allclose(f[:, 384:], torch.nn.functional.normalize(avg, dim=1), atol=1e-5)
+    for part in (f[:, :128], f[:, 128:384], f[:, 384:]):  # each stage weighs the same
+        assert torch.allclose(part.norm(dim=1), torch.ones(2), atol=1e-5)
