@@ -61,6 +61,7 @@ FEATURE_FIELDS = (
     "interpolation",
     "mean",
     "std",
+    "pooling",
 )
 
 

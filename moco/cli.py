@@ -99,10 +99,26 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from moco.export import export_encoder
 
-    cfg = export_encoder(args.checkpoint, args.out, image_size=args.image_size, half=args.half)
+    cfg = export_encoder(
+        args.checkpoint,
+        args.out,
+        image_size=args.image_size,
+        half=args.half,
+        pooling=args.pooling,
+        fit=args.fit,
+        fit_on=args.fit_on,
+        fit_images=args.fit_images,
+    )
+    fit = cfg.fit
+    fitted = (
+        f"{'centred' if fit['kind'] == 'center' else 'whitened'} on {fit['images']} images of "
+        f"{fit['folder']}"
+        if fit
+        else "not centred (no training folder here; --fit center --fit-on DIR centres it)"
+    )
     print(
-        f"encoder {cfg.arch} (small_stem={cfg.small_stem}, {cfg.feature_dim}-d, "
-        f"{cfg.image_size} px) written to {args.out}; sha256 {cfg.content_hash[:16]}"
+        f"encoder {cfg.arch} (small_stem={cfg.small_stem}, {cfg.feature_dim}-d {cfg.pooling}, "
+        f"{cfg.image_size} px, {fitted}) written to {args.out}; sha256 {cfg.content_hash[:16]}"
     )
     return 0
 
@@ -136,6 +152,34 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="input size to record (default: the training size, or 224 for official)",
     )
     p.add_argument("--half", action="store_true", help="store fp16 weights (default: fp32)")
+    p.add_argument(
+        "--pooling",
+        choices=("avg", "gem", "stages"),
+        default="avg",
+        help="features: layer4 averaged (avg), its GeM (gem), or layer2-4 averaged and "
+        "concatenated (stages: finds the same object more often, costs kNN on small sets)",
+    )
+    p.add_argument(
+        "--fit",
+        choices=("auto", "none", "center", "whiten"),
+        default="auto",
+        help="map fitted on your images: center (subtract their mean feature: better kNN), "
+        "whiten (also even out the directions: better instance search, probe -5; needs 2 "
+        "images per dimension), none; auto (default): center when the folder is there",
+    )
+    p.add_argument(
+        "--fit-on",
+        default=None,
+        metavar="DIR",
+        help="images to fit on (default: the run's training folder)",
+    )
+    p.add_argument(
+        "--fit-images",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="fit on at most N of them, a fixed sample (default: 5000)",
+    )
     p.set_defaults(run=_export)
     add_ablate_command(sub)
     add_eval_command(sub)

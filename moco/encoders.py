@@ -39,6 +39,12 @@ def feature_dim(arch: str) -> int:
     return _FEATURE_DIM.get(check_arch(arch), 2048)
 
 
+def pooled_dim(arch: str, pooling: str = "avg") -> int:
+    """Width of ``with_pooling(arch, pooling)``'s features: layer2-4 concatenated for "stages"
+    (their channels are 1/4, 1/2 and all of layer4's)."""
+    return feature_dim(arch) * 7 // 4 if pooling == "stages" else feature_dim(arch)
+
+
 def build_encoder(arch: str, num_classes: int = 0, small_stem: bool = False) -> nn.Module:
     """A randomly initialised backbone; ``num_classes=0`` gives ``fc = Identity`` (features out).
 

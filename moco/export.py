@@ -25,8 +25,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from moco import whiten
 from moco.augment import IMAGENET_MEAN, IMAGENET_STD
-from moco.encoders import build_encoder, feature_dim
+from moco.encoders import build_encoder, pooled_dim, with_pooling
 from moco.files import atomic_file, file_hash
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -46,6 +47,8 @@ class EncoderConfig:
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bilinear"
     crop_pct: float = 0.875
+    pooling: str = "avg"
+    fit: dict[str, Any] = field(default_factory=dict)
     content_hash: str = ""
     source: str = ""
     training: dict[str, Any] = field(default_factory=dict)
@@ -69,10 +72,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_encoder(
-    backbone: nn.Module, cfg: EncoderConfig, out: str | os.PathLike, half: bool = False
+    backbone: nn.Module,
+    cfg: EncoderConfig,
+    out: str | os.PathLike,
+    half: bool = False,
+    fitted: dict[str, torch.Tensor] | None = None,
 ) -> EncoderConfig:
     """Write ``backbone`` (fc removed) and ``cfg`` to the directory ``out``; return the config
-    with its ``content_hash`` filled in. ``half`` stores fp16 weights (half the size)."""
+    with its ``content_hash`` filled in. ``half`` stores fp16 weights (half the size);
+    ``fitted`` is the map of ``whiten.fit_map``, stored in fp32 beside the weights."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {
@@ -80,6 +88,7 @@ def save_encoder(
         for k, v in backbone.state_dict().items()
         if not k.startswith("fc.")
     }
+    state |= {whiten.PREFIX + k: v.float().contiguous() for k, v in (fitted or {}).items()}
     with atomic_file(out / WEIGHTS) as tmp:  # a full disk or Ctrl-C leaves no half file
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.chmod(tmp, 0o644)  # safetensors creates it private; an encoder is meant to be shared
@@ -136,12 +145,14 @@ def load_encoder(
         ) from e
     model = build_encoder(cfg.arch, num_classes=0, small_stem=cfg.small_stem)
     state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    fitted = {k: state.pop(k) for k in list(state) if k.startswith(whiten.PREFIX)}
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+        model = whiten.wrap(with_pooling(model, cfg.pooling), fitted)
+    except (RuntimeError, ValueError, KeyError) as e:
         raise CheckpointError(
             f"Encoder weights {weights} do not fit its config ({cfg.arch}, "
-            f"small_stem={cfg.small_stem}): {str(e).splitlines()[0]}"
+            f"small_stem={cfg.small_stem}, pooling={cfg.pooling}): {str(e).splitlines()[0]}"
         ) from e
     model.requires_grad_(False)
     return model.eval().to(device), cfg
@@ -234,17 +245,27 @@ def build_backbone(state: dict[str, torch.Tensor], arch: str, small_stem: bool) 
     return model
 
 
+FIT_IMAGES = 5000
+"""``export`` fits its map on at most this many images of the folder (a fixed-seed sample)."""
+
+
 def export_encoder(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
     image_size: int | None = None,
     half: bool = False,
+    pooling: str = "avg",
+    fit: str = "none",
+    fit_on: str | os.PathLike | None = None,
+    fit_images: int = FIT_IMAGES,
 ) -> EncoderConfig:
     """Write the frozen query-encoder backbone of ``checkpoint`` as an encoder directory.
 
     It embeds at ``image_size``, else at the run's ``embed_size`` (``pretrain --embed-size``;
     runs of 2026-12-02 to -05 chose 1.5x their training size), else at its training size (224
-    for official ones).
+    for official ones). ``pooling`` is ``with_pooling``'s; ``fit`` ("center" or "whiten", see
+    ``moco.whiten``) fits a map on up to ``fit_images`` images of the folder ``fit_on``
+    (default: the run's training folder); "auto" centres when that folder is there, else not.
     """
     state, meta = backbone_from_checkpoint(load_checkpoint_file(checkpoint))
     model = build_backbone(state, meta["arch"], meta["small_stem"])
@@ -254,14 +275,48 @@ def export_encoder(
     cfg = EncoderConfig(
         arch=meta["arch"],
         small_stem=meta["small_stem"],
-        feature_dim=feature_dim(meta["arch"]),
+        feature_dim=pooled_dim(meta["arch"], pooling),
         image_size=int(size),
         interpolation="bilinear",
         crop_pct=1.0 if ours else 0.875,
+        pooling=pooling,
         source=meta["source"],
         training=_training_summary(checkpoint) if ours else {},
     )
-    return save_encoder(model, cfg, out, half=half)
+    fitted: dict[str, torch.Tensor] = {}
+    data = train_cfg.get("data")
+    fit_on = fit_on or (data if data and Path(data).is_dir() else None)
+    if fit == "auto":
+        fit = "center" if fit_on else "none"
+    if fit != "none":
+        if fit_on is None:
+            raise ValueError(
+                f"--fit {fit} needs a folder of images to fit on: the checkpoint names none that "
+                f"exists here ({data or 'not a moco-search run'}); pass --fit-on DIR"
+            )
+        fitted, info = fit_on_folder(with_pooling(model, pooling), cfg, fit, fit_on, fit_images)
+        cfg = dataclasses.replace(cfg, fit=info)
+    return save_encoder(model, cfg, out, half=half, fitted=fitted)
+
+
+def fit_on_folder(
+    model: nn.Module, cfg: EncoderConfig, fit: str, folder: str | os.PathLike, n: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``whiten.fit_map`` of ``model``'s features of a fixed-seed sample of ``n`` images of
+    ``folder``, and what to record of it in the encoder's config."""
+    import numpy as np
+
+    from moco.augment import eval_transform
+    from moco.data import list_images
+    from moco.evaluate import extract_features
+
+    paths = list_images(folder)
+    if len(paths) > n:
+        paths = [paths[i] for i in sorted(np.random.default_rng(0).permutation(len(paths))[:n])]
+    with torch.inference_mode():
+        feats, kept = extract_features(model.eval(), eval_transform(cfg), paths)
+    tensors = whiten.fit_map(torch.from_numpy(feats).reshape(len(kept), -1), fit)
+    return tensors, {"kind": fit, "images": len(kept), "folder": str(Path(folder).resolve())}
 
 
 def _training_summary(checkpoint: str | os.PathLike) -> dict[str, Any]:
