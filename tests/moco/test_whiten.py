@@ -56,7 +56,7 @@ def test_shrinkage_keeps_weak_directions_from_being_blown_up() -> None:
 
 
 def test_whitening_refuses_fewer_images_than_it_needs() -> None:
-    with pytest.raises(ValueError, match="needs at least 16 images .* got 10"):
+    with pytest.raises(ValueError, match=r"needs at least 16 images .* got 10"):
         whiten.fit_map(correlated(10, 8), "whiten")
     assert set(whiten.fit_map(correlated(10, 8), "center")) == {"mean"}
     with pytest.raises(ValueError, match="Unknown fit 'pca'"):
