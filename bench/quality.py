@@ -13,6 +13,9 @@ the benchmark
      (the same emoji) is the hit. Whole emoji are held out by the split.
    - category kNN top-1 (k=200, T=0.1) and linear-probe top-1 (L-BFGS on cached features):
      train split -> query split, labels = ``class``,
+   each checkpoint exported as ``moco-search export`` does (``--fit``: centred on the training
+   tree by default; ``--pooling``; ``--eval-size``). The baselines are measured raw, as the
+   issue defines them, and with the same map fitted on their train-split features,
 4. writes JSON and one PNG (each metric against wall-clock minutes) to ``bench/results/``.
 
     python bench/quality.py emoji=/data/emoji mnist5k=/data/mnist5k --minutes 15
@@ -45,11 +48,12 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moco import whiten  # noqa: E402
 from moco.augment import eval_transform  # noqa: E402
 from moco.data import ImageError, load_image  # noqa: E402
 from moco.encoders import with_pooling  # noqa: E402
 from moco.evaluate import load_featurizer  # noqa: E402
-from moco.export import export_encoder  # noqa: E402
+from moco.export import export_encoder, read_encoder_config  # noqa: E402
 from moco.knn import knn_predict  # noqa: E402
 from moco.metrics import retrieval_metrics  # noqa: E402
 from moco.probe import ProbeConfig, train_probe  # noqa: E402
@@ -226,8 +230,12 @@ def categories(feats: torch.Tensor, images: Images) -> dict[str, float]:
     }
 
 
-def measure(spec: str, images: Images, size: int | None, pooling: str = "avg") -> dict[str, Any]:
-    """All metrics of one encoder directory or baseline spec (see ``load_featurizer``)."""
+def measure(
+    spec: str, images: Images, size: int | None, pooling: str = "avg", fit: str = "none"
+) -> dict[str, Any]:
+    """All metrics of one encoder directory or baseline spec (see ``load_featurizer``);
+    ``fit`` maps a baseline's features as ``export --fit`` maps an encoder's, fitted on the
+    train split."""
     model, enc, name = load_featurizer(spec, image_size=size if spec == "pixels" else None)
     if size and spec != "pixels":
         enc = dataclasses.replace(enc, image_size=size, crop_pct=1.0)
@@ -235,21 +243,31 @@ def measure(spec: str, images: Images, size: int | None, pooling: str = "avg") -
         model = with_pooling(model, pooling)
     t0 = time.perf_counter()
     feats = features(model.eval(), eval_transform(enc), images)
+    if fit != "none":
+        train = torch.from_numpy(images.column("split") == "train")
+        feats = whiten.wrap(nn.Identity(), whiten.fit_map(feats[train], fit))(feats)
     row: dict[str, Any] = {"encoder": name, "image_size": enc.image_size, "pooling": pooling}
+    row |= {"fit": fit}
     if "vendor" in images.rows[0]:
         row |= instance_retrieval(feats, images)
     return row | categories(feats, images) | {"eval_s": round(time.perf_counter() - t0, 1)}
 
 
 def measured(
-    cache: Path, spec: str, images: Images, size: int | None, pooling: str
+    cache: Path, spec: str, images: Images, size: int | None, pooling: str, fit: str = "none"
 ) -> dict[str, Any]:
     """``measure``, remembered in ``cache`` (a JSON file) so that a re-run reuses it."""
     if cache.is_file():
         return json.loads(cache.read_text())
-    row = measure(spec, images, size=size, pooling=pooling)
+    row = measure(spec, images, size=size, pooling=pooling, fit=fit)
     cache.write_text(json.dumps(row) + "\n")
     return row
+
+
+def fits(fit: str) -> list[tuple[str, str]]:
+    """The maps a baseline is measured with, and their cache-file suffixes: raw, and ``fit``'s."""
+    kind = "center" if fit == "auto" else fit
+    return [("none", "")] + ([(kind, f"_{kind}")] if kind != "none" else [])
 
 
 def run_config(run: Path) -> dict[str, Any]:
@@ -286,15 +304,18 @@ def plot(results: dict[str, Any], path: Path) -> Path:
                 continue
             for base in results[name]["baselines"]:
                 if metric in base:
+                    fit = base.get("fit", "none")
                     ax.axhline(
                         base[metric],
-                        ls="--",
+                        ls="--" if fit == "none" else ":",
                         lw=1,
-                        label=base["encoder"],
+                        label=base["encoder"] + ("" if fit == "none" else f", {fit}"),
                         color="grey" if base["encoder"].startswith("pixels") else "black",
                     )
-            # minute 0 of every run is the random-init network (same seed, same backbone)
+            # minute 0 of every run is the random-init network (same seed, same backbone, the
+            # same map as the runs' encoders: the last baseline measured)
             start = [b for b in results[name]["baselines"] if b["encoder"].startswith("random")]
+            start = start[-1:]
             for recipe, pts in results[name]["runs"].items():
                 if pts and metric in pts[0]:
                     pts = [{"minutes": 0.0, **start[0]}, *pts] if start else pts
@@ -332,33 +353,41 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
         first = next(iter(runs.values()))
         spec, size, pool = random_spec(first), args.eval_size or embed_size(first), args.pooling
+        n = args.train_sample
         baselines = [
             measured(
-                cache / f"pixels{args.pixels_size}_{args.train_sample}.json",
+                cache / f"pixels{args.pixels_size}{suffix}_{n}.json",
                 "pixels",
                 images,
                 args.pixels_size,
                 "avg",
-            ),
+                fit,
+            )
+            for fit, suffix in fits(args.fit)
+        ] + [
             measured(
-                cache / f"{spec.replace(':', '_')}_{size}_{pool}_{args.train_sample}.json",
+                cache / f"{spec.replace(':', '_')}_{size}_{pool}{suffix}_{n}.json",
                 spec,
                 images,
                 size,
                 pool,
-            ),
+                fit,
+            )
+            for fit, suffix in fits(args.fit)
         ]
         curves: dict[str, list[dict[str, Any]]] = {}
         for recipe, run in runs.items():
             curves[recipe] = []
             for minutes, ckpt in thin(checkpoints(run), args.max_points):
-                enc = ckpt.with_suffix(".enc")
+                # exported as `moco-search export` would, with --image-size/--pooling/--fit
+                key = f"{args.eval_size or 'export'}_{args.pooling}_{args.fit}"
+                enc = ckpt.with_name(f"{ckpt.stem}_{key}.enc")
                 if not enc.is_dir():
-                    export_encoder(ckpt, enc)
-                key = f"{args.eval_size or 'export'}_{args.pooling}_{args.train_sample}"
-                row = measured(
-                    enc / f"metrics_{key}.json", str(enc), images, args.eval_size, args.pooling
-                )
+                    export_encoder(
+                        ckpt, enc, args.eval_size, pooling=args.pooling, fit=args.fit, fit_on=data
+                    )
+                row = measured(enc / f"metrics_{n}.json", str(enc), images, None, "avg")
+                row |= {"pooling": args.pooling, "fit": read_encoder_config(enc).fit}
                 curves[recipe].append({"minutes": round(minutes, 2), **row})
                 print(name, recipe, json.dumps(curves[recipe][-1]), flush=True)
         results[name] = {
@@ -470,6 +499,12 @@ def main() -> None:
         default="avg",
         choices=("avg", "gem", "stages"),
         help="avg, gem, or stages (layer2-4 pooled and concatenated) (default: avg)",
+    )
+    parser.add_argument(
+        "--fit",
+        default="auto",
+        choices=(*whiten.FITS, "auto"),
+        help="export's map (default: auto, i.e. centred on the training tree)",
     )
     parser.add_argument(
         "--pixels-size", type=int, default=32, help="pixel baseline side (default: 32)"

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from moco import whiten
 from moco.augment import IMAGENET_MEAN, IMAGENET_STD
-from moco.encoders import build_encoder, pooled_dim, with_pooling
+from moco.encoders import build_encoder, feature_dim, pooled_dim, with_pooling
 from moco.files import atomic_file, file_hash
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -261,30 +261,24 @@ def export_encoder(
 ) -> EncoderConfig:
     """Write the frozen query-encoder backbone of ``checkpoint`` as an encoder directory.
 
-    It embeds at ``image_size``, else at the run's ``embed_size`` (``pretrain --embed-size``;
-    runs of 2026-12-02 to -05 chose 1.5x their training size), else at its training size (224
-    for official ones). ``pooling`` is ``with_pooling``'s; ``fit`` ("center" or "whiten", see
-    ``moco.whiten``) fits a map on up to ``fit_images`` images of the folder ``fit_on``
-    (default: the run's training folder); "auto" centres when that folder is there, else not.
+    ``checkpoint`` is a training checkpoint (ours or official) or an encoder directory, to
+    export again with other options (``out`` may be the same directory). It embeds at
+    ``image_size``, else at the encoder's size, the run's ``embed_size`` (``pretrain
+    --embed-size``; runs of 2026-12-02 to -05 chose 1.5x their training size), or its training
+    size (224 for official ones). ``pooling`` is ``with_pooling``'s; ``fit`` ("center" or
+    "whiten", see ``moco.whiten``) fits a map on up to ``fit_images`` images of the folder
+    ``fit_on`` (default: the run's training folder); "auto" centres when that folder is there.
     """
-    state, meta = backbone_from_checkpoint(load_checkpoint_file(checkpoint))
-    model = build_backbone(state, meta["arch"], meta["small_stem"])
-    train_cfg = meta["config"]
-    size = image_size or train_cfg.get("embed_size") or train_cfg.get("image_size") or 224
-    ours = bool(train_cfg)
-    cfg = EncoderConfig(
-        arch=meta["arch"],
-        small_stem=meta["small_stem"],
-        feature_dim=pooled_dim(meta["arch"], pooling),
-        image_size=int(size),
-        interpolation="bilinear",
-        crop_pct=1.0 if ours else 0.875,
+    model, cfg, data = _frozen_source(checkpoint)
+    cfg = dataclasses.replace(
+        cfg,
+        image_size=int(image_size or cfg.image_size),
         pooling=pooling,
-        source=meta["source"],
-        training=_training_summary(checkpoint) if ours else {},
+        feature_dim=pooled_dim(cfg.arch, pooling),
+        fit={},
+        content_hash="",
     )
     fitted: dict[str, torch.Tensor] = {}
-    data = train_cfg.get("data")
     fit_on = fit_on or (data if data and Path(data).is_dir() else None)
     if fit == "auto":
         fit = "center" if fit_on else "none"
@@ -297,6 +291,34 @@ def export_encoder(
         fitted, info = fit_on_folder(with_pooling(model, pooling), cfg, fit, fit_on, fit_images)
         cfg = dataclasses.replace(cfg, fit=info)
     return save_encoder(model, cfg, out, half=half, fitted=fitted)
+
+
+def _frozen_source(
+    checkpoint: str | os.PathLike,
+) -> tuple[nn.Module, EncoderConfig, str | None]:
+    """The bare backbone (no pooling choice, no map) of a checkpoint or encoder directory, the
+    config it exports with by default, and the folder it was trained on, if known."""
+    if Path(checkpoint).is_dir():
+        model, cfg = load_encoder(checkpoint)
+        while not hasattr(model, "layer4"):  # unwrap whiten.Fitted and Stages
+            model = model.net
+        return with_pooling(model, "avg"), cfg, cfg.training.get("config", {}).get("data")
+    state, meta = backbone_from_checkpoint(load_checkpoint_file(checkpoint))
+    model = build_backbone(state, meta["arch"], meta["small_stem"])
+    train_cfg = meta["config"]
+    ours = bool(train_cfg)
+    size = train_cfg.get("embed_size") or train_cfg.get("image_size") or 224
+    cfg = EncoderConfig(
+        arch=meta["arch"],
+        small_stem=meta["small_stem"],
+        feature_dim=feature_dim(meta["arch"]),
+        image_size=int(size),
+        interpolation="bilinear",
+        crop_pct=1.0 if ours else 0.875,
+        source=meta["source"],
+        training=_training_summary(checkpoint) if ours else {},
+    )
+    return model, cfg, train_cfg.get("data")
 
 
 def fit_on_folder(

@@ -129,3 +129,17 @@ def test_cli_export_centres_on_the_training_folder_when_it_is_there(
     err = capsys.readouterr().err
     assert code == 2 and "needs at least 1024 images" in err and "got 32" in err
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_an_encoder_exports_again_with_another_map_in_place(
+    tmp_path: Path, emoji_dir: Path
+) -> None:
+    our_checkpoint(tmp_path / "ckpt.pt")
+    plain = export_encoder(tmp_path / "ckpt.pt", tmp_path / "plain")
+    want = export_encoder(tmp_path / "ckpt.pt", tmp_path / "want", fit="center", fit_on=emoji_dir)
+    export_encoder(tmp_path / "ckpt.pt", tmp_path / "enc", pooling="stages")
+    got = export_encoder(tmp_path / "enc", tmp_path / "enc", fit="center", fit_on=emoji_dir)
+    assert got.content_hash == want.content_hash and got.pooling == "avg"
+    assert got.training == want.training and got.image_size == want.image_size
+    back = export_encoder(tmp_path / "enc", tmp_path / "back")  # and the map comes off again
+    assert back.content_hash == plain.content_hash and back.fit == {}
