@@ -354,27 +354,14 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         first = next(iter(runs.values()))
         spec, size, pool = random_spec(first), args.eval_size or embed_size(first), args.pooling
         n = args.train_sample
-        baselines = [
-            measured(
-                cache / f"pixels{args.pixels_size}{suffix}_{n}.json",
-                "pixels",
-                images,
-                args.pixels_size,
-                "avg",
-                fit,
-            )
-            for fit, suffix in fits(args.fit)
-        ] + [
-            measured(
-                cache / f"{spec.replace(':', '_')}_{size}_{pool}{suffix}_{n}.json",
-                spec,
-                images,
-                size,
-                pool,
-                fit,
-            )
-            for fit, suffix in fits(args.fit)
-        ]
+        baselines = []
+        for base, side, how in (("pixels", args.pixels_size, "avg"), (spec, size, pool)):
+            for fit, suffix in fits(args.fit):
+                name = f"{base.replace(':', '_')}_{side}_{how}{suffix}_{n}.json"
+                try:
+                    baselines.append(measured(cache / name, base, images, side, how, fit))
+                except ValueError as e:  # too few images to whiten features this wide
+                    print(f"{name} skipped: {e}", flush=True)
         curves: dict[str, list[dict[str, Any]]] = {}
         for recipe, run in runs.items():
             curves[recipe] = []
