@@ -357,11 +357,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         baselines = []
         for base, side, how in (("pixels", args.pixels_size, "avg"), (spec, size, pool)):
             for fit, suffix in fits(args.fit):
-                name = f"{base.replace(':', '_')}_{side}_{how}{suffix}_{n}.json"
+                file = cache / f"{base.replace(':', '_')}_{side}_{how}{suffix}_{n}.json"
                 try:
-                    baselines.append(measured(cache / name, base, images, side, how, fit))
+                    baselines.append(measured(file, base, images, side, how, fit))
                 except ValueError as e:  # too few images to whiten features this wide
-                    print(f"{name} skipped: {e}", flush=True)
+                    print(f"{file.name} skipped: {e}", flush=True)
         curves: dict[str, list[dict[str, Any]]] = {}
         for recipe, run in runs.items():
             curves[recipe] = []
