@@ -24,6 +24,14 @@ def training_summary(ctx: AppContext) -> dict[str, Any]:
         return {}
 
 
+def fitted(fit: dict[str, Any]) -> str:
+    """How ``export --fit`` mapped the features (``moco.whiten``), in words."""
+    if not fit:
+        return "not centred"
+    kind = {"center": "centred", "whiten": "whitened"}.get(fit.get("kind"), fit.get("kind"))
+    return f"{kind} on {fit.get('images')} images of `{fit.get('folder')}`"
+
+
 def encoder_markdown(ctx: AppContext) -> str:
     enc = ctx.collection.manifest["encoder"]
     cfg = enc.get("config", {})
@@ -36,6 +44,7 @@ def encoder_markdown(ctx: AppContext) -> str:
         f"- path: `{enc.get('path')}`",
         f"- content hash: `{str(enc.get('content_hash', ''))[:16]}`",
         f"- source: {cfg.get('source') or 'unknown'}",
+        f"- features: {cfg.get('pooling', 'avg')} pooling, " + fitted(cfg.get("fit") or {}),
     ]
     if log:
         last = log[-1]
