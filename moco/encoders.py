@@ -85,7 +85,8 @@ class Stages(nn.Module):
 
     Earlier stages keep more of an image's layout and colour: on emoji searched across vendors
     they found the same emoji more often (+3.4 R@1 after 15 minutes) at a cost in category kNN
-    (docs/pretraining.md). Features only (``with_pooling(net, "stages")``), never in training.
+    (docs/pretraining.md). Features only (``with_pooling(net, "stages")``, ``export --pooling
+    stages``), never in training.
     """
 
     def __init__(self, net: nn.Module) -> None:
