@@ -159,7 +159,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         choices=("avg", "gem", "stages"),
         default="avg",
         help="features: layer4 averaged (avg), its GeM (gem), or layer2-4 averaged and "
-        "concatenated (stages: finds the same object more often, costs kNN on small sets)",
+        "concatenated (stages: finds the same object more often, costs kNN on small sets) "
+        "(default: avg)",
     )
     p.add_argument(
         "--fit",
