@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from moco.encoders import build_encoder, feature_dim, pooled_dim, with_pooling
 from moco.files import atomic_file, file_hash
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -332,12 +334,24 @@ def fit_on_folder(
     from moco.data import list_images
     from moco.evaluate import extract_features
 
+    if n < 2:
+        raise ValueError(f"--fit-images must be at least 2, got {n}")
     paths = list_images(folder)
     if len(paths) > n:
         paths = [paths[i] for i in sorted(np.random.default_rng(0).permutation(len(paths))[:n])]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    log.info("fitting the features (%s) on %d images of %s", fit, len(paths), folder)
     with torch.inference_mode():
-        feats, kept = extract_features(model.eval(), eval_transform(cfg), paths)
-    tensors = whiten.fit_map(torch.from_numpy(feats).reshape(len(kept), -1), fit)
+        feats, kept = extract_features(
+            model.eval().to(device), eval_transform(cfg), paths, device=device
+        )
+    model.cpu()
+    if len(kept) < 2:
+        raise ValueError(
+            f"--fit {fit}: {len(kept)} readable images in {folder}; it needs at least 2 "
+            "(--fit none exports without)"
+        )
+    tensors = whiten.fit_map(torch.from_numpy(feats), fit)
     return tensors, {"kind": fit, "images": len(kept), "folder": str(Path(folder).resolve())}
 
 

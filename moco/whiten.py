@@ -54,7 +54,8 @@ def fit_map(feats: torch.Tensor, fit: str) -> dict[str, torch.Tensor]:
             raise ValueError(
                 f"Whitening {d}-d features needs at least {MIN_IMAGES_PER_DIM * d} images "
                 f"({MIN_IMAGES_PER_DIM} per dimension), got {n}; with fewer, the directions the "
-                "images do not span turn into noise. Use --fit center, or more images"
+                "images do not span turn into noise. Use --fit center, or more images "
+                "(--fit-images, --fit-on)"
             )
         xc = x - mean
         values, vectors = torch.linalg.eigh(xc.T @ xc / n)

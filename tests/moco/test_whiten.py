@@ -143,3 +143,24 @@ def test_an_encoder_exports_again_with_another_map_in_place(
     assert got.training == want.training and got.image_size == want.image_size
     back = export_encoder(tmp_path / "enc", tmp_path / "back")  # and the map comes off again
     assert back.content_hash == plain.content_hash and back.fit == {}
+
+
+def test_export_says_why_it_cannot_fit(tmp_path: Path, emoji_dir: Path) -> None:
+    our_checkpoint(tmp_path / "ckpt.pt")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "broken.png").write_bytes(b"not a png")
+    cases = [
+        (tmp_path / "empty", 5000, "0 readable images in"),
+        (tmp_path / "nowhere", 5000, "Image folder not found"),
+        (emoji_dir, 0, "--fit-images must be at least 2"),
+    ]
+    for folder, n, message in cases:
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            export_encoder(
+                tmp_path / "ckpt.pt", tmp_path / "e", fit="center", fit_on=folder, fit_images=n
+            )
+    assert not (tmp_path / "e").exists()
+    cfg = export_encoder(
+        tmp_path / "ckpt.pt", tmp_path / "e", fit="center", fit_on=emoji_dir, fit_images=5
+    )
+    assert cfg.fit["images"] == 5
