@@ -340,6 +340,17 @@ def variants_for(device: torch.device, compile_ok: bool) -> list[Variant]:
     return [v for v in vs if compile_ok or not v.compile]
 
 
+def settings_arg(text: str) -> list[tuple[int, int]]:
+    """``"32x64,224x32"`` -> [(32, 64), (224, 32)]."""
+    try:
+        pairs = [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 or min(p) < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected SIZExBATCH,... such as 32x64, got {text!r}")
+    return pairs  # type: ignore[return-value]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one round (sanity check)")
@@ -350,6 +361,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="loader workers (default 2; GPU 8)")
     ap.add_argument("--e2e-steps", type=int, default=0, help="end-to-end steps (default 8)")
     ap.add_argument("--results", default=str(RESULTS), help=f"JSON folder (default: {RESULTS})")
+    ap.add_argument(
+        "--settings",
+        type=settings_arg,
+        default=None,
+        metavar="SIZExBATCH,...",
+        help="image sizes and batches to measure, e.g. 32x64 (the CPU default of --minutes) "
+        "(default: 64x64,224x32, and 224x256 on a GPU)",
+    )
     ap.add_argument(
         "--store-images",
         type=int,
@@ -368,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out}")
         return 0
     gpu = device.type == "cuda"
-    if args.quick:
+    if args.settings:
+        settings = args.settings
+    elif args.quick:
         settings = [(32, 16), (64, 16)]
     else:
         settings = [(64, 64), (224, 32)] + ([(224, 256)] if gpu else [])
