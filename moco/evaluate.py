@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moco import whiten
 from moco.augment import eval_transform, moco_transform
 from moco.config import KNN_K, KNN_T
 from moco.data import ImageFiles, list_images
@@ -221,8 +222,9 @@ def evaluate(
     t0 = time.perf_counter()
     tr_paths, tr_y, classes = image_folder(train_dir)
     va_paths, va_y, _ = image_folder(val_dir, classes=classes)
+    spec, fit = split_fit(encoder)
     model, enc, name = load_featurizer(
-        encoder, device=cfg.device, image_size=cfg.image_size, seed=cfg.seed
+        spec, device=cfg.device, image_size=cfg.image_size, seed=cfg.seed
     )
     tf = eval_transform(enc)
     kw = {"batch_size": cfg.batch_size, "device": cfg.device, "workers": cfg.workers}
@@ -230,6 +232,9 @@ def evaluate(
     va_x, va_kept = extract_features(model, tf, va_paths, **kw)
     if len(tr_x) == 0 or len(va_x) == 0:
         raise ValueError(f"No readable images in {train_dir if len(tr_x) == 0 else val_dir}")
+    if fit != "none":  # a baseline given the map an encoder's export fitted (moco.whiten)
+        model, tr_x, va_x = fit_baseline(model, tr_x, va_x, fit=fit)
+        name = f"{name}, {'centred' if fit == 'center' else 'whitened'}"
     tr_y, va_y = tr_y[tr_kept], va_y[va_kept]
     c = len(classes)
 
@@ -293,14 +298,48 @@ def evaluate(
     }
 
 
+def fit_baseline(
+    model: nn.Module, train: np.ndarray, *others: np.ndarray, fit: str
+) -> tuple[Any, ...]:
+    """``model`` with ``whiten.fit_map(train, fit)`` applied, and the features ``train`` and
+    ``others`` mapped as its output would be."""
+    mapped = whiten.fit_map(torch.from_numpy(train), fit)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    apply = whiten.wrap(nn.Identity(), mapped)
+    with torch.inference_mode():
+        feats = [apply(torch.from_numpy(x)).numpy() for x in (train, *others)]
+    return (whiten.wrap(model, {k: v.to(device) for k, v in mapped.items()}), *feats)
+
+
+def split_fit(spec: str | os.PathLike) -> tuple[str, str]:
+    """``"pixels+center"`` -> ("pixels", "center"): a baseline with the map of ``export --fit``
+    fitted on its own train features; anything else -> (spec, "none")."""
+    text = str(spec)
+    base, plus, fit = text.rpartition("+")
+    if plus and (base == "pixels" or base.startswith("random:")):
+        if fit not in whiten.FITS:
+            raise ValueError(f"Bad baseline {text!r}: +{fit}; valid: +center, +whiten")
+        return base, fit
+    return text, "none"
+
+
 def evaluate_many(
     specs: Sequence[str | os.PathLike],
     train_dir: str | os.PathLike,
     val_dir: str | os.PathLike,
     cfg: EvalConfig | None = None,
 ) -> list[dict[str, Any]]:
-    """``evaluate`` for each encoder or baseline spec, one row each (same data, same settings)."""
-    return [evaluate(s, train_dir, val_dir, cfg) for s in specs]
+    """``evaluate`` for each encoder or baseline spec, one row each (same data, same settings).
+
+    A baseline with a map that cannot be fitted (whitening wider features than there are
+    training images for) is left out with a warning rather than failing the others."""
+    rows = []
+    for s in specs:
+        try:
+            rows.append(evaluate(s, train_dir, val_dir, cfg))
+        except whiten.TooFewImages as e:
+            log.warning("%s left out: %s", s, e)
+    return rows
 
 
 COLUMNS = (

@@ -32,6 +32,10 @@ PREFIX = "fit."
 """Key prefix of the map's tensors in an encoder's weights file."""
 
 
+class TooFewImages(ValueError):
+    """Whitening asked of fewer images than it needs (``MIN_IMAGES_PER_DIM`` per dimension)."""
+
+
 def fit_map(feats: torch.Tensor, fit: str) -> dict[str, torch.Tensor]:
     """The map of kind ``fit`` for features ``feats`` (N x D, L2-normalised here, as search
     sees them): tensors for ``Fitted``.
@@ -51,7 +55,7 @@ def fit_map(feats: torch.Tensor, fit: str) -> dict[str, torch.Tensor]:
     out = {"mean": mean.float()}
     if fit == "whiten":
         if n < MIN_IMAGES_PER_DIM * d:
-            raise ValueError(
+            raise TooFewImages(
                 f"Whitening {d}-d features needs at least {MIN_IMAGES_PER_DIM * d} images "
                 f"({MIN_IMAGES_PER_DIM} per dimension), got {n}; with fewer, the directions the "
                 "images do not span turn into noise. Use --fit center, or more images "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from moco.encoders import build_encoder
@@ -130,6 +131,43 @@ def test_eval_prints_the_baselines_beside_an_encoder_by_default(data: Path) -> N
     add_eval_command(parser.add_subparsers())
     args = parser.parse_args(["eval", "--encoder", "x", "--train", "t", "--val", "v"])
     assert args.baselines == "auto"
+
+
+def test_baselines_given_the_encoders_map(data: Path, tmp_path: Path) -> None:
+    """A centred encoder is measured beside centred baselines: the map lifts them too."""
+    from moco.eval_cli import default_baselines
+    from moco.evaluate import evaluate_many, fit_baseline, split_fit
+
+    cfg = json.loads((data / "enc" / "config.json").read_text())
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / "config.json").write_text(
+        json.dumps(cfg | {"fit": {"kind": "center", "images": 12, "folder": "/x"}})
+    )
+    assert default_baselines(str(tmp_path / "enc"), "auto") == [
+        "pixels",
+        "pixels+center",
+        "random:resnet18:small",
+        "random:resnet18:small+center",
+    ]
+    assert split_fit("pixels+whiten") == ("pixels", "whiten")
+    assert split_fit(str(tmp_path / "a+center")) == (str(tmp_path / "a+center"), "none")
+    with pytest.raises(ValueError, match=r"\+center, \+whiten"):
+        split_fit("pixels+pca")
+
+    raw, centred = evaluate_many(["pixels", "pixels+center"], data / "train", data / "val", FAST)
+    assert centred["encoder"] == "pixels 16x16, centred"
+    assert raw["knn_top1"] == centred["knn_top1"] == 100.0  # colours stay apart
+
+    model, _, _ = load_featurizer("pixels")
+    x = np.random.default_rng(0).random((40, 3 * 16 * 16), dtype=np.float32) + 1.0
+    wrapped, train, other = fit_baseline(model, x[:30], x[30:], fit="center")
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    assert np.linalg.norm(train.mean(0)) < 0.1 and np.linalg.norm(unit.mean(0)) > 0.9
+    images = torch.from_numpy(x[30:]).reshape(10, 3, 16, 16)
+    np.testing.assert_allclose(wrapped(images).numpy(), other, atol=1e-5)
+    # 12 training images cannot whiten 768-d pixels: that row is left out, the others stay
+    rows = evaluate_many(["pixels+whiten", "pixels"], data / "train", data / "val", FAST)
+    assert [r["encoder"] for r in rows] == ["pixels 16x16"]
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:
