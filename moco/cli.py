@@ -114,7 +114,7 @@ def _export(args: argparse.Namespace) -> int:
         f"{'centred' if fit['kind'] == 'center' else 'whitened'} on {fit['images']} images of "
         f"{fit['folder']}"
         if fit
-        else "not centred (no training folder here; --fit center --fit-on DIR centres it)"
+        else "not centred (no training folder here; --fit-on DIR fits it on your images)"
     )
     print(
         f"encoder {cfg.arch} (small_stem={cfg.small_stem}, {cfg.feature_dim}-d {cfg.pooling}, "
@@ -156,19 +156,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--half", action="store_true", help="store fp16 weights (default: fp32)")
     p.add_argument(
         "--pooling",
-        choices=("avg", "gem", "stages"),
-        default="avg",
+        choices=("auto", "avg", "gem", "stages"),
+        default="auto",
         help="features: layer4 averaged (avg), its GeM (gem), or layer2-4 averaged and "
-        "concatenated (stages: finds the same object more often, costs kNN on small sets) "
-        "(default: avg)",
+        "concatenated (stages: finds the same object more often, better probe); auto "
+        "(default): stages for ResNet-18/34, avg for wider backbones",
     )
     p.add_argument(
         "--fit",
         choices=("auto", "none", "center", "whiten"),
         default="auto",
-        help="map fitted on your images: center (subtract their mean feature: better kNN), "
-        "whiten (also even out the directions: better instance search, probe -5; needs 2 "
-        "images per dimension), none; auto (default): center when the folder is there",
+        help="map fitted on your images: center (subtract their mean feature), whiten (also "
+        "even out the directions: better search and kNN; needs 2 images per dimension), "
+        "none; auto (default): whiten if there are enough images, else center, and none "
+        "when there is no folder to fit on",
     )
     p.add_argument(
         "--fit-on",

@@ -45,6 +45,14 @@ def pooled_dim(arch: str, pooling: str = "avg") -> int:
     return feature_dim(arch) * 7 // 4 if pooling == "stages" else feature_dim(arch)
 
 
+def default_pooling(arch: str) -> str:
+    """``export``'s pooling: "stages" for 512-d backbones (ResNet-18/34), where it found the same
+    emoji more often and gave a better probe on three sets (docs/pretraining.md); "avg" for
+    wider ones, whose 3,584-d stages would cost 1.75x the index memory, and which were not
+    measured."""
+    return "stages" if feature_dim(arch) <= 512 else "avg"
+
+
 def build_encoder(arch: str, num_classes: int = 0, small_stem: bool = False) -> nn.Module:
     """A randomly initialised backbone; ``num_classes=0`` gives ``fc = Identity`` (features out).
 

@@ -28,7 +28,13 @@ from safetensors.torch import load_file, save_file
 
 from moco import whiten
 from moco.augment import IMAGENET_MEAN, IMAGENET_STD
-from moco.encoders import build_encoder, feature_dim, pooled_dim, with_pooling
+from moco.encoders import (
+    build_encoder,
+    default_pooling,
+    feature_dim,
+    pooled_dim,
+    with_pooling,
+)
 from moco.files import atomic_file, file_hash
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -267,11 +273,13 @@ def export_encoder(
     export again with other options (``out`` may be the same directory). It embeds at
     ``image_size``, else at the encoder's size, the run's ``embed_size`` (``pretrain
     --embed-size``; runs of 2026-12-02 to -05 chose 1.5x their training size), or its training
-    size (224 for official ones). ``pooling`` is ``with_pooling``'s; ``fit`` ("center" or
-    "whiten", see ``moco.whiten``) fits a map on up to ``fit_images`` images of the folder
-    ``fit_on`` (default: the run's training folder); "auto" centres when that folder is there.
+    size (224 for official ones). ``pooling`` is ``with_pooling``'s, or "auto"
+    (``default_pooling``); ``fit`` ("center", "whiten" or "auto", see ``moco.whiten``) fits a
+    map on up to ``fit_images`` images of the folder ``fit_on`` (default: the run's training
+    folder; with none, "auto" exports without a map).
     """
     model, cfg, data = _frozen_source(checkpoint)
+    pooling = default_pooling(cfg.arch) if pooling == "auto" else pooling
     cfg = dataclasses.replace(
         cfg,
         image_size=int(image_size or cfg.image_size),
@@ -282,8 +290,8 @@ def export_encoder(
     )
     fitted: dict[str, torch.Tensor] = {}
     fit_on = fit_on or (data if data and Path(data).is_dir() else None)
-    if fit == "auto":
-        fit = "center" if fit_on else "none"
+    if fit == "auto" and fit_on is None:
+        fit = "none"
     if fit != "none":
         if fit_on is None:
             raise ValueError(
@@ -352,7 +360,8 @@ def fit_on_folder(
             "(--fit none exports without)"
         )
     tensors = whiten.fit_map(torch.from_numpy(feats), fit)
-    return tensors, {"kind": fit, "images": len(kept), "folder": str(Path(folder).resolve())}
+    info = {"kind": whiten.kind(tensors), "images": len(kept)}
+    return tensors, info | {"folder": str(Path(folder).resolve())}
 
 
 def _training_summary(checkpoint: str | os.PathLike) -> dict[str, Any]:

@@ -50,9 +50,28 @@ def test_shrinkage_keeps_weak_directions_from_being_blown_up() -> None:
     x = correlated(4000, 8)
     t = whiten.fit_map(x, "whiten")
     y = (F.normalize(x, dim=1) - t["mean"]) @ t["matrix"]
-    var = (y.T @ y / len(y)).diagonal()
-    # each direction's variance is e / (e + SHRINK * mean(e)): below 1, largest first
-    assert (var < 1).all() and (var.diff() <= 1e-6).all() and var[-1] < 0.1
+    var = torch.linalg.eigvalsh(y.T @ y / len(y))
+    # each direction's variance is e / (e + SHRINK * mean(e)): below 1, the weakest far below
+    assert (var < 1).all() and var[0] < 0.1
+
+
+def test_whitening_keeps_the_original_axes(monkeypatch) -> None:
+    """ZCA: a symmetric matrix, so a probe that standardises each dimension sees the features'
+    own axes (in the principal axes it would whiten them fully and overfit)."""
+    x = correlated(2000, 8)
+    t = whiten.fit_map(x, "whiten")
+    torch.testing.assert_close(t["matrix"], t["matrix"].T)
+    monkeypatch.setattr(whiten, "SHRINK", 1e6)  # all shrinkage: centring up to a scale
+    m = whiten.fit_map(x, "whiten")["matrix"]
+    torch.testing.assert_close(m / m[0, 0], torch.eye(8), atol=1e-4, rtol=0)
+
+
+def test_auto_whitens_with_enough_images_and_centres_without() -> None:
+    assert whiten.kind(whiten.fit_map(correlated(16, 8), "auto")) == "whiten"
+    assert whiten.kind(whiten.fit_map(correlated(15, 8), "auto")) == "center"
+    assert whiten.kind(whiten.fit_map(correlated(15, 8), "none")) == "none"
+    assert whiten.resolve("auto", 1792, 896) == "whiten"
+    assert whiten.resolve("auto", 1791, 896) == "center"
 
 
 def test_whitening_refuses_fewer_images_than_it_needs() -> None:
@@ -112,7 +131,9 @@ def test_cli_export_centres_on_the_training_folder_when_it_is_there(
 
     assert launch.main(["export", str(tmp_path / "here.pt"), "--out", str(tmp_path / "a")]) == 0
     assert f"centred on 32 images of {emoji_dir.resolve()}" in capsys.readouterr().out
-    assert json.loads((tmp_path / "a" / "config.json").read_text())["fit"]["kind"] == "center"
+    written = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert written["fit"]["kind"] == "center"  # 32 images: too few to whiten 896-d features
+    assert written["pooling"] == "stages" and written["feature_dim"] == 896  # ResNet-18's default
 
     assert launch.main(["export", str(tmp_path / "gone.pt"), "--out", str(tmp_path / "b")]) == 0
     assert "not centred (no training folder here" in capsys.readouterr().out
@@ -127,7 +148,7 @@ def test_cli_export_centres_on_the_training_folder_when_it_is_there(
         ["export", str(tmp_path / "here.pt"), "--out", str(tmp_path / "d"), "--fit", "whiten"]
     )
     err = capsys.readouterr().err
-    assert code == 2 and "needs at least 1024 images" in err and "got 32" in err
+    assert code == 2 and "needs at least 1792 images" in err and "got 32" in err
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
 
 
