@@ -13,8 +13,8 @@ the benchmark
      (the same emoji) is the hit. Whole emoji are held out by the split.
    - category kNN top-1 (k=200, T=0.1) and linear-probe top-1 (L-BFGS on cached features):
      train split -> query split, labels = ``class``,
-   each checkpoint exported as ``moco-search export`` does (``--fit``: centred on the training
-   tree by default; ``--pooling``; ``--eval-size``). The baselines are measured raw, as the
+   each checkpoint exported as ``moco-search export`` does (``--fit``, ``--pooling``: export's
+   defaults unless given; ``--eval-size``). The baselines are measured raw, as the
    issue defines them, and with the same map fitted on their train-split features,
 4. writes JSON and one PNG (each metric against wall-clock minutes) to ``bench/results/``.
 
@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from moco import whiten  # noqa: E402
 from moco.augment import eval_transform  # noqa: E402
 from moco.data import ImageError, load_image  # noqa: E402
-from moco.encoders import with_pooling  # noqa: E402
+from moco.encoders import default_pooling, with_pooling  # noqa: E402
 from moco.evaluate import load_featurizer  # noqa: E402
 from moco.export import export_encoder, read_encoder_config  # noqa: E402
 from moco.knn import knn_predict  # noqa: E402
@@ -239,15 +239,17 @@ def measure(
     model, enc, name = load_featurizer(spec, image_size=size if spec == "pixels" else None)
     if size and spec != "pixels":
         enc = dataclasses.replace(enc, image_size=size, crop_pct=1.0)
+    if pooling == "auto":
+        pooling = default_pooling(enc.arch) if spec != "pixels" else "avg"
     if pooling != "avg":
         model = with_pooling(model, pooling)
     t0 = time.perf_counter()
     feats = features(model.eval(), eval_transform(enc), images)
-    if fit != "none":
-        train = torch.from_numpy(images.column("split") == "train")
-        feats = whiten.wrap(nn.Identity(), whiten.fit_map(feats[train], fit))(feats)
+    train = torch.from_numpy(images.column("split") == "train")
+    mapped = whiten.fit_map(feats[train], fit)
+    feats = whiten.wrap(nn.Identity(), mapped)(feats)
     row: dict[str, Any] = {"encoder": name, "image_size": enc.image_size, "pooling": pooling}
-    row |= {"fit": fit}
+    row |= {"fit": whiten.kind(mapped)}
     if "vendor" in images.rows[0]:
         row |= instance_retrieval(feats, images)
     return row | categories(feats, images) | {"eval_s": round(time.perf_counter() - t0, 1)}
@@ -265,9 +267,9 @@ def measured(
 
 
 def fits(fit: str) -> list[tuple[str, str]]:
-    """The maps a baseline is measured with, and their cache-file suffixes: raw, and ``fit``'s."""
-    kind = "center" if fit == "auto" else fit
-    return [("none", "")] + ([(kind, f"_{kind}")] if kind != "none" else [])
+    """The maps a baseline is measured with, and their cache-file suffixes: raw, and ``fit``'s
+    ("auto": whitened when its train split has enough images for its width, else centred)."""
+    return [("none", "")] + ([(fit, f"_{fit}")] if fit != "none" else [])
 
 
 def run_config(run: Path) -> dict[str, Any]:
@@ -483,15 +485,17 @@ def main() -> None:
     )
     parser.add_argument(
         "--pooling",
-        default="avg",
-        choices=("avg", "gem", "stages"),
-        help="avg, gem, or stages (layer2-4 pooled and concatenated) (default: avg)",
+        default="auto",
+        choices=("auto", "avg", "gem", "stages"),
+        help="avg, gem, or stages (layer2-4 pooled and concatenated) (default: auto, "
+        "export's: stages for ResNet-18/34)",
     )
     parser.add_argument(
         "--fit",
         default="auto",
         choices=(*whiten.FITS, "auto"),
-        help="export's map (default: auto, i.e. centred on the training tree)",
+        help="export's map (default: auto, export's: whitened on the training tree when it "
+        "has 2 images per dimension, else centred)",
     )
     parser.add_argument(
         "--pixels-size", type=int, default=32, help="pixel baseline side (default: 32)"
