@@ -15,8 +15,9 @@ whitening): cosine similarity is the same either way, but a linear probe that st
 each dimension would, in the principal axes, in effect whiten without shrinkage and overfit
 (it lost 5 points on emoji that way; in the original axes it keeps its accuracy). Measured on
 emoji across vendors: +5.4 R@1 at the training size (+7.6 with layers 2-4), kNN +0.8, probe
--0.8 to +0.1. Below ``MIN_IMAGES_PER_DIM`` images per dimension the covariance is too poorly
-known (Tux Paint's 493 images for 512 dimensions lost 3 points of kNN): "auto" centres instead.
+within a point (-0.8 to -0.2). Below ``MIN_IMAGES_PER_DIM`` images per dimension the
+covariance is too poorly known (Tux Paint's 493 images for 512 dimensions lost 3 points of
+kNN): "auto" centres instead.
 """
 
 from __future__ import annotations
