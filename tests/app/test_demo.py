@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,10 @@ def test_built_once_then_reused(
         progress=lambda d, t: seen.append((d, t)),
     )
     assert (coll / "manifest.json").is_file() and seen[-1] == (15, 15)
+    # indexed with the shipped encoder fitted to the demo images, as export fits a user's
+    used = json.loads((coll / "manifest.json").read_text())["encoder"]["config"]
+    assert used["fit"]["kind"] == "center" and used["fit"]["images"] == 15
+    assert used["pooling"] == "stages" and used["fit"]["folder"] == str(images.resolve())
     probe = list_probes(coll)["default"]
     assert probe["metrics"]["n"] == 3  # the val split only
     assert not (tmp_path / "cache" / "collection.building").exists()
@@ -45,6 +50,7 @@ def test_built_once_then_reused(
     other = encoder_factory(tmp_path / "enc2", seed=1)
     ensure_demo_collection(tmp_path / "cache", encoder=other, images=images)
     assert (coll / "manifest.json").stat().st_mtime_ns != stamp  # new encoder: rebuilt
+    assert len(list((tmp_path / "cache").glob("encoder-*"))) == 1  # the old fit is gone
     example = demo_example(images)
     row = next(
         r
