@@ -100,7 +100,7 @@ def fitted_encoder(encoder: Path, images: Path, base: Path) -> Path:
 
     On the demo's split this raised kNN from 55.3 to 60.3 and recall@1 from 59.1 to 63.1, the
     probe 64.4 -> 65.0 (docs/demo-encoder.md)."""
-    from moco.export import export_encoder, read_encoder_config
+    from moco import export_encoder, read_encoder_config
 
     cfg = read_encoder_config(encoder)
     if cfg.fit:
