@@ -41,3 +41,16 @@ def test_stages_concatenate_normalised_pools_of_layers_2_to_4() -> None:
     assert torch.allclose(f[:, 384:], torch.nn.functional.normalize(avg, dim=1), atol=1e-5)
     for part in (f[:, :128], f[:, 128:384], f[:, 384:]):  # each stage weighs the same
         assert torch.allclose(part.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_pooled_dim_is_the_width_the_pooling_gives() -> None:
+    from moco.encoders import default_pooling, pooled_dim
+
+    x = torch.randn(1, 3, 32, 32)
+    for arch in ("resnet18", "resnet50"):
+        net = build_encoder(arch).eval()
+        with torch.no_grad():
+            for pooling in ("avg", "stages"):
+                assert with_pooling(net, pooling)(x).shape[1] == pooled_dim(arch, pooling)
+    assert pooled_dim("resnet18", "stages") == 896 and pooled_dim("resnet50", "stages") == 3584
+    assert default_pooling("resnet18") == "stages" and default_pooling("resnet50") == "avg"
