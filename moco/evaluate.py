@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from moco import whiten
 from moco.augment import eval_transform, moco_transform
@@ -154,11 +155,13 @@ def extract_features(
     batch_size: int = 64,
     device: str = "cpu",
     workers: int = 0,
+    progress: str = "",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features (NxD float32, unnormalised) of the readable ``paths`` and their indexes.
 
     Unreadable files are skipped (``moco.load_image`` decides), so the result may be shorter
-    than ``paths``; the second array says which paths the rows belong to.
+    than ``paths``; the second array says which paths the rows belong to. A ``progress`` label
+    shows a progress bar (images) under it.
     """
     loader = torch.utils.data.DataLoader(
         ImageFiles(list(paths), transform),
@@ -168,12 +171,15 @@ def extract_features(
     )
     model = model.eval()
     feats, kept = [], []
+    bar = tqdm(total=len(paths), unit="img", desc=progress, leave=False, disable=not progress)
     for batch in loader:
+        bar.update(batch_size)
         if batch is None:
             continue
         x, idx = batch
         feats.append(model(x.to(device)).float().cpu().numpy())
         kept.append(idx.numpy())
+    bar.close()
     if not feats:
         return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
     return np.concatenate(feats), np.concatenate(kept).astype(np.int64)

@@ -351,7 +351,7 @@ def fit_on_folder(
     log.info("fitting the features (%s) on %d images of %s", fit, len(paths), folder)
     with torch.inference_mode():
         feats, kept = extract_features(
-            model.eval().to(device), eval_transform(cfg), paths, device=device
+            model.eval().to(device), eval_transform(cfg), paths, device=device, progress="fitting"
         )
     model.cpu()
     if len(kept) < 2:
