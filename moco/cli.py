@@ -141,9 +141,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "export",
         help="write the frozen encoder of a checkpoint",
         description="Export the query-encoder backbone (head removed) of a moco-search or official "
-        "facebookresearch/moco checkpoint as model.safetensors + config.json, centred on the "
-        "run's training images by default; or export an encoder directory again with other "
-        "options.",
+        "facebookresearch/moco checkpoint as model.safetensors + config.json, its features "
+        "fitted to the run's training images by default (whitened, or centred when there are "
+        "few); or export an encoder directory again with other options.",
     )
     p.add_argument("checkpoint", help="checkpoint file (.pt / .pth.tar), or an encoder directory")
     p.add_argument("--out", required=True, help="encoder directory to write")
