@@ -134,6 +134,24 @@ def load_encoder(
         >>> model, cfg = load_encoder("models/demo")  # doctest: +SKIP
         >>> feats = model(eval_transform(cfg)(img)[None])  # 1 x cfg.feature_dim
     """
+    backbone, fitted, cfg = load_backbone(path, verify=verify)
+    try:
+        model = whiten.wrap(with_pooling(backbone, cfg.pooling), fitted)
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"Encoder {path} has a pooling or map it cannot apply (pooling={cfg.pooling}, "
+            f"map tensors {sorted(fitted)}): {e}"
+        ) from e
+    model.requires_grad_(False)
+    return model.eval().to(device), cfg
+
+
+def load_backbone(
+    path: str | os.PathLike, verify: bool = True
+) -> tuple[nn.Module, dict[str, torch.Tensor], EncoderConfig]:
+    """The encoder directory's bare backbone (average pool, no map), its map's tensors
+    (``whiten.fit_map``'s, empty if none) and its config: what ``load_encoder`` assembles, and
+    what ``export_encoder`` starts from to export an encoder again."""
     path = Path(path)
     cfg = read_encoder_config(path)
     weights = path / WEIGHTS
@@ -156,14 +174,12 @@ def load_encoder(
     fitted = {k: state.pop(k) for k in list(state) if k.startswith(whiten.PREFIX)}
     try:
         model.load_state_dict(state, strict=True)
-        model = whiten.wrap(with_pooling(model, cfg.pooling), fitted)
-    except (RuntimeError, ValueError, KeyError) as e:
+    except RuntimeError as e:
         raise CheckpointError(
             f"Encoder weights {weights} do not fit its config ({cfg.arch}, "
-            f"small_stem={cfg.small_stem}, pooling={cfg.pooling}): {str(e).splitlines()[0]}"
+            f"small_stem={cfg.small_stem}): {str(e).splitlines()[0]}"
         ) from e
-    model.requires_grad_(False)
-    return model.eval().to(device), cfg
+    return model, fitted, cfg
 
 
 def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -309,10 +325,8 @@ def _frozen_source(
     """The bare backbone (no pooling choice, no map) of a checkpoint or encoder directory, the
     config it exports with by default, and the folder it was trained on, if known."""
     if Path(checkpoint).is_dir():
-        model, cfg = load_encoder(checkpoint)
-        while not hasattr(model, "layer4"):  # unwrap whiten.Fitted and Stages
-            model = model.net
-        return with_pooling(model, "avg"), cfg, cfg.training.get("config", {}).get("data")
+        model, _, cfg = load_backbone(checkpoint)
+        return model, cfg, cfg.training.get("config", {}).get("data")
     state, meta = backbone_from_checkpoint(load_checkpoint_file(checkpoint))
     model = build_backbone(state, meta["arch"], meta["small_stem"])
     train_cfg = meta["config"]
