@@ -239,7 +239,7 @@ def evaluate(
     if len(tr_x) == 0 or len(va_x) == 0:
         raise ValueError(f"No readable images in {train_dir if len(tr_x) == 0 else val_dir}")
     if fit != "none":  # a baseline given the map an encoder's export fitted (moco.whiten)
-        model, tr_x, va_x = fit_baseline(model, tr_x, va_x, fit=fit)
+        model, tr_x, va_x = fit_baseline(model, tr_x, va_x, fit=fit, device=cfg.device)
         name = f"{name}, {'centred' if fit == 'center' else 'whitened'}"
     tr_y, va_y = tr_y[tr_kept], va_y[va_kept]
     c = len(classes)
@@ -305,12 +305,11 @@ def evaluate(
 
 
 def fit_baseline(
-    model: nn.Module, train: np.ndarray, *others: np.ndarray, fit: str
+    model: nn.Module, train: np.ndarray, *others: np.ndarray, fit: str, device: str = "cpu"
 ) -> tuple[Any, ...]:
-    """``model`` with ``whiten.fit_map(train, fit)`` applied, and the features ``train`` and
-    ``others`` mapped as its output would be."""
+    """``model`` (on ``device``) with ``whiten.fit_map(train, fit)`` applied, and the features
+    ``train`` and ``others`` mapped as its output would be."""
     mapped = whiten.fit_map(torch.from_numpy(train), fit)
-    device = next(iter(model.parameters()), torch.empty(0)).device
     apply = whiten.wrap(nn.Identity(), mapped)
     with torch.inference_mode():
         feats = [apply(torch.from_numpy(x)).numpy() for x in (train, *others)]
