@@ -172,14 +172,14 @@ def extract_features(
     model = model.eval()
     feats, kept = [], []
     bar = tqdm(total=len(paths), unit="img", desc=progress, leave=False, disable=not progress)
-    for batch in loader:
-        bar.update(batch_size)
-        if batch is None:
-            continue
-        x, idx = batch
-        feats.append(model(x.to(device)).float().cpu().numpy())
-        kept.append(idx.numpy())
-    bar.close()
+    with bar:  # closed on Ctrl-C too, so the message after it starts on a line of its own
+        for batch in loader:
+            bar.update(min(batch_size, len(paths) - bar.n))
+            if batch is None:
+                continue
+            x, idx = batch
+            feats.append(model(x.to(device)).float().cpu().numpy())
+            kept.append(idx.numpy())
     if not feats:
         return np.zeros((0, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
     return np.concatenate(feats), np.concatenate(kept).astype(np.int64)
