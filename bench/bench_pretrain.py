@@ -203,7 +203,8 @@ def end_to_end(
     """Files -> cache -> augmentation -> step, vs the same step on fixed tensors.
 
     ``augment`` "pil": PIL transforms per image in DataLoader workers (the official design);
-    "batch": a uint8 store augmented a batch at a time on ``device`` (moco.batchaug).
+    "batch": a uint8 store augmented a batch at a time on ``device`` (moco.batchaug);
+    "fused": the same with its elementwise stages compiled (compiling is in the first batch).
     """
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"
@@ -217,7 +218,7 @@ def end_to_end(
             batch_size=batch,
             workers=workers,
             cache="on",
-            augment=augment,
+            augment="batch" if augment == "fused" else augment,
             store_dir=str(Path(tmp) / "stores"),
         )
         paths = sorted(root.iterdir())
@@ -226,7 +227,8 @@ def end_to_end(
         cache_s = time.perf_counter() - t0
         x = _inputs(batch, size, device, best.fmt)
         before = _time_steps(best, x, max(2, steps // 3), device)
-        epoch_loader = loader(ds, list(range(n)), cfg, world=1, epoch=0, device=device)
+        fused = augment == "fused"
+        epoch_loader = loader(ds, list(range(n)), cfg, 1, 0, device=device, fused=fused)
         runlog = RunLog(Path(tmp) / "run", cfg, paths, enabled=False)
         t_first, t_start, done = time.perf_counter(), 0.0, 0
         for views, _ in batches(epoch_loader, runlog, device):
@@ -456,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
             comp = f"{r.compile_s:10.0f}" if r.variant.compile else ""
             name = r.variant.name + (" (default)" if r is default else "")
             print(f"  {name:38s} {batch / t:8.1f} {1000 * t:9.0f} {naive / t:8.2f}x{comp}")
-        for augment in ("pil", "batch"):
+        for augment in ("pil", "batch", "fused"):
             e2e = end_to_end(default, size, batch, e2e_steps, workers, device, augment)
             e2e_rows.append({"size": size, "batch": batch, **e2e})
             print(

@@ -189,11 +189,27 @@ LOCAL_CROP_MIN = 0.05
 """The smallest local crop (SwAV: local crops 0.05-0.14 of the area, global ones 0.14-1)."""
 
 
-def batch_augment(cfg: TrainConfig, local: bool = False) -> BatchAugment:
+FUSE_MIN_STEPS = 2000
+"""CPU runs planned this long (or ``--minutes`` 5 and more) fuse their augmentation: its 5-10 s
+of compiling once is then under 1% of the run, and each view costs 0.6x (docs/pretraining.md)."""
+
+
+def fuse_augment(cfg: TrainConfig, steps_per_epoch: int, device: torch.device) -> bool:
+    """Whether a run's batched augmentation is compiled (``BatchAugment.fused``): on CPU, where
+    it was measured to pay, for runs long enough to repay the compiling; never on GPUs
+    (unmeasured there: ``bench/bench_pretrain.py --device cuda`` times both)."""
+    if device.type != "cpu":
+        return False
+    steps = cfg.total_steps or cfg.epochs * steps_per_epoch
+    return cfg.minutes >= 5 or (cfg.minutes == 0 and steps >= FUSE_MIN_STEPS)
+
+
+def batch_augment(cfg: TrainConfig, local: bool = False, fused: bool = False) -> BatchAugment:
     """The batched twin of ``view_transform``: the same recipe, on tensors.
 
     ``local``: multi-crop's small views instead, at ``local_size`` px from crops between
     ``LOCAL_CROP_MIN`` and the global views' smallest crop, so the two scales do not overlap.
+    ``fused``: compile its elementwise stages (``fuse_augment`` decides for a run).
     """
     crop_min = cfg.crop_min if cfg.crop_min is not None else 0.2
     size, low, high = cfg.image_size, crop_min, 1.0
@@ -206,6 +222,7 @@ def batch_augment(cfg: TrainConfig, local: bool = False) -> BatchAugment:
         crop_max=high,
         color=cfg.color if cfg.color is not None else 1.0,
         blur=cfg.blur,
+        fused=fused,
     )
 
 
@@ -257,23 +274,27 @@ def loader(
     rank: int = 0,
     device: torch.device | None = None,
     first_batch: int = 0,
+    fused: bool | None = None,
 ) -> DataLoader | StoreBatches:
     """The epoch's batches of ``ds[idx]``, in order, each rank's augmentations its own.
 
     ``first_batch``: how many of the epoch's batches ``idx`` already lacks (a resumed epoch).
+    ``fused``: compile the batched augmentation (None: ``fuse_augment`` decides).
     """
     seed = cfg.seed * 7919 + epoch + 1_000_003 * rank
     if isinstance(ds, ImageStore):
         dev = device or torch.device("cpu")
+        if fused is None:
+            fused = fuse_augment(cfg, len(ds) // cfg.batch_size, dev)
         return StoreBatches(
             ds,
             idx,
             cfg.batch_size // world,
-            batch_augment(cfg),
+            batch_augment(cfg, fused=fused),
             dev,
             seed,
             first_batch,
-            extra=(batch_augment(cfg, local=True),) * cfg.local_crops,
+            extra=(batch_augment(cfg, local=True, fused=fused),) * cfg.local_crops,
         )
     g = torch.Generator().manual_seed(seed)
     return DataLoader(

@@ -222,3 +222,44 @@ def test_auto_augments_where_it_measured_faster(tmp_path: Path) -> None:
     assert batched(cfg(image_size=224, local_crops=2), "cpu")  # multi-crop is batched only
     assert batched(cfg(image_size=224, augment="batch"), "cpu")
     assert not batched(cfg(image_size=32, augment="pil"), "cuda")
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_fused_views_equal_the_eager_ones(version: str) -> None:
+    """Compiling fuses the passes; the views are the same draws, equal up to float rounding."""
+    imgs = (torch.rand(8, 3, 24, 24) * 255).to(torch.uint8)
+    sizes = torch.tensor([[24, 20]] * 8)
+    eager = B.BatchAugment(16, version)(imgs, sizes, torch.Generator().manual_seed(5))
+    fused = B.BatchAugment(16, version, fused=True)
+    got = fused(imgs, sizes, torch.Generator().manual_seed(5))
+    assert torch.allclose(got, eager, atol=1e-5) and not B.fused(B.adjust_hue).failed
+
+
+def test_fused_falls_back_to_eager_when_compiling_fails(caplog) -> None:
+    """No working C++ compiler: the same values, from the eager function, and one warning."""
+    import torch._inductor.config as inductor
+
+    x = torch.rand(4, 3, 8, 8) * 255
+    op = B.Fused(B.to_unit)
+    with inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}):
+        first, second = op(x), op(x)
+    assert op.failed and torch.equal(first, B.to_unit(x)) and torch.equal(second, first)
+    assert [r.message for r in caplog.records if "unfused" in r.message][:1]
+
+
+@pytest.mark.parametrize(
+    ("device", "minutes", "epochs", "want"),
+    [
+        ("cpu", 15, 0, True),
+        ("cpu", 2, 0, False),
+        ("cpu", 0, 100, True),
+        ("cpu", 0, 10, False),
+        ("cuda", 15, 0, False),
+    ],
+)
+def test_long_cpu_runs_fuse_their_augmentation(device, minutes, epochs, want) -> None:
+    """Compiling costs seconds once: CPU runs of 5 minutes or 2,000 steps repay it."""
+    from moco.trainset import fuse_augment
+
+    cfg = TrainConfig(data="d", out="o", minutes=minutes, epochs=epochs or 1)
+    assert fuse_augment(cfg, 50, torch.device(device)) is want
