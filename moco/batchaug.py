@@ -194,6 +194,8 @@ _FUSED: dict[Callable[..., torch.Tensor], Fused] = {}
 def fused(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """The process's one ``Fused`` of ``fn`` (each compiles once, whatever the augmenters)."""
     if fn not in _FUSED:
+        if not _FUSED:  # the first batch waits for this: say why
+            log.info("fused augmentation: compiling its stages (once per process, 5-10 s)")
         _FUSED[fn] = Fused(fn)
     return _FUSED[fn]
 
