@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -232,7 +233,10 @@ def test_fused_views_equal_the_eager_ones(version: str) -> None:
     eager = B.BatchAugment(16, version)(imgs, sizes, torch.Generator().manual_seed(5))
     fused = B.BatchAugment(16, version, fused=True)
     got = fused(imgs, sizes, torch.Generator().manual_seed(5))
-    assert torch.allclose(got, eager, atol=1e-5) and not B.fused(B.adjust_hue).failed
+    assert torch.allclose(got, eager, atol=1e-5)
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler here: the fused stages ran eager (the fallback)")
+    assert not B.fused(B.adjust_hue).failed  # compiled, not fallen back
 
 
 def test_fused_falls_back_to_eager_when_compiling_fails(caplog) -> None:
