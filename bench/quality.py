@@ -493,7 +493,7 @@ def main() -> None:
     parser.add_argument(
         "--fit",
         default="auto",
-        choices=(*whiten.FITS, "auto"),
+        choices=whiten.FITS,
         help="export's map (default: auto, export's: whitened on the training tree when it "
         "has 2 images per dimension, else centred)",
     )
