@@ -44,7 +44,8 @@ def _eval(ns: argparse.Namespace) -> int:
 
 def default_baselines(encoder: str, given: str) -> list[str]:
     """The rows printed beside ``encoder``: ``given`` (comma-separated), "none", or by default
-    ("auto") raw pixels and a random-init network of the encoder's own architecture."""
+    ("auto") raw pixels and the encoder's own network with random weights, at its input size
+    and pooling (``moco.evaluate.random_like``)."""
     if given == "none":
         return []
     if given != "auto":
@@ -57,7 +58,7 @@ def default_baselines(encoder: str, given: str) -> list[str]:
         enc = read_encoder_config(encoder)
     except (OSError, ValueError):
         return ["pixels"]  # eval reports the bad encoder path itself
-    base = ["pixels", f"random:{enc.arch}" + (":small" if enc.small_stem else "")]
+    base = ["pixels", f"random:{encoder}"]
     if not enc.fit:
         return base
     # an encoder centred (whitened) on its images is measured beside baselines given the same
@@ -87,13 +88,15 @@ class EvalArgs:
 
 
 EVAL_HELP = {
-    "encoder": "encoder directory, or a baseline: pixels, random:ARCH, random:ARCH:small",
+    "encoder": "encoder directory, or a baseline: pixels, random:ARCH, random:ARCH:small, "
+    "random:ENCODER_DIR",
     "train": "labelled ImageFolder tree to train on",
     "val": "labelled ImageFolder tree to measure on",
     "baselines": "rows to measure beside the encoder, comma-separated (pixels, random:ARCH, "
-    "random:ARCH:small; +center or +whiten gives one the map export fits, e.g. pixels+center), "
-    "or none (default: auto, raw pixels and a random-init network of the encoder's "
-    "architecture, and both with the encoder's map if it has one: the bar training must clear)",
+    "random:ARCH:small, random:ENCODER_DIR; +center or +whiten gives one the map export fits, "
+    "e.g. pixels+center), or none (default: auto, raw pixels and the encoder's own network "
+    "with random weights at its input size and pooling, and both with the encoder's map if it "
+    "has one: the bar training must clear)",
     "protocol": "linear probe on cached features, or MoCo's protocol (SGD lr=30, 100 "
     "epochs, RandomResizedCrop+flip on the frozen backbone)",
     "probe_epochs": "override the preset's epochs / L-BFGS iterations (0: the preset's)",
@@ -103,7 +106,8 @@ EVAL_HELP = {
     "device": "cpu, cuda, cuda:1 ...",
     "workers": "data-loading processes",
     "monitor_size": "held-out images for the augmented-view monitor",
-    "image_size": "input size of the baselines (default: pixels 16, random 32 small/224)",
+    "image_size": "input size of the baselines (default: pixels 16, random:ARCH 32 "
+    "small/224, random:ENCODER_DIR the encoder's)",
     "seed": "seed of probe, baselines and views",
     "json_out": "write the rows as JSON here",
 }

@@ -10,8 +10,9 @@ own ``eval_transform`` and reports, on the validation tree:
     view_recall@1: label-free; the share of held-out images whose second augmented view
         (moco_transform) is the nearest neighbour of the first. Needs no labels at all.
 Baselines make the numbers mean something: ``"pixels"`` (downscaled pixel vectors) and
-``"random:ARCH[:small]"`` (the same architecture with random weights). Pretraining that does not
-beat them has not learned anything useful for these images.
+``"random:ARCH[:small]"`` (the same architecture with random weights), or ``"random:ENCODER_DIR"``
+(the encoder's own network, input size and pooling with random weights: ``eval``'s default).
+Pretraining that does not beat them has not learned anything useful for these images.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from moco import whiten
 from moco.augment import eval_transform, moco_transform
 from moco.config import KNN_K, KNN_T
 from moco.data import ImageFiles, list_images
-from moco.encoders import build_encoder, feature_dim
-from moco.export import EncoderConfig, load_encoder
+from moco.encoders import build_encoder, feature_dim, pooled_dim, with_pooling
+from moco.export import EncoderConfig, load_encoder, read_encoder_config
 from moco.knn import knn_predict
 from moco.metrics import classification_metrics, retrieval_metrics
 from moco.probe import ProbeConfig, train_probe
@@ -109,10 +110,11 @@ def load_featurizer(
     """A frozen feature extractor, its preprocessing config, and a display name.
 
     Args:
-        spec: an encoder directory, ``"pixels"`` (downscaled pixels) or ``"random:ARCH[:small]"``
-            (randomly initialised ARCH, with the small-image stem if ``:small``).
-        image_size: input side for the baselines (pixels: 16; random: 32 with the small stem,
-            else 224).
+        spec: an encoder directory, ``"pixels"`` (downscaled pixels), ``"random:ARCH[:small]"``
+            (randomly initialised ARCH, with the small-image stem if ``:small``) or
+            ``"random:ENCODER_DIR"`` (``random_like``).
+        image_size: input side for the baselines (pixels: 16; random:ARCH: 32 with the small
+            stem, else 224; random:ENCODER_DIR: the encoder's).
     """
     text = str(spec)
     if text == "pixels":
@@ -125,11 +127,16 @@ def load_featurizer(
             source="baseline",
         )
         return nn.Flatten().eval(), cfg, f"pixels {size}x{size}"
+    if text.startswith("random:") and Path(text[7:]).is_dir():
+        return random_like(text[7:], device=device, image_size=image_size, seed=seed)
     if text.startswith("random:"):
         parts = text.split(":")
         small = parts[2:] == ["small"]
         if len(parts) not in (2, 3) or (len(parts) == 3 and not small):
-            raise ValueError(f"Bad baseline {text!r}; expected random:ARCH or random:ARCH:small")
+            raise ValueError(
+                f"Bad baseline {text!r}; expected random:ARCH, random:ARCH:small or "
+                "random:ENCODER_DIR"
+            )
         torch.manual_seed(seed)
         model = build_encoder(parts[1], num_classes=0, small_stem=small)
         model.requires_grad_(False)
@@ -145,6 +152,36 @@ def load_featurizer(
         return model.eval().to(device), cfg, f"random-init {text[7:]}"
     model, cfg = load_encoder(text, device=device)
     return model, cfg, Path(text).name
+
+
+def random_like(
+    encoder: str | os.PathLike, device: str = "cpu", image_size: int | None = None, seed: int = 0
+) -> tuple[nn.Module, EncoderConfig, str]:
+    """The encoder directory's network with random weights: its architecture, stem, pooling,
+    input size and preprocessing, without its map (a baseline gets its own, ``+center``).
+
+    The bar an encoder's training must clear is the same network untrained, seen the same way:
+    a 64-px encoder pooled over layers 2-4 measured beside a 224-px average-pooled random
+    network would compare the preprocessing as much as the training.
+    """
+    enc = read_encoder_config(encoder)
+    torch.manual_seed(seed)
+    model = with_pooling(
+        build_encoder(enc.arch, num_classes=0, small_stem=enc.small_stem), enc.pooling
+    )
+    model.requires_grad_(False)
+    cfg = dataclasses.replace(
+        enc,
+        image_size=image_size or enc.image_size,
+        feature_dim=pooled_dim(enc.arch, enc.pooling),
+        fit={},
+        source="random-init",
+        content_hash=f"random-init-seed{seed}",
+        training={},
+    )
+    stem = ":small" if enc.small_stem else ""
+    name = f"random-init {enc.arch}{stem} ({cfg.image_size} px, {enc.pooling} pooling)"
+    return model.eval().to(device), cfg, name
 
 
 @torch.inference_mode()

@@ -93,6 +93,43 @@ def test_paper_protocol_and_random_baseline(data: Path) -> None:
         load_featurizer("random:vgg")
 
 
+def test_random_baseline_sees_images_as_its_encoder_does(tmp_path: Path) -> None:
+    """``random:ENCODER_DIR``: the encoder's network, input size, pooling and preprocessing with
+    random weights, and none of its map, so training is the only difference between the rows."""
+    net = build_encoder("resnet18", num_classes=0, small_stem=False)
+    fitted = {"mean": torch.full((896,), 5.0)}
+    save_encoder(
+        net,
+        EncoderConfig(
+            arch="resnet18",
+            feature_dim=896,
+            image_size=48,
+            crop_pct=1.0,
+            pooling="stages",
+            mean=(0.5, 0.5, 0.5),
+            fit={"kind": "center"},
+            training={"epochs": 3},
+        ),
+        tmp_path / "enc",
+        fitted=fitted,
+    )
+    trained, enc, _ = load_featurizer(tmp_path / "enc")
+    model, cfg, name = load_featurizer(f"random:{tmp_path / 'enc'}", seed=3)
+    assert (cfg.image_size, cfg.pooling, cfg.crop_pct, cfg.mean) == (48, "stages", 1.0, enc.mean)
+    assert cfg.fit == {} and cfg.training == {} and cfg.content_hash == "random-init-seed3"
+    assert name == "random-init resnet18 (48 px, stages pooling)"
+    x = torch.rand(2, 3, 48, 48)
+    with torch.inference_mode():
+        out = model(x)
+        assert out.shape == (2, 896) == trained(x).shape
+        assert not torch.allclose(out, trained(x))  # fresh weights
+        assert torch.allclose(trained(x).norm(dim=1), torch.ones(2))  # the encoder's map ...
+        assert not torch.allclose(out.norm(dim=1), torch.ones(2))  # ... is not the baseline's
+    assert load_featurizer(f"random:{tmp_path / 'enc'}", image_size=64)[1].image_size == 64
+    _, again, _ = load_featurizer(f"random:{tmp_path / 'enc'}", seed=3)
+    assert again == cfg
+
+
 def test_cli_writes_json(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     add_eval_command(parser.add_subparsers())
@@ -120,10 +157,10 @@ def test_cli_writes_json(data: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_eval_prints_the_baselines_beside_an_encoder_by_default(data: Path) -> None:
-    """The bar an encoder must clear: raw pixels and a random network of its own architecture."""
+    """The bar an encoder must clear: raw pixels and its own network with random weights."""
     from moco.eval_cli import default_baselines
 
-    assert default_baselines(str(data / "enc"), "auto") == ["pixels", "random:resnet18:small"]
+    assert default_baselines(str(data / "enc"), "auto") == ["pixels", f"random:{data / 'enc'}"]
     assert default_baselines(str(data / "enc"), "none") == []
     assert default_baselines(str(data / "enc"), "pixels") == ["pixels"]
     assert default_baselines("pixels", "auto") == []  # a baseline needs no baseline
@@ -146,8 +183,8 @@ def test_baselines_given_the_encoders_map(data: Path, tmp_path: Path) -> None:
     assert default_baselines(str(tmp_path / "enc"), "auto") == [
         "pixels",
         "pixels+center",
-        "random:resnet18:small",
-        "random:resnet18:small+center",
+        f"random:{tmp_path / 'enc'}",
+        f"random:{tmp_path / 'enc'}+center",
     ]
     assert split_fit("pixels+whiten") == ("pixels", "whiten")
     assert split_fit(str(tmp_path / "a+center")) == (str(tmp_path / "a+center"), "none")
