@@ -2,14 +2,14 @@
 
 The PIL pipeline (``moco.augment``) augments one image at a time in DataLoader workers; on 2 CPU
 cores at 32-64 px that costs as much as the model's step, and on a GPU it starves the device. Here
-a whole uint8 batch is augmented at once on the training device: random resized crop (one
-``roi_align``, which resamples by averaging over each output pixel's footprint), colour jitter,
-grayscale, Gaussian blur (a grouped separable convolution), flip and normalisation. The parameters
-are drawn as torchvision draws them
-(RandomResizedCrop's ten attempts and central fallback, ColorJitter's factor ranges, the same
-probabilities); the colour operations follow ``torchvision.transforms.functional``'s tensor
-formulas. One difference: ColorJitter applies its four operations in a random order per image,
-here in one random order per batch.
+a whole uint8 batch is augmented at once on the training device: random resized crop
+(``crop_resize``: ``roi_align``, which averages over each output pixel's footprint, or the same
+values from ``grid_sample`` for the boxes it upscales), colour jitter, grayscale, Gaussian blur
+(a grouped separable convolution), flip and normalisation. The parameters are drawn as
+torchvision draws them (RandomResizedCrop's ten attempts and central fallback, ColorJitter's
+factor ranges, the same probabilities); the colour operations follow
+``torchvision.transforms.functional``'s tensor formulas. One difference: ColorJitter applies its
+four operations in a random order per image, here in one random order per batch.
 
 Images arrive padded into a square canvas with their true height and width (``ImageStore``), so
 images of any aspect ratio share a batch and each crop is drawn inside its own image.
@@ -82,6 +82,50 @@ def crop_boxes(
     x, y = torch.where(found, x, fx), torch.where(found, y, fy)
     w, h = torch.where(found, w, fw), torch.where(found, h, fh)
     return torch.stack([x, y, x + w, y + h], dim=1)
+
+
+def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Each uint8 image's box (x1, y1, x2, y2) resized to ``size`` x ``size``, as float.
+
+    ``roi_align`` (pixel-centre aligned, adaptive sampling): each output pixel averages
+    ``ceil(box side / size)`` bilinear samples a side, so a box larger than the output is
+    filtered, not aliased, as torchvision's antialiased resize does. A box no larger than the
+    output gets one sample, which is what ``grid_sample`` computes, vectorised: on CPU 4x faster
+    than ``roi_align``'s loop, and most crops of scale 0.2-1 are upscaled. Those go through
+    ``grid_sample`` (equal to ``roi_align`` up to float rounding), the others through
+    ``roi_align``. Off the CPU, ``roi_align`` does all (splitting the batch waits for the device,
+    and it was not measured there).
+    """
+    if images.device.type != "cpu":
+        return _roi_align(images, boxes, size)
+    n, c = images.shape[:2]
+    x1, y1, x2, y2 = boxes.unbind(1)
+    one = (x2 - x1 <= size) & (y2 - y1 <= size)  # one sample an output pixel
+    if not one.any():
+        return _roi_align(images, boxes, size)
+    idx = one.nonzero().squeeze(1)
+    h, w = images.shape[2:]
+    t = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    # pixel p (its centre at p + 0.5) is 2p / W - 1 in grid_sample's [-1, 1] (align_corners=False)
+    gx = (x1[idx, None] + t * (x2 - x1)[idx, None]) * (2 / w) - 1
+    gy = (y1[idx, None] + t * (y2 - y1)[idx, None]) * (2 / h) - 1
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
+    out = torch.empty(n, c, size, size)
+    out[idx] = F.grid_sample(
+        images[idx].float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    if not one.all():
+        rest = (~one).nonzero().squeeze(1)
+        out[rest] = _roi_align(images[rest], boxes[rest], size)
+    return out
+
+
+def _roi_align(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    index = torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype).view(-1, 1)
+    rois = torch.cat([index, boxes], 1)
+    return roi_align(
+        images.float(), rois, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True
+    )
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -239,11 +283,7 @@ class BatchAugment:
 
         op = fused if self.fused else _eager
         boxes = crop_boxes(sizes, (self.crop_min, self.crop_max), (3 / 4, 4 / 3), generator)
-        rois = torch.cat([torch.arange(n, device=dev, dtype=boxes.dtype).view(-1, 1), boxes], 1)
-        x = roi_align(
-            images.float(), rois, (s, s), spatial_scale=1.0, sampling_ratio=0, aligned=True
-        )
-        x = op(to_unit)(x)
+        x = op(to_unit)(crop_resize(images, boxes, s))
         c = self.color
         v1 = self.version == "v1"
         strength = (0.4 * c, 0.4 * c, 0.4 * c, min((0.4 if v1 else 0.1) * c, 0.5))
