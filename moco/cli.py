@@ -43,7 +43,8 @@ HELP = {
     "fit; the paper's is 0.999 constant)",
     "m_schedule": "momentum schedule: fit (constant, at most 1 - 10/steps), cosine (m rises to "
     "1, as in BYOL and MoCo v3) or constant",
-    "moco_t": "softmax temperature T (default: 0.07 for v1, 0.2 for v2)",
+    "moco_t": "softmax temperature T (default: 0.1 for v2 on images of at most 96 px, the "
+    "official CIFAR demo's; else 0.07 for v1, 0.2 for v2)",
     "bank_t": "memory-bank: momentum t of an entry's update v <- t v + (1 - t) q",
     "mlp": "MLP projection head (default: on for v2, off for v1)",
     "head_bn": "BatchNorm in the projection head",

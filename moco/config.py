@@ -51,7 +51,7 @@ class TrainConfig:
     moco_k: int | None = None  # None: a tenth of the images
     moco_m: float | None = None  # None: 0.99 (lowered to fit a short run by the "fit" m_schedule)
     m_schedule: str = "fit"  # fit: m <= 1 - 10/steps; cosine: m rises to 1; constant: the paper's
-    moco_t: float | None = None  # None: 0.07 for v1, 0.2 for v2
+    moco_t: float | None = None  # None: 0.1 for new v2 runs <= 96 px; else 0.07 v1, 0.2 v2
     bank_t: float = 0.5  # memory-bank: v <- t * v + (1 - t) * q (InstDisc's t)
     mlp: bool | None = None  # None: the version's head (v2 MLP, v1 linear)
     head_bn: bool = False

@@ -31,6 +31,11 @@ LR_PER_256 = 0.03  # lr = LR_PER_256 x batch / 256: the paper's and the official
 MOMENTUM = 0.99  # the official CIFAR demo's m; the "fit" schedule lowers it for short runs
 WARMUP_FRACTION = 0.05  # linear lr warm-up over this share of a --minutes run
 CROP_MIN, COLOR = 0.2, 1.0
+# InfoNCE temperature of MoCo v2 on small images (<= SMALL_IMAGE_MAX px): the official CIFAR
+# demo's. On emoji at 32 px it found the same emoji across vendors more often than v2's 0.2 at
+# every checkpoint of two 15-minute pairs (two seeds) and by 2.9 points after 5 minutes;
+# kNN and probe level (docs/pretraining.md). Larger images keep the paper's 0.2 (unmeasured).
+SMALL_IMAGE_T, SMALL_IMAGE_MAX = 0.1, 96
 # bf16 autocast on a CPU with bf16 units pays from this size up (2 cores with AMX: resnet18's
 # forward and backward 0.9x fp32 at 32 px, 1.4x at 48; the MoCo step 1.6x at 64 px and 2.4x at
 # 224, bench/results/bench_pretrain_20261205_103041_cpu.json); smaller images stay fp32.
@@ -94,7 +99,22 @@ def auto_config(cfg: Any, num_images: int, device_type: str) -> Any:
         lr=cfg.lr if cfg.lr is not None else LR_PER_256 * max(batch, 1) / 256,
         crop_min=cfg.crop_min if cfg.crop_min is not None else CROP_MIN,
         color=cfg.color if cfg.color is not None else COLOR,
+        moco_t=cfg.moco_t if cfg.moco_t is not None else default_temperature(cfg, size),
     )
+
+
+def default_temperature(cfg: Any, image_size: int) -> float | None:
+    """``SMALL_IMAGE_T`` for a new v2 run on images of at most ``SMALL_IMAGE_MAX`` px; else
+    None, which ``TrainConfig.model_config`` reads as the paper's (v1 0.07, v2 0.2).
+
+    Measured with MoCo's queue; the end-to-end and memory-bank mechanisms get the same T, so
+    that ``ablate`` compares mechanisms, not temperatures, as the paper does. A resumed run's
+    saved ``moco_t`` of None is kept: it trained with 0.2 (it started before this default), and
+    its loss must not change temperature half-way.
+    """
+    if cfg.resume or cfg.version != "v2" or image_size > SMALL_IMAGE_MAX:
+        return None
+    return SMALL_IMAGE_T
 
 
 def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:

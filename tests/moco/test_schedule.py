@@ -52,6 +52,24 @@ def test_auto_config_fits_the_data_and_the_device() -> None:
     assert mine.moco_k == 65536 and mine.image_size == 64  # what the user sets is kept
 
 
+def test_small_images_train_at_the_official_cifar_temperature() -> None:
+    """T = 0.1 for new v2 MoCo runs on small images; the papers' values elsewhere, and a resumed
+    run that trained at 0.2 (saved as None) keeps it."""
+
+    def temperature(device: str = "cpu", **kw: object) -> float:
+        cfg = auto_config(TrainConfig(data="d", out="o", **kw), num_images=8809, device_type=device)
+        return cfg.model_config().T
+
+    assert temperature() == 0.1 and temperature(image_size=96) == 0.1
+    assert temperature("cuda") == 0.2 and temperature(image_size=128) == 0.2
+    assert temperature("cuda", image_size=32) == 0.1  # small images on a GPU: the CIFAR demo's
+    assert temperature(version="v1") == 0.07
+    assert temperature(mechanism="memory-bank") == 0.1  # ablate compares at one T
+    assert temperature(moco_t=0.3) == 0.3 and temperature("cuda", moco_t=0.05) == 0.05
+    assert temperature(resume=True) == 0.2  # an older run's None: the 0.2 it trained with
+    assert temperature(resume=True, moco_t=0.1) == 0.1  # a newer run saved its value
+
+
 def test_encoders_embed_at_their_training_size_unless_told() -> None:
     def embed(**kw: object) -> int:
         cfg = auto_config(TrainConfig(data="d", out="o", **kw), num_images=8809, device_type="cpu")
