@@ -110,11 +110,24 @@ def train_tree(root: Path, rows: list[dict[str, str]], out: Path) -> Path:
     return out
 
 
+# what auto_config sets from the recipe's flags and the defaults and the training depends on
+# (amp follows the CPU, not the recipe; embed_size only export, which the benchmark sets)
+RECIPE_FIELDS = (
+    "image_size",
+    "small_stem",
+    "batch_size",
+    "moco_k",
+    "moco_m",
+    "lr",
+    "crop_min",
+    "color",
+    "moco_t",
+)
+
+
 def pretrain(data: Path, run: Path, recipe: str, minutes: float, extra: dict[str, Any]) -> Path:
     from moco.train import TrainConfig, train
 
-    if (run / "checkpoint_last.pt").is_file():
-        return run  # reuse: the cache holds it already
     cfg = TrainConfig(
         data=str(data),
         out=str(run),
@@ -123,8 +136,34 @@ def pretrain(data: Path, run: Path, recipe: str, minutes: float, extra: dict[str
         workers=1,
         **{**RECIPES[recipe], **extra},
     )
+    if (run / "checkpoint_last.pt").is_file():
+        check_cached(run, cfg)
+        return run  # reuse: the cache holds it already
     train(cfg)
     return run
+
+
+def check_cached(run: Path, cfg: Any) -> None:
+    """Refuse a cached run whose recipe is no longer what its name gives (a default changed
+    since it trained, e.g. ``ours`` before T = 0.1): its numbers would be labelled wrongly."""
+    from moco.data import list_images
+    from moco.recipe import auto_config
+    from moco.trainset import holdout
+
+    saved = json.loads((run / "config.json").read_text())
+    paths, _, _ = holdout(list_images(cfg.data), cfg)
+    want = auto_config(cfg, len(paths), "cpu")
+    stale = {
+        k: (saved.get(k), getattr(want, k))
+        for k in RECIPE_FIELDS
+        if saved.get(k) != getattr(want, k)
+    }
+    if stale:
+        diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in stale.items())
+        raise SystemExit(
+            f"{run} was trained with another recipe than its name gives now ({diff}): move "
+            "it aside (its results JSON keeps its numbers) or pass another --cache"
+        )
 
 
 def checkpoints(run: Path) -> list[tuple[float, Path]]:
