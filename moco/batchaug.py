@@ -170,13 +170,33 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return v - c * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
 
 
+BLUR_TRUNCATE = 4.0
+"""Taps beyond this many sigmas are dropped (scipy.ndimage's default): they hold under 2e-5 of
+the kernel's weight, where torchvision's fixed 23 taps at 224 px are mostly zeros for small
+sigmas."""
+
+
 def gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Tensor:
     """Blur each image with its own ``sigma``: a separable kernel, reflect padding (torchvision).
 
     One depthwise convolution per direction over the batch folded into channels (N*3 groups,
     each image's own kernel): at 224 px (23 taps) 9x faster on CPU than summing shifted copies,
-    and two kernel launches on a GPU.
+    and two kernel launches on a GPU. Images are grouped by the taps their sigma needs (at most
+    ``kernel``, ``BLUR_TRUNCATE`` sigmas each side): at 224 px, with sigma uniform in 0.1-2, that
+    is 10 taps on average instead of 23. Within 2e-5 of torchvision's ``gaussian_blur``.
     """
+    half = (sigma * BLUR_TRUNCATE).ceil().clamp(1, kernel // 2).long()
+    levels = half.unique().tolist()
+    if len(levels) == 1:
+        return _blur(x, 2 * levels[0] + 1, sigma)
+    out = torch.empty_like(x)
+    for h in levels:
+        group = (half == h).nonzero().squeeze(1)
+        out[group] = _blur(x[group], 2 * h + 1, sigma[group])
+    return out
+
+
+def _blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Tensor:
     half = (kernel - 1) * 0.5
     t = torch.linspace(-half, half, kernel, device=x.device, dtype=x.dtype)
     k = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)

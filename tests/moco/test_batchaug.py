@@ -52,8 +52,9 @@ def test_grayscale_equals_torchvision(batch) -> None:
     assert torch.allclose(B.grayscale(batch), want, atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel", [3, 7])
+@pytest.mark.parametrize("kernel", [3, 7, 23])
 def test_blur_equals_torchvision_with_each_images_sigma(batch, kernel: int) -> None:
+    """23 taps (224 px): the images need 3 to 17 of them, blurred in groups by what they need."""
     sigmas = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0, 0.3])
     got = B.gaussian_blur(batch, kernel, sigmas)
     want = torch.stack(
@@ -62,7 +63,7 @@ def test_blur_equals_torchvision_with_each_images_sigma(batch, kernel: int) -> N
             for im, s in zip(batch, sigmas, strict=True)
         ]
     )
-    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got, want, atol=2e-5)
 
 
 def test_a_whole_image_crop_is_the_image_resized() -> None:
