@@ -3,8 +3,8 @@
 The PIL pipeline (``moco.augment``) augments one image at a time in DataLoader workers; on 2 CPU
 cores at 32-64 px that costs as much as the model's step, and on a GPU it starves the device. Here
 a whole uint8 batch is augmented at once on the training device: random resized crop
-(``crop_resize``: ``roi_align``, which averages over each output pixel's footprint, or the same
-values from ``grid_sample`` for the boxes it upscales), colour jitter, grayscale, Gaussian blur
+(``crop_resize``: ``roi_align``'s average over each output pixel's footprint, computed on CPU
+by ``grid_sample`` on finer grids), colour jitter, grayscale, Gaussian blur
 (a grouped separable convolution), flip and normalisation. The parameters are drawn as
 torchvision draws them (RandomResizedCrop's ten attempts and central fallback, ColorJitter's
 factor ranges, the same probabilities); the colour operations follow
@@ -87,36 +87,37 @@ def crop_boxes(
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Each uint8 image's box (x1, y1, x2, y2) resized to ``size`` x ``size``, as float.
 
-    ``roi_align`` (pixel-centre aligned, adaptive sampling): each output pixel averages
+    ``roi_align``'s values (pixel-centre aligned, adaptive sampling): each output pixel averages
     ``ceil(box side / size)`` bilinear samples a side, so a box larger than the output is
-    filtered, not aliased, as torchvision's antialiased resize does. A box no larger than the
-    output gets one sample, which is what ``grid_sample`` computes, vectorised: on CPU 4x faster
-    than ``roi_align``'s loop, and most crops of scale 0.2-1 are upscaled. Those go through
-    ``grid_sample`` (equal to ``roi_align`` up to float rounding), the others through
-    ``roi_align``. Off the CPU, ``roi_align`` does all (splitting the batch waits for the device,
-    and it was not measured there).
+    filtered, not aliased, as torchvision's antialiased resize does. On CPU they are computed
+    vectorised: the boxes that share a sample count go through one ``grid_sample`` for each of
+    a pixel's sample positions, averaged: 4x faster than ``roi_align``'s loop over pixels at one
+    sample, 2x at 2 x 2, and the same values up to float rounding. Off the CPU,
+    ``roi_align`` does all (splitting the batch waits for the device; not measured there).
     """
     if images.device.type != "cpu":
         return _roi_align(images, boxes, size)
-    n, c = images.shape[:2]
+    n, c, h, w = images.shape
     x1, y1, x2, y2 = boxes.unbind(1)
-    one = (x2 - x1 <= size) & (y2 - y1 <= size)  # one sample an output pixel
-    if not one.any():
-        return _roi_align(images, boxes, size)
-    idx = one.nonzero().squeeze(1)
-    h, w = images.shape[2:]
-    t = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    # pixel p (its centre at p + 0.5) is 2p / W - 1 in grid_sample's [-1, 1] (align_corners=False)
-    gx = (x1[idx, None] + t * (x2 - x1)[idx, None]) * (2 / w) - 1
-    gy = (y1[idx, None] + t * (y2 - y1)[idx, None]) * (2 / h) - 1
-    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
+    samples = torch.stack([(y2 - y1) / size, (x2 - x1) / size], 1).ceil().clamp(min=1).long()
     out = torch.empty(n, c, size, size)
-    out[idx] = F.grid_sample(
-        images[idx].float(), grid, mode="bilinear", padding_mode="border", align_corners=False
-    )
-    if not one.all():
-        rest = (~one).nonzero().squeeze(1)
-        out[rest] = _roi_align(images[rest], boxes[rest], size)
+    p = torch.arange(size, dtype=torch.float32)
+    for sy, sx in samples.unique(dim=0).tolist():
+        idx = (samples == torch.tensor([sy, sx])).all(1).nonzero().squeeze(1)
+        src, bx1, by1 = images[idx].float(), x1[idx, None], y1[idx, None]
+        bw, bh = (x2 - x1)[idx, None] / size, (y2 - y1)[idx, None] / size
+        acc = None
+        for oy in range(sy):  # one grid_sample per sample offset: pooling a finer grid is slower
+            gy = (by1 + (p + (oy + 0.5) / sy) * bh) * (2 / h) - 1
+            for ox in range(sx):
+                # pixel q (centre q + 0.5) is 2q / W - 1 in grid_sample's [-1, 1]
+                gx = (bx1 + (p + (ox + 0.5) / sx) * bw) * (2 / w) - 1
+                grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
+                x = F.grid_sample(
+                    src, grid, mode="bilinear", padding_mode="border", align_corners=False
+                )
+                acc = x if acc is None else acc.add_(x)
+        out[idx] = acc / (sy * sx) if sy * sx > 1 else acc
     return out
 
 

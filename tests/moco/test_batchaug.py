@@ -77,19 +77,24 @@ def test_a_whole_image_crop_is_the_image_resized() -> None:
     )
 
 
-def test_crop_resize_equals_roi_align_for_boxes_smaller_and_larger_than_the_output() -> None:
-    """grid_sample takes the boxes roi_align samples once per pixel; the values are the same."""
+@pytest.mark.parametrize("out", [24, 12])
+def test_crop_resize_equals_roi_align_whatever_its_samples_per_pixel(out: int) -> None:
+    """Boxes smaller than the output (one sample a pixel) and up to 3.3x larger (up to 4 x 4
+    samples, different across and down): grid_sample on finer grids gives roi_align's values."""
     from torchvision.ops import roi_align
 
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (48, 3, 40, 40), dtype=torch.uint8, generator=g)
     sizes = torch.randint(20, 41, (48, 2), generator=g)  # each in its canvas' top-left corner
     boxes = B.crop_boxes(sizes, (0.08, 1.0), (3 / 4, 4 / 3), g)
-    one = (boxes[:, 2] - boxes[:, 0] <= 24) & (boxes[:, 3] - boxes[:, 1] <= 24)
-    assert 0 < one.sum() < len(boxes)  # both paths
+    samples = torch.stack([boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], 1) / out
+    kinds = samples.ceil().unique(dim=0)
+    assert len(kinds) >= (2 if out == 24 else 5)  # several sample counts, across and down
+    if out == 12:
+        assert (kinds[:, 0] != kinds[:, 1]).any() and kinds.max() >= 3
     rois = torch.cat([torch.arange(48.0).view(-1, 1), boxes], 1)
-    want = roi_align(images.float(), rois, (24, 24), sampling_ratio=0, aligned=True)
-    assert torch.allclose(B.crop_resize(images, boxes, 24), want, atol=1e-3)
+    want = roi_align(images.float(), rois, (out, out), sampling_ratio=0, aligned=True)
+    assert torch.allclose(B.crop_resize(images, boxes, out), want, atol=1e-3)
 
 
 def test_crop_boxes_follow_random_resized_crop() -> None:
