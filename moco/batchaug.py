@@ -106,12 +106,12 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
         idx = (samples == torch.tensor([sy, sx])).all(1).nonzero().squeeze(1)
         src, bx1, by1 = images[idx].float(), x1[idx, None], y1[idx, None]
         bw, bh = (x2 - x1)[idx, None] / size, (y2 - y1)[idx, None] / size
+        # pixel q (centre q + 0.5) is 2q / W - 1 in grid_sample's [-1, 1]
+        gxs = [(bx1 + (p + (ox + 0.5) / sx) * bw) * (2 / w) - 1 for ox in range(sx)]
         acc = None
         for oy in range(sy):  # one grid_sample per sample offset: pooling a finer grid is slower
             gy = (by1 + (p + (oy + 0.5) / sy) * bh) * (2 / h) - 1
-            for ox in range(sx):
-                # pixel q (centre q + 0.5) is 2q / W - 1 in grid_sample's [-1, 1]
-                gx = (bx1 + (p + (ox + 0.5) / sx) * bw) * (2 / w) - 1
+            for gx in gxs:
                 grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
                 x = F.grid_sample(
                     src, grid, mode="bilinear", padding_mode="border", align_corners=False
