@@ -5,8 +5,9 @@ For each image set (an ImageFolder tree with a ``manifest.csv`` holding ``path``
 the benchmark
 1. links the ``train`` split into a training tree under ``--cache`` (the ``query`` split is never
    trained on),
-2. pretrains each recipe for ``--minutes`` with ``moco-search pretrain --minutes`` (a
-   checkpoint every epoch; runs already in the cache are reused),
+2. pretrains each recipe for ``--minutes`` with ``moco-search pretrain --minutes``, or for
+   ``--steps`` steps (equal work, whatever the machine's pace that hour); about ten checkpoints
+   a run; runs already in the cache are reused,
 3. measures on frozen features, for every checkpoint and the baselines:
    - instance R@1 / R@10 across renderings (sets with a ``vendor`` column): each ``query``
      image of one vendor searches every image of the other vendors; the same ``group_id``
@@ -16,7 +17,8 @@ the benchmark
    each checkpoint exported as ``moco-search export`` does (``--fit``, ``--pooling``: export's
    defaults unless given; ``--eval-size``). The baselines are measured raw, as the
    issue defines them, and with the same map fitted on their train-split features,
-4. writes JSON and one PNG (each metric against wall-clock minutes) to ``bench/results/``.
+4. writes JSON (each point with its minutes and steps) and one PNG (each metric against
+   wall-clock minutes, or steps) to ``bench/results/``.
 
     python bench/quality.py emoji=/data/emoji mnist5k=/data/mnist5k --minutes 15
     python bench/quality.py emoji=/data/emoji --build ../shared/datasets   # build if missing
@@ -125,17 +127,20 @@ RECIPE_FIELDS = (
 )
 
 
-def pretrain(data: Path, run: Path, recipe: str, minutes: float, extra: dict[str, Any]) -> Path:
+def pretrain(
+    data: Path, run: Path, recipe: str, minutes: float, extra: dict[str, Any], steps: int = 0
+) -> Path:
+    """``run`` trained with ``recipe`` for ``minutes``, or for ``steps`` steps when given (the
+    cache's copy when it has one). A step budget compares recipes at equal work, whatever the
+    machine's pace that hour; the minutes are what a user's ``--minutes`` gets."""
     from moco.train import TrainConfig, train
 
-    cfg = TrainConfig(
-        data=str(data),
-        out=str(run),
-        minutes=minutes,
-        save_minutes=minutes / 10,  # ten points a curve, whatever an epoch takes
-        workers=1,
-        **{**RECIPES[recipe], **extra},
-    )
+    cfg = TrainConfig(data=str(data), out=str(run), workers=1, **{**RECIPES[recipe], **extra})
+    if steps:
+        cfg = dataclasses.replace(cfg, **step_budget(cfg, steps))
+    else:
+        # ten points a curve, whatever an epoch takes
+        cfg = dataclasses.replace(cfg, minutes=minutes, save_minutes=minutes / 10)
     if (run / "checkpoint_last.pt").is_file():
         check_cached(run, cfg)
         return run  # reuse: the cache holds it already
@@ -143,16 +148,38 @@ def pretrain(data: Path, run: Path, recipe: str, minutes: float, extra: dict[str
     return run
 
 
-def check_cached(run: Path, cfg: Any) -> None:
-    """Refuse a cached run whose recipe is no longer what its name gives (a default changed
-    since it trained, e.g. ``ours`` before T = 0.1): its numbers would be labelled wrongly."""
+def resolved(cfg: Any) -> tuple[Any, int]:
+    """``cfg`` as ``train`` resolves it on CPU (``auto_config``), and its training images."""
     from moco.data import list_images
     from moco.recipe import auto_config
     from moco.trainset import holdout
 
-    saved = json.loads((run / "config.json").read_text())
     paths, _, _ = holdout(list_images(cfg.data), cfg)
-    want = auto_config(cfg, len(paths), "cpu")
+    return auto_config(cfg, len(paths), "cpu"), len(paths)
+
+
+def step_budget(cfg: Any, steps: int) -> dict[str, Any]:
+    """The fields that make ``cfg`` a run of ``steps`` steps shaped as a ``--minutes`` run:
+    its cosine ends at the last step, its warm-up is the recipe's (else ``--minutes``' 5%), and
+    about ten checkpoints fall along it."""
+    from moco.recipe import WARMUP_FRACTION
+
+    full, images = resolved(cfg)
+    per_epoch = max(images // full.batch_size, 1)
+    epochs = -(-steps // per_epoch)
+    warmup = cfg.warmup_epochs
+    if warmup is None:
+        warmup = WARMUP_FRACTION * steps / per_epoch
+    return dict(
+        total_steps=steps, epochs=epochs, warmup_epochs=warmup, save_every=max(epochs // 10, 1)
+    )
+
+
+def check_cached(run: Path, cfg: Any) -> None:
+    """Refuse a cached run whose recipe is no longer what its name gives (a default changed
+    since it trained, e.g. ``ours`` before T = 0.1): its numbers would be labelled wrongly."""
+    saved = json.loads((run / "config.json").read_text())
+    want, _ = resolved(cfg)
     stale = {
         k: (saved.get(k), getattr(want, k))
         for k in RECIPE_FIELDS
@@ -166,17 +193,19 @@ def check_cached(run: Path, cfg: Any) -> None:
         )
 
 
-def checkpoints(run: Path) -> list[tuple[float, Path]]:
-    """(wall-clock minutes since the start of the run, checkpoint) for each saved epoch, the
-    last one (``checkpoint_last.pt``) included."""
+def checkpoints(run: Path) -> list[tuple[float, int, Path]]:
+    """(wall-clock minutes since the start of the run, steps trained, checkpoint) for each
+    saved epoch, the last one (``checkpoint_last.pt``) included."""
     rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x]
     out = []
+    steps = 0
     for r, epoch in zip(rows, epoch_numbers(rows), strict=True):
+        steps += int(r.get("steps", 0))
         ckpt = run / f"checkpoint_{epoch:04d}.pt"
         if ckpt.is_file():
-            out.append((r["elapsed_s"] / 60, ckpt))
+            out.append((r["elapsed_s"] / 60, steps, ckpt))
     if rows and not (out and out[-1][0] == rows[-1]["elapsed_s"] / 60):
-        out.append((rows[-1]["elapsed_s"] / 60, run / "checkpoint_last.pt"))
+        out.append((rows[-1]["elapsed_s"] / 60, steps, run / "checkpoint_last.pt"))
     return out
 
 
@@ -327,7 +356,8 @@ def random_spec(run: Path) -> str:
     return f"random:{cfg['arch']}" + (":small" if stem else "")
 
 
-def plot(results: dict[str, Any], path: Path) -> Path:
+def plot(results: dict[str, Any], path: Path, x: str = "minutes") -> Path:
+    """Each metric against ``x`` (a point's "minutes" or "steps"), baselines as lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,14 +389,15 @@ def plot(results: dict[str, Any], path: Path) -> Path:
             start = start[-1:]
             for recipe, pts in results[name]["runs"].items():
                 if pts and metric in pts[0]:
-                    pts = [{"minutes": 0.0, **start[0]}, *pts] if start else pts
+                    pts = [{"minutes": 0.0, "steps": 0, **start[0]}, *pts] if start else pts
                     ax.plot(
-                        [p["minutes"] for p in pts],
+                        [p[x] for p in pts],
                         [p[metric] for p in pts],
                         marker="o",
                         label=recipe,
                     )
-            ax.set(title=f"{name}: {metric}", xlabel="wall-clock minutes (2 CPU cores)")
+            label = "steps" if x == "steps" else "wall-clock minutes (2 CPU cores)"
+            ax.set(title=f"{name}: {metric}", xlabel=label)
             ax.set_xlim(left=0)
             if i == 0 and j == 0:
                 ax.legend(fontsize=7)
@@ -385,8 +416,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         rows = read_manifest(root)
         cache = args.cache / name
         data = train_tree(root, rows, cache / "train")
+        budget = f"{args.steps}s" if args.steps else f"{args.minutes:g}m"
         runs = {
-            r: pretrain(data, cache / f"{r}_{args.minutes:g}m", r, args.minutes, {})
+            r: pretrain(data, cache / f"{r}_{budget}", r, args.minutes, {}, args.steps)
             for r in args.recipes
         }
         images = Images(
@@ -406,7 +438,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         curves: dict[str, list[dict[str, Any]]] = {}
         for recipe, run in runs.items():
             curves[recipe] = []
-            for minutes, ckpt in thin(checkpoints(run), args.max_points):
+            for minutes, steps, ckpt in thin(checkpoints(run), args.max_points):
                 # exported as `moco-search export` would, with --image-size/--pooling/--fit
                 key = f"{args.eval_size or 'export'}_{args.pooling}_{args.fit}"
                 enc = ckpt.with_name(f"{ckpt.stem}_{key}.enc")
@@ -416,7 +448,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 row = measured(enc / f"metrics_{n}.json", str(enc), images, None, "avg")
                 row |= {"pooling": args.pooling, "fit": read_encoder_config(enc).fit}
-                curves[recipe].append({"minutes": round(minutes, 2), **row})
+                curves[recipe].append({"minutes": round(minutes, 2), "steps": steps, **row})
                 print(name, recipe, json.dumps(curves[recipe][-1]), flush=True)
         results[name] = {
             "root": str(root),
@@ -440,8 +472,10 @@ def merge(paths: list[Path], results_dir: Path) -> Path:
             sizes = [[b["image_size"] for b in x["baselines"]] for x in (merged, data)]
             if sizes[0] != sizes[1]:
                 raise SystemExit(f"--merge: {name} is embedded at different sizes {sizes}")
+            steps = d["meta"].get("steps")
+            budget = f"{steps} steps" if steps else f"{d['meta']['minutes']:g} min"
             for recipe, points in data["runs"].items():
-                merged["runs"][f"{recipe}, {d['meta']['minutes']:g} min"] = points
+                merged["runs"][f"{recipe}, {budget}"] = points
     meta = {**metas[0]["meta"], "merged": [str(p) for p in paths]}
     out = results_dir / f"quality_merged_{time.strftime('%Y%m%d_%H%M%S')}.json"
     out.write_text(json.dumps({"meta": meta, "sets": sets}, indent=2) + "\n")
@@ -497,6 +531,13 @@ def main() -> None:
     parser.add_argument("sets", nargs="*", help="NAME=ROOT of each image set (emoji=/data/emoji)")
     parser.add_argument(
         "--minutes", type=float, default=15, help="budget of each run (default: 15)"
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="instead of --minutes: train each recipe for this many steps (its warm-up and "
+        "cosine fitted to them), to compare recipes at equal work whatever the machine's pace",
     )
     parser.add_argument(
         "--recipes",
@@ -601,7 +642,8 @@ def main() -> None:
     stamp = time.strftime("%Y%m%d_%H%M%S")
     results = run_benchmark(args)
     meta = {
-        "minutes": args.minutes,
+        "minutes": 0 if args.steps else args.minutes,
+        "steps": args.steps,
         "recipes": args.recipes,
         "eval_size": args.eval_size,
         "pooling": args.pooling,
@@ -610,7 +652,8 @@ def main() -> None:
     }
     out = args.results / f"quality_{stamp}.json"
     out.write_text(json.dumps({"meta": meta, "sets": results}, indent=2) + "\n")
-    print(f"wrote {out}\nwrote {plot(results, args.results / f'quality_{stamp}.png')}")
+    png = plot(results, args.results / f"quality_{stamp}.png", "steps" if args.steps else "minutes")
+    print(f"wrote {out}\nwrote {png}")
 
 
 if __name__ == "__main__":
