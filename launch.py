@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from app import cli as app_cli
 from indexes import cli as indexes_cli
 from indexes import probe_cli
+from moco import DISK_FULL
 from moco import cli as moco_cli
 from moco.flags import given_flags
 
@@ -145,6 +146,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except USER_ERRORS as e:
         print(f"moco-search {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        print(
+            f"moco-search {args.command}: error: Disk full while writing {e.filename or 'a file'}"
+            ": nothing was lost (files are written whole or not at all); free some space and "
+            "re-run",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"moco-search {args.command}: interrupted", file=sys.stderr)

@@ -9,16 +9,15 @@ on; ``CollectionError`` says so in one line instead of a SQLite or FAISS traceba
 
 from __future__ import annotations
 
-import errno
 import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from moco import DISK_FULL
 from moco import atomic_file as atomic_file  # re-exported for the collection's writers
 
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SQLITE_FULL, SQLITE_IOERR = 13, 10
 NEARLY_FULL = 1 << 20
 

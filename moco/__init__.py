@@ -31,7 +31,7 @@ if TYPE_CHECKING:
         read_encoder_config,
         save_encoder,
     )
-    from moco.files import atomic_file, file_hash
+    from moco.files import DISK_FULL, DiskFullError, atomic_file, file_hash
     from moco.flags import add_dataclass_flags, config_from_args, flag
     from moco.knn import knn_predict, knn_top1
     from moco.loss import info_nce, moco_logits, topk_accuracy
@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 _WHERE = {
     "CheckpointError": "moco.export",
     "ClassificationMetrics": "moco.metrics",
+    "DISK_FULL": "moco.files",
+    "DiskFullError": "moco.files",
     "ENCODERS": "moco.encoders",
     "EncoderConfig": "moco.export",
     "IMAGE_EXTENSIONS": "moco.data",
@@ -110,12 +112,14 @@ _WHERE = {
 }
 
 __all__ = [
+    "DISK_FULL",
     "ENCODERS",
     "IMAGE_EXTENSIONS",
     "KNN_K",
     "KNN_T",
     "CheckpointError",
     "ClassificationMetrics",
+    "DiskFullError",
     "EncoderConfig",
     "ImageError",
     "ImageFiles",

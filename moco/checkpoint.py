@@ -10,6 +10,7 @@ own random stream after a mid-epoch resume.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 from pathlib import Path
@@ -47,8 +48,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """``torch.save`` to a temporary file, then rename: a crash never leaves half a checkpoint."""
     path = Path(path)
+    data = io.BytesIO()  # serialised first: torch's writer reports a full disk as a bare
+    torch.save(payload, data)  # RuntimeError, Python's write as the OSError (ENOSPC) it is
     with atomic_file(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(data.getbuffer())
     return path
 
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from moco import whiten
 from moco.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -98,7 +99,7 @@ def save_encoder(
     }
     state |= {whiten.PREFIX + k: v.float().contiguous() for k, v in (fitted or {}).items()}
     with atomic_file(out / WEIGHTS) as tmp:  # a full disk or Ctrl-C leaves no half file
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        tmp.write_bytes(save_tensors(state, metadata={"format": "pt"}))
         os.chmod(tmp, 0o644)  # safetensors creates it private; an encoder is meant to be shared
     cfg = dataclasses.replace(cfg, content_hash=sha256_file(out / WEIGHTS))
     _atomic_write_text(out / CONFIG, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")

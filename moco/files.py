@@ -8,12 +8,24 @@ never half of one, and no temporary file behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+"""The operating system's "no space left on device" and "disk quota exceeded"."""
+
+
+class DiskFullError(OSError, ValueError):
+    """No room left to write, said in one line with what was kept and what to do.
+
+    An ``OSError`` because it is one, and a ``ValueError`` so that the command line shows it as
+    one line like every other error the user can act on.
+    """
 
 
 @contextmanager
@@ -22,11 +34,14 @@ def atomic_file(path: str | os.PathLike, unique: bool = False) -> Iterator[Path]
 
     The temporary file is ``<name>.tmp``; with ``unique`` its name also carries the process and
     thread, for files that several threads may make at once (two searches showing the same
-    thumbnail), which then never write into one temporary file.
+    thumbnail), which then never write into one temporary file. Write it with Python's own file
+    writes (serialise to bytes first): ``torch.save`` and safetensors writing to a path report a
+    full disk as a bare ``RuntimeError`` or ``SafetensorError``, Python as the ``OSError``
+    (``ENOSPC``) it is.
 
     Examples:
-        >>> with atomic_file(run / "checkpoint_last.pt") as tmp:  # doctest: +SKIP
-        ...     torch.save(state, tmp)
+        >>> with atomic_file(run / "ckpt.pt") as tmp, open(tmp, "wb") as f:  # doctest: +SKIP
+        ...     torch.save(state, f)
     """
     path = Path(path)
     who = f".{os.getpid()}-{threading.get_ident()}" if unique else ""
@@ -34,8 +49,10 @@ def atomic_file(path: str | os.PathLike, unique: bool = False) -> Iterator[Path]
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a failed write() names no file: name the one being written
         raise
 
 

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
 from moco.files import atomic_file
 
@@ -290,8 +291,8 @@ def save_probe(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in probe.state_dict().items()}
-    with atomic_file(out / PROBE_WEIGHTS) as tmp:
-        save_file(state, str(tmp))
+    with atomic_file(out / PROBE_WEIGHTS) as tmp:  # a full disk: OSError (see atomic_file)
+        tmp.write_bytes(save_tensors(state))
     meta = {
         "format": "moco-search-probe/1",
         "classes": probe.classes,

@@ -27,6 +27,7 @@ from moco.config import TrainConfig, resume_config
 from moco.data import list_images
 from moco.distributed import default_device, init_distributed
 from moco.export import CheckpointError, backbone_from_checkpoint, load_checkpoint_file
+from moco.files import DISK_FULL, DiskFullError
 from moco.loop import TrainingDiverged, TrainState, train_one_epoch
 from moco.mechanisms import Model, build_model
 from moco.model import compile_encoders
@@ -72,8 +73,26 @@ def train(cfg: TrainConfig, given: Collection[str] | None = None) -> Path:
     """Pretrain as ``cfg`` says (``--mechanism``: MoCo by default); return the last checkpoint.
 
     ``given``: the fields the user set (the CLI's flags), which override a resumed run's saved
-    settings; by default, those that differ from ``TrainConfig``'s defaults.
+    settings; by default, those that differ from ``TrainConfig``'s defaults. A full disk ends
+    the run with a ``DiskFullError`` that says what was kept: every file of a run is written
+    whole or not at all, and ``log.jsonl`` never runs ahead of ``checkpoint_last.pt``.
     """
+    try:
+        return _train(cfg, given)
+    except OSError as e:
+        if e.errno not in DISK_FULL or isinstance(e, DiskFullError):
+            raise
+        out = Path(cfg.out)
+        kept = (out / LAST).is_file()
+        raise DiskFullError(
+            f"Disk full while writing run {out}: nothing was lost ("
+            + ("its last checkpoint is kept" if kept else "no checkpoint had been saved yet")
+            + ", no temporary file is left); free some space and re-run "
+            + ("with --resume to carry on" if kept else "to start it again"),
+        ) from e
+
+
+def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
     budget = Budget(cfg.minutes * 60.0) if cfg.minutes > 0 and not cfg.resume else None
     rank, world, local_rank = init_distributed()
     paths = list_images(cfg.data)
@@ -219,6 +238,11 @@ def train(cfg: TrainConfig, given: Collection[str] | None = None) -> Path:
                     stats["untrained_knn_top1"] = baseline["knn_top1"]
             stats["planned_epochs"] = schedule.total_steps / steps_per_epoch
             stats["elapsed_s"] = clock()
+            if report and rank == 0:  # at an epoch's end every rank reseeds: no rank's state
+                # is needed. The checkpoint first: a log row is never ahead of it (a full disk)
+                save_checkpoint(ckpt_path, payload(epoch + 1, 0))
+                if numbered:
+                    save_checkpoint(out / f"checkpoint_{epoch + 1:04d}.pt", payload(epoch + 1, 0))
             runlog.epoch_end(epoch, stats, report)
             if not report:
                 continue
@@ -229,10 +253,6 @@ def train(cfg: TrainConfig, given: Collection[str] | None = None) -> Path:
                     stats["view_recall"],
                     baseline["view_recall"],
                 )
-            if rank == 0:  # at an epoch's end every rank reseeds: no rank's state is needed
-                save_checkpoint(ckpt_path, payload(epoch + 1, 0))
-                if numbered:
-                    save_checkpoint(out / f"checkpoint_{epoch + 1:04d}.pt", payload(epoch + 1, 0))
             saved_mark, reported = mark, time.perf_counter()
     except KeyboardInterrupt:
         # Inside an epoch: resume at its step. Between epochs (monitor, logging, saving): the

@@ -149,6 +149,27 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "Checkpoint not found" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_cli_export_on_a_full_disk_is_one_line_and_leaves_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The kernel's ENOSPC, from /dev/full behind the weights' temporary file (safetensors
+    writing by path reported a full disk as a ``SafetensorError``: a traceback)."""
+    our_checkpoint(tmp_path / "ckpt.pt")
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "model.safetensors.tmp").symlink_to("/dev/full")
+    assert launch.main(["export", str(tmp_path / "ckpt.pt"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        f"moco-search export: error: Disk full while writing {out / 'model.safetensors'}: "
+        "nothing was lost (files are written whole or not at all); free some space and re-run"
+    ]
+    assert list(out.iterdir()) == []  # no weights, no config, no temporary file
+    assert launch.main(["export", str(tmp_path / "ckpt.pt"), "--out", str(out)]) == 0
+    assert load_encoder(out)[1].content_hash
+
+
 def test_config_that_is_not_an_object_is_a_checkpoint_error(tmp_path: Path) -> None:
     save_encoder(build_encoder("resnet18"), EncoderConfig(arch="resnet18"), tmp_path / "e")
     (tmp_path / "e" / "config.json").write_text("[1, 2]\n")

@@ -247,6 +247,32 @@ def test_existing_run_is_not_overwritten(emoji_dir: Path, tmp_path: Path) -> Non
         train(tiny_cfg(emoji_dir, run))
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_full_disk_keeps_the_last_checkpoint_and_resume_carries_on(
+    emoji_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The kernel's ENOSPC (/dev/full behind the checkpoint's temporary file) at epoch 2: one
+    line, the epoch-1 checkpoint and log kept as they were, and ``--resume`` then finishes."""
+    run = tmp_path / "run"
+    assert launch.main(tiny_pretrain_args(emoji_dir, run, 1)) == 0
+    kept = (run / LAST).read_bytes()
+    (run / f"{LAST}.tmp").symlink_to("/dev/full")
+    assert launch.main([*tiny_pretrain_args(emoji_dir, run, 2), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"moco-search pretrain: error: Disk full while writing run {run}: nothing was lost (its "
+        "last checkpoint is kept, no temporary file is left); free some space and re-run with "
+        "--resume to carry on"
+    )
+    assert (run / LAST).read_bytes() == kept
+    assert not (run / f"{LAST}.tmp").is_symlink()
+    assert [r["epoch"] for r in read_log(run)] == [1]  # the log is not ahead of the checkpoint
+    assert launch.main([*tiny_pretrain_args(emoji_dir, run, 2), "--resume"]) == 0
+    assert [r["epoch"] for r in read_log(run)] == [1, 2]
+    assert load_checkpoint_file(run / LAST)["epoch"] == 2
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_and_resume_finishes(emoji_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
