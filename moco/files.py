@@ -40,8 +40,8 @@ def atomic_file(path: str | os.PathLike, unique: bool = False) -> Iterator[Path]
     (``ENOSPC``) it is.
 
     Examples:
-        >>> with atomic_file(run / "ckpt.pt") as tmp, open(tmp, "wb") as f:  # doctest: +SKIP
-        ...     torch.save(state, f)
+        >>> with atomic_file(out / "model.safetensors") as tmp:  # doctest: +SKIP
+        ...     tmp.write_bytes(safetensors.torch.save(state))
     """
     path = Path(path)
     who = f".{os.getpid()}-{threading.get_ident()}" if unique else ""
