@@ -74,8 +74,8 @@ def train(cfg: TrainConfig, given: Collection[str] | None = None) -> Path:
 
     ``given``: the fields the user set (the CLI's flags), which override a resumed run's saved
     settings; by default, those that differ from ``TrainConfig``'s defaults. A full disk ends
-    the run with a ``DiskFullError`` that says what was kept: checkpoints are written whole or
-    not at all, and ``log.jsonl`` never runs ahead of ``checkpoint_last.pt``.
+    the run with a ``DiskFullError`` that says what was kept: checkpoints and ``log.jsonl`` are
+    written whole or not at all, and the log never runs ahead of ``checkpoint_last.pt``.
     """
     try:
         return _train(cfg, given)

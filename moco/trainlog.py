@@ -14,6 +14,7 @@ from typing import Any
 from tqdm import tqdm
 
 from moco.config import TrainConfig
+from moco.files import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,18 @@ class RunLog:
         )
 
     def flush(self) -> None:
-        """Append the waiting rows to ``log.jsonl`` (epochs counted from 1, as printed)."""
+        """Append the waiting rows to ``log.jsonl`` (epochs counted from 1, as printed).
+
+        The file is rewritten whole (``atomic_file``) rather than appended to: a full disk
+        mid-append would leave half a row, which every reader of the log (a resume among them)
+        would then fail to parse. One row an epoch keeps the rewrite small.
+        """
         if self._rows:
-            with open(self.out / "log.jsonl", "a") as f:
-                f.writelines(json.dumps(row) + "\n" for row in self._rows)
+            path = self.out / "log.jsonl"
+            old = path.read_bytes() if path.is_file() else b""
+            new = "".join(json.dumps(row) + "\n" for row in self._rows).encode()
+            with atomic_file(path) as tmp:
+                tmp.write_bytes(old + new)
             self._rows.clear()
         if self.tb:
             self.tb.flush()

@@ -271,6 +271,15 @@ def test_full_disk_keeps_the_last_checkpoint_and_resume_carries_on(
     assert launch.main([*tiny_pretrain_args(emoji_dir, run, 2), "--resume"]) == 0
     assert [r["epoch"] for r in read_log(run)] == [1, 2]
     assert load_checkpoint_file(run / LAST)["epoch"] == 2
+    # The disk fills while the log is written (the checkpoint fitted): the log keeps its rows
+    # whole (half a row appended would break every reader), and the run can go on.
+    log_before = (run / "log.jsonl").read_bytes()
+    (run / "log.jsonl.tmp").symlink_to("/dev/full")
+    assert launch.main([*tiny_pretrain_args(emoji_dir, run, 3), "--resume"]) == 2
+    assert "Disk full while writing run" in capsys.readouterr().err.splitlines()[-1]
+    assert (run / "log.jsonl").read_bytes() == log_before
+    assert not (run / "log.jsonl.tmp").is_symlink()
+    assert load_checkpoint_file(run / LAST)["epoch"] == 3  # ahead of the log, never behind
 
 
 @pytest.mark.slow
