@@ -15,20 +15,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from moco import DISK_FULL
+from moco import DISK_FULL, DiskFullError
 from moco import atomic_file as atomic_file  # re-exported for the collection's writers
 
 SQLITE_FULL, SQLITE_IOERR = 13, 10
 NEARLY_FULL = 1 << 20
 
 
-class CollectionError(OSError, ValueError):
-    """A fault of the machine (disk full) met while writing a collection, with what was kept.
-
-    An ``OSError`` because it is one, and a ``ValueError`` so that the command line shows it as
-    one line like every other error the user can act on (``io.UnsupportedOperation`` does the
-    same).
-    """
+class CollectionError(DiskFullError):
+    """A full disk met while writing a collection, with what was kept (one line on the
+    command line, as every ``DiskFullError``)."""
 
 
 def is_disk_full(e: BaseException, folder: str | os.PathLike | None = None) -> bool:
