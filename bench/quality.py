@@ -136,13 +136,14 @@ def pretrain(
     from moco.train import TrainConfig, train
 
     cfg = TrainConfig(data=str(data), out=str(run), workers=1, **{**RECIPES[recipe], **extra})
+    full, images = resolved(cfg)
     if steps:
-        cfg = dataclasses.replace(cfg, **step_budget(cfg, steps))
+        cfg = dataclasses.replace(cfg, **step_budget(cfg, steps, full.batch_size, images))
     else:
         # ten points a curve, whatever an epoch takes
         cfg = dataclasses.replace(cfg, minutes=minutes, save_minutes=minutes / 10)
     if (run / "checkpoint_last.pt").is_file():
-        check_cached(run, cfg)
+        check_cached(run, full)
         return run  # reuse: the cache holds it already
     train(cfg)
     return run
@@ -158,14 +159,13 @@ def resolved(cfg: Any) -> tuple[Any, int]:
     return auto_config(cfg, len(paths), "cpu"), len(paths)
 
 
-def step_budget(cfg: Any, steps: int) -> dict[str, Any]:
-    """The fields that make ``cfg`` a run of ``steps`` steps shaped as a ``--minutes`` run:
-    its cosine ends at the last step, its warm-up is the recipe's (else ``--minutes``' 5%), and
-    about ten checkpoints fall along it."""
+def step_budget(cfg: Any, steps: int, batch: int, images: int) -> dict[str, Any]:
+    """The fields that make ``cfg`` (``batch`` images a step, ``images`` to train on) a run of
+    ``steps`` steps shaped as a ``--minutes`` run: its cosine ends at the last step, its warm-up
+    is the recipe's (else ``--minutes``' 5%), and about ten checkpoints fall along it."""
     from moco.recipe import WARMUP_FRACTION
 
-    full, images = resolved(cfg)
-    per_epoch = max(images // full.batch_size, 1)
+    per_epoch = max(images // batch, 1)
     epochs = -(-steps // per_epoch)
     warmup = cfg.warmup_epochs
     if warmup is None:
@@ -175,11 +175,11 @@ def step_budget(cfg: Any, steps: int) -> dict[str, Any]:
     )
 
 
-def check_cached(run: Path, cfg: Any) -> None:
+def check_cached(run: Path, want: Any) -> None:
     """Refuse a cached run whose recipe is no longer what its name gives (a default changed
-    since it trained, e.g. ``ours`` before T = 0.1): its numbers would be labelled wrongly."""
+    since it trained, e.g. ``ours`` before T = 0.1): its numbers would be labelled wrongly.
+    ``want``: the recipe's config as ``train`` resolves it (``resolved``)."""
     saved = json.loads((run / "config.json").read_text())
-    want, _ = resolved(cfg)
     stale = {
         k: (saved.get(k), getattr(want, k))
         for k in RECIPE_FIELDS
