@@ -185,11 +185,14 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
             "config": {**dataclasses.asdict(cfg), "model": dataclasses.asdict(model.cfg)},
             "rng": rng_state(),
             "untrained": baseline,
+            "log_rows": runlog.pending(),
         }
 
     state = TrainState(net, model, optimizer, cfg, device, amp, runlog, schedule, budget)
     state.epoch, state.step = start_epoch, skip_steps
     stats: dict[str, float] = {}
+    if resumed is not None:
+        runlog.restore(resumed.get("log_rows", []))
     elapsed_before = runlog.elapsed_before() if resumed is not None else 0.0
 
     def clock() -> float:
@@ -238,14 +241,14 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
                     stats["untrained_knn_top1"] = baseline["knn_top1"]
             stats["planned_epochs"] = schedule.total_steps / steps_per_epoch
             stats["elapsed_s"] = clock()
-            if report and rank == 0:  # at an epoch's end every rank reseeds: no rank's state
-                # is needed. The checkpoint first: a log row is never ahead of it (a full disk)
+            runlog.record(epoch, stats)  # written with the checkpoint, or on Ctrl-C by close
+            if not report:
+                continue
+            if rank == 0:  # at an epoch's end every rank reseeds: no rank's state is needed
                 save_checkpoint(ckpt_path, payload(epoch + 1, 0))
                 if numbered:
                     save_checkpoint(out / f"checkpoint_{epoch + 1:04d}.pt", payload(epoch + 1, 0))
-            runlog.epoch_end(epoch, stats, report)
-            if not report:
-                continue
+            runlog.report(epoch, stats)
             if views is not None:
                 log.info(
                     "epoch %d: finds augmented copies %.1f%% of the time; untrained %.1f%%",

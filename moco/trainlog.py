@@ -72,12 +72,13 @@ class RunLog:
         rows = path.read_text().splitlines() if path.is_file() else []
         return float(json.loads(rows[-1]).get("elapsed_s", 0.0)) if rows else 0.0
 
-    def epoch_end(self, epoch: int, stats: dict[str, float], report: bool = True) -> None:
-        """Record an epoch; if ``report``, append the rows so far to ``log.jsonl`` and print
-        this epoch's line.
+    def record(self, epoch: int, stats: dict[str, float]) -> None:
+        """Hold an epoch's row until ``report`` writes it to ``log.jsonl``.
 
-        Rows wait for the next report, where ``checkpoint_last.pt`` is saved too, so that the
-        log never runs ahead of the checkpoint a resume starts from.
+        The train loop records the row *before* it saves that epoch's checkpoint and reports
+        after: a Ctrl-C between the two then still finds the row waiting, and ``close`` writes
+        it beside the checkpoint that holds its epoch, while a save that fails (a full disk)
+        leaves it unwritten, so the log is never ahead of the checkpoint a resume starts from.
         """
         if not self.enabled:
             return
@@ -85,7 +86,27 @@ class RunLog:
         if self.tb:
             for k, v in stats.items():
                 self.tb.add_scalar(f"epoch/{k}", v, epoch + 1)
-        if not report:
+
+    def pending(self) -> list[dict[str, Any]]:
+        """The rows recorded but not yet in ``log.jsonl``: each checkpoint carries them, so a
+        log write that never happened (a full disk after the checkpoint fitted, a kill between
+        the two) is made good by ``restore`` at the resume."""
+        return [dict(r) for r in self._rows]
+
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """Write the rows a resumed checkpoint carries that ``log.jsonl`` lacks (those after
+        its last epoch), so the log ends at the checkpoint's epoch again."""
+        path = self.out / "log.jsonl"
+        if not self.enabled or not rows:
+            return
+        logged = path.read_text().splitlines() if path.is_file() else []
+        last = max(epoch_numbers([json.loads(x) for x in logged if x.strip()]), default=0)
+        self._rows = [r for r in rows if int(r["epoch"]) > last] + self._rows
+        self.flush()
+
+    def report(self, epoch: int, stats: dict[str, float]) -> None:
+        """Write the rows recorded so far to ``log.jsonl`` and print this epoch's line."""
+        if not self.enabled:
             return
         self.flush()
         knn = f", kNN top-1 {stats['knn_top1']:.1f}%" if "knn_top1" in stats else ""

@@ -280,6 +280,35 @@ def test_full_disk_keeps_the_last_checkpoint_and_resume_carries_on(
     assert (run / "log.jsonl").read_bytes() == log_before
     assert not (run / "log.jsonl.tmp").is_symlink()
     assert load_checkpoint_file(run / LAST)["epoch"] == 3  # ahead of the log, never behind
+    # The checkpoint carries the row the log lacks: the resume writes it back.
+    assert launch.main([*tiny_pretrain_args(emoji_dir, run, 4), "--resume"]) == 0
+    assert [r["epoch"] for r in read_log(run)] == [1, 2, 3, 4]
+
+
+def test_ctrl_c_just_after_an_epochs_checkpoint_keeps_its_log_row(
+    emoji_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signal lands between epoch 1's checkpoint and its ``log.jsonl`` row (CI hit this
+    window once): the row is written on the way out, and the resume logs epoch 2 after it."""
+    import moco.train
+
+    save, fired = moco.train.save_checkpoint, []
+
+    def save_then_interrupt(path: Path, payload: dict) -> Path:
+        done = save(path, payload)
+        if not fired and payload["epoch"] == 1 and payload["step"] == 0:
+            fired.append(path)
+            raise KeyboardInterrupt
+        return done
+
+    monkeypatch.setattr(moco.train, "save_checkpoint", save_then_interrupt)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(emoji_dir, run, epochs=2))
+    assert fired and load_checkpoint_file(run / LAST)["epoch"] == 1
+    assert [r["epoch"] for r in read_log(run)] == [1]
+    train(tiny_cfg(emoji_dir, run, epochs=2, resume=True))
+    assert [r["epoch"] for r in read_log(run)] == [1, 2]
 
 
 @pytest.mark.slow
