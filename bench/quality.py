@@ -65,7 +65,8 @@ SHIPPED = ROOT / "app" / "demo" / "encoder"
 
 # Flags of each recipe beyond --minutes. "official": facebookresearch/moco's CIFAR-10 demo
 # (colab/moco_cifar10_demo.ipynb: resnet18, lr 0.06 at batch 512, wd 5e-4, K=4096, m=0.99,
-# T=0.1, linear head, no blur, cosine) at our CPU image size and batch (lr scaled linearly).
+# T=0.1, linear head, no blur, cosine) at our CPU image size and batch 64 (lr scaled linearly;
+# our CPU default was 64 until 2026-12-06, and the comparisons since keep it there).
 RECIPES: dict[str, dict[str, Any]] = {
     "ours": {},
     "official": dict(

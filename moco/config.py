@@ -43,7 +43,7 @@ class TrainConfig:
     embed_size: int | None = None  # what export embeds at; None: image_size
     epochs: int = 200
     minutes: float = 0.0  # > 0: train for this long; the epochs are then chosen by the run
-    batch_size: int | None = None  # None: 64 on CPU, 256 on GPU (at most images / 8)
+    batch_size: int | None = None  # None: 128 on CPU, 256 on GPU (at most images / 8)
     lr: float | None = None  # None: moco.recipe.LR_PER_256 * batch_size / 256
     weight_decay: float = 1e-4
     warmup_epochs: float | None = None  # None: 0, or 5% of the run with --minutes

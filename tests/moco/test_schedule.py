@@ -42,7 +42,7 @@ def test_budget_plans_from_the_median_step() -> None:
 
 def test_auto_config_fits_the_data_and_the_device() -> None:
     cfg = auto_config(TrainConfig(data="d", out="o"), num_images=8809, device_type="cpu")
-    assert (cfg.image_size, cfg.small_stem, cfg.batch_size) == (32, False, 64)
+    assert (cfg.image_size, cfg.small_stem, cfg.batch_size) == (32, False, 128)
     assert cfg.moco_k == 881 and cfg.moco_m == 0.99
     gpu = auto_config(TrainConfig(data="d", out="o"), num_images=8809, device_type="cuda")
     assert gpu.image_size == 224 and gpu.batch_size == 256
