@@ -59,7 +59,7 @@ from moco.export import export_encoder, read_encoder_config  # noqa: E402
 from moco.knn import knn_predict  # noqa: E402
 from moco.metrics import retrieval_metrics  # noqa: E402
 from moco.probe import ProbeConfig, train_probe  # noqa: E402
-from moco.trainlog import epoch_numbers  # noqa: E402
+from moco.trainlog import epoch_numbers, read_log  # noqa: E402
 
 SHIPPED = ROOT / "app" / "demo" / "encoder"
 
@@ -197,7 +197,7 @@ def check_cached(run: Path, want: Any) -> None:
 def checkpoints(run: Path) -> list[tuple[float, int, Path]]:
     """(wall-clock minutes since the start of the run, steps trained, checkpoint) for each
     saved epoch, the last one (``checkpoint_last.pt``) included."""
-    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x]
+    rows = read_log(run)
     out = []
     steps = 0
     for r, epoch in zip(rows, epoch_numbers(rows), strict=True):

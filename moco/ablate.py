@@ -95,6 +95,7 @@ def run_cell(base: TrainConfig, cell: Cell, out: Path) -> dict[str, Any]:
     """Train one cell (or resume it) and return its result; ``result.json`` marks it done."""
     from moco.loop import TrainingDiverged
     from moco.train import train
+    from moco.trainlog import read_log
 
     done = out / "result.json"
     if done.is_file():
@@ -109,7 +110,7 @@ def run_cell(base: TrainConfig, cell: Cell, out: Path) -> dict[str, Any]:
     except TrainingDiverged as e:  # a result too: the paper's m = 0 fails this way
         result["error"] = f"diverged: {e}"
     else:
-        rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x]
+        rows = read_log(out)
         last = rows[-1]
         keys = ("view_recall", "untrained_view_recall", "knn_top1", "untrained_knn_top1")
         result |= {k: last[k] for k in keys if k in last}

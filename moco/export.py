@@ -37,6 +37,7 @@ from moco.encoders import (
     with_pooling,
 )
 from moco.files import atomic_file, file_hash
+from moco.trainlog import read_log
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 log = logging.getLogger(__name__)
@@ -386,6 +387,5 @@ def _training_summary(checkpoint: str | os.PathLike) -> dict[str, Any]:
     if (run / "config.json").is_file():
         summary["config"] = json.loads((run / "config.json").read_text())
     if (run / "log.jsonl").is_file():
-        lines = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
-        summary["log"] = lines
+        summary["log"] = read_log(run)
     return summary

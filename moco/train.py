@@ -9,7 +9,6 @@ TensorBoard scalars, a kNN monitor and a loss plot.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import time
@@ -34,7 +33,7 @@ from moco.model import compile_encoders
 from moco.monitor import KnnMonitor, verdict
 from moco.recipe import Budget, auto_config, check_config
 from moco.schedule import Schedule
-from moco.trainlog import RunLog, epoch_numbers
+from moco.trainlog import RunLog, epoch_numbers, read_log
 from moco.trainset import holdout, loader, make_dataset, shard, view_monitor
 
 __all__ = ["TrainConfig", "TrainingDiverged", "check_config", "log_summary", "train"]
@@ -294,7 +293,7 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
 
 
 def log_summary(ckpt: Path) -> str:
-    last = [json.loads(x) for x in (ckpt.parent / "log.jsonl").read_text().splitlines() if x]
+    last = read_log(ckpt.parent)
     if not last:
         return f"checkpoint: {ckpt}"
     e = last[-1]

@@ -68,9 +68,8 @@ class RunLog:
     def elapsed_before(self) -> float:
         """Seconds the run had trained when it was last logged (0 for a new run), so that a
         resumed run's ``elapsed_s`` goes on counting the run's time instead of restarting."""
-        path = self.out / "log.jsonl"
-        rows = path.read_text().splitlines() if path.is_file() else []
-        return float(json.loads(rows[-1]).get("elapsed_s", 0.0)) if rows else 0.0
+        rows = read_log(self.out)
+        return float(rows[-1].get("elapsed_s", 0.0)) if rows else 0.0
 
     def record(self, epoch: int, stats: dict[str, float]) -> None:
         """Hold an epoch's row until ``report`` writes it to ``log.jsonl``.
@@ -96,11 +95,9 @@ class RunLog:
     def restore(self, rows: list[dict[str, Any]]) -> None:
         """Write the rows a resumed checkpoint carries that ``log.jsonl`` lacks (those after
         its last epoch), so the log ends at the checkpoint's epoch again."""
-        path = self.out / "log.jsonl"
         if not self.enabled or not rows:
             return
-        logged = path.read_text().splitlines() if path.is_file() else []
-        last = max(epoch_numbers([json.loads(x) for x in logged if x.strip()]), default=0)
+        last = max(epoch_numbers(read_log(self.out)), default=0)
         self._rows = [r for r in rows if int(r["epoch"]) > last] + self._rows
         self.flush()
 
@@ -152,6 +149,14 @@ class RunLog:
             plot_run(self.out)
 
 
+def read_log(run: Path) -> list[dict[str, Any]]:
+    """The rows of ``run``'s ``log.jsonl``, one per reported epoch ([] before the first)."""
+    path = Path(run) / "log.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
 def epoch_numbers(rows: list[dict[str, Any]]) -> list[int]:
     """Each ``log.jsonl`` row's epoch, counted from 1 as every message counts them.
 
@@ -168,7 +173,7 @@ def plot_run(run: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
+    rows = read_log(run)
     epochs = epoch_numbers(rows)
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
     ax[0].plot(epochs, [r["loss"] for r in rows], marker=".")
