@@ -81,6 +81,11 @@ def grid(
     return cells + [Cell("moco", momentum_k, m) for m in momenta]
 
 
+QUEUE_ONLY = ("local_crops", "exclude_nearest")
+"""Recipe options that only MoCo's queue supports (``moco.recipe.check_config`` refuses them
+for the other mechanisms)."""
+
+
 def cell_config(base: TrainConfig, cell: Cell, out: Path) -> TrainConfig:
     """``base`` with the cell's mechanism, K (end-to-end: the batch) and momentum."""
     changes: dict[str, Any] = {"mechanism": cell.mechanism, "out": str(out), "moco_k": cell.K}
@@ -226,6 +231,13 @@ def ablate(
     """
     from moco.data import list_images
 
+    queue_only = [f"--{f.replace('_', '-')}" for f in QUEUE_ONLY if getattr(base, f)]
+    if queue_only and set(mechanisms) - {"moco"}:
+        # Refused before the first cell rather than at the first cell of another mechanism.
+        raise ValueError(
+            f"{' and '.join(queue_only)} apply to MoCo's queue only; pass --mechanisms moco "
+            "to ablate with them"
+        )
     num_images = len(list_images(base.data))
     if num_images == 0:
         raise ValueError(f"No images found in {base.data}")

@@ -49,6 +49,8 @@ HELP = {
     "mlp": "MLP projection head (default: on for v2, off for v1)",
     "head_bn": "BatchNorm in the projection head",
     "symmetric": "symmetric loss (both views as queries)",
+    "exclude_nearest": "leave the N queued keys nearest each query's key out of its negatives: "
+    "probably the same object seen otherwise (false-negative elimination; 0: off)",
     "crop_min": "smallest crop, as a share of the image's area " + RECIPE,
     "color": "strength of colour jitter and grayscale, 1 being the papers' " + RECIPE,
     "blur": "v2's Gaussian blur",

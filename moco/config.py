@@ -56,6 +56,7 @@ class TrainConfig:
     mlp: bool | None = None  # None: the version's head (v2 MLP, v1 linear)
     head_bn: bool = False
     symmetric: bool = False
+    exclude_nearest: int = 0  # the n queued keys nearest a query's key are not its negatives
     crop_min: float | None = None  # None: 0.2, the papers'
     color: float | None = None  # None: 1, the papers' colour jitter and grayscale
     blur: bool = True  # v2's Gaussian blur
@@ -102,6 +103,7 @@ class TrainConfig:
             bn_splits=self.bn_splits,
             sync_bn=self.sync_bn,
             head_bn=self.head_bn,
+            exclude_nearest=self.exclude_nearest,
             mechanism=self.mechanism,
             bank_size=num_images if self.mechanism == "memory-bank" else 0,
             bank_t=self.bank_t,

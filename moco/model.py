@@ -51,6 +51,7 @@ class ModelConfig:
     bn_splits: int = 1
     sync_bn: bool = False
     head_bn: bool = False  # BatchNorm after the MLP head's hidden layer (SimCLR v2, MoCo v3)
+    exclude_nearest: int = 0  # queued keys nearest a query's key left out of its negatives
     mechanism: str = "moco"  # where keys come from: moco, end-to-end, memory-bank (mechanisms.py)
     bank_size: int = 0  # memory-bank: one entry per training image
     bank_t: float = 0.5  # memory-bank: momentum of an entry's update (InstDisc's 0.5)
@@ -141,6 +142,26 @@ class MoCo(nn.Module):
         return self.queue_ids.unsqueeze(0) == ids.to(self.queue_ids.device).unsqueeze(1)
 
     @torch.no_grad()
+    def _not_negatives(self, k: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """NxK mask of the queued keys that are not negatives of the queries whose keys are ``k``.
+
+        A query's own image, and with ``exclude_nearest`` = n also the n queued keys nearest its
+        positive key: in a collection, those are often the same object seen otherwise (the same
+        emoji by another vendor, the same product in another photo), which InfoNCE would push
+        away (false-negative elimination, Huynh et al. 2022, https://arxiv.org/abs/2011.11765).
+        """
+        same = self._same_image(ids)
+        n = min(self.cfg.exclude_nearest, self.cfg.K)
+        if n <= 0:
+            return same
+        sim = k.float() @ self.queue  # NxK, before this batch is enqueued
+        if same is not None:
+            sim = sim.masked_fill(same, float("-inf"))  # own-image keys are out already
+        near = torch.zeros_like(sim, dtype=torch.bool)
+        near.scatter_(1, sim.topk(n, dim=1).indices, True)
+        return near if same is None else near | same
+
+    @torch.no_grad()
     def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
         """Key features of a shuffled batch, so that BatchNorm groups differ from the queries'."""
         if distributed():
@@ -179,14 +200,15 @@ class MoCo(nn.Module):
         self.momentum_update()
         q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
         k = self._keys(im_k)  # NxC
-        queue, same = self.queue.clone().detach(), self._same_image(ids)
+        queue, same = self.queue.clone().detach(), self._not_negatives(k, ids)
         logits, labels = moco_logits(q, k, queue, self.cfg.T, exclude=same)
         loss = info_nce(logits, labels)
         keys, key_ids, views = k, ids, 1
         if self.cfg.symmetric:  # swap the roles of the two views and average
             q2 = F.normalize(self.encoder_q(im_k), dim=1)
             k2 = self._keys(im_q)
-            loss = loss + info_nce(*moco_logits(q2, k2, queue, self.cfg.T, exclude=same))
+            same2 = same if not self.cfg.exclude_nearest else self._not_negatives(k2, ids)
+            loss = loss + info_nce(*moco_logits(q2, k2, queue, self.cfg.T, exclude=same2))
             keys = torch.cat([k, k2])
             key_ids = None if ids is None else torch.cat([ids, ids])
             views = 2

@@ -142,6 +142,8 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
         raise ValueError(
             "--local-crops needs --mechanism moco and the batched augmentation (not --augment pil)"
         )
+    if cfg.exclude_nearest < 0 or (cfg.exclude_nearest and cfg.mechanism != "moco"):
+        raise ValueError("--exclude-nearest must be >= 0 and needs --mechanism moco (a queue)")
     if num_images == 0:
         raise ValueError(
             f"No images found in {cfg.data} (looked for jpg, png, webp, bmp, tif, gif)"

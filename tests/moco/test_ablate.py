@@ -83,6 +83,17 @@ def test_a_two_by_two_grid_writes_its_table_and_plot(emoji_dir: Path, tmp_path: 
     assert (out / "ablation.png").stat().st_size > 5000
 
 
+def test_queue_only_options_are_refused_before_any_cell_runs(
+    emoji_dir: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "grid"
+    rc = launch.main(grid_args(emoji_dir, out, "--exclude-nearest", "2", "--local-crops", "2"))
+    assert rc != 0 and not (out / "cells").exists()
+    err = capsys.readouterr().err
+    assert "--local-crops and --exclude-nearest apply to MoCo's queue only" in err
+    assert "Traceback" not in err
+
+
 def test_an_interrupted_grid_resumes_without_rerunning_finished_cells(
     emoji_dir: Path, tmp_path: Path
 ) -> None:

@@ -236,3 +236,50 @@ def test_local_crops_are_queries_against_their_images_key_by_hand() -> None:
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert logits.shape == (4, 17)  # accuracy stays that of the two global views
     assert int(model.queue_ptr) == 4  # only the global keys are enqueued
+
+
+def test_exclude_nearest_leaves_the_keys_nearest_the_positive_out_of_the_negatives() -> None:
+    """Reference by hand: the n queued keys most similar to each query's key, its own image's
+    older keys aside, are dropped from the softmax; everything else is the plain InfoNCE."""
+    n = 3
+    model = tiny(K=16, m=1.0, exclude_nearest=n).eval()  # eval: a key ignores its batch
+    ref = tiny(K=16, m=1.0).eval()
+    ref.load_state_dict(model.state_dict())
+    x, ids = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        k = F.normalize(ref.encoder_k(x), dim=1)
+        q = F.normalize(ref.encoder_q(x), dim=1)
+    others = F.normalize(torch.randn(12, 4), dim=1)
+    for m in (model, ref):  # the queue: old keys of images 0-3, then 12 others
+        m.queue_ptr.zero_()
+        m.enqueue(k, ids)
+        m.enqueue(others, torch.arange(10, 22))
+    queue, queue_ids = ref.queue.clone(), ref.queue_ids.clone()
+    loss, logits, _ = model(x, x, ids)
+
+    sim = (k @ queue).masked_fill(queue_ids[None] == ids[:, None], float("-inf"))
+    nearest = sim.topk(n, dim=1).indices
+    expected = []
+    for i in range(4):
+        keep = [j for j in range(16) if queue_ids[j] != ids[i] and j not in nearest[i]]
+        row = torch.cat([(q[i] * k[i]).sum().view(1), q[i] @ queue[:, keep]]) / ref.cfg.T
+        expected.append(-torch.log_softmax(row, dim=0)[0])
+    assert len(keep) == 16 - 1 - n
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    assert torch.isinf(logits[:, 1:]).sum(1).tolist() == [1 + n] * 4
+    # Without the option the same step keeps them: the loss differs.
+    plain, _, _ = ref(x, x, ids)
+    assert plain.item() != pytest.approx(loss.item(), rel=1e-3)
+
+
+def test_exclude_nearest_is_refused_without_a_queue_or_below_zero() -> None:
+    from moco.config import TrainConfig
+    from moco.recipe import check_config
+
+    def cfg(**kw: object) -> TrainConfig:
+        return TrainConfig(data="d", out="o", batch_size=4, moco_k=10, moco_m=0.99, **kw)
+
+    check_config(cfg(exclude_nearest=2), num_images=100)
+    for bad in (dict(exclude_nearest=-1), dict(exclude_nearest=2, mechanism="memory-bank")):
+        with pytest.raises(ValueError, match="--exclude-nearest"):
+            check_config(cfg(**bad), num_images=100)
