@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from moco.checkpoint import LAST
-from moco.config import MECHANISMS, TrainConfig
+from moco.config import MECHANISMS, TrainConfig, queue_only_flags
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,6 @@ def grid(
         if not (mech == "end-to-end" and k > num_images)  # the batch is the dictionary
     ]
     return cells + [Cell("moco", momentum_k, m) for m in momenta]
-
-
-QUEUE_ONLY = ("local_crops", "exclude_nearest")
-"""Recipe options that only MoCo's queue supports (``moco.recipe.check_config`` refuses them
-for the other mechanisms)."""
 
 
 def cell_config(base: TrainConfig, cell: Cell, out: Path) -> TrainConfig:
@@ -231,7 +226,7 @@ def ablate(
     """
     from moco.data import list_images
 
-    queue_only = [f"--{f.replace('_', '-')}" for f in QUEUE_ONLY if getattr(base, f)]
+    queue_only = queue_only_flags(base)
     if queue_only and set(mechanisms) - {"moco"}:
         # Refused before the first cell rather than at the first cell of another mechanism.
         raise ValueError(

@@ -24,6 +24,15 @@ ADAPT_HELP = (
 MECHANISMS = ("moco", "end-to-end", "memory-bank")
 """Where a query's keys come from (``--mechanism``; moco.mechanisms, docs/mechanisms.md)."""
 
+QUEUE_ONLY = ("local_crops", "exclude_nearest")
+"""Options only MoCo's queue of keys supports: refused with the other mechanisms."""
+
+
+def queue_only_flags(cfg: Any) -> list[str]:
+    """The ``QUEUE_ONLY`` options that ``cfg`` turns on, as their flags."""
+    return [f"--{name.replace('_', '-')}" for name in QUEUE_ONLY if getattr(cfg, name)]
+
+
 KNN_K, KNN_T = 200, 0.1
 """The weighted kNN classifier's neighbours and temperature (the official CIFAR demo's), for the
 pretraining monitor, ``eval``, the probe commands and the UI alike."""

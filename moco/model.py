@@ -207,7 +207,7 @@ class MoCo(nn.Module):
         if self.cfg.symmetric:  # swap the roles of the two views and average
             q2 = F.normalize(self.encoder_q(im_k), dim=1)
             k2 = self._keys(im_q)
-            same2 = same if not self.cfg.exclude_nearest else self._not_negatives(k2, ids)
+            same2 = self._not_negatives(k2, ids)  # the nearest keys depend on the key
             loss = loss + info_nce(*moco_logits(q2, k2, queue, self.cfg.T, exclude=same2))
             keys = torch.cat([k, k2])
             key_ids = None if ids is None else torch.cat([ids, ids])

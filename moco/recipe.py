@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from moco.config import MECHANISMS
+from moco.config import MECHANISMS, queue_only_flags
 from moco.encoders import check_arch
 from moco.schedule import steps_in_budget
 
@@ -138,12 +138,13 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0 (0: off)")
     if cfg.local_crops < 0 or (cfg.local_size is not None and cfg.local_size < 8):
         raise ValueError("--local-crops must be >= 0 and --local-size >= 8")
-    if cfg.local_crops and (cfg.mechanism != "moco" or cfg.augment == "pil"):
-        raise ValueError(
-            "--local-crops needs --mechanism moco and the batched augmentation (not --augment pil)"
-        )
-    if cfg.exclude_nearest < 0 or (cfg.exclude_nearest and cfg.mechanism != "moco"):
-        raise ValueError("--exclude-nearest must be >= 0 and needs --mechanism moco (a queue)")
+    if cfg.exclude_nearest < 0:
+        raise ValueError("--exclude-nearest must be >= 0 (0: off)")
+    if (flags := queue_only_flags(cfg)) and cfg.mechanism != "moco":
+        need = "needs" if len(flags) == 1 else "need"
+        raise ValueError(f"{' and '.join(flags)} {need} --mechanism moco (a queue of keys)")
+    if cfg.local_crops and cfg.augment == "pil":
+        raise ValueError("--local-crops needs the batched augmentation (not --augment pil)")
     if num_images == 0:
         raise ValueError(
             f"No images found in {cfg.data} (looked for jpg, png, webp, bmp, tif, gif)"
