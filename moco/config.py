@@ -54,7 +54,7 @@ class TrainConfig:
     minutes: float = 0.0  # > 0: train for this long; the epochs are then chosen by the run
     batch_size: int | None = None  # None: 128 on CPU, 256 on GPU (at most images / 8)
     lr: float | None = None  # None: moco.recipe.LR_PER_256 * batch_size / 256
-    weight_decay: float = 1e-4
+    weight_decay: float | None = None  # None: 5e-4 on images <= 96 px, else the paper's 1e-4
     warmup_epochs: float | None = None  # None: 0, or 5% of the run with --minutes
     moco_dim: int = 128
     moco_k: int | None = None  # None: a tenth of the images

@@ -70,6 +70,18 @@ def test_small_images_train_at_the_official_cifar_temperature() -> None:
     assert temperature(resume=True, moco_t=0.1) == 0.1  # a newer run saved its value
 
 
+def test_small_images_train_with_the_official_cifar_weight_decay() -> None:
+    """5e-4 on images of at most 96 px, the paper's 1e-4 above; what the user sets is kept."""
+
+    def decay(device: str = "cpu", **kw: object) -> float:
+        cfg = auto_config(TrainConfig(data="d", out="o", **kw), num_images=8809, device_type=device)
+        return cfg.weight_decay
+
+    assert decay() == 5e-4 and decay(image_size=96) == 5e-4 and decay("cuda", image_size=32) == 5e-4
+    assert decay("cuda") == 1e-4 and decay(image_size=128) == 1e-4
+    assert decay(weight_decay=1e-4) == 1e-4 and decay("cuda", weight_decay=0.0) == 0.0
+
+
 def test_encoders_embed_at_their_training_size_unless_told() -> None:
     def embed(**kw: object) -> int:
         cfg = auto_config(TrainConfig(data="d", out="o", **kw), num_images=8809, device_type="cpu")
