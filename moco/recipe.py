@@ -39,8 +39,8 @@ CROP_MIN, COLOR = 0.2, 1.0
 # every checkpoint of two 15-minute pairs (two seeds) and by 2.9 points after 5 minutes;
 # kNN and probe level (docs/pretraining.md). Larger images keep the paper's 0.2 (unmeasured).
 SMALL_IMAGE_T, SMALL_IMAGE_MAX = 0.1, 96
-# SGD weight decay: 5e-4 on small images, the official CIFAR demo's (and CIFAR recipes' at
-# large); the paper's ImageNet 1e-4 above. On emoji at 32 px, at equal work (15 epochs, two
+# SGD weight decay: 5e-4 on small images, the official CIFAR demo's (and most CIFAR recipes');
+# the paper's ImageNet 1e-4 above. On emoji at 32 px, at equal work (15 epochs, two
 # seeds), 5e-4 found the same emoji across vendors more often, kNN and probe level or ahead
 # (docs/pretraining.md). With BatchNorm, decay shrinks the weights and so raises the
 # effective step size as the run goes: a short run learns faster.
