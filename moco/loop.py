@@ -72,9 +72,12 @@ def plan(state: TrainState, done: int) -> None:
     before = sched.total_steps
     sched.total_steps = max(state.budget.plan(done, sched.steps_per_epoch), done + 1)
     if first:
-        wanted = cfg.warmup_epochs
-        warmup = wanted * sched.steps_per_epoch if wanted is not None else None
-        sched.warmup_steps = round(warmup or WARMUP_FRACTION * sched.total_steps)
+        wanted = cfg.warmup_epochs  # None: a share of the run; 0 (as given): none
+        sched.warmup_steps = round(
+            wanted * sched.steps_per_epoch
+            if wanted is not None
+            else WARMUP_FRACTION * sched.total_steps
+        )
     state.cfg = state.runlog.cfg = dataclasses.replace(
         cfg, epochs=sched.epochs, total_steps=sched.total_steps
     )

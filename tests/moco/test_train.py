@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -366,6 +367,22 @@ def test_minutes_stops_on_its_own_and_logs_the_epochs_it_chose(
     rows = read_log(run)
     assert rows[-1]["planned_epochs"] == pytest.approx(chosen["total_steps"] / 4)
     assert "stopped after" in caplog.text
+    warmup = re.search(r"\(warm-up (\d+), then cosine", caplog.text)
+    assert warmup and int(warmup.group(1)) > 0  # unset: a share of the run
+
+
+def test_minutes_keeps_a_warmup_of_zero_when_given(
+    emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``--warmup-epochs 0`` means none, with ``--minutes`` too (it once read as unset)."""
+    caplog.set_level("INFO")
+    run = tmp_path / "run"
+    cfg = tiny_cfg(emoji_dir, run, minutes=0.2, epochs=10_000, warmup_epochs=0.0)
+    train(replace(cfg, deterministic=False))
+    assert "(warm-up 0, then cosine" in caplog.text
+    # long enough that the default's 5% would be a warm-up of at least one step
+    assert json.loads((run / "config.json").read_text())["total_steps"] >= 20
+    assert read_log(run)[0]["lr"] > 0.5 * 0.03  # near the base lr from the first steps
 
 
 def test_untrained_baseline_is_logged_and_is_a_real_measurement(
