@@ -145,6 +145,8 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
     for flag in ("minutes", "save_minutes", "save_every", "max_steps"):
         if getattr(cfg, flag) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0 (0: off)")
+    if cfg.warmup_epochs is not None and cfg.warmup_epochs < 0:
+        raise ValueError("--warmup-epochs must be >= 0 (0: none)")
     if cfg.local_crops < 0 or (cfg.local_size is not None and cfg.local_size < 8):
         raise ValueError("--local-crops must be >= 0 and --local-size >= 8")
     if cfg.exclude_nearest < 0:

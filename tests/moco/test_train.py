@@ -203,6 +203,9 @@ def test_small_data_checks(
         check_config(replace(cfg, save_minutes=-1), 32)
     with pytest.raises(ValueError, match="--minutes must be >= 0"):
         check_config(replace(cfg, minutes=-0.5), 32)
+    with pytest.raises(ValueError, match="--warmup-epochs must be >= 0"):
+        check_config(replace(cfg, warmup_epochs=-1.0), 32)
+    assert check_config(replace(cfg, warmup_epochs=0.0), 32).warmup_epochs == 0.0
 
 
 def test_cli_errors_are_one_line(
