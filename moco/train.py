@@ -151,8 +151,8 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
     warmup = round((cfg.warmup_epochs or 0.0) * steps_per_epoch)
     if budget is not None:  # provisional, until the first steps have been timed
         total = max(total, 1000)
-        if cfg.warmup_epochs is None:
-            warmup = max(warmup, 4 * budget.measure_steps)
+        if cfg.warmup_epochs is None:  # a given one, 0 included, is kept
+            warmup = 4 * budget.measure_steps
     schedule = Schedule(steps_per_epoch, total, warmup)
 
     # The bar to clear: the network before its first step (on resume: as first measured).
