@@ -164,13 +164,11 @@ def step_budget(cfg: Any, steps: int, batch: int, images: int) -> dict[str, Any]
     """The fields that make ``cfg`` (``batch`` images a step, ``images`` to train on) a run of
     ``steps`` steps shaped as a ``--minutes`` run: its cosine ends at the last step, its warm-up
     is the recipe's (else ``--minutes``' 5%), and about ten checkpoints fall along it."""
-    from moco.recipe import WARMUP_FRACTION
+    from moco.recipe import warmup_epochs
 
     per_epoch = max(images // batch, 1)
     epochs = -(-steps // per_epoch)
-    warmup = cfg.warmup_epochs
-    if warmup is None:
-        warmup = WARMUP_FRACTION * steps / per_epoch
+    warmup = warmup_epochs(cfg.warmup_epochs, steps, per_epoch)
     return dict(
         total_steps=steps, epochs=epochs, warmup_epochs=warmup, save_every=max(epochs // 10, 1)
     )

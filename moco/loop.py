@@ -24,7 +24,7 @@ from moco.distributed import world_size
 from moco.loss import topk_accuracy
 from moco.mechanisms import Model
 from moco.model import MoCo
-from moco.recipe import WARMUP_FRACTION, Budget
+from moco.recipe import Budget, warmup_epochs
 from moco.schedule import Schedule
 from moco.trainlog import RunLog
 from moco.trainset import batches
@@ -72,12 +72,8 @@ def plan(state: TrainState, done: int) -> None:
     before = sched.total_steps
     sched.total_steps = max(state.budget.plan(done, sched.steps_per_epoch), done + 1)
     if first:
-        wanted = cfg.warmup_epochs  # None: a share of the run; 0 (as given): none
-        sched.warmup_steps = round(
-            wanted * sched.steps_per_epoch
-            if wanted is not None
-            else WARMUP_FRACTION * sched.total_steps
-        )
+        epochs = warmup_epochs(cfg.warmup_epochs, sched.total_steps, sched.steps_per_epoch)
+        sched.warmup_steps = round(epochs * sched.steps_per_epoch)
     state.cfg = state.runlog.cfg = dataclasses.replace(
         cfg, epochs=sched.epochs, total_steps=sched.total_steps
     )

@@ -243,6 +243,18 @@ def adapted_line(cfg: Any, changes: dict[str, Any]) -> str:
     )
 
 
+def warmup_epochs(given: float | None, total_steps: int, steps_per_epoch: int) -> float:
+    """The lr warm-up of a run of ``total_steps``, in epochs: ``given`` when the user gave one
+    (0: none, as the official recipe has), else ``WARMUP_FRACTION`` of the run. One rule for
+    ``--minutes`` and the benchmark's ``--steps`` runs, so the two train alike.
+
+    Examples:
+        >>> warmup_epochs(None, 1000, 10), warmup_epochs(0.0, 1000, 10)
+        (5.0, 0.0)
+    """
+    return given if given is not None else WARMUP_FRACTION * total_steps / steps_per_epoch
+
+
 @dataclass
 class Budget:
     """A wall-clock budget: measure the pace of the first steps, plan the steps that fit.
