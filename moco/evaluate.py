@@ -254,8 +254,15 @@ def evaluate(
     train_dir: str | os.PathLike,
     val_dir: str | os.PathLike,
     cfg: EvalConfig | None = None,
+    *,
+    outcomes: bool = False,
 ) -> dict[str, Any]:
     """All metrics of one encoder (or baseline spec, see ``load_featurizer``) as a flat dict.
+
+    ``outcomes`` adds each validation image's result (kNN and probe right, nearest training
+    image of its class) under ``"outcomes"``, so that two encoders can be compared query by
+    query (``bench/paired.py``): on a few hundred images their difference is often inside
+    each one's own interval and yet consistent across the queries they disagree on.
 
     Examples:
         >>> r = evaluate("models/demo", "data/train", "data/val")  # doctest: +SKIP
@@ -314,7 +321,7 @@ def evaluate(
         batch_size=cfg.batch_size,
         device=cfg.device,
     )
-    return {
+    row: dict[str, Any] = {
         "encoder": name,
         "spec": str(encoder),
         "arch": enc.arch,
@@ -339,6 +346,14 @@ def evaluate(
         "seconds": round(time.perf_counter() - t0, 2),
         "probe_config": dataclasses.asdict(pcfg),
     }
+    if outcomes:
+        row["outcomes"] = {
+            "val": [str(va_paths[i]) for i in va_kept],
+            "knn": (knn.argmax(1) == va_y).tolist(),
+            "probe": (probe_scores.argmax(1) == va_y).tolist(),
+            "recall@1": (tr_y[sim.argmax(1)] == va_y).tolist(),
+        }
+    return row
 
 
 def fit_baseline(

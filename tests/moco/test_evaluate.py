@@ -231,3 +231,19 @@ def test_retrieval_metrics_by_hand() -> None:
     assert m["recall@1"] == 50.0 and m["recall@2"] == 50.0 and m["recall@3"] == 100.0
     # AP@3 = sum P@i rel_i / min(3, R): q0: (1/1)/2 = 0.5; q1: (1/3)/2 = 1/6
     assert m["mAP@3"] == pytest.approx(100 * (0.5 + 1 / 6) / 2)
+
+
+def test_outcomes_are_the_metrics_query_by_query(tmp_path: Path) -> None:
+    make_tree(tmp_path / "train", per_class=4, seed=0)
+    make_tree(tmp_path / "val", per_class=2, seed=1)
+    mislabelled = tmp_path / "val" / "class1" / "red.png"  # a class0 (red) image filed as class1
+    mislabelled.write_bytes((tmp_path / "train" / "class0" / "0.png").read_bytes())
+    r = evaluate("pixels", tmp_path / "train", tmp_path / "val", FAST, outcomes=True)
+    out = r["outcomes"]
+    assert len(out["val"]) == r["n_val"] == 7
+    wrong = [Path(p).name for p, ok in zip(out["val"], out["recall@1"], strict=True) if not ok]
+    assert wrong == ["red.png"]  # the only query whose nearest image is of another class
+    for key, metric in (("knn", "knn_top1"), ("probe", "probe_top1"), ("recall@1", "recall@1")):
+        assert len(out[key]) == r["n_val"] and sum(out[key]) == 6, key
+        assert 100.0 * sum(out[key]) / len(out[key]) == pytest.approx(r[metric]), key
+    assert "outcomes" not in evaluate("pixels", tmp_path / "train", tmp_path / "val", FAST)
