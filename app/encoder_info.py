@@ -49,7 +49,7 @@ def encoder_markdown(ctx: AppContext) -> str:
     if log:
         last = log[-1]
         lines.append(
-            f"- pretraining: {len(log)} epochs logged; last loss "
+            f"- pretraining: {epoch_numbers(log)[-1]} epochs; last loss "
             f"{last.get('loss', float('nan')):.4f}"
             + (f", kNN top-1 {last['knn_top1']:.1f}%" if "knn_top1" in last else "")
         )

@@ -37,7 +37,7 @@ from moco.encoders import (
     with_pooling,
 )
 from moco.files import atomic_file, file_hash
-from moco.trainlog import read_log
+from moco.trainlog import read_log, thin_log
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 log = logging.getLogger(__name__)
@@ -387,5 +387,5 @@ def _training_summary(checkpoint: str | os.PathLike) -> dict[str, Any]:
     if (run / "config.json").is_file():
         summary["config"] = json.loads((run / "config.json").read_text())
     if (run / "log.jsonl").is_file():
-        summary["log"] = read_log(run)
+        summary["log"] = thin_log(read_log(run))
     return summary

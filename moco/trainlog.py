@@ -157,6 +157,34 @@ def read_log(run: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
+LOG_ROWS = 200
+"""Epochs an exported encoder's log keeps: enough for its curves. A long run on few images logs
+thousands (the demo encoder's 100 minutes on 1,274 images: 2,189, an 870 KB config.json)."""
+
+
+def thin_log(rows: list[dict[str, Any]], keep: int = LOG_ROWS) -> list[dict[str, Any]]:
+    """At most ``keep`` of ``rows`` in order: the first and the last, up to half of them the
+    epochs that ran the monitors (kNN, augmented copies), the rest evenly spaced.
+
+    Examples:
+        >>> [r["epoch"] for r in thin_log([{"epoch": e} for e in range(1, 11)], keep=4)]
+        [1, 4, 7, 10]
+    """
+    if len(rows) <= keep:
+        return rows
+
+    def spaced(idx: list[int], n: int) -> list[int]:
+        if len(idx) <= n:
+            return idx
+        return [idx[round(i * (len(idx) - 1) / max(n - 1, 1))] for i in range(n)]
+
+    monitored = spaced(
+        [i for i, r in enumerate(rows) if "knn_top1" in r or "view_recall" in r], keep // 2
+    )
+    chosen = set(monitored) | set(spaced(list(range(len(rows))), keep - len(monitored)))
+    return [rows[i] for i in sorted(chosen)]
+
+
 def epoch_numbers(rows: list[dict[str, Any]]) -> list[int]:
     """Each ``log.jsonl`` row's epoch, counted from 1 as every message counts them.
 

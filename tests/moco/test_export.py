@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -46,6 +47,22 @@ def test_export_embeds_at_the_runs_embed_size_unless_told(tmp_path: Path) -> Non
     torch.save(ckpt, tmp_path / "ckpt.pt")
     assert export_encoder(tmp_path / "ckpt.pt", tmp_path / "a").image_size == 48
     assert export_encoder(tmp_path / "ckpt.pt", tmp_path / "b", image_size=32).image_size == 32
+
+
+def test_export_keeps_a_long_runs_log_thinned_with_its_monitored_epochs(tmp_path: Path) -> None:
+    our_checkpoint(tmp_path / "ckpt.pt")
+    rows = [
+        {"epoch": e, "loss": 5.0 / e} | ({"knn_top1": e / 30} if e % 10 == 0 else {})
+        for e in range(1, 2001)
+    ]  # a long --minutes run on few images: 2,000 epochs
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    export_encoder(tmp_path / "ckpt.pt", tmp_path / "enc")
+    log = json.loads((tmp_path / "enc" / "config.json").read_text())["training"]["log"]
+    epochs = [r["epoch"] for r in log]
+    assert 150 <= len(log) <= 200 and epochs == sorted(set(epochs)) and epochs[0] == 1
+    assert epochs[-1] == 2000 and log[-1] == rows[-1]  # the last epoch, whole
+    assert sum("knn_top1" in r for r in log) >= 100  # the monitor's curve survives
+    assert max(b - a for a, b in itertools.pairwise(epochs)) <= 25  # no long gap
 
 
 def test_export_round_trip_equals_the_query_encoder(tmp_path: Path) -> None:
