@@ -261,6 +261,10 @@ def fused(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     if fn not in _FUSED:
         if not _FUSED:  # the first batch waits for this: say why
             log.info("fused augmentation: compiling its stages (once per process, 5-10 s)")
+            if not torch.cuda.is_available():
+                # Inductor imports cpp_extension, which warns "No CUDA runtime is found" on
+                # every CPU machine: about CUDA extensions, which nothing here builds.
+                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         _FUSED[fn] = Fused(fn)
     return _FUSED[fn]
 
