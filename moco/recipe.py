@@ -272,6 +272,7 @@ class Budget:
     planned: bool = False
     replan_every: int = 25
     _planned_at: int = 0
+    _planned_gaps: int = 0
     _last: float | None = None
 
     def elapsed(self) -> float:
@@ -292,13 +293,17 @@ class Budget:
         return n >= self.measure_steps or (n >= 2 and self.elapsed() > 0.1 * self.seconds)
 
     def due(self, done_steps: int) -> bool:
-        """Time to plan: once measured, then again every ``replan_every`` steps.
+        """Time to plan: once measured, then again every ``replan_every`` steps, and as soon as
+        the first epoch boundary is timed if the plan before it guessed ``overhead`` (a short
+        run on a small folder crosses many boundaries: a wrong guess cut it short by a fifth).
 
         Re-planning follows a machine whose load changes (other jobs on a shared CPU); the
         cosine moves by the few percent the estimate changes, never back to the warm-up.
         """
         if not self.planned:
             return self.measured()
+        if self.gaps and not self._planned_gaps:  # the epoch overhead was a guess: measured now
+            return True
         return done_steps - self._planned_at >= self.replan_every
 
     def step_seconds(self) -> float:
@@ -311,7 +316,7 @@ class Budget:
 
         The time after the last step (a last monitor and checkpoint) costs one more overhead.
         """
-        self.planned, self._planned_at = True, done_steps
+        self.planned, self._planned_at, self._planned_gaps = True, done_steps, len(self.gaps)
         step = self.step_seconds()
         if self.gaps:
             self.overhead = max(sorted(self.gaps)[len(self.gaps) // 2] - step, 0.0)

@@ -40,6 +40,20 @@ def test_budget_plans_from_the_median_step() -> None:
     assert total == pytest.approx(5 + (1e6 - 2.0) / 1.02, rel=1e-3)
 
 
+def test_budget_replans_once_the_first_epoch_boundary_is_timed() -> None:
+    """The first plan guesses 2 s an epoch boundary; the first one timed re-plans at once (a
+    tiny run crosses one every few steps, and waiting 25 steps once cut it short by a fifth)."""
+    b = Budget(seconds=100.0)
+    b.step_times = [1.0] * 10
+    assert b.due(10)
+    guessed = b.plan(done_steps=10, steps_per_epoch=4)
+    assert not b.due(11)
+    b.gaps.append(1.1)  # a boundary timed: 0.1 s more than a step, not 2 s
+    assert b.due(12)
+    assert b.plan(done_steps=12, steps_per_epoch=4) > guessed
+    assert not b.due(13) and not b.due(36) and b.due(37)
+
+
 def test_auto_config_fits_the_data_and_the_device() -> None:
     cfg = auto_config(TrainConfig(data="d", out="o"), num_images=8809, device_type="cpu")
     assert (cfg.image_size, cfg.small_stem, cfg.batch_size) == (32, False, 128)
