@@ -261,6 +261,27 @@ def test_encoder_info(ctx: Any) -> None:
     assert json.loads(encoder_info.config_json(ctx))["encoder"]["arch"] == "resnet18"
 
 
+def test_encoder_info_counts_epochs_from_a_thinned_log(ctx: Any, tmp_path: Path) -> None:
+    """An export keeps a long run's log thinned (``moco.trainlog.thin_log``): the tab counts
+    the run's epochs from the last row's epoch, not from the rows kept."""
+    import shutil
+    from types import SimpleNamespace
+
+    enc = dict(ctx.collection.manifest["encoder"])
+    trained = shutil.copytree(enc["path"], tmp_path / "enc")
+    config = json.loads((trained / "config.json").read_text())
+    log = [{"epoch": e, "loss": 7.0 - e / 1000} for e in (1, 10, 500, 2000)]
+    config["training"] = {"log": [*log, {"epoch": 2189, "loss": 4.5, "knn_top1": 68.1}]}
+    (trained / "config.json").write_text(json.dumps(config))
+    view = SimpleNamespace(
+        collection=SimpleNamespace(manifest={"encoder": {**enc, "path": trained}})
+    )
+    text = encoder_info.encoder_markdown(view)
+    assert "pretraining: 2189 epochs; last loss 4.5000, kNN top-1 68.1%" in text
+    curve = encoder_info.loss_curve(view)
+    assert list(curve["epoch"]) == [1, 10, 500, 2000, 2189]
+
+
 def test_index_update_in_background_while_searching(
     encoder_dir: Path, tmp_path: Path, tree: Any
 ) -> None:
