@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from moco.augment import IMAGENET_MEAN, IMAGENET_STD, _blur_kernel
+from moco.compiling import quiet_cuda_extension_warning
 
 log = logging.getLogger(__name__)
 
@@ -261,10 +262,7 @@ def fused(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     if fn not in _FUSED:
         if not _FUSED:  # the first batch waits for this: say why
             log.info("fused augmentation: compiling its stages (once per process, 5-10 s)")
-            if not torch.cuda.is_available():
-                # Inductor imports cpp_extension, which warns "No CUDA runtime is found" on
-                # every CPU machine: about CUDA extensions, which nothing here builds.
-                logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+            quiet_cuda_extension_warning()
         _FUSED[fn] = Fused(fn)
     return _FUSED[fn]
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moco.batchnorm import split_batchnorm
+from moco.compiling import quiet_cuda_extension_warning
 from moco.distributed import concat_all_gather, distributed
 from moco.encoders import build_encoder, feature_dim
 from moco.loss import info_nce, moco_logits
@@ -83,6 +84,7 @@ def compile_encoders(model: nn.Module) -> None:
     at the first backward: inductor drops the queue's defensive clone, so the enqueue at the end
     of ``forward`` overwrites, in place, the tensor the negatives' gradient needs.
     """
+    quiet_cuda_extension_warning()
     for name in ("encoder_q", "encoder_k"):
         encoder = getattr(model, name, None)
         if isinstance(encoder, nn.Module):

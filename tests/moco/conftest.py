@@ -22,3 +22,23 @@ def emoji_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for src in sorted((DEMO / label).glob("*.webp"))[:8]:
             shutil.copy(src, out / label / src.name)
     return out
+
+
+def fresh_compile_stderr(code: str) -> str:
+    """The stderr of ``code`` run in a fresh Python with an empty inductor cache.
+
+    Torch prints some warnings once per process, and only on the way to a first compile: a
+    warm cache would skip the code path a test is about.
+    """
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+        run = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+        )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stderr

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from moco.batchnorm import SplitBatchNorm
 from moco.model import MoCo, ModelConfig
+from tests.moco.conftest import fresh_compile_stderr
 
 torch.set_num_threads(1)
 
@@ -283,3 +284,16 @@ def test_exclude_nearest_is_refused_without_a_queue_or_below_zero() -> None:
     for bad in (dict(exclude_nearest=-1), dict(exclude_nearest=2, mechanism="memory-bank")):
         with pytest.raises(ValueError, match="--exclude-nearest"):
             check_config(cfg(**bad), num_images=100)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning is about a missing CUDA")
+def test_compile_encoders_on_cpu_does_not_warn_about_cuda() -> None:
+    """``--compile`` on a CPU: no "No CUDA runtime is found" (torch warns once per process)."""
+    code = (
+        "import torch; from torch import nn; from moco.model import compile_encoders\n"
+        "m = nn.Module(); m.encoder_q = nn.Linear(4, 2); m.encoder_k = nn.Linear(4, 2)\n"
+        "compile_encoders(m)\n"
+        "m.encoder_q(torch.ones(3, 4)).sum().backward()  # a training step compiles\n"
+        "assert m.encoder_q.weight.grad is not None"
+    )
+    assert "No CUDA runtime" not in fresh_compile_stderr(code)
