@@ -238,9 +238,7 @@ class Fused:
 
     def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
         self.fn, self.failed = fn, False
-        # One thread: on CPU the views are made beside the step, whose threads hold the cores;
-        # more would only oversubscribe them.
-        self.compiled = torch.compile(fn, options={"cpp.threads": 1})
+        self.compiled = torch.compile(fn)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor:
         if not self.failed:
