@@ -394,6 +394,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="end-to-end steps timed, split over the rounds (default 24; GPU 40)",
     )
+    ap.add_argument(
+        "--e2e-rounds",
+        type=int,
+        default=0,
+        help="end-to-end rounds, each against compute-only (default 3; GPU 1: a lent GPU's "
+        "minutes are few, and after each pause PIL's 8 workers refill 16 untimed batches)",
+    )
     ap.add_argument("--results", default=str(RESULTS), help=f"JSON folder (default: {RESULTS})")
     ap.add_argument(
         "--settings",
@@ -430,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.quick else 3)
     steps = args.steps or (1 if args.quick else 10 if gpu else 2)
     e2e_steps = args.e2e_steps or (3 if args.quick else 40 if gpu else 24)
+    e2e_rounds = args.e2e_rounds or (1 if args.quick or gpu else 3)
     workers = args.workers or (8 if gpu else 2)
     compile_ok = not args.no_compile and not (args.quick and not gpu)
     notes: list[str] = []
@@ -444,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_avg_1min_start": load,
         "K": K,
         "rounds": rounds,
+        "e2e_rounds": e2e_rounds,
         "steps_per_round": steps,
     }
     rows: list[dict[str, Any]] = []
@@ -491,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             name = r.variant.name + (" (default)" if r is default else "")
             print(f"  {name:38s} {batch / t:8.1f} {1000 * t:9.0f} {naive / t:8.2f}x{comp}")
         for augment in ("pil", "batch", "fused"):
-            e2e = end_to_end(default, size, batch, e2e_steps, workers, device, augment, rounds)
+            e2e = end_to_end(default, size, batch, e2e_steps, workers, device, augment, e2e_rounds)
             e2e_rows.append({"size": size, "batch": batch, **e2e})
             print(
                 f"  end to end, --augment {augment} ({e2e['variant']}, {e2e['workers']} "
