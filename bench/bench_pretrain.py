@@ -14,6 +14,9 @@ Prints tables and writes JSON to bench/results/bench_pretrain_<timestamp>.json.
    step, in rounds interleaved with that step on pre-made tensors; the median round's ratio.
    Goal: >= 0.95x of compute only.
 
+Each row also gives TFLOP/s (the step's FLOPs counted once by ``FlopCounterMode``) and, on a GPU
+whose dense bf16 peak is in ``PEAK_BF16``, MFU: the share of that peak the step sustains.
+
 Examples:
     python bench/bench_pretrain.py --quick
     python bench/bench_pretrain.py                  # CPU: 64 px batch 64, 224 px batch 32
@@ -72,6 +75,47 @@ class Runner:
     fmt: torch.memory_format
     times: list[float] = field(default_factory=list)
     compile_s: float = 0.0
+
+
+# Dense bf16 tensor-core peaks (FLOP/s, the vendors' data sheets), most specific name first. MFU
+# is quoted against these whatever precision a variant runs in, as PaLM and nanoGPT quote it.
+PEAK_BF16 = {
+    "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak, or None (a CPU, an unlisted GPU): then no MFU is printed."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
+
+
+def step_flops(naive: Runner, size: int, batch: int, device: torch.device) -> float:
+    """FLOPs of one training step, counted by torch's ``FlopCounterMode`` on the naive step.
+
+    Every variant computes the same convolutions and matmuls (query forward and backward, key
+    forward, logits against the queue); split-BN, layouts and precision change their speed,
+    not their count. One more step of the naive model changes no timing.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = _inputs(batch, size, device, naive.fmt)
+    with FlopCounterMode(display=False) as counter:
+        naive.step(x[0], x[1])
+    return float(counter.get_total_flops())
+
+
+def _flops_columns(flops: float, seconds: float, peak: float | None) -> dict[str, float]:
+    tflops = flops / seconds / 1e12
+    return {"tflops": tflops, **({"mfu": tflops * 1e12 / peak} if peak else {})}
 
 
 def _sync(device: torch.device) -> None:
@@ -455,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
         "e2e_rounds": e2e_rounds,
         "steps_per_round": steps,
     }
+    peak = peak_flops(device)
+    if peak:
+        info["peak_bf16_flops"] = peak
     rows: list[dict[str, Any]] = []
     e2e_rows: list[dict[str, Any]] = []
     for size, batch in settings:
@@ -462,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
             variants_for(device, compile_ok), size, batch, rounds, steps, device, notes
         )
         naive = statistics.median(runners[0].times)
+        flops = step_flops(runners[0], size, batch, device)
         stem = "small stem" if size <= 96 and gpu else "ImageNet stem"
         print(
             f"\n{size} px, batch {batch} ({stem}),"
@@ -480,8 +528,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
             runners[-1],
         )
-        head = ("variant", "img/s", "ms/step", "vs naive", "compile s")
-        print("  {:38s} {:>8s} {:>9s} {:>9s} {:>10s}".format(*head))
+        head = ("variant", "img/s", "ms/step", "vs naive", "TFLOP/s", "MFU", "compile s")
+        print("  {:38s} {:>8s} {:>9s} {:>9s} {:>8s} {:>6s} {:>10s}".format(*head))
         for r in runners:
             t = statistics.median(r.times)
             row = {
@@ -494,20 +542,28 @@ def main(argv: list[str] | None = None) -> int:
                 "compile_s": round(r.compile_s, 1),
                 "round_ms": [round(1000 * x, 1) for x in r.times],
                 "default": r is default,
+                "flops_per_step": flops,
+                **_flops_columns(flops, t, peak),
             }
             rows.append(row)
-            comp = f"{r.compile_s:10.0f}" if r.variant.compile else ""
+            comp = f"{r.compile_s:11.0f}" if r.variant.compile else ""
             name = r.variant.name + (" (default)" if r is default else "")
-            print(f"  {name:38s} {batch / t:8.1f} {1000 * t:9.0f} {naive / t:8.2f}x{comp}")
+            mfu = f"{100 * row['mfu']:5.1f}%" if "mfu" in row else f"{'-':>6s}"
+            print(
+                f"  {name:38s} {batch / t:8.1f} {1000 * t:9.0f} {naive / t:8.2f}x"
+                f" {row['tflops']:8.2f} {mfu}{comp}"
+            )
         for augment in ("pil", "batch", "fused"):
             e2e = end_to_end(default, size, batch, e2e_steps, workers, device, augment, e2e_rounds)
+            e2e |= _flops_columns(flops, batch / e2e["e2e_img_s"], peak)
             e2e_rows.append({"size": size, "batch": batch, **e2e})
+            mfu = f", MFU {100 * e2e['mfu']:.1f}%" if "mfu" in e2e else ""
             print(
                 f"  end to end, --augment {augment} ({e2e['variant']}, {e2e['workers']} "
                 f"workers, cache decode {e2e['cache_decode_s']} s, first batch "
                 f"{e2e['first_batch_s']} s): {e2e['e2e_img_s']:.1f} img/s vs compute-only "
                 f"{e2e['compute_img_s']:.1f} img/s = {e2e['ratio']:.2f}x, median of rounds "
-                f"{e2e['round_ratios']} (goal >= 0.95x)"
+                f"{e2e['round_ratios']} (goal >= 0.95x); {e2e['tflops']:.2f} TFLOP/s{mfu}"
             )
         del runners
     info["load_avg_1min_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
