@@ -167,9 +167,9 @@ class StoreBatches:
         # The next batch's canvases are read in a thread while this one trains (page faults and
         # torch ops release the GIL); the views are drawn here, in the training thread, with all
         # of torch's threads. On a CPU, drawing them in the reader beside the step measured
-        # slower than taking turns (0.79x against 0.89x of the step alone at 64 px, 2 cores):
-        # the two threads' pools fight for the cores the step's pool holds. Each batch's draws
-        # depend on (seed, b) only.
+        # slower than taking turns (end to end 0.84x against 0.89x of the step alone at 64 px
+        # on 2 cores, docs/pretraining.md): the two threads' pools fight for the same cores.
+        # Each batch's draws depend on (seed, b) only.
         with ThreadPoolExecutor(max_workers=1) as reader:
             ahead = reader.submit(self._read, 0) if len(self) else None
             for b in range(len(self)):
