@@ -2,14 +2,15 @@
 
 The PIL pipeline (``moco.augment``) augments one image at a time in DataLoader workers; on 2 CPU
 cores at 32-64 px that costs as much as the model's step, and on a GPU it starves the device. Here
-a whole uint8 batch is augmented at once on the training device: random resized crop
-(``crop_resize``: ``roi_align``'s average over each output pixel's footprint, computed on CPU
-by ``grid_sample`` on finer grids), colour jitter, grayscale, Gaussian blur
-(a grouped separable convolution), flip and normalisation. The parameters are drawn as
-torchvision draws them (RandomResizedCrop's ten attempts and central fallback, ColorJitter's
-factor ranges, the same probabilities); the colour operations follow
-``torchvision.transforms.functional``'s tensor formulas. One difference: ColorJitter applies its
-four operations in a random order per image, here in one random order per batch.
+a whole uint8 batch is augmented at once on the training device: random resized crop and flip
+(``crop_resize``: torch's antialiased uint8 resize per image on CPU, ``roi_align`` over the
+batch elsewhere), colour jitter, grayscale and normalisation, then Gaussian blur (a grouped
+separable convolution; it commutes with the flip and the normalisation, so they come first,
+where they cost least). The parameters are drawn as torchvision draws them (RandomResizedCrop's
+ten attempts and central fallback, ColorJitter's factor ranges, the same probabilities); the
+colour operations follow ``torchvision.transforms.functional``'s tensor formulas. One
+difference: ColorJitter applies its four operations in a random order per image, here in one
+random order per batch.
 
 Images arrive padded into a square canvas with their true height and width (``ImageStore``), so
 images of any aspect ratio share a batch and each crop is drawn inside its own image.
@@ -85,40 +86,36 @@ def crop_boxes(
     return torch.stack([x, y, x + w, y + h], dim=1)
 
 
-def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Each uint8 image's box (x1, y1, x2, y2) resized to ``size`` x ``size``, as float.
+def crop_resize(
+    images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor
+) -> torch.Tensor:
+    """Each image's box (x1, y1, x2, y2) resized to ``size`` x ``size``, mirrored where ``flip``.
 
-    ``roi_align``'s values (pixel-centre aligned, adaptive sampling): each output pixel averages
-    ``ceil(box side / size)`` bilinear samples a side, so a box larger than the output is
-    filtered, not aliased, as torchvision's antialiased resize does. On CPU they are computed
-    vectorised: the boxes that share a sample count go through one ``grid_sample`` for each of
-    a pixel's sample positions, averaged: 4x faster than ``roi_align``'s loop over pixels at one
-    sample, 1.4x at 2 x 2, and the same values up to float rounding. Off the CPU,
-    ``roi_align`` does all (splitting the batch waits for the device; not measured there).
+    On CPU, torchvision's own ``resized_crop`` of a uint8 image (bilinear, antialiased, uint8
+    out), one call per image: its uint8 kernel beats any batched float resampling we measured
+    (``grid_sample`` on finer grids: 2x slower at 64 px, 4x at 224 px, with the float
+    conversion). Off the CPU a loop of small calls would wait on the launches, so ``roi_align``
+    does the whole batch (float out): each output pixel averages ``ceil(box side / size)``
+    bilinear samples a side, the same values where the box is upscaled and a box filter, not a
+    triangle, where it is shrunk. Flipping here, before the colour and the blur, draws the same
+    views as torchvision's flip after them: the colour operations are per pixel or over the whole
+    image, and the blur's kernel and reflect padding are symmetric.
     """
     if images.device.type != "cpu":
-        return _roi_align(images, boxes, size)
-    n, c, h, w = images.shape
-    x1, y1, x2, y2 = boxes.unbind(1)
-    samples = torch.stack([(y2 - y1) / size, (x2 - x1) / size], 1).ceil().clamp(min=1).long()
-    out = torch.empty(n, c, size, size)
-    p = torch.arange(size, dtype=torch.float32)
-    for sy, sx in samples.unique(dim=0).tolist():
-        idx = (samples == torch.tensor([sy, sx])).all(1).nonzero().squeeze(1)
-        src, bx1, by1 = images[idx].float(), x1[idx, None], y1[idx, None]
-        bw, bh = (x2 - x1)[idx, None] / size, (y2 - y1)[idx, None] / size
-        # pixel q (centre q + 0.5) is 2q / W - 1 in grid_sample's [-1, 1]
-        gxs = [(bx1 + (p + (ox + 0.5) / sx) * bw) * (2 / w) - 1 for ox in range(sx)]
-        acc = None
-        for oy in range(sy):  # one grid_sample per sample offset: pooling a finer grid is slower
-            gy = (by1 + (p + (oy + 0.5) / sy) * bh) * (2 / h) - 1
-            for gx in gxs:
-                grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
-                x = F.grid_sample(
-                    src, grid, mode="bilinear", padding_mode="border", align_corners=False
-                )
-                acc = x if acc is None else acc.add_(x)
-        out[idx] = acc / (sy * sx) if sy * sx > 1 else acc
+        x = _roi_align(images, boxes, size)
+        return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    out = torch.empty(len(boxes), images.shape[1], size, size, dtype=torch.uint8)
+    for i, ((x1, y1, x2, y2), mirror) in enumerate(
+        zip(boxes.long().tolist(), flip.tolist(), strict=True)
+    ):
+        crop = F.interpolate(
+            images[i : i + 1, :, y1:y2, x1:x2],
+            size=(size, size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )
+        out[i : i + 1] = crop.flip(3) if mirror else crop
     return out
 
 
@@ -126,7 +123,7 @@ def _roi_align(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Te
     index = torch.arange(len(boxes), device=boxes.device, dtype=boxes.dtype).view(-1, 1)
     rois = torch.cat([index, boxes], 1)
     return roi_align(
-        images.float(), rois, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True
+        images.float().contiguous(), rois, (size, size), 1.0, sampling_ratio=0, aligned=True
     )
 
 
@@ -161,6 +158,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     6h = d / c + 2i (i the first channel holding the max, d the difference of the other two in
     HSV's order), each output channel is v - c clamp(min(k, 4 - k), 0, 1) with
     k = (n + 6h + 6 factor) mod 6 for n = 5, 3, 1. A third of the round trip's tensor passes.
+    A zero factor returns ``x`` itself, not its round trip (which moves values by ~1e-7).
     """
     v, i = x.max(dim=1, keepdim=True)  # ties: the first channel, as torchvision's r, g, b order
     c = v - x.amin(dim=1, keepdim=True)
@@ -169,7 +167,8 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     h6 = d / torch.where(c > 0, c, torch.ones_like(c)) + 2.0 * i + 6.0 * factor.view(-1, 1, 1, 1)
     n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     k = torch.remainder(n + h6, 6.0)
-    return v - c * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    out = v - c * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
+    return torch.where(factor.view(-1, 1, 1, 1) == 0, x, out)  # ColorJitter's skipped images
 
 
 BLUR_TRUNCATE = 4.0
@@ -183,19 +182,25 @@ def gaussian_blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Te
 
     One depthwise convolution per direction over the batch folded into channels (N*3 groups,
     each image's own kernel): at 224 px (23 taps) 9x faster on CPU than summing shifted copies,
-    and two kernel launches on a GPU. Images are grouped by the taps their sigma needs (at most
-    ``kernel``, ``BLUR_TRUNCATE`` sigmas each side): at 224 px, with sigma uniform in 0.1-2, that
-    is 10 taps on average instead of 23. Within 2e-5 of torchvision's ``gaussian_blur``.
+    and two kernel launches on a GPU. Within 2e-5 of torchvision's ``gaussian_blur``.
+    """
+    return blur_where(x.clone(), torch.ones_like(sigma, dtype=torch.bool), kernel, sigma)
+
+
+def blur_where(x: torch.Tensor, on: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Tensor:
+    """``x`` with the images where ``on`` blurred in place (each with its ``sigma``).
+
+    Images are grouped by the taps their sigma needs (at most ``kernel``, ``BLUR_TRUNCATE``
+    sigmas each side): at 224 px, with sigma uniform in 0.1-2, that is 10 taps on average
+    instead of 23. Each group is read and written back by index, the others never copied.
     """
     half = (sigma * BLUR_TRUNCATE).ceil().clamp(1, kernel // 2).long()
-    levels = half.unique().tolist()
-    if len(levels) == 1:
-        return _blur(x, 2 * levels[0] + 1, sigma)
-    out = torch.empty_like(x)
-    for h in levels:
-        group = (half == h).nonzero().squeeze(1)
-        out[group] = _blur(x[group], 2 * h + 1, sigma[group])
-    return out
+    half = torch.where(on, half, 0)
+    for h in half.unique().tolist():
+        if h:
+            group = (half == h).nonzero().squeeze(1)
+            x.index_copy_(0, group, _blur(x.index_select(0, group), 2 * h + 1, sigma[group]))
+    return x
 
 
 def _blur(x: torch.Tensor, kernel: int, sigma: torch.Tensor) -> torch.Tensor:
@@ -215,21 +220,23 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return (x / 255.0).clamp(0.0, 1.0)
 
 
-def select(on: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``y`` for the images where ``on``, else ``x``."""
-    return torch.where(on.view(-1, 1, 1, 1), y, x)
-
-
 def gray_where(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
     """Grayscale (three equal channels) for the images where ``on``."""
-    return select(on, grayscale(x).expand_as(x), x)
+    return torch.where(on.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
 
 
-def flip_normalize(
-    x: torch.Tensor, flip: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (x - mean) / std
+
+
+def gray_normalize(
+    x: torch.Tensor, on: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
 ) -> torch.Tensor:
-    """Mirror the images where ``flip``, then normalise by channel."""
-    return (select(flip, x.flip(3), x) - mean) / std
+    """``gray_where`` then ``normalize``, in one pass.
+
+    v2 blurs after this: normalising first changes nothing, since the blur is linear, its kernel
+    sums to one and its padding reflects (up to float rounding)."""
+    return normalize(gray_where(x, on), mean, std)
 
 
 class Fused:
@@ -304,26 +311,23 @@ class BatchAugment:
 
         op = fused if self.fused else _eager
         boxes = crop_boxes(sizes, (self.crop_min, self.crop_max), (3 / 4, 4 / 3), generator)
-        x = op(to_unit)(crop_resize(images, boxes, s))
+        x = op(to_unit)(crop_resize(images, boxes, s, rand(n) < 0.5))
         c = self.color
         v1 = self.version == "v1"
         strength = (0.4 * c, 0.4 * c, 0.4 * c, min((0.4 if v1 else 0.1) * c, 0.5))
         gray_p = min(0.2 * c, 1.0)
+        mean = torch.tensor(self.mean, device=dev).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=dev).view(1, -1, 1, 1)
         if v1:  # v1: grayscale, then jitter always (torchvision's v1 order)
             x = op(gray_where)(x, rand(n) < gray_p)
             every = torch.ones(n, dtype=torch.bool, device=dev)
-            x = self._jitter(x, strength, every, rand, generator, op)
-        else:
-            x = self._jitter(x, strength, rand(n) < 0.8, rand, generator, op)
-            x = op(gray_where)(x, rand(n) < gray_p)
-            if self.blur:
-                sigma = 0.1 + 1.9 * rand(n)
-                on = rand(n) < 0.5  # only those images are blurred
-                if on.any():
-                    x = x.index_put((on,), gaussian_blur(x[on], _blur_kernel(s), sigma[on]))
-        mean = torch.tensor(self.mean, device=dev).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=dev).view(1, -1, 1, 1)
-        return op(flip_normalize)(x, rand(n) < 0.5, mean, std)
+            return op(normalize)(self._jitter(x, strength, every, rand, generator, op), mean, std)
+        x = self._jitter(x, strength, rand(n) < 0.8, rand, generator, op)
+        x = op(gray_normalize)(x, rand(n) < gray_p, mean, std)
+        if self.blur:
+            sigma = 0.1 + 1.9 * rand(n)
+            x = blur_where(x, rand(n) < 0.5, _blur_kernel(s), sigma)
+        return x
 
     @staticmethod
     def _jitter(
@@ -334,26 +338,26 @@ class BatchAugment:
         generator: torch.Generator,
         op: Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]],
     ) -> torch.Tensor:
-        """ColorJitter where ``on``: factors as torchvision draws them, one order per batch."""
+        """ColorJitter where ``on``: factors as torchvision draws them, one order per batch.
+
+        The other images get the factors that change nothing (1, 1, 1 and a zero hue turn),
+        which leave them exactly as they were: no pass to put them back."""
         n = x.shape[0]
         b, c, s, h = strength
         ops = []
         if b > 0:
-            ops.append((adjust_brightness, 1.0 + b * (2 * rand(n) - 1)))
+            ops.append((adjust_brightness, 1.0 + b * (2 * rand(n) - 1) * on))
         if c > 0:
-            ops.append((adjust_contrast, 1.0 + c * (2 * rand(n) - 1)))
+            ops.append((adjust_contrast, 1.0 + c * (2 * rand(n) - 1) * on))
         if s > 0:
-            ops.append((adjust_saturation, 1.0 + s * (2 * rand(n) - 1)))
+            ops.append((adjust_saturation, 1.0 + s * (2 * rand(n) - 1) * on))
         if h > 0:
-            ops.append((adjust_hue, h * (2 * rand(n) - 1)))
-        if not ops:
-            return x
+            ops.append((adjust_hue, h * (2 * rand(n) - 1) * on))
         order = torch.randperm(len(ops), generator=generator, device=x.device).tolist()
-        y = x
         for i in order:
             fn, factor = ops[i]
-            y = op(fn)(y, factor)
-        return op(select)(on, y, x)
+            x = op(fn)(x, factor)
+        return x
 
 
 def _eager(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -4,7 +4,7 @@ Decoding and resizing a JPEG costs more than augmenting it, and with per-image P
 DataLoader workers it starves a GPU (126 img/s end to end against a 4,350 img/s step on an H200).
 So every image is decoded once (``moco.data.load_image``: EXIF, alpha, bombs refused), downscaled
 to fit a square canvas of ``side`` px and written into its own slot of ``pixels.u8``
-(slots x 3 x side x side, top-left aligned, its true height and width kept). Later epochs, resumed
+(slots x side x side x 3, top-left aligned, its true height and width kept). Later epochs, resumed
 runs and other runs on the same folder read the slots through a memory map: memory stays bounded
 by the page cache, not by a Python list of images.
 
@@ -46,7 +46,7 @@ from moco.files import atomic_file
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 1: slots x 3 x side x side (channels first)
 CACHE_ENV = "MOCO_SEARCH_CACHE"
 CHUNK = 64  # images per decoding task
 
@@ -85,9 +85,11 @@ def store_dir(root: Path, data: str | os.PathLike, side: int) -> Path:
 class ImageStore:
     """The training images as the batched augmentation reads them.
 
-    ``images`` is slots x 3 x S x S uint8 (a memory map of ``pixels.u8``); dataset index ``i``
-    lives in slot ``slots[i]``, its true ``sizes[i]`` (height, width); ``valid[i]`` is False for
-    a file that could not be decoded (it is reported and skipped, as by the PIL path).
+    ``images`` is slots x 3 x S x S uint8, channels last in memory (a memory map of
+    ``pixels.u8``, each slot S x S x 3 as PIL decodes it): torch's uint8 resize, which crops
+    the views on CPU, runs 1.3x faster on that layout. Dataset index ``i`` lives in slot
+    ``slots[i]``, its true ``sizes[i]`` (height, width); ``valid[i]`` is False for a file that
+    could not be decoded (it is reported and skipped, as by the PIL path).
     """
 
     images: torch.Tensor
@@ -101,8 +103,9 @@ class ImageStore:
     def gather(self, ids: torch.Tensor, pin: bool = False) -> torch.Tensor:
         """The uint8 canvases of dataset indexes ``ids`` (all valid), in pinned memory if asked."""
         slots = self.slots[ids]
-        out = torch.empty((len(ids), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
-        return torch.index_select(self.images, 0, slots, out=out)
+        hwc = self.images.permute(0, 2, 3, 1)  # the memory map as laid out: a plain view
+        out = torch.empty((len(ids), *hwc.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        return torch.index_select(hwc, 0, slots, out=out).permute(0, 3, 1, 2)
 
 
 def _stat(p: Path) -> tuple[int, int] | None:
@@ -117,7 +120,7 @@ def _decode_into(pixels: str, side: int, jobs: list[tuple[str, int]]) -> list[li
     """Decode ``jobs`` (path, slot) into their slots of ``pixels``; one result per job:
     [slot, h, w, crc32] or [-1, 0, 0, 0, reason]. Runs in a worker process."""
     mm = np.memmap(pixels, dtype=np.uint8, mode="r+")
-    mm = mm.reshape(-1, 3, side, side)
+    mm = mm.reshape(-1, side, side, 3)
     out: list[list[Any]] = []
     for path, slot in jobs:
         try:
@@ -127,10 +130,10 @@ def _decode_into(pixels: str, side: int, jobs: list[tuple[str, int]]) -> list[li
             continue
         if max(im.size) > side:
             im.thumbnail((side, side))
-        a = np.asarray(im, dtype=np.uint8).transpose(2, 0, 1)
-        h, w = a.shape[1:]
-        canvas = np.zeros((3, side, side), dtype=np.uint8)
-        canvas[:, :h, :w] = a
+        a = np.asarray(im, dtype=np.uint8)
+        h, w = a.shape[:2]
+        canvas = np.zeros((side, side, 3), dtype=np.uint8)
+        canvas[:h, :w] = a
         mm[slot] = canvas
         out.append([slot, h, w, zlib.crc32(canvas)])
     mm.flush()
@@ -280,12 +283,12 @@ class _Store:
                 log.warning("skipping %s: %s", p, reason[0] if reason else "unreadable")
                 continue
             slots[i], sizes[i], valid[i] = slot, torch.tensor([h, w]), True
-        shape = (self.slots, 3, self.side, self.side)
+        shape = (self.slots, self.side, self.side, 3)
         if self.slots:
             images = torch.from_numpy(np.memmap(self.pixels, dtype=np.uint8, mode="c", shape=shape))
         else:
             images = torch.zeros(shape, dtype=torch.uint8)
-        return ImageStore(images, slots, sizes, valid)
+        return ImageStore(images.permute(0, 3, 1, 2), slots, sizes, valid)
 
 
 def open_store(paths: list[Path], side: int, path: Path, workers: int = 0) -> ImageStore:

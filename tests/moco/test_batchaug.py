@@ -79,23 +79,37 @@ def test_a_whole_image_crop_is_the_image_resized() -> None:
 
 
 @pytest.mark.parametrize("out", [24, 12])
-def test_crop_resize_equals_roi_align_whatever_its_samples_per_pixel(out: int) -> None:
-    """Boxes smaller than the output (one sample a pixel) and up to 3.3x larger (up to 4 x 4
-    samples, different across and down): grid_sample on finer grids gives roi_align's values."""
-    from torchvision.ops import roi_align
-
+def test_cpu_crops_are_torchvisions_resized_crop_then_flip(out: int) -> None:
+    """Boxes smaller and larger than the output (up to 3.3x), of images in a channels-last store
+    (as ``ImageStore`` gathers them): each is ``resized_crop``, mirrored where asked."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (48, 3, 40, 40), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (48, 40, 40, 3), dtype=torch.uint8, generator=g)
+    images = images.permute(0, 3, 1, 2)
     sizes = torch.randint(20, 41, (48, 2), generator=g)  # each in its canvas' top-left corner
     boxes = B.crop_boxes(sizes, (0.08, 1.0), (3 / 4, 4 / 3), g)
-    samples = torch.stack([boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], 1) / out
-    kinds = samples.ceil().unique(dim=0)
-    assert len(kinds) >= (2 if out == 24 else 5)  # several sample counts, across and down
-    if out == 12:
-        assert (kinds[:, 0] != kinds[:, 1]).any() and kinds.max() >= 3
-    rois = torch.cat([torch.arange(48.0).view(-1, 1), boxes], 1)
-    want = roi_align(images.float(), rois, (out, out), sampling_ratio=0, aligned=True)
-    assert torch.allclose(B.crop_resize(images, boxes, out), want, atol=1e-3)
+    side = torch.stack([boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], 1)
+    assert (side < out).any() and (side > out).any()  # up- and downscaled
+    flip = torch.rand(48, generator=g) < 0.5
+    got = B.crop_resize(images, boxes, out, flip)
+    cases = zip(images, boxes.long().tolist(), flip, got, strict=True)
+    for im, (x1, y1, x2, y2), mirror, view in cases:
+        want = TF.resized_crop(im, y1, x1, y2 - y1, x2 - x1, [out, out], antialias=True)
+        want = (want.flip(2) if mirror else want).int()
+        assert (view.int() - want).abs().max() <= 1  # torch's uint8 kernels round differently
+
+
+def test_device_crops_are_roi_align_which_equals_a_bilinear_upscale() -> None:
+    """Off the CPU the batch is cropped by ``roi_align`` (run here on CPU tensors): where a box
+    is upscaled, that is torchvision's resize inside the box; at its edges roi_align also weighs
+    the pixels just outside, where the resize repeats the edge."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (16, 3, 40, 40), dtype=torch.uint8, generator=g)
+    boxes = B.crop_boxes(torch.full((16, 2), 40), (0.1, 0.3), (3 / 4, 4 / 3), g)
+    assert (boxes[:, 2:] - boxes[:, :2]).max() <= 24
+    got = B._roi_align(images, boxes, 24)
+    for im, (x1, y1, x2, y2), view in zip(images, boxes.long().tolist(), got, strict=True):
+        want = TF.resized_crop(im.float(), y1, x1, y2 - y1, x2 - x1, [24, 24], antialias=True)
+        assert (view - want)[:, 2:-2, 2:-2].abs().max() < 1e-3
 
 
 def test_crop_boxes_follow_random_resized_crop() -> None:
@@ -298,7 +312,7 @@ def test_compiling_on_cpu_does_not_warn_about_cuda() -> None:
         "import torch; from moco import batchaug as B\n"
         "x = torch.rand(2, 3, 8, 8); f = torch.tensor([True, False]).view(2, 1, 1, 1)\n"
         "m, s = torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1)\n"
-        "assert not B.fused(B.flip_normalize)(x, f, m, s).isnan().any()\n"
-        "assert not B.fused(B.flip_normalize).failed"
+        "assert not B.fused(B.gray_normalize)(x, f, m, s).isnan().any()\n"
+        "assert not B.fused(B.gray_normalize).failed"
     )
     assert "No CUDA runtime" not in fresh_compile_stderr(code)
