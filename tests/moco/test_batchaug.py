@@ -159,6 +159,22 @@ def test_jitter_and_grayscale_happen_as_often_as_the_recipe_says() -> None:
     assert 0.15 < (unchanged & ~gray).float().mean() < 0.25  # no jitter, no grayscale: 0.2*0.8
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_half_the_views_are_blurred_and_the_rest_left_exactly_alone(fused: bool) -> None:
+    """A sharp edge, no colour change, the whole image: a view either keeps the edge bit for
+    bit or softens it, as often as p=0.5 and sigmas 0.1-2 allow (a blur of sigma under ~0.17
+    moves no float32 value)."""
+    aug = B.BatchAugment(16, color=0.0, crop_min=1.0, mean=(0.0,) * 3, std=(1.0,) * 3)
+    aug = B.BatchAugment(**{**aug.__dict__, "fused": fused})
+    imgs = torch.zeros(1000, 3, 16, 16, dtype=torch.uint8)
+    imgs[:, :, 8:] = 255  # dark top, light bottom: the same mirrored
+    out = aug(imgs, torch.tensor([[16, 16]] * 1000), torch.Generator().manual_seed(2))
+    sharp = (out == imgs.float() / 255).flatten(1).all(1)
+    assert 0.5 < sharp.float().mean() < 0.58
+    soft = out[~sharp][:, :, 7:9].flatten(1)  # the rows either side of the edge
+    assert ((soft > 0) & (soft < 1)).any(1).all()  # the others are blurred, not broken
+
+
 def test_two_views_of_one_batch_differ_and_a_seed_repeats_them() -> None:
     aug = B.BatchAugment(16)
     imgs = (torch.rand(8, 3, 32, 32) * 255).to(torch.uint8)
