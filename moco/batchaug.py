@@ -17,7 +17,8 @@ images of any aspect ratio share a batch and each crop is drawn inside its own i
 
 ``fused=True`` runs each elementwise stage through ``torch.compile``, which fuses its tensor
 passes into one loop (the hue rotation alone is about twenty passes in eager mode): on 2 CPU
-cores a view costs 0.6x the eager one at 64 px, for about 5 s of compiling once per process
+cores two views cost 0.4x the eager ones at 64 px, 0.35x at 224 px, for 25-30 s of compiling
+once per process (3 s when torch's inductor cache already holds the stages)
 (docs/pretraining.md, "Speed"). The output is the eager one's up to float rounding (3e-6).
 """
 
@@ -291,7 +292,7 @@ def fused(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """The process's one ``Fused`` of ``fn`` (each compiles once, whatever the augmenters)."""
     if fn not in _FUSED:
         if not _FUSED:  # the first batch waits for this: say why
-            log.info("fused augmentation: compiling its stages (once per process, 5-10 s)")
+            log.info("fused augmentation: compiling its stages (once per process, 3-30 s)")
             quiet_cuda_extension_warning()
         _FUSED[fn] = Fused(fn)
     return _FUSED[fn]

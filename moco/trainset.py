@@ -185,8 +185,10 @@ LOCAL_CROP_MIN = 0.05
 
 
 FUSE_MIN_STEPS = 2000
-"""CPU runs planned this long (or ``--minutes`` 5 and more) fuse their augmentation: its 5-10 s
-of compiling once is then under 1% of the run, and each view costs 0.6x (docs/pretraining.md)."""
+"""CPU runs planned this long (or ``--minutes`` 5 and more) fuse their augmentation: two views
+then cost 0.35-0.7x, which repays the compiling once torch's inductor cache holds the stages
+(3 s). The first run on a machine compiles from scratch (25-30 s): at 32 px, batch 128, where
+fusing saves 9 ms a step, a 5-minute run loses ~15 s to it (docs/pretraining.md)."""
 
 
 def fuse_augment(cfg: TrainConfig, steps_per_epoch: int, device: torch.device) -> bool:
