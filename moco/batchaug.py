@@ -99,9 +99,10 @@ def crop_resize(
     conversion). Off the CPU a loop of small calls would wait on the launches, so ``roi_align``
     does the whole batch (float out): each output pixel averages ``ceil(box side / size)``
     bilinear samples a side: the resize's values inside a box that is upscaled (at its edge it
-    also weighs the pixels just outside), a box filter, not a triangle, where it is shrunk. Flipping here, before the colour and the blur, draws the same
-    views as torchvision's flip after them: the colour operations are per pixel or over the whole
-    image, and the blur's kernel and reflect padding are symmetric.
+    also weighs the pixels just outside), a box filter, not a triangle, where it is shrunk.
+    Flipping here, before the colour and the blur, draws the same views as torchvision's flip
+    after them: the colour operations are per pixel or over the whole image, and the blur's
+    kernel and reflect padding are symmetric.
     """
     if images.device.type != "cpu":
         x = _roi_align(images, boxes, size)
