@@ -144,15 +144,15 @@ class MoCo(nn.Module):
         return self.queue_ids.unsqueeze(0) == ids.to(self.queue_ids.device).unsqueeze(1)
 
     @torch.no_grad()
-    def _not_negatives(self, k: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor | None:
+    def _not_negatives(self, k: torch.Tensor, same: torch.Tensor | None) -> torch.Tensor | None:
         """NxK mask of the queued keys that are not negatives of the queries whose keys are ``k``.
 
         A query's own image, and with ``exclude_nearest`` = n also the n queued keys nearest its
         positive key: in a collection, those are often the same object seen otherwise (the same
         emoji by another vendor, the same product in another photo), which InfoNCE would push
         away (false-negative elimination, Huynh et al. 2022, https://arxiv.org/abs/2011.11765).
+        ``same``: ``_same_image``'s mask of the batch (None: no ids).
         """
-        same = self._same_image(ids)
         n = min(self.cfg.exclude_nearest, self.cfg.K)
         if n <= 0:
             return same
@@ -202,22 +202,23 @@ class MoCo(nn.Module):
         self.momentum_update()
         q = F.normalize(self.encoder_q(im_q), dim=1)  # NxC
         k = self._keys(im_k)  # NxC
-        queue, same = self.queue.clone().detach(), self._not_negatives(k, ids)
-        logits, labels = moco_logits(q, k, queue, self.cfg.T, exclude=same)
+        own = self._same_image(ids)  # one mask for every query view; the nearest keys are per key
+        queue, excluded = self.queue.clone().detach(), self._not_negatives(k, own)
+        logits, labels = moco_logits(q, k, queue, self.cfg.T, exclude=excluded)
         loss = info_nce(logits, labels)
         keys, key_ids, views = k, ids, 1
         if self.cfg.symmetric:  # swap the roles of the two views and average
             q2 = F.normalize(self.encoder_q(im_k), dim=1)
             k2 = self._keys(im_q)
-            same2 = self._not_negatives(k2, ids)  # the nearest keys depend on the key
-            loss = loss + info_nce(*moco_logits(q2, k2, queue, self.cfg.T, exclude=same2))
+            excluded2 = self._not_negatives(k2, own)
+            loss = loss + info_nce(*moco_logits(q2, k2, queue, self.cfg.T, exclude=excluded2))
             keys = torch.cat([k, k2])
             key_ids = None if ids is None else torch.cat([ids, ids])
             views = 2
         if local is not None:  # every query view weighs the same, as in SwAV's multi-crop
             n_local = local.shape[0] // im_q.shape[0]
             q_local = F.normalize(self.encoder_q(local), dim=1)  # (L*N)xC
-            mask = None if same is None else same.repeat(n_local, 1)
+            mask = None if excluded is None else excluded.repeat(n_local, 1)
             pos = k.repeat(n_local, 1)
             local_loss = info_nce(*moco_logits(q_local, pos, queue, self.cfg.T, exclude=mask))
             loss, views = loss + n_local * local_loss, views + n_local

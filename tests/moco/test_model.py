@@ -193,6 +193,39 @@ def test_symmetric_loss_is_the_mean_of_both_directions_by_hand() -> None:
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_symmetric_loss_excludes_each_directions_own_nearest_keys_by_hand() -> None:
+    """With ids and ``exclude_nearest``, each direction masks the queued keys of the query's
+    image and the n queued keys nearest its own positive key (k2's for the swapped views)."""
+    model = tiny(symmetric=True, K=16, m=0.5, exclude_nearest=3).eval()
+    ref = tiny(symmetric=True, K=16, m=0.5, exclude_nearest=3).eval()
+    ref.load_state_dict(model.state_dict())
+    x1, x2, ids = torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16), torch.tensor([1, 5, 9, 12])
+    with torch.no_grad():
+        ref.momentum_update()  # the key encoder of the model's step
+        k1, k2 = (F.normalize(ref.encoder_k(x), dim=1) for x in (x1, x2))
+        # queued near-copies of both views' keys: each direction has other nearest keys
+        queue = torch.cat([k1, k2, torch.randn(8, 4)]) + 0.05 * torch.randn(16, 4)
+        queue = F.normalize(queue, dim=1).T.contiguous()
+    for m in (model, ref):
+        m.queue.copy_(queue)
+        m.queue_ids.copy_(torch.arange(16) % 8)  # images 0-7, two keys each: 1 and 5 are own
+    loss, _, _ = model(x1, x2, ids)
+    with torch.no_grad():
+        own = ref.queue_ids.unsqueeze(0) == ids.unsqueeze(1)
+        t = ref.cfg.T
+
+        def one_way(a: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+            q = F.normalize(ref.encoder_q(a), dim=1)
+            near = torch.zeros_like(own)
+            near.scatter_(1, (k @ queue).masked_fill(own, -torch.inf).topk(3, dim=1).indices, True)
+            l_neg = (q @ queue).masked_fill(own | near, -torch.inf)
+            logits = torch.cat([(q * k).sum(1, keepdim=True), l_neg], dim=1) / t
+            return -torch.log_softmax(logits, dim=1)[:, 0].mean()
+
+        expected = 0.5 * (one_way(x1, k2) + one_way(x2, k1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_momentum_update_uses_the_scheduled_m() -> None:
     model = tiny(m=0.99)
     model.m = 0.0  # a schedule may set any m; 0 copies the query encoder
