@@ -76,7 +76,7 @@ def main() -> None:
 
     from moco.evaluate import EvalConfig, evaluate
 
-    cfg = EvalConfig(image_size=args.image_size)
+    cfg = EvalConfig(image_size=args.image_size, monitor_size=0)  # no view recall: unused here
     rows = [evaluate(spec, args.train, args.val, cfg, outcomes=True) for spec in (args.a, args.b)]
     out_a, out_b = rows[0]["outcomes"], rows[1]["outcomes"]
     if out_a["val"] != out_b["val"]:
