@@ -275,6 +275,8 @@ def end_to_end(
             cache="on",
             augment="batch" if augment == "fused" else augment,
             store_dir=str(Path(tmp) / "stores"),
+            amp=best.variant.amp,  # batched views come as this model takes them, as in a run
+            channels_last=best.variant.channels_last,
         )
         paths = sorted(root.iterdir())
         t0 = time.perf_counter()

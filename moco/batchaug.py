@@ -28,6 +28,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -231,16 +232,23 @@ def reflect_pad(x: torch.Tensor, taps: int) -> torch.Tensor:
     return F.pad(x, (pad, pad, pad, pad), mode="reflect")
 
 
-def shifted_sums(padded: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+def shifted_sums(
+    padded: torch.Tensor,
+    k: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> torch.Tensor:
     """``blur_conv``'s values from the padded images, as sums of shifted copies: slow in eager
     mode, but compiled it is one loop each way, 1.1-2x faster than the convolutions on 2 CPU
     cores from 32 to 224 px. (Padding inside the compiled loop computes a reflected index for
-    every tap: 2x slower.)"""
+    every tap: 2x slower.) Written out as ``model_input`` says."""
     taps = k.shape[1]
     h, w = padded.shape[2] - taps + 1, padded.shape[3] - taps + 1
     k = k.view(*k.shape, 1, 1, 1)
     y = sum(k[:, i] * padded[:, :, :, i : i + w] for i in range(taps))
-    return sum(k[:, i] * y[:, :, i : i + h, :] for i in range(taps))
+    return model_input(
+        sum(k[:, i] * y[:, :, i : i + h, :] for i in range(taps)), dtype, channels_last
+    )
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -254,18 +262,36 @@ def gray_where(x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
     return torch.where(on.view(-1, 1, 1, 1), grayscale(x).expand_as(x), x)
 
 
-def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (x - mean) / std
+def model_input(x: torch.Tensor, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    """``x`` in the dtype and memory layout the model takes (``BatchAugment.dtype``)."""
+    x = x.to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def normalize(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """(x - mean) / std, written out as ``model_input`` says."""
+    return model_input((x - mean) / std, dtype, channels_last)
 
 
 def gray_normalize(
-    x: torch.Tensor, on: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+    x: torch.Tensor,
+    on: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     """``gray_where`` then ``normalize``, in one pass.
 
     v2 blurs after this: normalising first changes nothing, since the blur is linear, its kernel
     sums to one and its padding reflects (up to float rounding)."""
-    return normalize(gray_where(x, on), mean, std)
+    return normalize(gray_where(x, on), mean, std, dtype, channels_last)
 
 
 class Fused:
@@ -276,7 +302,7 @@ class Fused:
         self.fn, self.failed = fn, False
         self.compiled = torch.compile(fn)
 
-    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *args: Any) -> torch.Tensor:
         if not self.failed:
             try:
                 return self.compiled(*args)
@@ -308,6 +334,12 @@ class BatchAugment:
     The same settings as ``moco.augment.moco_transform`` (version, crop_min, color, blur);
     ``crop_max`` below 1 makes the small local views of multi-crop; ``fused`` compiles the
     elementwise stages (see the module's docstring).
+
+    ``dtype`` and ``channels_last``: the views as the model takes them, written by the last
+    stage. Under bf16 autocast a channels-last model would otherwise copy each float32 view to
+    channels last and cast it to bf16 in its first convolution, and that cast rounds as this one
+    does: the same input, two passes fewer. End to end at 224 px, batch 32, fused on 2 CPU cores:
+    0.948x of the compute-only step against 0.932x (docs/pretraining.md).
     """
 
     image_size: int
@@ -319,6 +351,8 @@ class BatchAugment:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     fused: bool = False
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.version not in ("v1", "v2"):
@@ -332,7 +366,8 @@ class BatchAugment:
     def __call__(
         self, images: torch.Tensor, sizes: torch.Tensor, generator: torch.Generator
     ) -> torch.Tensor:
-        """``images`` N x 3 x S x S uint8 (each in its top-left ``sizes`` corner) -> float views."""
+        """``images`` N x 3 x S x S uint8 (each in its top-left ``sizes`` corner) -> the views
+        (``dtype``, channels last if ``channels_last``)."""
         n, dev, s = images.shape[0], images.device, self.image_size
 
         def rand(*shape: int) -> torch.Tensor:
@@ -347,12 +382,14 @@ class BatchAugment:
         gray_p = min(0.2 * c, 1.0)
         mean = torch.tensor(self.mean, device=dev).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=dev).view(1, -1, 1, 1)
+        out = (self.dtype, self.channels_last)  # the last stage writes the views
         if v1:  # v1: grayscale, then jitter always (torchvision's v1 order)
             x = op(gray_where)(x, rand(n) < gray_p)
             every = torch.ones(n, dtype=torch.bool, device=dev)
-            return op(normalize)(self._jitter(x, strength, every, rand, generator, op), mean, std)
+            x = self._jitter(x, strength, every, rand, generator, op)
+            return op(normalize)(x, mean, std, *out)
         x = self._jitter(x, strength, rand(n) < 0.8, rand, generator, op)
-        x = op(gray_normalize)(x, rand(n) < gray_p, mean, std)
+        x = op(gray_normalize)(x, rand(n) < gray_p, mean, std, *(() if self.blur else out))
         if self.blur:
             lo, hi = BLUR_SIGMA
             sigma = lo + (hi - lo) * rand(n)
@@ -363,9 +400,9 @@ class BatchAugment:
             keep[:, k.shape[1] // 2] = 1.0
             k = torch.where((rand(n) < 0.5).view(-1, 1), k, keep)  # only those are blurred
             if self.fused:
-                x = fused(shifted_sums)(reflect_pad(x, k.shape[1]), k)
+                x = fused(shifted_sums)(reflect_pad(x, k.shape[1]), k, *out)
             else:
-                x = blur_conv(x, k)
+                x = model_input(blur_conv(x, k), *out)
         return x
 
     @staticmethod

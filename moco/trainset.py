@@ -207,6 +207,8 @@ def batch_augment(cfg: TrainConfig, local: bool = False, fused: bool = False) ->
     ``local``: multi-crop's small views instead, at ``local_size`` px from crops between
     ``LOCAL_CROP_MIN`` and the global views' smallest crop, so the two scales do not overlap.
     ``fused``: compile its elementwise stages (``fuse_augment`` decides for a run).
+    The views come in the dtype and layout the model takes: bf16 under autocast (``amp``),
+    channels last for a channels-last model (``BatchAugment.dtype``).
     """
     crop_min = cfg.crop_min if cfg.crop_min is not None else 0.2
     size, low, high = cfg.image_size, crop_min, 1.0
@@ -220,6 +222,8 @@ def batch_augment(cfg: TrainConfig, local: bool = False, fused: bool = False) ->
         color=cfg.color if cfg.color is not None else 1.0,
         blur=cfg.blur,
         fused=fused,
+        dtype=torch.bfloat16 if cfg.amp else torch.float32,
+        channels_last=cfg.channels_last,
     )
 
 

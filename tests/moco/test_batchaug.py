@@ -13,7 +13,7 @@ import torchvision.transforms.functional as TF
 from moco import batchaug as B
 from moco.config import TrainConfig
 from moco.imagestore import ImageStore
-from moco.trainset import StoreBatches, loader, make_dataset
+from moco.trainset import StoreBatches, batch_augment, loader, make_dataset
 from tests.moco.conftest import fresh_compile_stderr
 
 
@@ -232,7 +232,6 @@ def test_local_views_crop_small_areas_at_their_own_size(emoji_dir: Path, tmp_pat
     """--local-crops: L more views per batch at --local-size, from crops of 0.05 to crop_min of
     the image (SwAV's split), after the two global views, which stay as without multi-crop."""
     from moco.data import list_images
-    from moco.trainset import batch_augment
 
     common = dict(data=str(emoji_dir), out=str(tmp_path), image_size=16, batch_size=4)
     cfg = TrainConfig(**common, local_crops=3, local_size=8)
@@ -289,6 +288,29 @@ def test_fused_views_equal_the_eager_ones(version: str) -> None:
     if not (shutil.which("c++") or shutil.which("g++")):
         pytest.skip("no C++ compiler here: the fused stages ran eager (the fallback)")
     assert not B.fused(B.adjust_hue).failed  # compiled, not fallen back
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kw", [{}, {"blur": False}, {"version": "v1"}])
+def test_views_come_in_the_dtype_and_layout_the_model_takes(kw: dict, fused: bool) -> None:
+    """bf16 channels-last views, written by whichever stage comes last, are the float32 views
+    rounded as autocast's cast rounds them."""
+    imgs = (torch.rand(8, 3, 24, 24) * 255).to(torch.uint8)
+    sizes = torch.tensor([[24, 20]] * 8)
+    plain = B.BatchAugment(16, fused=fused, **kw)(imgs, sizes, torch.Generator().manual_seed(5))
+    aug = B.BatchAugment(16, fused=fused, dtype=torch.bfloat16, channels_last=True, **kw)
+    got = aug(imgs, sizes, torch.Generator().manual_seed(5))
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    assert not got.is_contiguous()
+    assert torch.equal(got, plain.to(torch.bfloat16))
+
+
+def test_a_run_draws_its_views_as_its_model_takes_them(tmp_path: Path) -> None:
+    common = dict(data="d", out=str(tmp_path), image_size=16, batch_size=4)
+    amp = batch_augment(TrainConfig(**common, amp=True, local_crops=2), local=True)
+    assert (amp.dtype, amp.channels_last) == (torch.bfloat16, True)
+    fp32 = batch_augment(TrainConfig(**common, amp=False, channels_last=False))
+    assert (fp32.dtype, fp32.channels_last) == (torch.float32, False)
 
 
 def test_fused_falls_back_to_eager_when_compiling_fails(caplog) -> None:
