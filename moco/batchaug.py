@@ -103,8 +103,8 @@ def crop_resize(
     also weighs the pixels just outside), a box filter, not a triangle, where it is shrunk.
     Flipping here, before the colour and the blur, draws the same views as torchvision's flip
     after them: the colour operations are per pixel or over the whole image, and the blur's
-    kernel and reflect padding are symmetric. On CPU the box is mirrored before it is resized,
-    which gives the same pixels (the resize's weights are symmetric) from the smaller copy.
+    kernel and reflect padding are symmetric. On CPU the box is mirrored before it is resized:
+    the same pixels (the resize's weights are symmetric), and the box is mostly the smaller copy.
 
     The CPU output is channels last, as the kernel writes it: each image is then one plain copy
     (into channels first it was a transposing copy per image: crop and ``to_unit`` took
@@ -339,7 +339,7 @@ class BatchAugment:
     stage. Under bf16 autocast a channels-last model would otherwise copy each float32 view to
     channels last and cast it to bf16 in its first convolution, and that cast rounds as this one
     does: the same input, two passes fewer. End to end at 224 px, batch 32, fused on 2 CPU cores:
-    0.948x of the compute-only step against 0.932x (docs/pretraining.md).
+    0.94x of the compute-only step against 0.93x (docs/pretraining.md).
     """
 
     image_size: int
