@@ -107,6 +107,23 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
         cfg, changed = resume_config(cfg, resumed["config"], given)  # the run's own settings
         for name, (saved, now) in sorted(changed.items()):
             log.info("resume: --%s %s (the run had %s)", name.replace("_", "-"), now, saved)
+        if cfg.minutes > 0 and not cfg.total_steps:
+            # Saved before --minutes had timed its first steps and planned the run: its
+            # schedule was a placeholder (the default epochs, with no clock on a resume), so
+            # the run starts again, on a budget of its own.
+            log.warning(
+                "--resume: %s was saved at epoch %d step %d, before --minutes %g had timed the "
+                "first steps and planned the run; starting the run again",
+                ckpt_path,
+                start_epoch,
+                skip_steps,
+                cfg.minutes,
+            )
+            cfg = dataclasses.replace(cfg, resume=False)
+            resumed, start_epoch, skip_steps = None, 0, 0
+            budget = Budget(cfg.minutes * 60.0)
+            if rank == 0:
+                (out / "log.jsonl").unlink(missing_ok=True)  # the dropped steps' rows
     elif ckpt_path.exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
     paths, monitor_paths, held_out = holdout(paths, cfg)
@@ -182,7 +199,8 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
             "step": step,
-            "config": {**dataclasses.asdict(cfg), "model": dataclasses.asdict(model.cfg)},
+            # the run's current plan: --minutes plans (and re-plans) it inside an epoch
+            "config": {**dataclasses.asdict(state.cfg), "model": dataclasses.asdict(model.cfg)},
             "rng": rng_state(),
             "untrained": baseline,
             "log_rows": runlog.pending(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -353,6 +354,67 @@ def test_ctrl_c_saves_and_resume_finishes(emoji_dir: Path, tmp_path: Path) -> No
     # The run's clock goes on across the interruption: elapsed_s never restarts.
     elapsed = [r["elapsed_s"] for r in read_log(run)]
     assert len(elapsed) >= 2 and elapsed == sorted(elapsed) and elapsed[0] > 0
+
+
+def test_a_minutes_run_interrupted_before_its_plan_starts_again_on_resume(
+    emoji_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ctrl-C before --minutes has timed its first steps: the saved schedule is a placeholder
+    (here 10,000 epochs, which a resume would run with no clock), so the resume starts the run
+    again on its budget."""
+    import moco.train
+
+    save, fired = moco.train.save_checkpoint, []
+
+    def save_then_interrupt(path: Path, payload: dict) -> Path:
+        done = save(path, payload)
+        if not fired:
+            fired.append(path)
+            raise KeyboardInterrupt
+        return done
+
+    monkeypatch.setattr(moco.train, "save_checkpoint", save_then_interrupt)
+    run = tmp_path / "run"
+    cfg = tiny_cfg(emoji_dir, run, minutes=5, epochs=10_000, deterministic=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)  # epoch 1 is 4 steps: saved before the 10 that time the pace
+    assert load_checkpoint_file(run / LAST)["config"]["total_steps"] == 0
+    caplog.set_level("INFO")
+    t0 = time.perf_counter()
+    ckpt = train(dataclasses.replace(cfg, minutes=0.2, resume=True), given={"minutes"})
+    assert time.perf_counter() - t0 < 90  # on its budget, not 10,000 epochs
+    assert "before --minutes 0.2 had timed the first steps" in caplog.text
+    assert "starting the run again" in caplog.text and "chose" in caplog.text
+    assert load_checkpoint_file(ckpt)["config"]["total_steps"] > 0
+    epochs = [r["epoch"] for r in read_log(run)]
+    assert epochs[0] == 1 and epochs == sorted(set(epochs))  # the restarted run's rows only
+
+
+def test_ctrl_c_after_minutes_planned_inside_an_epoch_saves_the_plan(
+    emoji_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--minutes plans after 10 steps, inside epoch 3 here: a Ctrl-C there saves that plan, not
+    the placeholder the epoch began with, so a resume continues the planned schedule."""
+    import moco.loop
+
+    planned = moco.loop.plan
+
+    def plan_then_interrupt(state: object, done: int) -> None:
+        planned(state, done)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(moco.loop, "plan", plan_then_interrupt)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(emoji_dir, run, minutes=5, epochs=10_000, deterministic=False))
+    ckpt = load_checkpoint_file(run / LAST)
+    assert ckpt["step"] > 0  # inside an epoch
+    saved = ckpt["config"]["total_steps"]
+    assert 0 < saved < 10_000 * 4
+    assert saved == json.loads((run / "config.json").read_text())["total_steps"]
 
 
 def test_minutes_stops_on_its_own_and_logs_the_epochs_it_chose(
