@@ -33,7 +33,7 @@ from moco.model import compile_encoders
 from moco.monitor import KnnMonitor, verdict
 from moco.recipe import Budget, auto_config, check_config
 from moco.schedule import Schedule
-from moco.trainlog import RunLog, epoch_numbers, read_log
+from moco.trainlog import RunLog, discard_run_outputs, epoch_numbers, read_log
 from moco.trainset import holdout, loader, make_dataset, shard, view_monitor
 
 __all__ = ["TrainConfig", "TrainingDiverged", "check_config", "log_summary", "train"]
@@ -123,7 +123,7 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
             resumed, start_epoch, skip_steps = None, 0, 0
             budget = Budget(cfg.minutes * 60.0)
             if rank == 0:
-                (out / "log.jsonl").unlink(missing_ok=True)  # the dropped steps' rows
+                discard_run_outputs(out)  # the dropped steps' rows, curves, skipped files
     elif ckpt_path.exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
     paths, monitor_paths, held_out = holdout(paths, cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ class RunLog:
         self, out: Path, cfg: TrainConfig, paths: list[Path], enabled: bool = True
     ) -> None:
         self.out, self.cfg, self.paths, self.enabled = out, cfg, paths, enabled
-        self.bad: set[int] = set()
+        self.bad = self._listed_skipped()  # a resumed run's: listed once, counted in each row
         self._tb: Any = None
         self._rows: list[dict[str, Any]] = []  # epochs not yet in log.jsonl
         if enabled:
@@ -57,6 +58,13 @@ class RunLog:
         if self.tb and global_step % 10 == 0:
             self.tb.add_scalar("train/loss", loss, global_step)
             self.tb.add_scalar("train/lr", lr, global_step)
+
+    def _listed_skipped(self) -> set[int]:
+        listed = self.out / "skipped.txt"
+        if not listed.is_file():
+            return set()
+        names = set(listed.read_text(errors="replace").splitlines())
+        return {i for i, p in enumerate(self.paths) if str(p) in names}
 
     def skipped(self, indexes: list[int]) -> None:
         new = [i for i in indexes if i not in self.bad]
@@ -147,6 +155,15 @@ class RunLog:
         self.close()
         if self.enabled and (self.out / "log.jsonl").is_file():
             plot_run(self.out)
+
+
+def discard_run_outputs(out: Path) -> None:
+    """Remove what a run wrote as it trained (``log.jsonl``, ``skipped.txt``, ``tb/``), for a run
+    that starts again in its own directory: its rows, skipped files and TensorBoard curves would
+    otherwise mix with the new run's, at the same step numbers."""
+    for name in ("log.jsonl", "skipped.txt"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "tb", ignore_errors=True)
 
 
 def read_log(run: Path) -> list[dict[str, Any]]:

@@ -154,6 +154,10 @@ def test_broken_file_is_skipped_and_logged(emoji_dir: Path, tmp_path: Path) -> N
     skipped = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
     assert sorted(Path(s).name for s in skipped) == ["broken.png", "empty.jpg"]
     assert read_log(tmp_path / "run")[0]["skipped_files"] == 2
+    # A resumed run meets the same files again: listed once, still counted in its rows.
+    train(tiny_cfg(data, tmp_path / "run", epochs=2, cache="off", resume=True))
+    assert sorted((tmp_path / "run" / "skipped.txt").read_text().splitlines()) == sorted(skipped)
+    assert [r["skipped_files"] for r in read_log(tmp_path / "run")] == [2, 2]
 
 
 def test_short_epochs_report_at_first_last_and_numbered(
@@ -377,10 +381,14 @@ def test_a_minutes_run_interrupted_before_its_plan_starts_again_on_resume(
         return done
 
     monkeypatch.setattr(moco.train, "save_checkpoint", save_then_interrupt)
+    data = tmp_path / "data"
+    shutil.copytree(emoji_dir, data)
+    (data / "symbols" / "broken.png").write_bytes(b"")
     run = tmp_path / "run"
-    cfg = tiny_cfg(emoji_dir, run, minutes=5, epochs=10_000, deterministic=False)
+    cfg = tiny_cfg(data, run, minutes=5, epochs=10_000, deterministic=False)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)  # epoch 1 is 4 steps: saved before the 10 that time the pace
+    first_curves = set((run / "tb").iterdir())
     assert load_checkpoint_file(run / LAST)["config"]["total_steps"] == 0
     caplog.set_level("INFO")
     t0 = time.perf_counter()
@@ -391,6 +399,8 @@ def test_a_minutes_run_interrupted_before_its_plan_starts_again_on_resume(
     assert load_checkpoint_file(ckpt)["config"]["total_steps"] > 0
     epochs = [r["epoch"] for r in read_log(run)]
     assert epochs[0] == 1 and epochs == sorted(set(epochs))  # the restarted run's rows only
+    assert [Path(p).name for p in (run / "skipped.txt").read_text().split()] == ["broken.png"]
+    assert first_curves and not first_curves & set((run / "tb").iterdir())
 
 
 def test_ctrl_c_after_minutes_planned_inside_an_epoch_saves_the_plan(
