@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from app.context import AppContext
-from moco import epoch_numbers, read_encoder_config
+from moco import describe_fit, epoch_numbers, read_encoder_config
 
 
 def training_summary(ctx: AppContext) -> dict[str, Any]:
@@ -26,10 +26,7 @@ def training_summary(ctx: AppContext) -> dict[str, Any]:
 
 def fitted(fit: dict[str, Any]) -> str:
     """How ``export --fit`` mapped the features (``moco.whiten``), in words."""
-    if not fit:
-        return "not centred"
-    kind = {"center": "centred", "whiten": "whitened"}.get(fit.get("kind"), fit.get("kind"))
-    return f"{kind} on {fit.get('images')} images of `{fit.get('folder')}`"
+    return describe_fit(fit, code=True) if fit else "not centred"
 
 
 def encoder_markdown(ctx: AppContext) -> str:

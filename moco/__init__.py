@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     )
     from moco.published import resolve_encoder
     from moco.trainlog import epoch_numbers
+    from moco.whiten import describe_fit
 
 _WHERE = {
     "CheckpointError": "moco.export",
@@ -81,6 +82,7 @@ _WHERE = {
     "classification_metrics": "moco.metrics",
     "config_from_args": "moco.flags",
     "default_device": "moco.distributed",
+    "describe_fit": "moco.whiten",
     "epoch_numbers": "moco.trainlog",
     "eval_transform": "moco.augment",
     "export_encoder": "moco.export",
@@ -136,6 +138,7 @@ __all__ = [
     "classification_metrics",
     "config_from_args",
     "default_device",
+    "describe_fit",
     "epoch_numbers",
     "eval_transform",
     "export_encoder",

@@ -102,6 +102,7 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     from moco.export import export_encoder
+    from moco.whiten import describe_fit
 
     cfg = export_encoder(
         args.checkpoint,
@@ -115,8 +116,7 @@ def _export(args: argparse.Namespace) -> int:
     )
     fit = cfg.fit
     fitted = (
-        f"{'centred' if fit['kind'] == 'center' else 'whitened'} on {fit['images']} images of "
-        f"{fit['folder']}"
+        describe_fit(fit)
         if fit
         else "not centred (no training folder here; --fit-on DIR fits it on your images)"
     )

@@ -256,7 +256,7 @@ def test_encoder_info(ctx: Any) -> None:
     assert "resnet18" in encoder_info.encoder_markdown(ctx)
     assert "avg pooling, not centred" in encoder_info.encoder_markdown(ctx)
     fit = {"kind": "center", "images": 12, "folder": "/pics"}
-    assert encoder_info.fitted(fit) == "centred on 12 images of `/pics`"
+    assert encoder_info.fitted(fit) == "centred on 12 files of `/pics`"
     assert encoder_info.loss_curve(ctx) is None  # the test encoder has no training log
     assert json.loads(encoder_info.config_json(ctx))["encoder"]["arch"] == "resnet18"
 

@@ -130,7 +130,7 @@ def test_cli_export_centres_on_the_training_folder_when_it_is_there(
     torch.save(ckpt, tmp_path / "gone.pt")
 
     assert launch.main(["export", str(tmp_path / "here.pt"), "--out", str(tmp_path / "a")]) == 0
-    assert f"centred on 32 images of {emoji_dir.resolve()}" in capsys.readouterr().out
+    assert f"centred on 32 files of {emoji_dir.resolve()}" in capsys.readouterr().out
     written = json.loads((tmp_path / "a" / "config.json").read_text())
     assert written["fit"]["kind"] == "center"  # 32 images: too few to whiten 896-d features
     assert written["pooling"] == "stages" and written["feature_dim"] == 896  # ResNet-18's default
