@@ -34,7 +34,7 @@ from moco.monitor import KnnMonitor, verdict
 from moco.recipe import Budget, auto_config, check_config
 from moco.schedule import Schedule
 from moco.trainlog import RunLog, discard_run_outputs, epoch_numbers, read_log
-from moco.trainset import holdout, loader, make_dataset, shard, view_monitor
+from moco.trainset import holdout, loader, make_dataset, readable_images, shard, view_monitor
 
 __all__ = ["TrainConfig", "TrainingDiverged", "check_config", "log_summary", "train"]
 
@@ -158,6 +158,11 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
     amp = bool(cfg.amp)  # auto_config chose it when unset
 
     dataset = make_dataset(cfg, paths, device.type)
+    if (readable := readable_images(dataset)) is not None and readable < 2:
+        raise ValueError(
+            f"{readable} of the {len(paths)} training files in {cfg.data} could be read as an "
+            "image (the warnings above say why); MoCo needs at least 2"
+        )
     runlog = RunLog(out, cfg, paths, enabled=rank == 0)
     monitor = KnnMonitor(cfg, paths, device) if cfg.val_dir and rank == 0 else None
     views = view_monitor(cfg, monitor_paths) if rank == 0 else None

@@ -107,8 +107,19 @@ def make_dataset(
         return ImageFiles(paths, transform)
     t0 = time.perf_counter()
     images = cache_images(paths, 2 * cfg.image_size)
-    log.info("decoded %d images into memory in %.1fs", len(images), time.perf_counter() - t0)
+    decoded = sum(im is not None for im in images)
+    log.info("decoded %d images into memory in %.1fs", decoded, time.perf_counter() - t0)
     return CachedImages(images, transform)
+
+
+def readable_images(dataset: ImageFiles | ImageStore) -> int | None:
+    """How many of the dataset's files decoded, where it decoded them all up front (the store,
+    images in memory); None for files read as each epoch goes."""
+    if isinstance(dataset, ImageStore):
+        return int(dataset.valid.sum())
+    if isinstance(dataset, CachedImages):
+        return sum(im is not None for im in dataset.images)
+    return None
 
 
 def in_memory(cfg: TrainConfig, n: int) -> bool:

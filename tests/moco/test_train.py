@@ -160,6 +160,20 @@ def test_broken_file_is_skipped_and_logged(emoji_dir: Path, tmp_path: Path) -> N
     assert [r["skipped_files"] for r in read_log(tmp_path / "run")] == [2, 2]
 
 
+@pytest.mark.parametrize("augment", ["batch", "pil"])
+def test_a_folder_of_broken_files_is_refused_before_the_run_starts(
+    tmp_path: Path, augment: str
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(b"x")
+    (data / "b.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 64)
+    (data / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(ValueError, match=r"0 of the 3 training files .* could be read"):
+        train(tiny_cfg(data, tmp_path / "run", epochs=1, augment=augment, batch_size=2))
+    assert not (tmp_path / "run").exists()  # nothing to resume, nothing to clean up
+
+
 def test_short_epochs_report_at_first_last_and_numbered(
     emoji_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
