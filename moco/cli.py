@@ -149,7 +149,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "fitted to the run's training images by default (whitened, or centred when there are "
         "few); or export an encoder directory again with other options.",
     )
-    p.add_argument("checkpoint", help="checkpoint file (.pt / .pth.tar), or an encoder directory")
+    p.add_argument(
+        "checkpoint",
+        help="checkpoint file (.pt / .pth.tar), or an encoder directory (or its model.safetensors)",
+    )
     p.add_argument("--out", required=True, help="encoder directory to write")
     p.add_argument(
         "--image-size",

@@ -196,8 +196,12 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
             f"Refusing {path}: it holds more than tensors and plain values, and loading it would "
             f"run arbitrary code (torch.load weights_only=True said: {str(e).splitlines()[0]})"
         ) from e
-    except Exception as e:
-        raise CheckpointError(f"Unreadable checkpoint {path}: {e}") from e
+    except Exception as e:  # torch says KeyError '105' for a text file, EOFError for an empty one
+        said = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"Unreadable checkpoint {path}: not a PyTorch checkpoint, or a damaged one "
+            f"(torch.load said {said})"
+        ) from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"Unexpected checkpoint content in {path}: {type(ckpt).__name__}")
     return ckpt
@@ -325,8 +329,13 @@ def _frozen_source(
     checkpoint: str | os.PathLike,
 ) -> tuple[nn.Module, EncoderConfig, str | None]:
     """The bare backbone (no pooling choice, no map) of a checkpoint or encoder directory, the
-    config it exports with by default, and the folder it was trained on, if known."""
-    if Path(checkpoint).is_dir():
+    config it exports with by default, and the folder it was trained on, if known. An encoder's
+    own file (``model.safetensors``, ``config.json``) stands for its directory: torch.load
+    reads the weights alone, without the config that says what they are."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.name in (WEIGHTS, CONFIG) and (checkpoint.parent / CONFIG).is_file():
+        checkpoint = checkpoint.parent
+    if checkpoint.is_dir():
         model, _, cfg = load_backbone(checkpoint)
         return model, cfg, cfg.training.get("config", {}).get("data")
     state, meta = backbone_from_checkpoint(load_checkpoint_file(checkpoint))

@@ -130,8 +130,15 @@ def test_not_a_moco_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="No MoCo query encoder"):
         export_encoder(tmp_path / "x.pt", tmp_path / "enc")
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="Unreadable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"Unreadable checkpoint .* not a PyTorch checkpoint"):
         load_checkpoint_file(tmp_path / "junk.pt")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"damaged one \(torch.load said EOFError\)$"):
+        load_checkpoint_file(tmp_path / "empty.pt")
+    # An encoder's weights file names its encoder, as its directory does.
+    enc = save_encoder(build_encoder("resnet18"), EncoderConfig(arch="resnet18"), tmp_path / "e")
+    again = export_encoder(tmp_path / "e" / "model.safetensors", tmp_path / "e2")
+    assert again.content_hash == enc.content_hash
 
 
 def test_changed_weights_are_detected(tmp_path: Path) -> None:
