@@ -181,6 +181,8 @@ class Collection:
 
     def search_id(self, id: int, k: int = 10, *, filters: Filters | None = None) -> list[Hit]:
         """Nearest images to the stored image ``id`` (itself first, at score 1)."""
+        if not self.known_ids([id]):  # an unknown id, or a file recorded as unreadable
+            raise ValueError(f"No image with id {id} in {self.path}")
         return self.search_vector(self.vectors([id])[0], k, filters=filters)
 
     def search_vector(

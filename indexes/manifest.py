@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from indexes.faults import atomic_file
-from moco import EncoderConfig
+from moco import EncoderConfig, encoder_dir
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = 1
@@ -47,7 +47,11 @@ def write_manifest(collection: str | os.PathLike, manifest: dict[str, Any]) -> N
 def encoder_entry(path: str | os.PathLike, cfg: EncoderConfig) -> dict[str, Any]:
     config = dataclasses.asdict(cfg)
     config.pop("training", None)  # may hold a whole training log; the encoder dir keeps it
-    return {"path": str(Path(path).resolve()), "content_hash": cfg.content_hash, "config": config}
+    return {
+        "path": str(encoder_dir(path).resolve()),
+        "content_hash": cfg.content_hash,
+        "config": config,
+    }
 
 
 # Besides the weights (``content_hash``), what decides an image's vector: an encoder exported

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from moco.export import (
         CheckpointError,
         EncoderConfig,
+        encoder_dir,
         export_encoder,
         load_encoder,
         read_encoder_config,
@@ -84,6 +85,7 @@ _WHERE = {
     "default_device": "moco.distributed",
     "describe_fit": "moco.whiten",
     "epoch_numbers": "moco.trainlog",
+    "encoder_dir": "moco.export",
     "eval_transform": "moco.augment",
     "export_encoder": "moco.export",
     "feature_dim": "moco.encoders",
@@ -139,6 +141,7 @@ __all__ = [
     "config_from_args",
     "default_device",
     "describe_fit",
+    "encoder_dir",
     "epoch_numbers",
     "eval_transform",
     "export_encoder",

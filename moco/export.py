@@ -107,9 +107,18 @@ def save_encoder(
     return cfg
 
 
+def encoder_dir(path: str | os.PathLike) -> Path:
+    """``path``, or the encoder directory of its own file (``model.safetensors``,
+    ``config.json``): a user who points at the weights means the encoder."""
+    path = Path(path)
+    if path.name in (WEIGHTS, CONFIG) and (path.parent / CONFIG).is_file():
+        return path.parent
+    return path
+
+
 def read_encoder_config(path: str | os.PathLike) -> EncoderConfig:
     """The config of the encoder directory ``path``, without loading its weights."""
-    path = Path(path)
+    path = encoder_dir(path)
     if not (path / CONFIG).is_file():
         raise CheckpointError(f"Not an encoder directory (no {CONFIG}): {path}")
     try:
@@ -120,6 +129,12 @@ def read_encoder_config(path: str | os.PathLike) -> EncoderConfig:
         raise CheckpointError(
             f"Unreadable encoder config {path / CONFIG}: a JSON object with 'arch' expected, "
             f"found a JSON {type(data).__name__}"
+        )
+    if "moco_k" in data:  # a run's TrainConfig: it also names an 'arch'
+        ckpt = path / "checkpoint_last.pt"
+        raise CheckpointError(
+            f"{path} is a pretraining run, not an encoder: export its encoder first "
+            f"(moco-search export {ckpt} --out {path / 'encoder'})"
         )
     try:
         return EncoderConfig.from_dict(data)
@@ -154,7 +169,7 @@ def load_backbone(
     """The encoder directory's bare backbone (average pool, no map), its map's tensors
     (``whiten.fit_map``'s, empty if none) and its config: what ``load_encoder`` assembles, and
     what ``export_encoder`` starts from to export an encoder again."""
-    path = Path(path)
+    path = encoder_dir(path)
     cfg = read_encoder_config(path)
     weights = path / WEIGHTS
     if not weights.is_file():
@@ -330,11 +345,9 @@ def _frozen_source(
 ) -> tuple[nn.Module, EncoderConfig, str | None]:
     """The bare backbone (no pooling choice, no map) of a checkpoint or encoder directory, the
     config it exports with by default, and the folder it was trained on, if known. An encoder's
-    own file (``model.safetensors``, ``config.json``) stands for its directory: torch.load
-    reads the weights alone, without the config that says what they are."""
-    checkpoint = Path(checkpoint)
-    if checkpoint.name in (WEIGHTS, CONFIG) and (checkpoint.parent / CONFIG).is_file():
-        checkpoint = checkpoint.parent
+    own file stands for its directory (``encoder_dir``): torch.load would read the weights
+    alone, without the config that says what they are."""
+    checkpoint = encoder_dir(checkpoint)
     if checkpoint.is_dir():
         model, _, cfg = load_backbone(checkpoint)
         return model, cfg, cfg.training.get("config", {}).get("data")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import shutil
@@ -13,6 +14,7 @@ import pytest
 
 import launch
 from indexes import Collection
+from moco import TrainConfig
 
 
 @pytest.fixture
@@ -78,8 +80,10 @@ def test_user_mistakes_are_one_line(
     assert launch.main(["search", "--collection", str(coll), str(tmp_path / "no.png")]) == 2
     assert launch.main(["search", "--collection", str(tmp_path / "nothing"), "x.png"]) == 2
     assert launch.main(["index", "--collection", str(tmp_path / "new")]) == 2
+    assert launch.main(["search", "--collection", str(coll), "--id", "999999"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 3 and all(e.startswith("moco-search ") for e in err)
+    assert len(err) == 4 and all(e.startswith("moco-search ") for e in err)
+    assert err[3].endswith(f"No image with id 999999 in {coll}")
     assert "no.png" in err[0]
     assert "nothing" in err[1] and "x.png" not in err[1]  # the wrong collection comes first
     junk = tmp_path / "junk.jpg"
@@ -195,3 +199,27 @@ def test_index_budget_and_float16_flags_then_search_shows_recall(
     assert launch.main(["search", "--collection", c, "--id", "1", "-k", "2"]) == 0
     assert "recall@10 1.000" in capsys.readouterr().err
     assert launch.main(["index", "--collection", c, "--max-index-memory", "lots"]) == 2
+
+
+def test_an_encoder_named_by_its_weights_file_and_a_run_named_as_an_encoder(
+    images: Path, encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    weights = encoder_dir / "model.safetensors"
+    args = ["index", str(images), "--workers", "0", "--collection"]
+    assert launch.main([*args, str(tmp_path / "c"), "--encoder", str(weights)]) == 0
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["encoder"]["path"] == str(encoder_dir.resolve())  # the encoder, not its file
+    # A run directory holds a config.json too (a TrainConfig, which also names an arch).
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(
+        json.dumps(dataclasses.asdict(TrainConfig(data="x", out=str(run))))
+    )
+    capsys.readouterr()
+    assert launch.main([*args, str(tmp_path / "c2"), "--encoder", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        f"{run} is a pretraining run, not an encoder: export its encoder first "
+        f"(moco-search export {run / 'checkpoint_last.pt'} --out {run / 'encoder'})"
+    ), err
+    assert not (tmp_path / "c2").exists()
