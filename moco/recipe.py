@@ -71,8 +71,9 @@ def default_amp(device_type: str, image_size: int) -> bool:
     return device_type == "cpu" and image_size >= CPU_BF16_MIN_SIZE and cpu_has_bf16()
 
 
-def auto_config(cfg: Any, num_images: int, device_type: str) -> Any:
-    """``cfg`` with each field left ``None`` set for ``num_images`` images on ``device_type``.
+def auto_config(cfg: Any, num_images: int, device_type: str, world: int = 1) -> Any:
+    """``cfg`` with each field left ``None`` set for ``num_images`` images on ``device_type``,
+    trained by ``world`` processes.
 
     On CPU the images are small (32 px) and keep ResNet's ImageNet stem: the CIFAR stem
     (3x3/1, no pool) costs 16x the compute, 14 against 70 img/s at 64 px on 2 cores. 32 px,
@@ -93,6 +94,10 @@ def auto_config(cfg: Any, num_images: int, device_type: str) -> Any:
     if batch is None:
         # at least 8 steps an epoch, so that a tiny folder still gets a usable schedule
         batch = max(min(CPU_BATCH if cpu else GPU_BATCH, num_images // 8), min(8, num_images))
+        # in whole split-BN groups on every process: 567 images gave batch 70, which turned
+        # the key encoder's split-BN off with a warning about a flag the user never gave
+        unit = world * max(cfg.bn_splits, 1)
+        batch -= batch % (unit if batch >= unit else world)
     k = cfg.moco_k
     if k is None:
         k = min(max(round(QUEUE_FRACTION * num_images), batch), 65536)

@@ -127,7 +127,7 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
     elif ckpt_path.exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume or choose another --out")
     paths, monitor_paths, held_out = holdout(paths, cfg)
-    cfg = check_config(auto_config(cfg, len(paths), device.type), len(paths), world)
+    cfg = check_config(auto_config(cfg, len(paths), device.type, world), len(paths), world)
 
     _seed_all(cfg.seed)
     if cfg.deterministic:

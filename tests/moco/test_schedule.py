@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from moco.recipe import Budget, auto_config
+from moco.recipe import Budget, auto_config, check_config
 from moco.schedule import Schedule, cosine_lr, cosine_momentum, steps_in_budget
 from moco.train import TrainConfig
 
@@ -62,6 +62,11 @@ def test_auto_config_fits_the_data_and_the_device() -> None:
     assert gpu.image_size == 224 and gpu.batch_size == 256
     tiny = auto_config(TrainConfig(data="d", out="o"), num_images=32, device_type="cpu")
     assert tiny.batch_size == 8 and tiny.moco_k == 8  # 4 steps an epoch; K at least a batch
+    # an eighth of the images, in whole split-BN groups of 8 on every process
+    assert auto_config(TrainConfig(data="d", out="o"), 567, "cpu").batch_size == 64
+    assert auto_config(TrainConfig(data="d", out="o"), 567, "cpu", world=3).batch_size == 48
+    few = auto_config(TrainConfig(data="d", out="o"), 100, "cpu", world=3)  # 12: below 3 x 8
+    assert few.batch_size == 12 and check_config(few, 100, world=3).batch_size == 12
     mine = auto_config(TrainConfig(data="d", out="o", moco_k=65536, image_size=64), 100, "cpu")
     assert mine.moco_k == 65536 and mine.image_size == 64  # what the user sets is kept
 
