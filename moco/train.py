@@ -231,6 +231,13 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
     reported = time.perf_counter()
     try:
         done = state.epoch >= schedule.epochs  # a finished run, resumed: nothing to do
+        if done:
+            log.info(
+                "nothing to train: the run has done %d of its %d epochs (a larger --epochs "
+                "goes on)",
+                state.epoch,
+                schedule.epochs,
+            )
         while not done:
             epoch = state.epoch
             # Each epoch reproducible on its own; ranks differ (augmentations with workers=0).

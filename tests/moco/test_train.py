@@ -145,6 +145,18 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     assert load_checkpoint_file(part / LAST)["epoch"] == 2
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(
+    emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    ckpt = train(tiny_cfg(emoji_dir, run, epochs=1, max_steps=1))
+    before = ckpt.read_bytes()
+    caplog.set_level("INFO")
+    train(tiny_cfg(emoji_dir, run, epochs=1, max_steps=1, resume=True))
+    assert "nothing to train: the run has done 1 of its 1 epochs" in caplog.text
+    assert ckpt.read_bytes() == before
+
+
 def test_broken_file_is_skipped_and_logged(emoji_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(emoji_dir, data)
