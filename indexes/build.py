@@ -378,11 +378,21 @@ def _embed_todo(
         done = total - len(todo)
         bar.update(done)
         batches = embed.decode_batches([e.path for e, _ in todo], run.cfg, batch_size, workers)
-        for start, decoded in zip(range(0, len(todo), batch_size), batches, strict=True):
-            items = todo[start : start + len(decoded)]
-            vecs = embed.embed_decoded(model, decoded, device)
-            commit_batch(run.db, items, decoded, vecs, run.root_ids, run.report)
-            done += len(items)
-            bar.update(len(items))
-            if progress:
-                progress(done, total)
+        try:
+            for start, decoded in zip(range(0, len(todo), batch_size), batches, strict=True):
+                items = todo[start : start + len(decoded)]
+                vecs = embed.embed_decoded(model, decoded, device)
+                commit_batch(run.db, items, decoded, vecs, run.root_ids, run.report)
+                done += len(items)
+                bar.update(len(items))
+                if progress:
+                    progress(done, total)
+        except KeyboardInterrupt:
+            bar.close()
+            log.warning(
+                "interrupted: the %d of %d images embedded so far are kept (searchable now); "
+                "the same command indexes the rest",
+                done,
+                total,
+            )
+            raise

@@ -223,3 +223,35 @@ def test_an_encoder_named_by_its_weights_file_and_a_run_named_as_an_encoder(
         f"(moco-search export {run / 'checkpoint_last.pt'} --out {run / 'encoder'})"
     ), err
     assert not (tmp_path / "c2").exists()
+
+
+def test_ctrl_c_while_indexing_keeps_what_was_embedded_and_says_so(
+    images: Path,
+    encoder_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    import indexes.embed
+
+    embed, calls = indexes.embed.embed_decoded, []
+
+    def interrupted_at_the_third_batch(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return embed(*args)
+
+    monkeypatch.setattr(indexes.embed, "embed_decoded", interrupted_at_the_third_batch)
+    out = tmp_path / "c"
+    cmd = ["index", str(images), "--collection", str(out), "--encoder", str(encoder_dir)]
+    cmd += ["--workers", "0", "--batch-size", "4"]
+    caplog.set_level(logging.INFO)
+    assert launch.main(cmd) == 130
+    assert "interrupted: the 8 of 16 images embedded so far are kept" in caplog.text
+    assert "index: interrupted" in capsys.readouterr().err
+    assert len(Collection(out).search_id(1, k=16)) == 8  # searchable as it is
+    monkeypatch.setattr(indexes.embed, "embed_decoded", embed)
+    assert launch.main(cmd) == 0
+    assert "(8 new, 0 updated, 0 renamed, 0 removed, 8 unchanged)" in capsys.readouterr().out
