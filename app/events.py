@@ -26,6 +26,7 @@ import gradio as gr
 from app import classifying, handlers, overview
 from app.context import AppContext
 from app.handlers import UserError
+from indexes import EncoderMissing
 
 NO_PICK = "Click a result to select it: search from it, or mark it as more or less like this."
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except UserError as e:  # a user's mistake: one line here, the sentence in the browser
+        except (UserError, EncoderMissing) as e:  # one line here, the sentence in the browser
             log.info("%s refused: %s", fn.__name__, e)
             raise gr.Error(str(e), print_exception=False) from None
 

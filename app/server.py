@@ -81,6 +81,8 @@ def open_context(cfg: ServerConfig) -> Any:
         ctx.title = "demo"
         return ctx
     ctx = AppContext.open(cfg.collection, device=cfg.device, allow_index=cfg.allow_index)
+    if missing := ctx.collection.encoder_missing():  # browsing still works: serve, and say so
+        print(f"WARNING: {missing}. Until then searching by an upload fails.", file=sys.stderr)
     first = ctx.collection.query_records(
         "images.id = (SELECT min(id) FROM images WHERE status = 'ok')"
     )

@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from indexes.build import IndexReport, index_images
-    from indexes.collection import Collection, Hit
+    from indexes.collection import Collection, EncoderMissing, Hit
     from indexes.export import ExportResult, export_embeddings
     from indexes.filters import Filters
     from indexes.store import Record
 
 _WHERE = {
     "Collection": "indexes.collection",
+    "EncoderMissing": "indexes.collection",
     "ExportResult": "indexes.export",
     "Filters": "indexes.filters",
     "Hit": "indexes.collection",
@@ -29,6 +30,7 @@ _WHERE = {
 
 __all__ = [
     "Collection",
+    "EncoderMissing",
     "ExportResult",
     "Filters",
     "Hit",

@@ -50,6 +50,10 @@ class Hit:
         return cls(r.id, score, r.path, r.root, r.relpath, r.label, r.meta())
 
 
+class EncoderMissing(FileNotFoundError):
+    """The collection's encoder is not where its manifest says: ``Collection.encoder_missing``."""
+
+
 class Collection:
     """A collection directory opened for search. Use ``Collection.open(path)``."""
 
@@ -105,6 +109,19 @@ class Collection:
     def _encoder_path(self) -> Path:
         return self._encoder_dir or Path(self.manifest["encoder"]["path"])
 
+    def encoder_missing(self) -> str | None:
+        """Why a new image cannot be embedded, when the encoder is not where the manifest says
+        (moved or deleted), else None. Stored vectors need no encoder: searching by id,
+        browsing and the probe's stored features work without it."""
+        path = self._encoder_path()
+        if path.is_dir():
+            return None
+        return (
+            f"The encoder of collection {self.path} is not at {path} (moved or deleted?): "
+            "embedding a new image needs it. If it moved, `moco-search index --collection "
+            f"{self.path} --encoder DIR` records where (nothing is embedded again)"
+        )
+
     def _check_encoder(self) -> None:
         path = self._encoder_path()
         manifest.check_encoder(self.manifest, read_encoder_config(path), path)
@@ -114,10 +131,7 @@ class Collection:
             if self._model is None:
                 path = self._encoder_path()
                 if not path.is_dir():
-                    raise FileNotFoundError(
-                        f"Encoder {path} of collection {self.path} not found; "
-                        "pass encoder= to Collection.open"
-                    )
+                    raise EncoderMissing(self.encoder_missing())
                 self._check_encoder()
                 self._model, cfg = embed.load_model(path, self.device)
                 self._transform = eval_transform(cfg)

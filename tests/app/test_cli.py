@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +41,28 @@ def test_no_subcommand_opens_the_app_with_auth(
     )
     assert rc == 0
     assert "ready at" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_collection_whose_encoder_moved_serves_and_says_how_to_point_at_it(
+    tmp_path: Path, encoder_factory: Any, tree: Any, port: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from indexes import index_images
+
+    enc = encoder_factory(tmp_path / "enc")
+    index_images([tree(tmp_path / "images")], tmp_path / "c", enc, batch_size=8, workers=0)
+    moved = enc.rename(tmp_path / "moved")
+    argv = ["app", "--collection", str(tmp_path / "c"), "--port", str(port), "--ready-and-exit"]
+    assert launch.main(argv) == 2  # its example query embeds an image
+    err = capsys.readouterr().err
+    missing = f"The encoder of collection {tmp_path / 'c'} is not at {enc} (moved or deleted?)"
+    assert f"WARNING: {missing}" in err  # said at the start, before any search
+    assert f"moco-search app: error: {missing}" in err  # not Gradio's "upstream ... exception"
+    assert f"moco-search index --collection {tmp_path / 'c'} --encoder DIR" in err
+    index = ["index", "--collection", str(tmp_path / "c"), "--encoder", str(moved)]
+    assert launch.main([*index, "--workers", "0"]) == 0
+    assert "0 new, 0 updated, 0 renamed, 0 removed, 24 unchanged" in capsys.readouterr().out
+    assert launch.main(argv) == 0
 
 
 @pytest.mark.parametrize(

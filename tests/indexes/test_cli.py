@@ -255,3 +255,23 @@ def test_ctrl_c_while_indexing_keeps_what_was_embedded_and_says_so(
     monkeypatch.setattr(indexes.embed, "embed_decoded", embed)
     assert launch.main(cmd) == 0
     assert "(8 new, 0 updated, 0 renamed, 0 removed, 8 unchanged)" in capsys.readouterr().out
+
+
+def test_a_moved_encoder_is_named_and_search_by_id_still_works(
+    images: Path, encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    enc = Path(shutil.copytree(encoder_dir, tmp_path / "enc"))
+    out = tmp_path / "c"
+    assert launch.main(["index", str(images), "--collection", str(out), "--encoder", str(enc)]) == 0
+    shutil.rmtree(enc)
+    capsys.readouterr()
+    assert launch.main(["search", "--collection", str(out), "--id", "1", "-k", "2"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3  # stored vectors need no encoder
+    query = str(images / "cat" / "000.png")
+    assert launch.main(["search", "--collection", str(out), query]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"moco-search search: error: The encoder of collection {out} is not at {enc} (moved or "
+        f"deleted?): embedding a new image needs it. If it moved, `moco-search index "
+        f"--collection {out} --encoder DIR` records where (nothing is embedded again)"
+    )
