@@ -2,8 +2,9 @@
 
 ``app.ui`` lays the components out and wires each event to one of these methods; the methods
 turn component values into display values through ``app.handlers``, ``app.classifying`` and
-``app.overview``. ``guarded`` turns a ``UserError`` into ``gr.Error``: the sentence shows in the
-browser and one line in the server's log, never a traceback.
+``app.overview``. ``guarded`` turns a ``UserError`` (or the collection's ``EncoderMissing``) into
+``gr.Error``: the sentence shows in the browser and one line in the server's log, never a
+traceback.
 
 Whatever a method acts on comes from server-side ``gr.State`` (the last search's hits, the
 selected hit, the feedback ids, the embedding map), never from a component value the client
