@@ -58,7 +58,8 @@ HELP = {
     "local_crops": "multi-crop (SwAV): this many small crops of each image as extra queries "
     "against its key (0: off; needs --augment batch)",
     "local_size": "side of the local crops in pixels (default: half of --image-size)",
-    "bn_splits": "BatchNorm groups emulating shuffle-BN on one device (1: off)",
+    "bn_splits": "key-encoder BatchNorm groups emulating shuffle-BN on one device, 1: off "
+    "(default: 8, fewer on batches under 32 per process: groups of at least 4 images)",
     "sync_bn": "SyncBatchNorm across processes instead of shuffled keys",
     "adapt": ADAPT_HELP,
     "workers": "data-loading processes",

@@ -14,6 +14,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from moco.model import ModelConfig
 
+BN_SPLITS = 8
+"""Key-encoder BatchNorm groups by default: shuffle-BN emulated on one device, as the official
+CIFAR demo (fewer on small batches: ``recipe.auto_splits``)."""
+
 ADAPT_HELP = (
     "fit a setting that would train poorly on this folder (a batch larger than the images, a "
     "queue over a quarter of them, an lr far from the scaling rule, a momentum too slow for the "
@@ -71,7 +75,7 @@ class TrainConfig:
     blur: bool = True  # v2's Gaussian blur
     local_crops: int = 0  # multi-crop: small views per image, extra queries against the key
     local_size: int | None = None  # None: half of image_size
-    bn_splits: int = 8  # shuffle-BN emulation on one device (official CIFAR demo); 1 disables
+    bn_splits: int | None = None  # None: 8 groups of at least 4 images per process; 1: off
     sync_bn: bool = False
     adapt: bool = False  # see ADAPT_HELP
     workers: int = 2
@@ -109,7 +113,7 @@ class TrainConfig:
             T=self.moco_t if self.moco_t is not None else (0.07 if v1 else 0.2),
             mlp=self.mlp if self.mlp is not None else not v1,
             symmetric=self.symmetric,
-            bn_splits=self.bn_splits,
+            bn_splits=self.bn_splits if self.bn_splits is not None else BN_SPLITS,
             sync_bn=self.sync_bn,
             head_bn=self.head_bn,
             exclude_nearest=self.exclude_nearest,

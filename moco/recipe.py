@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from moco.config import MECHANISMS, queue_only_flags
+from moco.config import BN_SPLITS, MECHANISMS, queue_only_flags
 from moco.encoders import check_arch
 from moco.schedule import steps_in_budget
 
@@ -34,6 +34,11 @@ LR_PER_256 = 0.03  # lr = LR_PER_256 x batch / 256: the paper's and the official
 MOMENTUM = 0.99  # the official CIFAR demo's m; the "fit" schedule lowers it for short runs
 WARMUP_FRACTION = 0.05  # linear lr warm-up over this share of a --minutes run
 CROP_MIN, COLOR = 0.2, 1.0
+# Key-encoder BatchNorm groups (``BN_SPLITS``) hold at least this many images: BatchNorm over
+# one image's 1x1 map (layer4 at 32 px) erases it, so every key of a batch of 8 in 8 groups
+# came out the same (and end-to-end, which takes gradients through the split, stopped with a
+# PyTorch error).
+MIN_SPLIT_GROUP = 4
 # InfoNCE temperature of MoCo v2 on small images (<= SMALL_IMAGE_MAX px): the official CIFAR
 # demo's. On emoji at 32 px it found the same emoji across vendors more often than v2's 0.2 at
 # every checkpoint of two 15-minute pairs (two seeds) and by 2.9 points after 5 minutes;
@@ -96,7 +101,7 @@ def auto_config(cfg: Any, num_images: int, device_type: str, world: int = 1) -> 
         batch = max(min(CPU_BATCH if cpu else GPU_BATCH, num_images // 8), min(8, num_images))
         # in whole split-BN groups on every process: 567 images gave batch 70, which turned
         # the key encoder's split-BN off with a warning about a flag the user never gave
-        unit = world * max(cfg.bn_splits, 1)
+        unit = world * max(cfg.bn_splits or BN_SPLITS, 1)
         batch -= batch % (unit if batch >= unit else world)
     k = cfg.moco_k
     if k is None:
@@ -108,6 +113,7 @@ def auto_config(cfg: Any, num_images: int, device_type: str, world: int = 1) -> 
         amp=cfg.amp if cfg.amp is not None else default_amp(device_type, size),
         small_stem=small,
         batch_size=max(batch, 1),
+        bn_splits=cfg.bn_splits or auto_splits(max(batch, 1) // world),
         moco_k=k,
         moco_m=cfg.moco_m if cfg.moco_m is not None else MOMENTUM,
         lr=cfg.lr if cfg.lr is not None else LR_PER_256 * max(batch, 1) / 256,
@@ -132,6 +138,16 @@ def default_temperature(cfg: Any, image_size: int) -> float | None:
     if cfg.resume or cfg.version != "v2" or image_size > SMALL_IMAGE_MAX:
         return None
     return SMALL_IMAGE_T
+
+
+def auto_splits(per_process: int) -> int:
+    """The most key-encoder BatchNorm groups, up to ``BN_SPLITS``, that split a batch of
+    ``per_process`` images evenly into groups of at least ``MIN_SPLIT_GROUP``: 8 for batches
+    of 32 and more, 2 for a tiny folder's 8, 1 (plain BatchNorm) below."""
+    s = BN_SPLITS
+    while s > 1 and (per_process % s or per_process // s < MIN_SPLIT_GROUP):
+        s //= 2
+    return s
 
 
 def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
@@ -173,6 +189,9 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
         if not cfg.adapt:
             raise ValueError(msg + "; pass a smaller --batch-size or --adapt")
         changes["batch_size"] = max(world, num_images - num_images % world)
+        fewer = min(cfg.bn_splits, auto_splits(changes["batch_size"] // world))
+        if cfg.bn_splits > 1 and fewer != cfg.bn_splits:  # in whole groups of the smaller batch
+            changes["bn_splits"] = fewer
     batch = changes.get("batch_size", cfg.batch_size)
     moco = cfg.mechanism == "moco"
     if cfg.mechanism == "end-to-end":
@@ -222,11 +241,18 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
             changes["lr"] = scaled
         else:
             log.warning(msg)
-    if cfg.bn_splits > 1 and (batch // world) % cfg.bn_splits:
+    per, splits = batch // world, changes.get("bn_splits", cfg.bn_splits)
+    if splits > 1 and per % splits == 0 and per // splits < 2:
+        raise ValueError(
+            f"--bn-splits {splits} splits a batch of {per} per process into groups of one "
+            "image, and BatchNorm over one image erases it; pass a smaller --bn-splits (leave it "
+            "unset for groups of at least 4) or a larger --batch-size"
+        )
+    if splits > 1 and per % splits:
         log.warning(
             "batch per process %d is not divisible by --bn-splits %d: plain BatchNorm is used",
-            batch // world,
-            cfg.bn_splits,
+            per,
+            splits,
         )
     if not changes:
         return cfg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -140,6 +141,19 @@ def test_each_mechanism_trains_and_exports(mechanism: str, emoji_dir: Path, tmp_
     assert "view_recall" in row  # the label-free monitor works on every mechanism
     cfg = export_encoder(ckpt, tmp_path / "enc")
     assert cfg.feature_dim == 512
+
+
+@pytest.mark.parametrize("mechanism", ["moco", "end-to-end"])
+def test_a_tiny_folders_batch_splits_its_batchnorm_into_groups_of_four(
+    mechanism: str, emoji_dir: Path, tmp_path: Path
+) -> None:
+    """32 images choose batch 8: 8 groups of one image erased every key at layer4's 1x1 map
+    (end-to-end, with gradients through the split, stopped with a PyTorch error)."""
+    run = tmp_path / "run"
+    train(tiny_cfg(emoji_dir, run, mechanism=mechanism, batch_size=None, bn_splits=None, epochs=1))
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["batch_size"], saved["bn_splits"]) == (8, 2)
+    assert read_log(run)[0]["loss"] > 0
 
 
 def test_an_unknown_mechanism_is_refused_with_the_valid_ones() -> None:

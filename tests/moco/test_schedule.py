@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from moco.recipe import Budget, auto_config, check_config
+from moco.recipe import Budget, auto_config, auto_splits, check_config
 from moco.schedule import Schedule, cosine_lr, cosine_momentum, steps_in_budget
 from moco.train import TrainConfig
 
@@ -69,6 +70,17 @@ def test_auto_config_fits_the_data_and_the_device() -> None:
     assert few.batch_size == 12 and check_config(few, 100, world=3).batch_size == 12
     mine = auto_config(TrainConfig(data="d", out="o", moco_k=65536, image_size=64), 100, "cpu")
     assert mine.moco_k == 65536 and mine.image_size == 64  # what the user sets is kept
+
+
+def test_key_batchnorm_groups_hold_at_least_four_images() -> None:
+    assert [auto_splits(n) for n in (256, 32, 16, 8, 70, 6, 1)] == [8, 8, 4, 2, 2, 1, 1]
+    given = auto_config(TrainConfig(data="d", out="o", batch_size=8, bn_splits=8), 32, "cpu")
+    with pytest.raises(ValueError, match="groups of one image, and BatchNorm over one image"):
+        check_config(given, 32)
+    assert check_config(dataclasses.replace(given, bn_splits=4), 32).bn_splits == 4  # pairs
+    # --adapt shrinks a batch larger than the folder, and its groups with it
+    big = dataclasses.replace(given, batch_size=100, bn_splits=8, adapt=True)
+    assert (lambda c: (c.batch_size, c.bn_splits))(check_config(big, 12)) == (12, 2)
 
 
 def test_small_images_train_at_the_official_cifar_temperature() -> None:
