@@ -153,6 +153,8 @@ def auto_splits(per_process: int) -> int:
 def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
     """Refuse impossible settings, warn about poor ones, and fix them when ``adapt`` is set."""
     check_arch(cfg.arch)
+    if cfg.bn_splits is None:  # not through auto_config: its choice
+        cfg = dataclasses.replace(cfg, bn_splits=auto_splits(max(cfg.batch_size // world, 1)))
     if cfg.version not in ("v1", "v2"):
         raise ValueError(f"Unknown MoCo version {cfg.version!r}; valid: v1, v2")
     if cfg.augment not in ("auto", "batch", "pil"):
