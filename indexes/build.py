@@ -251,7 +251,17 @@ def start_run(
     if vector_dtype is not None and vector_dtype != store.vector_dtype(db):
         n = store.set_vector_dtype(db, vector_dtype, cfg.feature_dim)
         log.info("%s: %d stored vectors converted to %s", collection, n, vector_dtype)
-    found = scan.scan(names, labels)
+    found = scan.scan(names, labels.by_path if labels else None)
+    if labels and (unmatched := labels.unmatched(found.entries)):
+        log.warning(
+            "%s: %d of its %d rows name no image file under %s (first: %s); their labels are "
+            "not applied",
+            labels_csv,
+            len(unmatched),
+            len(labels.rows),
+            ", ".join(names),
+            unmatched[0],
+        )
     p = plan.make_plan(found.entries, plan.existing_rows(db, root_ids))
     report = IndexReport(
         unchanged=p.unchanged, renamed=len(p.renames), removed=len(p.delete), skipped=found.skipped

@@ -57,12 +57,27 @@ def folder_label(relpath_raw: bytes) -> str | None:
     return parts[0].decode("utf-8", "backslashreplace") if len(parts) > 1 else None
 
 
-def read_labels(csv_path: str | os.PathLike, roots: list[str]) -> dict[str, str]:
-    """``path,label`` rows (path absolute or relative to one of ``roots``) as absolute -> label."""
+@dataclass(frozen=True)
+class Labels:
+    """A ``--labels`` CSV: each absolute path's label, and each row's path as written with the
+    absolute paths it may mean (a relative one, under each root)."""
+
+    by_path: dict[str, str]
+    rows: list[tuple[str, list[str]]]
+
+    def unmatched(self, entries: list[FileEntry]) -> list[str]:
+        """The rows' paths, as written, that name no file of ``entries`` (a typo, or a file
+        moved since the CSV was made): their labels are applied to nothing."""
+        found = {os.path.normpath(e.path) for e in entries}
+        return [p for p, candidates in self.rows if found.isdisjoint(candidates)]
+
+
+def read_labels(csv_path: str | os.PathLike, roots: list[str]) -> Labels:
+    """``path,label`` rows (path absolute or relative to one of ``roots``)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise FileNotFoundError(f"Labels CSV not found: {csv_path}")
-    out: dict[str, str] = {}
+    labels = Labels({}, [])
     with open(csv_path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
@@ -73,9 +88,11 @@ def read_labels(csv_path: str | os.PathLike, roots: list[str]) -> dict[str, str]
         for row in reader:
             p = row["path"]
             candidates = [p] if os.path.isabs(p) else [os.path.join(r, p) for r in roots]
+            candidates = [os.path.normpath(c) for c in candidates]
+            labels.rows.append((p, candidates))
             for c in candidates:
-                out[os.path.normpath(c)] = row["label"]
-    return out
+                labels.by_path[c] = row["label"]
+    return labels
 
 
 def in_a_collection(path: Path, root: str, memo: dict[Path, bool]) -> bool:

@@ -146,12 +146,18 @@ def test_new_collection_needs_an_encoder(images: Path, tmp_path: Path) -> None:
         index_images([tmp_path / "nope"], tmp_path / "c", tmp_path)
 
 
-def test_labels_csv_overrides_folders(images: Path, encoder_dir: Path, tmp_path: Path) -> None:
+def test_labels_csv_overrides_folders(
+    images: Path, encoder_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     csv = tmp_path / "labels.csv"
-    csv.write_text(f"path,label\ncat/000.png,tabby\n{images / 'dog' / '000.png'},pug\n")
+    rows = f"cat/000.png,tabby\n{images / 'dog' / '000.png'},pug\ncat/0OO.png,typo\n"
+    csv.write_text(f"path,label\n{rows}")
     build(images, tmp_path / "c", encoder_dir, labels_csv=csv)
     with Collection.open(tmp_path / "c") as c:
         assert c.label_counts() == {"cat": 5, "dog": 5, "owl": 4, "pug": 1, "tabby": 1}
+    # the row that names no file is said, not silently dropped
+    assert f"{csv}: 1 of its 3 rows name no image file under {images}" in caplog.text
+    assert "(first: cat/0OO.png); their labels are not applied" in caplog.text
 
 
 def test_a_collection_inside_its_images_folder_does_not_index_itself(
