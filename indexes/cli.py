@@ -254,6 +254,8 @@ def run_search(ns: argparse.Namespace) -> int:
                 min_score=args.min_score,
             )
         entry = c.manifest.get("index", {})
+        if not hits:
+            print(f"no results: {why_none(c, args)}", file=sys.stderr)
     if not args.json and entry.get("recall_at_10") is not None:
         print(
             f"index {entry.get('factory')}: recall@10 {entry['recall_at_10']:.3f} against exact "
@@ -262,6 +264,18 @@ def run_search(ns: argparse.Namespace) -> int:
         )
     _print_hits(hits, args.json)
     return 0
+
+
+def why_none(c: Any, args: SearchArgs) -> str:
+    """Why a search found nothing, when its filters say: a label no image has, a score no
+    cosine similarity reaches; else that the filters leave no image."""
+    labels = set(c.label_counts()) | set(c.user_labels().values())
+    if args.label is not None and args.label not in labels:
+        known = ", ".join(sorted(labels)[:10]) + (", ..." if len(labels) > 10 else "") or "none"
+        return f"no image is labelled {args.label!r} (labels: {known})"
+    if args.min_score is not None and args.min_score > 1:
+        return f"--min-score {args.min_score}: scores are cosine similarities, at most 1"
+    return "no indexed image passes the filters" if len(c) else "the collection is empty"
 
 
 def run_duplicates(ns: argparse.Namespace) -> int:

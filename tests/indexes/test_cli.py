@@ -72,6 +72,15 @@ def test_search_table_and_json(coll: Path, images: Path, capsys: pytest.CaptureF
         == 0
     )
     assert json.loads(capsys.readouterr().out)["id"] == rows[0]["id"]
+    # Nothing found: why, where the filters say it
+    for flags, why in [
+        (["--label", "cta"], "no image is labelled 'cta' (labels: cat, dog, owl)"),
+        (["--min-score", "1.5"], "--min-score 1.5: scores are cosine similarities, at most 1"),
+        (["--glob", "zebra/*"], "no indexed image passes the filters"),
+    ]:
+        assert launch.main(["search", "--collection", str(coll), str(q), *flags]) == 0
+        out, err = capsys.readouterr()
+        assert len(out.splitlines()) == 1 and f"no results: {why}\n" in err, (flags, err)
 
 
 def test_user_mistakes_are_one_line(
@@ -146,7 +155,7 @@ def test_star_groups_never_chain() -> None:
     assert all(g.min_score >= 0.96 for g in groups)
 
 
-def test_export_embeddings(coll: Path, tmp_path: Path) -> None:
+def test_export_embeddings(coll: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert (
         launch.main(["export-embeddings", "--collection", str(coll), "--out", str(tmp_path / "x")])
         == 0
@@ -158,6 +167,10 @@ def test_export_embeddings(coll: Path, tmp_path: Path) -> None:
     with Collection.open(coll) as c:
         np.testing.assert_array_equal(emb, c.vectors(ids))
     assert {int(r["id"]) for r in rows if r["status"] == "ok"} == set(ids.tolist())
+    a_file = tmp_path / "x" / "ids.npy"
+    assert launch.main(["export-embeddings", "--collection", str(coll), "--out", str(a_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"--out {a_file} is a file: give a folder to write the export into")
 
 
 def test_every_command_has_help() -> None:
