@@ -163,9 +163,9 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
             f"{readable} of the {len(paths)} training files in {cfg.data} could be read as an "
             "image (the warnings above say why); MoCo needs at least 2"
         )
-    runlog = RunLog(out, cfg, paths, enabled=rank == 0)
     monitor = KnnMonitor(cfg, paths, device) if cfg.val_dir and rank == 0 else None
     views = view_monitor(cfg, monitor_paths) if rank == 0 else None
+    runlog = RunLog(out, cfg, paths, enabled=rank == 0)  # the run folder: after every refusal
     steps_per_epoch = max(len(paths) // cfg.batch_size, 1)
     if cfg.max_steps:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps)

@@ -145,6 +145,18 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
     assert load_checkpoint_file(part / LAST)["epoch"] == 2
 
 
+def test_a_val_dir_without_class_folders_is_refused_before_the_run_folder_is_made(
+    emoji_dir: Path, tmp_path: Path
+) -> None:
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted(emoji_dir.rglob("*.png"))[:4]:
+        shutil.copy(f, flat / f.name)
+    with pytest.raises(ValueError, match="must be an ImageFolder tree"):
+        train(tiny_cfg(emoji_dir, tmp_path / "run", val_dir=str(flat)))
+    assert not (tmp_path / "run").exists()  # the corrected command starts afresh
+
+
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(
     emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
