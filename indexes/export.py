@@ -17,6 +17,7 @@ import numpy as np
 from indexes import store
 from indexes.faults import atomic_file
 from indexes.manifest import read_manifest
+from moco import output_folder
 
 CSV_COLUMNS = (
     "id",
@@ -49,9 +50,7 @@ def export_embeddings(collection: str | os.PathLike, out: str | os.PathLike) -> 
     """Write ``embeddings.npy`` (N x D float32), ``ids.npy`` (N int64) and ``metadata.csv``."""
     collection, out = Path(collection), Path(out)
     dim = int(read_manifest(collection)["feature_dim"])
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"--out {out} is a file: give a folder to write the export into")
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out)
     db = store.open_store(collection / store.DB_NAME, create=False)
     try:
         n = int(db.execute("SELECT count(*) FROM vectors").fetchone()[0])

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
         read_encoder_config,
         save_encoder,
     )
-    from moco.files import DISK_FULL, DiskFullError, atomic_file, file_hash
+    from moco.files import DISK_FULL, DiskFullError, atomic_file, file_hash, output_folder
     from moco.flags import add_dataclass_flags, config_from_args, flag
     from moco.knn import knn_predict, knn_top1
     from moco.loss import info_nce, moco_logits, topk_accuracy
@@ -100,6 +100,7 @@ _WHERE = {
     "load_probe": "moco.probe",
     "moco_logits": "moco.loss",
     "moco_transform": "moco.augment",
+    "output_folder": "moco.files",
     "read_encoder_config": "moco.export",
     "read_probe_meta": "moco.probe",
     "resolve_encoder": "moco.published",
@@ -157,6 +158,7 @@ __all__ = [
     "load_probe",
     "moco_logits",
     "moco_transform",
+    "output_folder",
     "read_encoder_config",
     "read_probe_meta",
     "resolve_encoder",

@@ -24,6 +24,7 @@ from typing import Any
 
 from moco.checkpoint import LAST
 from moco.config import MECHANISMS, TrainConfig, queue_only_flags
+from moco.files import output_folder
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ def ablate(
     momentum_k = momentum_k or min(ks, key=lambda k: abs(k - num_images / 10))
     cells = grid(mechanisms, ks, momenta, momentum_k, num_images)
     out = Path(base.out)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
+    (output_folder(out) / "cells").mkdir(exist_ok=True)
     results = []
     for i, cell in enumerate(cells, 1):
         finished = (out / "cells" / cell.name / "result.json").is_file()

@@ -36,7 +36,7 @@ from moco.encoders import (
     pooled_dim,
     with_pooling,
 )
-from moco.files import atomic_file, file_hash
+from moco.files import atomic_file, file_hash, output_folder
 from moco.trainlog import read_log, thin_log
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -316,6 +316,7 @@ def export_encoder(
     folder; with none, "auto" exports without a map).
     """
     model, cfg, data = _frozen_source(checkpoint)
+    output_folder(out)  # before the fitting, which takes minutes on a large folder
     pooling = default_pooling(cfg.arch) if pooling == "auto" else pooling
     cfg = dataclasses.replace(
         cfg,

@@ -28,6 +28,22 @@ class DiskFullError(OSError, ValueError):
     """
 
 
+def output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` made (with its parents) as the folder a command writes into: before any work,
+    so that a file, a path under a file or one that cannot be made there fails at once, in a
+    sentence that names ``flag`` (not "[Errno 17] File exists" after minutes of fitting)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{flag} {path} is a file: give a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise
+        raise PermissionError(f"{flag} {path}: cannot make this folder ({e.strerror})") from e
+    return path
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike, unique: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, else it is gone.

@@ -97,6 +97,8 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
     paths = list_images(cfg.data)
     device = default_device(cfg.device, local_rank)
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():  # made later, by RunLog, once every check has passed
+        raise NotADirectoryError(f"--out {out} is a file: give a folder for the run")
     ckpt_path = out / LAST
     start_epoch, skip_steps, resumed = 0, 0, None
     if cfg.resume:

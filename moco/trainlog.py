@@ -15,7 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from moco.config import TrainConfig
-from moco.files import atomic_file
+from moco.files import atomic_file, output_folder
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class RunLog:
         self._tb: Any = None
         self._rows: list[dict[str, Any]] = []  # epochs not yet in log.jsonl
         if enabled:
-            out.mkdir(parents=True, exist_ok=True)
+            output_folder(out)
             (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     @property

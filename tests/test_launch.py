@@ -66,3 +66,31 @@ def test_every_optional_flag_says_its_default(name: str) -> None:
         for action in p._positionals._group_actions:
             if not isinstance(getattr(action, "choices", None), dict):  # not the subcommands
                 assert action.help and action.help != action.dest, (p.prog, action.dest)
+
+
+def test_an_out_that_is_a_file_is_one_line_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``--out`` naming a file: said at once, not "[Errno 17] File exists" after the work."""
+    from PIL import Image
+
+    from tests.conftest import make_encoder
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 40), (60 * i, 90, 200 - 40 * i)).save(data / f"{i}.png")
+    enc = make_encoder(tmp_path / "enc")
+    for argv, said in [
+        (["export", str(enc), "--out", str(a_file)], "give a folder"),
+        (["pretrain", str(data), "--out", str(a_file)], "give a folder for the run"),
+        (["ablate", str(data), "--out", str(a_file), "--epochs", "1"], "give a folder"),
+    ]:
+        assert launch.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"--out {a_file} is a file: {said}"), err
+    assert a_file.read_text() == "mine"
+    assert launch.main(["export", str(enc), "--out", str(a_file / "sub")]) == 2
+    assert "cannot make this folder (Not a directory)" in capsys.readouterr().err

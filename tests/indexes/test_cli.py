@@ -170,7 +170,7 @@ def test_export_embeddings(coll: Path, tmp_path: Path, capsys: pytest.CaptureFix
     a_file = tmp_path / "x" / "ids.npy"
     assert launch.main(["export-embeddings", "--collection", str(coll), "--out", str(a_file)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith(f"--out {a_file} is a file: give a folder to write the export into")
+    assert err.endswith(f"--out {a_file} is a file: give a folder")
 
 
 def test_every_command_has_help() -> None:
