@@ -36,7 +36,7 @@ from moco.encoders import (
     pooled_dim,
     with_pooling,
 )
-from moco.files import atomic_file, file_hash, output_folder
+from moco.files import atomic_file, file_hash, output_folder_for
 from moco.trainlog import read_log, thin_log
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -316,29 +316,29 @@ def export_encoder(
     folder; with none, "auto" exports without a map).
     """
     model, cfg, data = _frozen_source(checkpoint)
-    output_folder(out)  # before the fitting, which takes minutes on a large folder
-    pooling = default_pooling(cfg.arch) if pooling == "auto" else pooling
-    cfg = dataclasses.replace(
-        cfg,
-        image_size=int(image_size or cfg.image_size),
-        pooling=pooling,
-        feature_dim=pooled_dim(cfg.arch, pooling),
-        fit={},
-        content_hash="",
-    )
-    fitted: dict[str, torch.Tensor] = {}
-    fit_on = fit_on or (data if data and Path(data).is_dir() else None)
-    if fit == "auto" and fit_on is None:
-        fit = "none"
-    if fit != "none":
-        if fit_on is None:
-            raise ValueError(
-                f"--fit {fit} needs a folder of images to fit on: the checkpoint names none that "
-                f"exists here ({data or 'not a moco-search run'}); pass --fit-on DIR"
-            )
-        fitted, info = fit_on_folder(with_pooling(model, pooling), cfg, fit, fit_on, fit_images)
-        cfg = dataclasses.replace(cfg, fit=info)
-    return save_encoder(model, cfg, out, half=half, fitted=fitted)
+    with output_folder_for(out):  # made before the fitting, which takes minutes; gone if it fails
+        pooling = default_pooling(cfg.arch) if pooling == "auto" else pooling
+        cfg = dataclasses.replace(
+            cfg,
+            image_size=int(image_size or cfg.image_size),
+            pooling=pooling,
+            feature_dim=pooled_dim(cfg.arch, pooling),
+            fit={},
+            content_hash="",
+        )
+        fitted: dict[str, torch.Tensor] = {}
+        fit_on = fit_on or (data if data and Path(data).is_dir() else None)
+        if fit == "auto" and fit_on is None:
+            fit = "none"
+        if fit != "none":
+            if fit_on is None:
+                raise ValueError(
+                    f"--fit {fit} needs a folder of images to fit on: the checkpoint names none "
+                    f"that exists here ({data or 'not a moco-search run'}); pass --fit-on DIR"
+                )
+            fitted, info = fit_on_folder(with_pooling(model, pooling), cfg, fit, fit_on, fit_images)
+            cfg = dataclasses.replace(cfg, fit=info)
+        return save_encoder(model, cfg, out, half=half, fitted=fitted)
 
 
 def _frozen_source(

@@ -13,7 +13,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -42,6 +42,22 @@ def output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
             raise
         raise PermissionError(f"{flag} {path}: cannot make this folder ({e.strerror})") from e
     return path
+
+
+@contextmanager
+def output_folder_for(path: str | os.PathLike, flag: str = "--out") -> Iterator[Path]:
+    """``output_folder`` for the length of the work: a folder made here is removed again if the
+    work fails before writing into it, so that a failed command leaves nothing behind."""
+    path = Path(path)
+    made = not path.exists()
+    output_folder(path, flag)
+    try:
+        yield path
+    except BaseException:
+        if made:
+            with suppress(OSError):  # only an empty folder goes
+                path.rmdir()
+        raise
 
 
 @contextmanager

@@ -93,7 +93,9 @@ def auto_config(cfg: Any, num_images: int, device_type: str, world: int = 1) -> 
     26.1), on emoji 64.2 against 70.1 (docs/pretraining.md). ``--embed-size`` keeps the choice.
     """
     cpu = device_type == "cpu"
-    size = cfg.image_size or (CPU_IMAGE_SIZE if cpu else GPU_IMAGE_SIZE)
+    size = cfg.image_size
+    if size is None:
+        size = CPU_IMAGE_SIZE if cpu else GPU_IMAGE_SIZE
     small = cfg.small_stem if cfg.small_stem is not None else (size <= 96 and not cpu)
     batch = cfg.batch_size
     if batch is None:
@@ -102,18 +104,18 @@ def auto_config(cfg: Any, num_images: int, device_type: str, world: int = 1) -> 
         # in whole split-BN groups on every process: 567 images gave batch 70, which turned
         # the key encoder's split-BN off with a warning about a flag the user never gave
         unit = world * max(cfg.bn_splits or BN_SPLITS, 1)
-        batch -= batch % (unit if batch >= unit else world)
+        batch = max(batch - batch % (unit if batch >= unit else world), 1)
     k = cfg.moco_k
     if k is None:
         k = min(max(round(QUEUE_FRACTION * num_images), batch), 65536)
     return dataclasses.replace(
         cfg,
         image_size=size,
-        embed_size=cfg.embed_size or size,
+        embed_size=cfg.embed_size if cfg.embed_size is not None else size,
         amp=cfg.amp if cfg.amp is not None else default_amp(device_type, size),
         small_stem=small,
-        batch_size=max(batch, 1),
-        bn_splits=cfg.bn_splits or auto_splits(max(batch, 1) // world),
+        batch_size=batch,
+        bn_splits=splits if (splits := cfg.bn_splits) is not None else auto_splits(batch // world),
         moco_k=k,
         moco_m=cfg.moco_m if cfg.moco_m is not None else MOMENTUM,
         lr=cfg.lr if cfg.lr is not None else LR_PER_256 * max(batch, 1) / 256,
@@ -150,6 +152,32 @@ def auto_splits(per_process: int) -> int:
     return s
 
 
+def check_ranges(cfg: Any) -> None:
+    """Refuse a number no run can use, naming its flag (unset ones, ``None``, are chosen later):
+    these failed deep inside a run, as a ZeroDivisionError (``--epochs 0``, ``--moco-k 0``), a
+    BatchNorm error (``--batch-size 0``), a NaN loss (``--moco-t 0``), or trained on with a
+    diverging key encoder (``--moco-m 1.5``)."""
+    for name, ok, need in (
+        ("epochs", cfg.epochs >= 1, ">= 1"),
+        ("batch_size", cfg.batch_size is None or cfg.batch_size >= 2, ">= 2"),
+        ("image_size", cfg.image_size is None or cfg.image_size >= 8, ">= 8"),
+        ("embed_size", cfg.embed_size is None or cfg.embed_size >= 8, ">= 8"),
+        ("bn_splits", cfg.bn_splits is None or cfg.bn_splits >= 1, ">= 1 (1: off)"),
+        ("lr", cfg.lr is None or cfg.lr > 0, "> 0"),
+        ("weight_decay", cfg.weight_decay is None or cfg.weight_decay >= 0, ">= 0"),
+        ("moco_t", cfg.moco_t is None or cfg.moco_t > 0, "> 0"),
+        ("moco_k", cfg.moco_k is None or cfg.moco_k >= 1, ">= 1"),
+        ("moco_m", cfg.moco_m is None or 0 <= cfg.moco_m <= 1, "in [0, 1]"),
+        ("moco_dim", cfg.moco_dim >= 1, ">= 1"),
+        ("crop_min", cfg.crop_min is None or 0 < cfg.crop_min <= 1, "in (0, 1]"),
+        ("color", cfg.color is None or cfg.color >= 0, ">= 0"),
+        ("workers", cfg.workers >= 0, ">= 0 (0: in this process)"),
+    ):
+        if not ok:
+            flag = name.replace("_", "-")
+            raise ValueError(f"--{flag} must be {need}, got {getattr(cfg, name)}")
+
+
 def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
     """Refuse impossible settings, warn about poor ones, and fix them when ``adapt`` is set."""
     check_arch(cfg.arch)
@@ -183,6 +211,9 @@ def check_config(cfg: Any, num_images: int, world: int = 1) -> Any:
         raise ValueError(
             f"No images found in {cfg.data} (looked for jpg, png, webp, bmp, tif, gif)"
         )
+    if num_images == 1:
+        raise ValueError(f"{cfg.data} holds one image: MoCo tells images apart, it needs 2 or more")
+    check_ranges(cfg)
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by {world} processes")
     changes: dict[str, Any] = {}

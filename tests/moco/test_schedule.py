@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,36 @@ def test_key_batchnorm_groups_hold_at_least_four_images() -> None:
     # --adapt shrinks a batch larger than the folder, and its groups with it
     big = dataclasses.replace(given, batch_size=100, bn_splits=8, adapt=True)
     assert (lambda c: (c.batch_size, c.bn_splits))(check_config(big, 12)) == (12, 2)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("epochs", 0, "--epochs must be >= 1, got 0"),  # was a ZeroDivisionError
+        ("batch_size", 0, "--batch-size must be >= 2, got 0"),  # a BatchNorm error
+        ("image_size", 0, "--image-size must be >= 8, got 0"),  # silently the default
+        ("lr", -1.0, "--lr must be > 0, got -1.0"),
+        ("moco_t", 0.0, "--moco-t must be > 0, got 0.0"),  # a NaN loss at the first step
+        ("moco_k", 0, "--moco-k must be >= 1, got 0"),  # a ZeroDivisionError
+        ("moco_m", 1.5, "--moco-m must be in [0, 1], got 1.5"),  # trained on, diverging
+        ("crop_min", 2.0, "--crop-min must be in (0, 1], got 2.0"),
+        ("bn_splits", 0, "--bn-splits must be >= 1 (1: off), got 0"),
+        ("workers", -1, "--workers must be >= 0 (0: in this process), got -1"),
+    ],
+)
+def test_numbers_no_run_can_use_are_refused_by_their_flag(
+    field: str, value: object, said: str
+) -> None:
+    cfg = auto_config(TrainConfig(data="d", out="o", **{field: value}), 100, "cpu")
+    with pytest.raises(ValueError, match=re.escape(said)):
+        check_config(cfg, 100)
+    check_config(auto_config(TrainConfig(data="d", out="o"), 100, "cpu"), 100)  # the defaults
+
+
+def test_a_folder_of_one_image_is_refused_with_the_reason() -> None:
+    cfg = auto_config(TrainConfig(data="one", out="o"), 1, "cpu")
+    with pytest.raises(ValueError, match="one holds one image: MoCo tells images apart"):
+        check_config(cfg, 1)
 
 
 def test_small_images_train_at_the_official_cifar_temperature() -> None:
