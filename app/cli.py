@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import socket
 from pathlib import Path
 
@@ -88,5 +89,11 @@ def run_app(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--allow-index: not a folder: {d}")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0-65535, got {args.port}")
+    if args.concurrency < 1:  # 0 served a page whose every event waited forever
+        raise ValueError(f"--concurrency must be 1 or more, got {args.concurrency}")
+    if not re.fullmatch(r"\d+ *(b|kb|mb|gb|tb)", args.max_file_size.strip(), re.IGNORECASE):
+        raise ValueError(
+            f"--max-file-size must be a size such as 500kb, 10mb or 1gb, got {args.max_file_size!r}"
+        )
     check_port(args.host, args.port)
     return serve(config_from_args(ServerConfig, args))

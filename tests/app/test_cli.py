@@ -66,16 +66,21 @@ def test_a_collection_whose_encoder_moved_serves_and_says_how_to_point_at_it(
 
 
 @pytest.mark.parametrize(
-    "argv",
+    ("argv", "said"),
     [
-        ["app", "--auth", "nopassword"],
-        ["app", "--collection", "/nonexistent/collection"],
-        ["app", "--port", "70000"],
+        (["app", "--auth", "nopassword"], "--auth must look like user:password"),
+        (["app", "--collection", "/nonexistent/collection"], "Collection not found"),
+        (["app", "--port", "70000"], "--port must be 0-65535, got 70000"),
+        # served a page whose every event waited forever
+        (["app", "--concurrency", "0"], "--concurrency must be 1 or more, got 0"),
+        # Gradio said: "invalid literal for int() with base 10: ''"
+        (["app", "--max-file-size", "10"], "--max-file-size must be a size such as 500kb"),
     ],
 )
-def test_user_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def test_user_errors_exit_2(argv: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert launch.main([*argv, "--ready-and-exit"]) == 2
-    assert "error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("moco-search app: error: ") and said in err, err
 
 
 def test_help_gives_defaults(capsys: pytest.CaptureFixture[str]) -> None:
