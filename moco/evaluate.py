@@ -69,6 +69,14 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"Unknown protocol {self.protocol!r}; valid: {PROTOCOLS}")
+        for flag, value, least in (
+            ("batch-size", self.batch_size, 1),
+            ("workers", self.workers, 0),
+            ("image-size", self.image_size, 8),
+            ("monitor-size", self.monitor_size, 0),
+        ):
+            if value is not None and value < least:  # torch's words, or 0 meaning the default
+                raise ValueError(f"--{flag} must be >= {least}, got {value}")
 
     def probe_config(self) -> ProbeConfig:
         if self.probe is not None:

@@ -315,12 +315,14 @@ def export_encoder(
     map on up to ``fit_images`` images of the folder ``fit_on`` (default: the run's training
     folder; with none, "auto" exports without a map).
     """
+    if image_size is not None and image_size < 8:  # 0 silently meant the default
+        raise ValueError(f"--image-size must be >= 8, got {image_size}")
     model, cfg, data = _frozen_source(checkpoint)
     with output_folder_for(out):  # made before the fitting, which takes minutes; gone if it fails
         pooling = default_pooling(cfg.arch) if pooling == "auto" else pooling
         cfg = dataclasses.replace(
             cfg,
-            image_size=int(image_size or cfg.image_size),
+            image_size=int(image_size if image_size is not None else cfg.image_size),
             pooling=pooling,
             feature_dim=pooled_dim(cfg.arch, pooling),
             fit={},

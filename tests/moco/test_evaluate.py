@@ -207,6 +207,15 @@ def test_baselines_given_the_encoders_map(data: Path, tmp_path: Path) -> None:
     assert [r["encoder"] for r in rows] == ["pixels 16x16"]
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("batch_size", 0), ("workers", -1), ("image_size", 0)]
+)
+def test_eval_settings_no_run_can_use_are_refused_by_flag(field: str, value: int) -> None:
+    flag = field.replace("_", "-")
+    with pytest.raises(ValueError, match=f"--{flag} must be >= "):
+        EvalConfig(**{field: value})
+
+
 def test_image_folder_errors(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         image_folder(tmp_path / "missing")

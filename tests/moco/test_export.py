@@ -47,6 +47,9 @@ def test_export_embeds_at_the_runs_embed_size_unless_told(tmp_path: Path) -> Non
     torch.save(ckpt, tmp_path / "ckpt.pt")
     assert export_encoder(tmp_path / "ckpt.pt", tmp_path / "a").image_size == 48
     assert export_encoder(tmp_path / "ckpt.pt", tmp_path / "b", image_size=32).image_size == 32
+    with pytest.raises(ValueError, match="--image-size must be >= 8, got 0"):  # not the default
+        export_encoder(tmp_path / "ckpt.pt", tmp_path / "c", image_size=0)
+    assert not (tmp_path / "c").exists()
 
 
 def test_export_keeps_a_long_runs_log_thinned_with_its_monitored_epochs(tmp_path: Path) -> None:
