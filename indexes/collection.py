@@ -59,7 +59,7 @@ class Collection:
 
     def __init__(self, path: Path, device: str = "cpu", encoder: Path | None = None) -> None:
         self.path = Path(path)
-        self.device = device
+        self.device = embed.default_device(device)  # a bad --device, said before any work
         self._lock = threading.RLock()
         self._db = store.open_store(self.path / store.DB_NAME, create=False)
         # pages read through a map, not a read() call each: a hit's row cost 2x cold without

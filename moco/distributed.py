@@ -39,9 +39,24 @@ def init_distributed() -> tuple[int, int, int]:
 
 
 def default_device(device: str | None = None, rank: int | None = None) -> torch.device:
-    """``device`` when given, else this process's GPU (by local rank) or the CPU."""
+    """``device`` when given, else this process's GPU (by local rank) or the CPU. A given one
+    that is no device, or one this machine lacks, is a ``ValueError`` naming ``--device``:
+    torch said "Expected one of cpu, cuda, ipu, ..." or "Found no NVIDIA driver" from deep
+    inside the first model move."""
     if device:
-        return torch.device(device)
+        try:
+            d = torch.device(device)
+        except RuntimeError:
+            raise ValueError(
+                f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)"
+            ) from None
+        if d.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this machine has no usable CUDA GPU; use cpu")
+        if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) here")
+        if d.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device}: MPS is not available here; use cpu")
+        return d
     if torch.cuda.is_available():
         index = local_rank() if rank is None else rank
         return torch.device("cuda", index % torch.cuda.device_count())

@@ -37,6 +37,7 @@ from moco import whiten
 from moco.augment import eval_transform, moco_transform
 from moco.config import KNN_K, KNN_T
 from moco.data import ImageFiles, list_images
+from moco.distributed import default_device
 from moco.encoders import build_encoder, feature_dim, pooled_dim, with_pooling
 from moco.export import EncoderConfig, load_encoder, read_encoder_config
 from moco.knn import knn_predict
@@ -69,6 +70,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"Unknown protocol {self.protocol!r}; valid: {PROTOCOLS}")
+        default_device(self.device)  # refuses one that is not, or not here
         for flag, value, least in (
             ("batch-size", self.batch_size, 1),
             ("workers", self.workers, 0),

@@ -269,3 +269,14 @@ def test_ddp_shuffled_keys_return_to_their_images(ddp_run: Path) -> None:
     for rank in range(WORLD):
         r = json.loads((ddp_run / f"check{rank}.json").read_text())
         assert r["keys_err"] < 1e-5, rank
+
+
+def test_a_device_that_is_not_one_or_not_here_is_refused_by_its_flag() -> None:
+    from moco.distributed import default_device
+
+    assert default_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"--device 'nope' is not a torch device \(cpu, cuda"):
+        default_device("nope")  # torch: "Expected one of cpu, cuda, ipu, xpu, ..."
+    if not torch.cuda.is_available():  # torch: "Found no NVIDIA driver on your system"
+        with pytest.raises(ValueError, match="--device cuda:1: this machine has no usable CUDA"):
+            default_device("cuda:1")
