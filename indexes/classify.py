@@ -197,6 +197,10 @@ def train_probe(
     see it: few labels are all a user typing them in will have) and more are split once
     (``val_fraction``). The probe saved is then trained on every given label.
     """
+    if folds < 0 or folds == 1:  # both made one split in silence
+        raise ValueError(f"--folds must be 0 (one split) or 2 or more, got {folds}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     t0 = time.perf_counter()
     say = progress or (lambda f, m: None)
     col = _open(collection)
@@ -285,6 +289,8 @@ class Classifier:
         knn_k: int = KNN_K,
         T: float = KNN_T,
     ) -> None:
+        if knn and (knn_k < 1 or T <= 0):  # k=0 left every prediction empty
+            raise ValueError(f"--knn-k must be 1 or more and --knn-t above 0, got {knn_k}, {T}")
         self.method = f"knn(k={knn_k},T={T})" if knn else f"probe:{name}"
         self.knn_k, self.T = knn_k, T
         self.probe: LinearProbe | None = None

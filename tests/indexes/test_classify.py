@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -130,6 +131,24 @@ def test_one_class_is_refused(tmp_path: Path, encoder_dir: Path) -> None:
     index_images([tmp_path / "images"], tmp_path / "coll", encoder_dir, workers=0)
     with pytest.raises(ValueError, match="at least 2 classes"):
         train_collection_probe(tmp_path / "coll")
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["train", "--folds", "1"], "--folds must be 0 (one split) or 2 or more, got 1"),
+        (["train", "--folds", "-2"], "--folds must be 0 (one split) or 2 or more, got -2"),
+        (["train", "--val-fraction", "1.5"], "--val-fraction must be between 0 and 1, got 1.5"),
+        (["classify-all", "--knn", "--knn-k", "0"], "--knn-k must be 1 or more"),
+    ],
+)
+def test_probe_settings_no_probe_can_use_are_refused(
+    coll: Path, flags: list[str], said: str
+) -> None:
+    """Each was accepted: --folds 1 and -2 silently made one split, --val-fraction 1.5 was
+    ignored, and --knn-k 0 printed an empty prediction for every image."""
+    with pytest.raises(ValueError, match=re.escape(said)):
+        run_cli(["probe", flags[0], "--collection", str(coll), *flags[1:]])
 
 
 def run_cli(argv: list[str]) -> int:
