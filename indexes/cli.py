@@ -122,7 +122,7 @@ HELP = {
     "after": "modified after this date or Unix time (default: any)",
     "before": "modified before this date or Unix time (default: any)",
     "min_score": "score cut-off",
-    "threshold": "cosine similarity to count as duplicate",
+    "threshold": "cosine similarity to count as duplicate (above 1: exact copies only)",
     "out": "output directory",
 }
 """The help of each flag, by field name; ``add_dataclass_flags`` appends the defaults."""

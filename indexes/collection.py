@@ -328,8 +328,8 @@ class Collection:
         below ``threshold`` (``indexes.duplicates``)."""
         from indexes.duplicates import near_pairs, star_groups
 
-        if not 0 < threshold <= 1:  # -5 grouped every image; above 1 none can be
-            raise ValueError(f"threshold must be in (0, 1] (a cosine similarity), got {threshold}")
+        if not threshold > 0:  # -5 grouped every image (above 1: the exact copies alone)
+            raise ValueError(f"threshold must be above 0 (a cosine similarity), got {threshold}")
         with self._lock:
             chunks = list(store.iter_vectors(self._db, self.dim, chunk=8192))
             copies = self._db.execute(
