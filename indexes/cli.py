@@ -20,10 +20,16 @@ from moco import add_dataclass_flags, config_from_args, flag
 
 
 def _encoder_arg(value: str) -> Path:
-    """An encoder directory, or a published checkpoint's name (downloaded once, checked)."""
+    """An encoder directory, or a published checkpoint's name (downloaded once, checked).
+
+    Its errors travel as ``ArgumentTypeError``: argparse turns any other error of a ``type``
+    into "invalid _encoder_arg value", which hid why a download or its check failed."""
     from moco import resolve_encoder
 
-    return resolve_encoder(value)
+    try:
+        return resolve_encoder(value)
+    except (ValueError, OSError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _when(text: str) -> float:

@@ -299,3 +299,22 @@ def test_a_moved_encoder_is_named_and_search_by_id_still_works(
         f"deleted?): embedding a new image needs it. If it moved, `moco-search index "
         f"--collection {out} --encoder DIR` records where (nothing is embedded again)"
     )
+
+
+def test_a_published_encoder_that_fails_its_check_says_why(
+    images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """argparse said "invalid _encoder_arg value: 'moco_v2_800ep'" for any such failure."""
+    monkeypatch.setenv("MOCO_SEARCH_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "cache" / "published" / "moco_v2_800ep" / "moco_v2_800ep_pretrain.pth.tar"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"a truncated download")  # present: nothing is fetched
+    argv = ["index", str(images), "--collection", str(tmp_path / "c"), "--encoder"]
+    with pytest.raises(SystemExit) as exited:  # argparse's own exit, as for any bad flag
+        launch.main([*argv, "moco_v2_800ep"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(
+        "argument --encoder: moco_v2_800ep: the download does not match md5 a04e12f8; removed it"
+    ), err
+    assert not ckpt.exists()
