@@ -212,7 +212,8 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, Any]:
             f"run arbitrary code (torch.load weights_only=True said: {str(e).splitlines()[0]})"
         ) from e
     except Exception as e:  # torch says KeyError '105' for a text file, EOFError for an empty one
-        said = f"{type(e).__name__}: {str(e).splitlines()[0]}" if str(e) else type(e).__name__
+        first = str(e).splitlines()[0].split(". ")[0] if str(e) else ""  # torch adds advice
+        said = f"{type(e).__name__}: {first}" if first else type(e).__name__
         raise CheckpointError(
             f"Unreadable checkpoint {path}: not a PyTorch checkpoint, or a damaged one "
             f"(torch.load said {said})"

@@ -104,7 +104,19 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
     if cfg.resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        resumed = load_checkpoint_file(ckpt_path)
+        try:
+            resumed = load_checkpoint_file(ckpt_path)
+        except CheckpointError as e:  # damaged outside the run: it writes whole files
+            numbered = sorted(out.glob("checkpoint_0*.pt"))
+            raise CheckpointError(
+                f"{e}. "
+                + (
+                    f"Copy the last numbered checkpoint over it ({numbered[-1].name}) to resume "
+                    "from there, or start again with another --out"
+                    if numbered
+                    else f"Start again with another --out, or delete {ckpt_path}"
+                )
+            ) from None
         start_epoch, skip_steps = int(resumed["epoch"]), int(resumed.get("step", 0))
         cfg, changed = resume_config(cfg, resumed["config"], given)  # the run's own settings
         for name, (saved, now) in sorted(changed.items()):

@@ -22,7 +22,7 @@ import launch
 from moco.augment import moco_transform
 from moco.checkpoint import LAST
 from moco.data import list_images, load_image
-from moco.export import load_checkpoint_file
+from moco.export import CheckpointError, load_checkpoint_file
 from moco.model import MoCo, ModelConfig
 from moco.recipe import LR_PER_256, WARMUP_FRACTION
 from moco.train import TrainConfig, check_config, train
@@ -155,6 +155,22 @@ def test_a_val_dir_without_class_folders_is_refused_before_the_run_folder_is_mad
     with pytest.raises(ValueError, match="must be an ImageFolder tree"):
         train(tiny_cfg(emoji_dir, tmp_path / "run", val_dir=str(flat)))
     assert not (tmp_path / "run").exists()  # the corrected command starts afresh
+
+
+def test_a_damaged_last_checkpoint_says_how_to_go_on(emoji_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ckpt = train(tiny_cfg(emoji_dir, run, epochs=2, max_steps=1, save_every=1))
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # damaged outside the run (a copy cut short)
+    resume = tiny_cfg(emoji_dir, run, epochs=3, max_steps=1, resume=True)
+    with pytest.raises(CheckpointError, match=r"Copy the last numbered checkpoint over it "):
+        train(resume)
+    shutil.copy(run / "checkpoint_0002.pt", ckpt)  # as it says
+    assert load_checkpoint_file(train(resume))["epoch"] == 3
+    for numbered in run.glob("checkpoint_0*.pt"):
+        numbered.unlink()
+    ckpt.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=f"another --out, or delete {re.escape(str(ckpt))}"):
+        train(resume)
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(
