@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import sqlite3
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
@@ -154,6 +155,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"moco-search {args.command}: error: Disk full while writing {e.filename or 'a file'}"
             ": nothing was lost (files are written whole or not at all); free some space and "
             "re-run",
+            file=sys.stderr,
+        )
+        return 2
+    except sqlite3.DatabaseError as e:
+        if type(e) is not sqlite3.DatabaseError:  # locked, full, read-only: said where they occur
+            raise
+        print(  # "database disk image is malformed", "file is not a database"
+            f"moco-search {args.command}: error: the collection's meta.db is damaged ({e}): "
+            "restore it from a copy, or index the folders again into a new collection",
             file=sys.stderr,
         )
         return 2

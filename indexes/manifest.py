@@ -26,7 +26,13 @@ def read_manifest(collection: str | os.PathLike) -> dict[str, Any]:
     path = Path(collection) / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"Not a collection (no {MANIFEST_NAME}): {collection}")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # the run writes it whole
+        raise ValueError(
+            f"{path} is damaged ({e}): restore it from a copy, or index the folders again into "
+            "a new collection"
+        ) from None
     if manifest.get("format") != FORMAT:
         raise ValueError(
             f"Collection {collection} has manifest format {manifest.get('format')}, "

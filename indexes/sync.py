@@ -39,14 +39,24 @@ def open_index(
     entry = manifest.get("index", {})
     path = collection / vectors.INDEX_NAME
     current = manifest.get("generation") == store.generation(db)
-    if path.is_file():
-        index = vectors.load(path, mmap=mmap and current)
+    index = _load(path, mmap=mmap and current) if path.is_file() else None
+    if index is not None:
         if current:
             return index
         log.warning("%s is behind its database; reconciling from stored vectors", path)
         if vectors.reconcile(index, store.vector_ids(db), _fetch(db, dim)):
             return index
     return build_from_store(db, entry.get("factory", "Flat"), dim)
+
+
+def _load(path: Path, mmap: bool = False) -> faiss.Index | None:
+    """The FAISS file, or None when it cannot be read (damaged, or a copy cut short): the
+    database holds every vector, so the index is rebuilt from it, never lost."""
+    try:
+        return vectors.load(path, mmap=mmap)
+    except RuntimeError:  # FAISS: "read error in index.faiss: 18 != 143360"
+        log.warning("%s is damaged; rebuilding the index from the stored vectors", path)
+        return None
 
 
 def recall_sample(db: Database, dim: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -80,12 +90,16 @@ def update_index(
     path = collection / vectors.INDEX_NAME
     gen = store.generation(db)
     same = old.get("factory") == factory and old.get("max_index_memory") == limit
-    if same and path.is_file() and manifest.get("generation") == gen:
+    # a file of another size than the one saved is damaged (a copy cut short): saved anew
+    intact = path.is_file() and path.stat().st_size == old.get("file_bytes", path.stat().st_size)
+    if same and intact and manifest.get("generation") == gen:
         return old
     index = None
     if old.get("factory") == factory and path.is_file():
-        index = vectors.load(path)
-        if not vectors.reconcile(index, store.vector_ids(db), _fetch(db, dim)):
+        index = _load(path)
+        if index is not None and not vectors.reconcile(
+            index, store.vector_ids(db), _fetch(db, dim)
+        ):
             index = None
     if index is None:
         log.info("building a %s index over %d vectors", factory, n)

@@ -100,3 +100,37 @@ def test_stale_faiss_file_is_reconciled(tmp_path: Path, encoder_dir: Path, image
         assert all(h.relpath != "cat/000.png" for h in c.search(gone))
     index_images([images], coll, None, workers=0)  # and saved by the next run
     assert consistency(coll) == {"ok": 18}
+
+
+def test_damaged_collection_files(
+    tmp_path: Path,
+    encoder_dir: Path,
+    images: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """A copy cut short: index.faiss is rebuilt from the vectors (the database holds them all);
+    a damaged manifest or database is one line that says what to do, not a traceback."""
+    import launch
+
+    coll = tmp_path / "c"
+    index_images([images], coll, encoder_dir, workers=0)
+    whole = (coll / "index.faiss").read_bytes()
+    (coll / "index.faiss").write_bytes(whole[:100])
+    with Collection.open(coll) as c:  # FAISS raised "read error in index.faiss: 18 != ..."
+        assert c.search(images / "dog" / "001.png", k=1)[0].relpath == "dog/001.png"
+    assert "index.faiss is damaged; rebuilding the index from the stored vectors" in caplog.text
+    index_images([images], coll, None, workers=0)  # nothing changed, yet the file is saved anew
+    assert (coll / "index.faiss").stat().st_size == len(whole)
+    query = str(images / "dog" / "001.png")
+    for name, damage, said in [
+        ("manifest.json", b"{bad", "manifest.json is damaged (Expecting property name"),
+        ("meta.db", b"not a database" * 20, "meta.db is damaged (file is not a database)"),
+    ]:
+        kept = (coll / name).read_bytes()
+        (coll / name).write_bytes(damage)
+        capsys.readouterr()
+        assert launch.main(["search", "--collection", str(coll), query]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert said in err and err.endswith("or index the folders again into a new collection")
+        (coll / name).write_bytes(kept)
