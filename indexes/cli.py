@@ -237,6 +237,8 @@ def run_search(ns: argparse.Namespace) -> int:
     args = config_from_args(SearchArgs, ns)
     if args.id is None and not args.query:
         raise ValueError("give a query image or --id")
+    if args.id is not None and (args.query or args.negative):  # the images were ignored
+        raise ValueError("give query images or --id, not both (--negative goes with images)")
     read_manifest(args.collection)  # a wrong collection is the first thing to report
     for q in [*args.query, *args.negative]:
         check_image_file(q, "Query image")

@@ -91,8 +91,10 @@ def test_user_mistakes_are_one_line(
     assert launch.main(["index", "--collection", str(tmp_path / "new")]) == 2
     assert launch.main(["search", "--collection", str(coll), "--id", "999999"]) == 2
     assert launch.main(["search", "--collection", str(coll), "--id", "1", "--device", "gpu"]) == 2
+    assert launch.main(["search", "--collection", str(coll), "--id", "1", str(tmp_path)]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 5 and all(e.startswith("moco-search ") for e in err)
+    assert len(err) == 6 and all(e.startswith("moco-search ") for e in err)
+    assert err[5].endswith("give query images or --id, not both (--negative goes with images)")
     assert err[3].endswith(f"No image with id 999999 in {coll}")
     assert err[4].endswith("--device 'gpu' is not a torch device (cpu, cuda, cuda:1, mps, ...)")
     assert "no.png" in err[0]
