@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from moco.config import KNN_K, KNN_T
 from moco.flags import add_dataclass_flags, config_from_args, flag
@@ -16,6 +17,7 @@ from moco.flags import add_dataclass_flags, config_from_args, flag
 
 def _eval(ns: argparse.Namespace) -> int:
     from moco.evaluate import EvalConfig, evaluate_many, format_table, write_json
+    from moco.files import output_folder
     from moco.probe import ProbeConfig
 
     args = config_from_args(EvalArgs, ns)
@@ -34,6 +36,10 @@ def _eval(ns: argparse.Namespace) -> int:
         image_size=args.image_size,
         seed=args.seed,
     )
+    if args.json_out:  # said now, not after the evaluation
+        if Path(args.json_out).is_dir():
+            raise IsADirectoryError(f"--json-out {args.json_out} is a folder: give a file name")
+        output_folder(Path(args.json_out).parent, "--json-out")
     specs = [args.encoder, *default_baselines(args.encoder, args.baselines)]
     rows = evaluate_many(specs, args.train, args.val, cfg)
     print(format_table(rows))

@@ -154,6 +154,15 @@ def test_cli_writes_json(data: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     rows = json.loads((tmp_path / "r.json").read_text())
     assert [row["encoder"] for row in rows] == ["pixels 16x16"] and rows[0]["knn_k"] == 3
     assert "knn_top1" in capsys.readouterr().out
+    # a path that cannot be written is said before the evaluation, not after it
+    for bad, said in [
+        (tmp_path, "is a folder: give a file name"),
+        (tmp_path / "r.json" / "x.json", "r.json is a file: give a folder"),  # under a file
+    ]:
+        args.json_out = str(bad)
+        with pytest.raises(OSError, match=said):
+            args.run(args)
+    assert "knn_top1" not in capsys.readouterr().out
 
 
 def test_eval_prints_the_baselines_beside_an_encoder_by_default(data: Path) -> None:
