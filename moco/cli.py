@@ -59,7 +59,8 @@ HELP = {
     "against its key (0: off; needs --augment batch)",
     "local_size": "side of the local crops in pixels (default: half of --image-size)",
     "bn_splits": "key-encoder BatchNorm groups emulating shuffle-BN on one device, 1: off "
-    "(default: 8, fewer on batches under 32 per process: groups of at least 4 images)",
+    "(default: the most of 8, 4, 2 that split the batch per process evenly into groups of at "
+    "least 4 images: 8 for the automatic batches from 32 up)",
     "sync_bn": "SyncBatchNorm across processes instead of shuffled keys",
     "adapt": ADAPT_HELP,
     "workers": "data-loading processes",

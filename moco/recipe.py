@@ -144,8 +144,9 @@ def default_temperature(cfg: Any, image_size: int) -> float | None:
 
 def auto_splits(per_process: int) -> int:
     """The most key-encoder BatchNorm groups, up to ``BN_SPLITS``, that split a batch of
-    ``per_process`` images evenly into groups of at least ``MIN_SPLIT_GROUP``: 8 for batches
-    of 32 and more, 2 for a tiny folder's 8, 1 (plain BatchNorm) below."""
+    ``per_process`` images evenly into groups of at least ``MIN_SPLIT_GROUP``: 8 for the
+    automatic batches from 32 up (multiples of 8), 4 for 36, 2 for a tiny folder's 8, 1 (plain
+    BatchNorm) for 6."""
     s = BN_SPLITS
     while s > 1 and (per_process % s or per_process // s < MIN_SPLIT_GROUP):
         s //= 2
