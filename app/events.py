@@ -2,9 +2,12 @@
 
 ``app.ui`` lays the components out and wires each event to one of these methods; the methods
 turn component values into display values through ``app.handlers``, ``app.classifying`` and
-``app.overview``. ``guarded`` turns a ``UserError`` (or the collection's ``EncoderMissing``) into
-``gr.Error``: the sentence shows in the browser and one line in the server's log, never a
-traceback.
+``app.overview``. A refusal (a ``UserError``, or the collection's ``EncoderMissing``) is one line
+in the server's log, never a traceback, and one sentence for whoever asked: ``guarded`` shows it
+to the page as a warning and leaves every output as it was; ``api_guarded`` raises it as
+``gr.Error``, which a ``gradio_client`` caller receives as an exception. (The page's events do not
+raise: Gradio marks every output of a failed event "Error" and blanks it, so a click on "Search
+from this one" with nothing selected would wipe out the results and the query picture.)
 
 Whatever a method acts on comes from server-side ``gr.State`` (the last search's hits, the
 selected hit, the feedback ids, the embedding map), never from a component value the client
@@ -34,11 +37,33 @@ log = logging.getLogger(__name__)
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A page event: a refusal shows as a warning, and every output keeps what it shows."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (UserError, EncoderMissing) as e:  # one line here, the sentence in the browser
+        except (UserError, EncoderMissing) as e:
+            warn(fn.__name__, e)
+            return gr.skip()  # one skip() stands for all of an event's outputs
+
+    return wrapper
+
+
+def warn(event: str, e: Exception) -> None:
+    """A page event's refusal: one line in the server's log, the sentence in the browser."""
+    log.info("%s refused: %s", event, e)
+    gr.Warning(str(e))
+
+
+def api_guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A public API endpoint: a refusal is an error for the caller."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (UserError, EncoderMissing) as e:
             log.info("%s refused: %s", fn.__name__, e)
             raise gr.Error(str(e), print_exception=False) from None
 
@@ -69,11 +94,18 @@ class Events:
         self.ctx = ctx
 
     # --- Search --------------------------------------------------------------------------------
-    @guarded
+    @api_guarded
     def do_search(self, img: Any, k: Any, label: Any, text: Any, cut: Any) -> tuple[Any, ...]:
         """A new query: plain values (the public API's ``search``)."""
         r = handlers.search(self.ctx, img, k, label, text, cut)
         return r.gallery, r.rows(), r.status(), r.hits
+
+    @guarded
+    def new_search(self, img: Any, k: Any, label: Any, text: Any, cut: Any) -> tuple[Any, ...]:
+        """The page's new query (Search, an upload, the first load): the old selection no
+        longer points at anything shown."""
+        r = handlers.search(self.ctx, img, k, label, text, cut)
+        return r.gallery, r.rows(), r.status(), r.hits, None, NO_PICK
 
     @guarded
     def select_result(self, found: list[Any], evt: gr.SelectData) -> tuple[Any, str]:
@@ -81,12 +113,18 @@ class Events:
         hit = handlers.selected_hit(found, evt.index)
         return hit, handlers.selection_text(hit)
 
-    @guarded
-    def search_from(self, hit: Any, k: Any, label: Any, text: Any, cut: Any) -> tuple[Any, ...]:
-        """The selected result becomes the query (its picture too)."""
-        if not hit:
-            raise UserError("Click a result first.")
-        r = handlers.search_id(self.ctx, hit.id, k, label, text, cut)
+    def search_from(
+        self, hit: Any, shown: Any, k: Any, label: Any, text: Any, cut: Any
+    ) -> tuple[Any, ...]:
+        """The selected result becomes the query (its picture too). A refusal sends the query
+        box back the upload it shows (``shown``), never a skip (``app.ui.upload_image``)."""
+        try:
+            if not hit:
+                raise UserError("Click a result first.")
+            r = handlers.search_id(self.ctx, hit.id, k, label, text, cut)
+        except (UserError, EncoderMissing) as e:
+            warn("search_from", e)
+            return (*[gr.skip()] * 4, shown, gr.skip())
         return (
             *refined(r, hit),
             handlers.query_image(self.ctx, hit),
@@ -138,26 +176,24 @@ class Events:
     def export_json(self, found: list[Any]) -> Any:
         return gr.File(value=handlers.export(found, "json"), visible=True)
 
-    @staticmethod
-    def failed_search() -> tuple[Any, ...]:
-        """A refused search leaves no stale status or selection line behind."""
-        return "", NO_PICK, None
-
-    @staticmethod
-    def unselect() -> tuple[Any, ...]:
-        """New results: the old selection no longer points at anything shown."""
-        return None, NO_PICK
-
     # --- Classify ------------------------------------------------------------------------------
-    @guarded
+    @api_guarded
     def do_classify(self, img: Any, how: Any) -> tuple[Any, str]:
+        """The public API's ``classify``."""
         return classifying.classify(self.ctx, img, how)
 
-    def follow_query(self, q: Any, how: Any) -> tuple[Any, ...]:
+    @guarded
+    def classify_page(self, img: Any, how: Any) -> tuple[Any, str]:
+        """The Classify button: a refusal keeps the last answer on show."""
+        return classifying.classify(self.ctx, img, how)
+
+    def follow_query(self, q: Any, shown: Any, how: Any) -> tuple[Any, ...]:
         """Opening the Classify tab classifies the Search tab's current query (an upload
-        Gradio has checked is in its cache), so the panel is never empty beside it."""
+        Gradio has checked is in its cache), so the panel is never empty beside it. Without
+        one, the image box gets back what it shows (``shown``), never a skip
+        (``app.ui.upload_image``)."""
         if not q:
-            return gr.update(), gr.update(), gr.update()
+            return shown, gr.skip(), gr.skip()
         try:
             return (q, *classifying.classify(self.ctx, q, how))
         except UserError as e:

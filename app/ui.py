@@ -26,7 +26,11 @@ def upload_image(**kwargs: Any) -> gr.Image:
     Stock ``gr.Image`` opens uploads with PIL before any handler runs, so a bomb or a non-image
     fails there with an opaque error. Here ``moco.load_image`` decodes them in the handler, with
     a pixel limit and a clear reason. (Not a subclass: Gradio writes a ``.pyi`` file beside the
-    source of every Component subclass it sees defined.)
+    source of every Component subclass it sees defined, and the page does not draw one.)
+
+    The patch lives on this instance, and Gradio replaces an output's instance for the session
+    whenever an event sends it an update (``gr.update()``, ``gr.skip()``): events send these
+    boxes plain values only (``app.events``).
     """
     image = gr.Image(type="filepath", **kwargs)
     stock = image.preprocess
@@ -170,26 +174,29 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             with gr.Accordion("Configuration", open=False):
                 gr.Code(encoder_info.config_json(ctx), language="json")
 
+        # The public API's endpoints hang on triggers the page never fires: an API caller gets a
+        # refusal as an error, while the page's own events show it as a warning and keep their
+        # outputs (app.events.guarded).
+        api_search, api_classify = gr.Button(visible=False), gr.Button(visible=False)
+
         # --- Search wiring --------------------------------------------------------------------
         ev = Events(ctx)
         filters = [k, label, path_text, cutoff]
         results = [gallery, rows, status, hits]
         private = dict(api_visibility="private")
 
-        def searched(event: Any) -> None:
-            """After a new query: on failure no stale lines; on success no stale selection."""
-            event.failure(ev.failed_search, None, [status, picked, selected], **private)
-            event.success(ev.unselect, None, [selected, picked], **private)
-
-        search_io = dict(fn=ev.do_search, inputs=[query, *filters], outputs=results)
-        searched(go.click(**search_io, api_name="search"))
-        searched(query.upload(**search_io, **private))
+        api_search.click(ev.do_search, [query, *filters], results, api_name="search")
+        new_query = dict(
+            fn=ev.new_search, inputs=[query, *filters], outputs=[*results, selected, picked]
+        )
+        go.click(**new_query, **private)
+        query.upload(**new_query, **private)
         if ctx.example:
-            demo.load(**search_io, **private)
+            demo.load(**new_query, **private)
         gallery.select(ev.select_result, [hits], [selected, picked], **private)
         from_btn.click(
-            ev.search_from, [selected, *filters], [*results, query, picked], **private
-        ).failure(ev.failed_search, None, [status, picked, selected], **private)
+            ev.search_from, [selected, query, *filters], [*results, query, picked], **private
+        )
         feedback = [selected, positives, negatives]
         more.click(ev.mark_more, feedback, [positives, negatives, fb], **private)
         less.click(ev.mark_less, feedback, [positives, negatives, fb], **private)
@@ -201,8 +208,11 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         json_btn.click(ev.export_json, [hits], [download], **private)
 
         # --- Classify wiring ------------------------------------------------------------------
-        cls_go.click(ev.do_classify, [cls_image, method], [top5, cls_md], api_name="classify")
-        cls_tab.select(ev.follow_query, [query, method], [cls_image, top5, cls_md], **private)
+        api_classify.click(ev.do_classify, [cls_image, method], [top5, cls_md], api_name="classify")
+        cls_go.click(ev.classify_page, [cls_image, method], [top5, cls_md], **private)
+        cls_tab.select(
+            ev.follow_query, [query, cls_image, method], [cls_image, top5, cls_md], **private
+        )
         train_go.click(
             ev.do_train,
             [source],

@@ -35,6 +35,21 @@ class Reply:
     def error(self) -> str:
         return str(self.completed.get("output", {}).get("error") or "")
 
+    @property
+    def warnings(self) -> list[str]:
+        """The warnings shown on the page (a page event's refusal, ``app.events.guarded``)."""
+        return [
+            m["log"] for m in self.messages if m.get("msg") == "log" and m["level"] == "warning"
+        ]
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the event left every output as it was (``gr.skip()``): each is a bare
+        update, or None where a ``gr.State`` sits (states stay on the server)."""
+        data = self.completed.get("output", {}).get("data") or []
+        bare = [d == {"__type__": "update"} for d in data]
+        return any(bare) and all(b or d is None for b, d in zip(bare, data, strict=True))
+
     def urls(self) -> list[str]:
         """Every file URL in the reply (what the page would fetch next)."""
         found: list[str] = []

@@ -6,6 +6,7 @@ import os
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +115,48 @@ def test_files_served_only_from_the_thumbnails(server: Any, ctx: Any, tmp_path: 
             assert get(file_url(server, p)) in (403, 404), p
     finally:
         link.unlink()
+
+
+def test_the_pages_refusals_are_warnings_that_keep_what_it_shows(
+    server: Any, ctx: Any, tmp_path: Path
+) -> None:
+    """A refused page event sends a warning and leaves every output alone: a failed event would
+    blank them all (the results, the query picture, the confusion matrix) under an "Error"
+    badge. The public API still answers a refusal with an error."""
+    from tests.app.queue_api import call, upload
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    not_image = upload(server, str(bad))
+    filters = [5, "(any)", "", -1]
+    refusals = {
+        "search_from": ([None, None, *filters], "Click a result first"),
+        "do_refine": ([None, [], [], *filters, None], "Mark a result"),
+        "label_image": ([None, "cats"], "Select a result"),
+        "new_search": ([not_image, *filters], "Cannot use notes.png: not an image"),
+        "classify_page": ([not_image, "knn"], "Cannot use notes.png: not an image"),
+        "do_train": (["ui"], "at least 2 classes"),  # no labels given here
+    }
+    for image_id in list(ctx.user_labels()):
+        ctx.set_user_label(image_id, None)
+    for name, (data, said) in refusals.items():
+        reply = call(server, name, data)
+        assert reply.success and reply.skipped, (name, reply.completed)
+        assert len(reply.warnings) == 1 and said in reply.warnings[0], (name, reply.warnings)
+    # Gradio rebuilds an output's component for the session when it is sent an update, which
+    # would drop upload_image's decoding in handlers (then an opaque ComponentProcessingError)
+    for first, then in (
+        (("search_from", [None, None, *filters]), ("new_search", [not_image, *filters])),
+        (("follow_query", [None, None, "knn"]), ("classify_page", [not_image, "knn"])),
+    ):
+        session = uuid.uuid4().hex
+        assert call(server, *first, session=session).success
+        reply = call(server, *then, session=session)
+        assert reply.success and "Cannot use notes.png" in reply.warnings[0], reply.completed
+    for name, data in (("do_search", [not_image, *filters]), ("do_classify", [not_image, "knn"])):
+        reply = call(server, name, data)
+        assert not reply.success and "Cannot use notes.png" in reply.error
+    reply = call(server, "new_search", [upload(server, ctx.example), *filters])
+    assert reply.success and not reply.warnings
+    _gallery, rows, status, _hits, _selected, picked = reply.completed["output"]["data"]
+    assert len(rows) == 5 and status.startswith("5 results") and picked.startswith("Click")
