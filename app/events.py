@@ -215,8 +215,14 @@ class Events:
 
     # --- Collection ----------------------------------------------------------------------------
     @guarded
-    def do_index(self, path: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
-        """Run an index job in the background, showing its progress until it ends."""
+    def do_index(
+        self,
+        path: str,
+        how: Any,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008
+    ) -> tuple[Any, ...]:
+        """Run an index job in the background, showing its progress until it ends; then
+        everything that shows the collection's size or labels shows the new collection."""
         try:
             job = self.ctx.start_index(path.strip() or None)
         except (ValueError, PermissionError) as e:
@@ -224,11 +230,19 @@ class Events:
         while not job.finished:
             progress((job.done, job.total or None), desc=job.line(), unit="images")
             time.sleep(0.25)
+        counts = overview.label_histogram(self.ctx)
+        names = classifying.methods(self.ctx)
         return (
             job.message,
             overview.stats_markdown(self.ctx),
-            overview.label_histogram(self.ctx),
+            gr.BarPlot(value=counts, y_lim=overview.histogram_top(counts)),
             overview.error_rows(self.ctx),
+            overview.heading(self.ctx),
+            gr.Dropdown(choices=["(any)", *self.ctx.collection.label_counts()]),
+            gr.Dropdown(
+                choices=names,
+                value=how if how in names else classifying.default_method(self.ctx),
+            ),
         )
 
     def find_duplicates(self, threshold: float) -> list[list[Any]]:

@@ -25,6 +25,10 @@ MAP_MAX_POINTS = 5000
 """The map draws a random sample of at most this many images (deterministic seed)."""
 
 
+def heading(ctx: AppContext) -> str:
+    return f"## moco-search · {ctx.title} · {len(ctx.collection)} images"
+
+
 def stats_markdown(ctx: AppContext) -> str:
     m = ctx.collection.manifest
     counts = m.get("counts", {})
@@ -56,6 +60,11 @@ def label_histogram(ctx: AppContext) -> Any:
 
     counts = ctx.collection.label_counts()
     return pd.DataFrame({"label": list(counts), "images": list(counts.values())})
+
+
+def histogram_top(counts: Any) -> list[int]:
+    """The histogram's y range: from 0 (Vega starts bars elsewhere) to above the tallest."""
+    return [0, int(counts["images"].max()) + 1 if len(counts) else 1]
 
 
 def error_rows(ctx: AppContext, limit: int = 500) -> list[list[Any]]:

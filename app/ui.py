@@ -48,7 +48,7 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
     """The four tabs (Search, Classify, Collection, Encoder) over the opened collection."""
     labels = ["(any)", *ctx.collection.label_counts()]
     with gr.Blocks(title=f"moco-search · {ctx.title}") as demo:
-        gr.Markdown(f"## moco-search · {ctx.title} · {len(ctx.collection)} images")
+        title = gr.Markdown(overview.heading(ctx))
         selected = gr.State(None)  # the clicked Hit
         hits = gr.State([])  # the last search's Hits, as the server found them
         positives, negatives = gr.State([]), gr.State([])
@@ -141,9 +141,13 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                 index_go = gr.Button("Index", scale=1)
             index_md = gr.Markdown()
             counts = overview.label_histogram(ctx)
-            top = int(counts["images"].max()) + 1 if len(counts) else 1
             hist = gr.BarPlot(
-                counts, x="label", y="images", label="Images per label", height=260, y_lim=[0, top]
+                counts,
+                x="label",
+                y="images",
+                label="Images per label",
+                height=260,
+                y_lim=overview.histogram_top(counts),
             )
             with gr.Accordion("Errors", open=False):
                 errors = gr.Dataframe(overview.error_rows(ctx), headers=["file", "reason", "root"])
@@ -226,8 +230,8 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         # --- Collection wiring ----------------------------------------------------------------
         index_go.click(
             ev.do_index,
-            [folder],
-            [index_md, stats, hist, errors],
+            [folder, method],
+            [index_md, stats, hist, errors, title, label, method],
             **private,
             concurrency_id="index",
             concurrency_limit=1,

@@ -91,7 +91,7 @@ EVENTS = {
     "search": ("do_search", lambda p: [file_data(p), 5, "(any)", "", -1], False),
     "classify": ("do_classify", lambda p: [file_data(p), "knn"], False),
     # indexing the secret's folder from the UI
-    "index": ("do_index", lambda p: [str(Path(p).parent)], False),
+    "index": ("do_index", lambda p: [str(Path(p).parent), "knn"], False),
 }
 
 
@@ -136,7 +136,7 @@ def test_indexing_from_the_ui_needs_allow_index(
     manifest = (ctx.path / "manifest.json").read_bytes()
     db_size = (ctx.path / "meta.db").stat().st_size
     for target in ("/etc", str(folder)):
-        reply = call(server, "do_index", [target])
+        reply = call(server, "do_index", [target, "knn"])
         assert reply.skipped and len(reply.warnings) == 1  # the page keeps what it shows
         assert "not allowed" in reply.warnings[0] and "--allow-index" in reply.warnings[0]
     assert (ctx.path / "manifest.json").read_bytes() == manifest  # nothing written

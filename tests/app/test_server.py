@@ -160,3 +160,32 @@ def test_the_pages_refusals_are_warnings_that_keep_what_it_shows(
     assert reply.success and not reply.warnings
     _gallery, rows, status, _hits, _selected, picked = reply.completed["output"]["data"]
     assert len(rows) == 5 and status.startswith("5 results") and picked.startswith("Click")
+
+
+def test_indexing_from_the_page_updates_whatever_shows_the_collection(
+    encoder_dir: Path, tmp_path: Path, tree: Any
+) -> None:
+    """After an index run the heading's count, the label filter, the classifiers and the
+    histogram's range come from the new collection (they stayed as the page was built)."""
+    from app.context import AppContext
+    from app.server import ServerConfig, launch
+    from indexes import index_images
+    from tests.app.queue_api import call
+    from tests.conftest import free_port
+
+    images = tree(tmp_path / "images", labels=("circle",), n=2)
+    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
+    extra = tree(tmp_path / "extra", labels=("dots", "square"), n=3)
+    ctx = AppContext.open(tmp_path / "coll", allow_index=(extra,))
+    demo = launch(ctx, ServerConfig(port=free_port()))
+    try:
+        reply = call(demo, "do_index", [str(extra), None])
+        assert reply.success and not reply.warnings, reply.completed
+        done, _stats, plot, _errors, heading, label, method = reply.completed["output"]["data"]
+        assert done.startswith("Done") and heading.endswith("· 8 images")
+        assert [c[0] for c in label["choices"]] == ["(any)", "circle", "dots", "square"]
+        assert [c[0] for c in method["choices"]] == ["knn"] and method["value"] == "knn"
+        assert plot["y_lim"] == [0, 4]
+    finally:
+        demo.close()
+        ctx.collection.close()
