@@ -41,9 +41,14 @@ class SearchResult:
     gallery: list[tuple[str, str]]
     hits: list[Hit]
     seconds: float
+    why_none: str = ""
+    """When nothing was found: why, in the user's terms (``none_found``)."""
 
     def status(self) -> str:
-        return f"{len(self.hits)} results in {1000 * self.seconds:.0f} ms"
+        took = f"in {1000 * self.seconds:.0f} ms"
+        if not self.hits and self.why_none:
+            return f"No results {took}: {self.why_none}."
+        return f"{len(self.hits)} result{'' if len(self.hits) == 1 else 's'} {took}"
 
     def position(self, hit: Hit | None) -> int | None:
         """Where ``hit`` is among these results (the gallery's selection frame follows it)."""
@@ -110,13 +115,43 @@ def caption(hit: Hit, query_id: int | None = None) -> str:
     return f"{hit.score:.3f} · {name}{label}"
 
 
+def none_found(
+    ctx: AppContext, found: int, label: str | None, path_text: str | None, cut: float | None
+) -> str:
+    """Why a search shows nothing: the images it found are gone from disk, or which filters
+    no image passes, or an empty collection."""
+    if found:
+        return (
+            f"the {found} images found can no longer be read (moved or deleted since they were "
+            "indexed? re-index the collection)"
+        )
+    filters, text = make_filters(label, path_text), (path_text or "").strip()
+    said = []
+    if filters and filters.label:
+        said.append(f"label {filters.label!r}")
+    if filters and filters.path_glob:
+        glob = filters.path_glob != f"*{text}*"
+        said.append(f"path {'glob' if glob else 'contains'} {text!r}")
+    if cut is not None:
+        said.append(f"score at least {cut:g}")
+    if said:
+        return "no image passes the filters (" + ", ".join(said) + ")"
+    return "the collection is empty" if not len(ctx.collection) else ""
+
+
 def to_result(
-    ctx: AppContext, hits: list[Hit], seconds: float, query_id: int | None = None
+    ctx: AppContext,
+    hits: list[Hit],
+    seconds: float,
+    query_id: int | None = None,
+    filters: tuple[str | None, str | None, float | None] = (None, None, None),
 ) -> SearchResult:
-    """Hits as gallery tiles (thumbnails); a hit whose picture cannot be made now is dropped."""
+    """Hits as gallery tiles (thumbnails); a hit whose picture cannot be made now is dropped.
+    ``filters`` (label, path text, cut-off) say why, when nothing is left."""
     shown = [(h, p) for h in hits if (p := ctx.shown_file(h.path, h.meta)) is not None]
+    why = "" if shown else none_found(ctx, len(hits), *filters)
     return SearchResult(
-        [(p, caption(h, query_id)) for h, p in shown], [h for h, _ in shown], seconds
+        [(p, caption(h, query_id)) for h, p in shown], [h for h, _ in shown], seconds, why
     )
 
 
@@ -152,7 +187,7 @@ def search(
     except ValueError as e:  # e.g. positives and negatives cancel out
         raise UserError(str(e)) from e
     hits = [h for h in hits if h.id not in excluded][:k]
-    return to_result(ctx, hits, time.perf_counter() - t0)
+    return to_result(ctx, hits, time.perf_counter() - t0, filters=(label, path_text, cut))
 
 
 def search_id(
@@ -171,7 +206,8 @@ def search_id(
     hits = ctx.collection.search_vector(
         vec, k, filters=make_filters(label, path_text), min_score=cut
     )
-    return to_result(ctx, hits, time.perf_counter() - t0, query_id=int(image_id))
+    seconds = time.perf_counter() - t0
+    return to_result(ctx, hits, seconds, int(image_id), filters=(label, path_text, cut))
 
 
 def selected_hit(hits: Sequence[Hit] | None, index: Any) -> Hit:

@@ -46,6 +46,37 @@ def test_search_accepts_a_pil_image_and_filters(ctx: Any) -> None:
     assert all(h.score >= 0.9999 for h in cut.hits)
 
 
+def test_an_empty_search_says_why(ctx: Any, encoder_dir: Path, tmp_path: Path, tree: Any) -> None:
+    img = Image.open(ctx.example)
+    cases = {
+        "path contains 'zzz'": dict(path_text="zzz"),
+        "label 'square', path glob 'circle/*'": dict(label="square", path_text="circle/*"),
+        "path contains 'stripes', score at least 0.9999": dict(
+            path_text="stripes", min_score=0.9999
+        ),
+    }
+    for said, filters in cases.items():
+        r = handlers.search(ctx, img, k=5, **filters)
+        assert not r.hits
+        assert r.status().startswith("No results in ")
+        assert r.status().endswith(f": no image passes the filters ({said}).")
+    assert handlers.search(ctx, img, k=1).status().startswith("1 result in ")
+    # images deleted since they were indexed cannot be shown: say so, not "0 results"
+    from app.context import AppContext
+    from indexes import index_images
+
+    images = tree(tmp_path / "images", labels=("circle",), n=2)
+    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
+    gone = AppContext.open(tmp_path / "coll")
+    try:
+        for f in (images / "circle").iterdir():
+            f.unlink()
+        status = handlers.search(gone, img, k=5).status()
+        assert "the 2 images found can no longer be read" in status and "re-index" in status
+    finally:
+        gone.collection.close()
+
+
 @pytest.mark.parametrize("k", [0, 101, "x", None])
 def test_bad_k_is_a_user_error(ctx: Any, k: Any) -> None:
     with pytest.raises(UserError, match="k must"):
