@@ -92,8 +92,7 @@ def train(ctx: AppContext, source: str, progress: Progress | None = None) -> Pro
         raise UserError(f"Unknown label source {source!r}; use {DEFAULT_PROBE!r} or {USER_PROBE!r}")
     if len(set(labels)) < 2:
         raise UserError(
-            f"Training needs labelled images of at least 2 classes; there are "
-            f"{len(ids)} labelled images in {len(set(labels))} class(es)."
+            "A probe needs labelled images of at least 2 classes. " + hint(labels, source)
         )
     try:
         result = train_probe(ctx.collection, ids, labels, name=source, progress=progress)
@@ -101,6 +100,28 @@ def train(ctx: AppContext, source: str, progress: Progress | None = None) -> Pro
         raise UserError(str(e)) from e
     ctx.forget_classifiers()
     return result
+
+
+def tally(labels: list[str]) -> str:
+    """``cats: 3, dogs: 1``, or ``none``."""
+    counts: dict[str, int] = {}
+    for v in labels:
+        counts[v] = counts.get(v, 0) + 1
+    return ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none"
+
+
+def hint(labels: list[str], source: str) -> str:
+    """What there is to train on so far, and how to give more labels."""
+    so_far = tally(labels)
+    if source == USER_PROBE:
+        return (
+            f"Labels given here so far: {so_far}. Select a search result and label it below, "
+            "for images of at least two kinds."
+        )
+    return (
+        f"Labels from the indexed folders: {so_far}. Index images in folders named by class "
+        "(cats/, dogs/), or give labels here and train on them."
+    )
 
 
 def label_image(ctx: AppContext, hit: Hit | None, label: str | None) -> str:
@@ -112,10 +133,6 @@ def label_image(ctx: AppContext, hit: Hit | None, label: str | None) -> str:
     if len(label) > 64 or any(c in label for c in "\n\r\t"):
         raise UserError("Labels are one line of at most 64 characters.")
     labels = ctx.set_user_label(hit.id, label or None)
-    counts: dict[str, int] = {}
-    for v in labels.values():
-        counts[v] = counts.get(v, 0) + 1
-    what = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())) or "none"
     name = Path(hit.relpath or str(hit.id)).name
     done = f"labelled {name} as **{label}**" if label else f"removed the label of {name}"
-    return f"{done}. Labels given here: {what}."
+    return f"{done}. Labels given here: {tally(list(labels.values()))}."
