@@ -36,28 +36,9 @@ NO_PICK = "Click a result to select it: search from it, or mark it as more or le
 log = logging.getLogger(__name__)
 
 
-def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A page event: a refusal shows as a warning, and every output keeps what it shows."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (UserError, EncoderMissing) as e:
-            warn(fn.__name__, e)
-            return gr.skip()  # one skip() stands for all of an event's outputs
-
-    return wrapper
-
-
-def warn(event: str, e: Exception) -> None:
-    """A page event's refusal: one line in the server's log, the sentence in the browser."""
-    log.info("%s refused: %s", event, e)
-    gr.Warning(str(e))
-
-
-def api_guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A public API endpoint: a refusal is an error for the caller."""
+def refused(fn: Callable[..., Any], answer: Callable[[Exception], Any]) -> Callable[..., Any]:
+    """``fn``, whose refusals (``UserError``, ``EncoderMissing``) are one line in the server's
+    log and then ``answer(e)``."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -65,9 +46,28 @@ def api_guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except (UserError, EncoderMissing) as e:
             log.info("%s refused: %s", fn.__name__, e)
-            raise gr.Error(str(e), print_exception=False) from None
+            return answer(e)
 
     return wrapper
+
+
+def warning(e: Exception) -> Any:
+    """The page's answer: the sentence as a warning, and every output keeps what it shows."""
+    gr.Warning(str(e))
+    return gr.skip()  # one skip() stands for all of an event's outputs
+
+
+def error(e: Exception) -> Any:
+    """The public API's answer: an error for the caller."""
+    raise gr.Error(str(e), print_exception=False) from None
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return refused(fn, warning)
+
+
+def api_guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return refused(fn, error)
 
 
 def picture(path: Any) -> Any:
@@ -123,7 +123,8 @@ class Events:
                 raise UserError("Click a result first.")
             r = handlers.search_id(self.ctx, hit.id, k, label, text, cut)
         except (UserError, EncoderMissing) as e:
-            warn("search_from", e)
+            log.info("search_from refused: %s", e)
+            warning(e)
             return (*[gr.skip()] * 4, shown, gr.skip())
         return (
             *refined(r, hit),
