@@ -121,9 +121,10 @@ def none_found(
     """Why a search shows nothing: the images it found are gone from disk, or which filters
     no image passes, or an empty collection."""
     if found:
+        what = "the image found" if found == 1 else f"the {found} images found"
         return (
-            f"the {found} images found can no longer be read (moved or deleted since they were "
-            "indexed? re-index the collection)"
+            f"{what} can no longer be read (moved or deleted since it was indexed? re-index "
+            "the collection)"
         )
     filters, text = make_filters(label, path_text), (path_text or "").strip()
     said = []

@@ -63,7 +63,8 @@ def label_histogram(ctx: AppContext) -> Any:
 
 
 def histogram_top(counts: Any) -> list[int]:
-    """The histogram's y range: from 0 (Vega starts bars elsewhere) to above the tallest."""
+    """The histogram's y range, from 0 (Vega may start the axis above it) to above the
+    tallest bar; recomputed after every index run, or a grown label is cut off."""
     return [0, int(counts["images"].max()) + 1 if len(counts) else 1]
 
 
