@@ -50,18 +50,21 @@ def draft_size(cfg: EncoderConfig) -> int:
 
 
 def read_bytes(path: str) -> bytes:
-    """The file's bytes; failures raise ``ImageError`` with the reason the database records."""
+    """The file's bytes; failures raise ``ImageError`` with the reason the database records
+    and the file's name (``Collection.search("typo.jpg")`` says which file is missing)."""
     try:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError as e:
-        raise ImageError("broken symlink" if os.path.islink(path) else "missing file") from e
+        reason = "broken symlink" if os.path.islink(path) else "missing file"
+        raise ImageError(reason, path) from e
     except PermissionError as e:
-        raise ImageError("permission denied") from e
+        raise ImageError("permission denied", path) from e
     except IsADirectoryError as e:
-        raise ImageError("not a file") from e
+        raise ImageError("not a file", path) from e
     except OSError as e:
-        raise ImageError("symlink loop" if e.errno == errno.ELOOP else "unreadable") from e
+        reason = "symlink loop" if e.errno == errno.ELOOP else "unreadable"
+        raise ImageError(reason, path) from e
 
 
 def prepare(

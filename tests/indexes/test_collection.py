@@ -61,6 +61,18 @@ def test_min_score_and_k(coll: Path, images: Path) -> None:
             c.search(images / "dog" / "001.png", k=0)
 
 
+def test_a_query_file_that_cannot_be_read_is_named(coll: Path, images: Path) -> None:
+    from moco import ImageError
+
+    typo = images / "dog" / "001.pgn"
+    with Collection.open(coll) as c, pytest.raises(ImageError) as missing:
+        c.search(typo, k=3)
+    assert missing.value.reason == "missing file" and str(missing.value).endswith(str(typo))
+    with Collection.open(coll) as c, pytest.raises(ImageError) as folder:
+        c.search(images / "dog", k=3)
+    assert folder.value.reason == "not a file" and str(images / "dog") in str(folder.value)
+
+
 def test_positives_and_negatives(coll: Path, images: Path) -> None:
     with Collection.open(coll) as c:
         ids, _ = c.labeled()
