@@ -7,6 +7,7 @@ once; gradio and torch are imported only when the command runs, so ``--help`` st
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import re
 import socket
@@ -63,19 +64,34 @@ def check_collection(path: Path) -> None:
 
 
 def check_port(host: str, port: int) -> None:
-    """Refuse a port in use now, not after the collection is loaded and Gradio gives up."""
-    if port == 0:
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
+    """Refuse a --host/--port the server cannot listen on now, with the reason, not after the
+    collection is loaded and Gradio gives up."""
+    if ":" in host:  # Gradio writes http://{host}:{port} and then cannot parse it
+        raise ValueError(
+            f"--host {host}: the web UI's server takes IPv4 addresses and host names only "
+            "(127.0.0.1 for this machine, 0.0.0.0 for all its addresses)"
+        )
+    with socket.socket(socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a port
         try:  # that a closed server left in TIME_WAIT is free, one being listened on is not
             s.bind((host, port))
+        except socket.gaierror as e:
+            reason = f"--host {host}: not an address or a known host name ({e.strerror})"
+            raise ValueError(reason) from None
         except OSError as e:
-            raise ValueError(
-                f"port {port} on {host} is in use ({e.strerror}): pass another "
-                "--port, or stop the other server"
-            ) from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                reason = (
+                    f"--host {host} is not an address of this machine (127.0.0.1 for this "
+                    "machine only, 0.0.0.0 for all its addresses)"
+                )
+            elif e.errno == errno.EACCES:
+                reason = f"port {port} needs privileges ({e.strerror}): pass a --port from 1024"
+            else:
+                reason = (
+                    f"port {port} on {host} is in use ({e.strerror}): pass another --port, or "
+                    "stop the other server"
+                )
+            raise ValueError(reason) from None
 
 
 def run_app(args: argparse.Namespace) -> int:
@@ -87,8 +103,8 @@ def run_app(args: argparse.Namespace) -> int:
     for d in args.allow_index:
         if not d.is_dir():
             raise FileNotFoundError(f"--allow-index: not a folder: {d}")
-    if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be 0-65535, got {args.port}")
+    if not 1 <= args.port <= 65535:  # Gradio does not report the port 0 would pick
+        raise ValueError(f"--port must be 1-65535, got {args.port}")
     if args.concurrency < 1:  # 0 served a page whose every event waited forever
         raise ValueError(f"--concurrency must be 1 or more, got {args.concurrency}")
     if not re.fullmatch(r"\d+ *(b|kb|mb|gb|tb)", args.max_file_size.strip(), re.IGNORECASE):

@@ -70,7 +70,7 @@ def test_a_collection_whose_encoder_moved_serves_and_says_how_to_point_at_it(
     [
         (["app", "--auth", "nopassword"], "--auth must look like user:password"),
         (["app", "--collection", "/nonexistent/collection"], "Collection not found"),
-        (["app", "--port", "70000"], "--port must be 0-65535, got 70000"),
+        (["app", "--port", "70000"], "--port must be 1-65535, got 70000"),
         # served a page whose every event waited forever
         (["app", "--concurrency", "0"], "--concurrency must be 1 or more, got 0"),
         # Gradio said: "invalid literal for int() with base 10: ''"
@@ -112,6 +112,26 @@ def test_a_port_in_use_is_refused_before_loading(
         rc = launch.main(["app", "--collection", str(collection_dir), "--port", str(port)])
     err = capsys.readouterr().err
     assert rc == 2 and f"port {port} on 127.0.0.1 is in use" in err and "--port" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "flags,said",
+    [
+        (["--host", "999.1.1.1"], "--host 999.1.1.1: not an address or a known host name"),
+        (["--host", "192.0.2.1"], "--host 192.0.2.1 is not an address of this machine"),
+        (["--host", "::1"], "IPv4 addresses and host names only"),
+        (["--port", "0"], "--port must be 1-65535, got 0"),
+    ],
+)
+def test_a_host_or_port_the_server_cannot_use_is_refused_with_the_reason(
+    collection_dir: Path, flags: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not "port 7860 is in use" for a host name that does not resolve, nor a traceback from
+    Gradio (an IPv6 address, port 0)."""
+    rc = launch.main(["app", "--collection", str(collection_dir), *flags, "--ready-and-exit"])
+    err = capsys.readouterr().err
+    assert rc == 2 and said in err and "in use" not in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
