@@ -46,9 +46,19 @@ class ExportResult:
     count: int
 
 
+FILE_SUFFIXES = (".npy", ".npz", ".csv", ".json", ".jsonl", ".parquet", ".h5", ".pt", ".pkl")
+"""An ``out`` named like one of these files is a mistake: it would become a folder of that name."""
+
+
 def export_embeddings(collection: str | os.PathLike, out: str | os.PathLike) -> ExportResult:
-    """Write ``embeddings.npy`` (N x D float32), ``ids.npy`` (N int64) and ``metadata.csv``."""
+    """Write ``embeddings.npy`` (N x D float32), ``ids.npy`` (N int64) and ``metadata.csv``
+    into the folder ``out``."""
     collection, out = Path(collection), Path(out)
+    if out.suffix.lower() in FILE_SUFFIXES and not out.exists():
+        raise ValueError(
+            f"{out} is named like a file, but the export is a folder (embeddings.npy, ids.npy, "
+            f"metadata.csv): give a folder name, such as {out.with_suffix('')}"
+        )
     dim = int(read_manifest(collection)["feature_dim"])
     output_folder(out)
     db = store.open_store(collection / store.DB_NAME, create=False)

@@ -184,6 +184,11 @@ def test_export_embeddings(coll: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert launch.main(["export-embeddings", "--collection", str(coll), "--out", str(a_file)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"--out {a_file} is a file: give a folder")
+    npz = tmp_path / "vectors.npz"  # named like a file: it would have become a folder
+    assert launch.main(["export-embeddings", "--collection", str(coll), "--out", str(npz)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "named like a file" in err and f"such as {tmp_path / 'vectors'}" in err
+    assert not npz.exists() and len(err.splitlines()) == 1
 
 
 def test_every_command_has_help() -> None:
