@@ -94,11 +94,13 @@ HELP = {
 
 
 def _pretrain(args: argparse.Namespace) -> int:
+    from moco.distributed import rank
     from moco.train import TrainConfig, log_summary, train
 
     ckpt = train(config_from_args(TrainConfig, args), given=getattr(args, "given", None))
-    print(log_summary(ckpt))
-    print(f"next: moco-search export {ckpt} --out {ckpt.parent / 'encoder'}")
+    if rank() == 0:  # under torchrun, once
+        print(log_summary(ckpt))
+        print(f"next: moco-search export {ckpt} --out {ckpt.parent / 'encoder'}")
     return 0
 
 

@@ -28,6 +28,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def rank() -> int:
+    """This process's rank in the job (torchrun's env), also after the group is gone: the
+    one process that reports to the user is rank 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank); joins the process group under torchrun (nccl or gloo)."""
     world = world_size()

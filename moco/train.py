@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import random
 import time
+import warnings
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -163,12 +164,15 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
     net: nn.Module = model
     if world > 1:
         # DDP copies rank 0's buffers to every rank before each step; the memory bank (one
-        # entry per image) is kept identical by its own gathered updates instead.
-        net = nn.parallel.DistributedDataParallel(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=cfg.mechanism != "memory-bank",
-        )
+        # entry per image) is kept identical by its own gathered updates instead. torch 2.14
+        # deprecates broadcast_buffers, but says to keep it for rank-local buffers until its
+        # replacement can skip the first copy too (and torch before 2.14 has no replacement).
+        rank_local = {"broadcast_buffers": False} if cfg.mechanism == "memory-bank" else {}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+            net = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None, **rank_local
+            )
     amp = bool(cfg.amp)  # auto_config chose it when unset
 
     dataset = make_dataset(cfg, paths, device.type)

@@ -310,6 +310,20 @@ def test_existing_run_is_not_overwritten(emoji_dir: Path, tmp_path: Path) -> Non
         train(tiny_cfg(emoji_dir, run))
 
 
+def test_only_rank_0_reports_the_end_of_a_run(
+    emoji_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under ``torchrun`` every rank runs the command: the summary and the next step once."""
+    run = tmp_path / "run"
+    monkeypatch.setenv("RANK", "1")  # as torchrun sets it on the second process
+    assert launch.main(tiny_pretrain_args(emoji_dir, run, 1)) == 0
+    assert "next: moco-search export" not in capsys.readouterr().out
+    monkeypatch.delenv("RANK")
+    assert launch.main([*tiny_pretrain_args(emoji_dir, run, 2), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(f"next: moco-search export {run / LAST} --out {run / 'encoder'}") == 1
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_full_disk_keeps_the_last_checkpoint_and_resume_carries_on(
     emoji_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
