@@ -8,15 +8,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from moco.config import KNN_K, KNN_T
 from moco.flags import add_dataclass_flags, config_from_args, flag
 
+log = logging.getLogger(__name__)
+
 
 def _eval(ns: argparse.Namespace) -> int:
-    from moco.evaluate import EvalConfig, evaluate_many, format_table, write_json
+    from moco.evaluate import (
+        EvalConfig,
+        check_spec,
+        evaluate_many,
+        format_table,
+        shared_images,
+        write_json,
+    )
     from moco.files import output_folder
     from moco.probe import ProbeConfig
 
@@ -40,8 +50,27 @@ def _eval(ns: argparse.Namespace) -> int:
         if Path(args.json_out).is_dir():
             raise IsADirectoryError(f"--json-out {args.json_out} is a folder: give a file name")
         output_folder(Path(args.json_out).parent, "--json-out")
-    specs = [args.encoder, *default_baselines(args.encoder, args.baselines)]
-    rows = evaluate_many(specs, args.train, args.val, cfg)
+    shared, n_val = shared_images(args.train, args.val)
+    if shared == n_val:
+        raise ValueError(
+            f"every image of --val {args.val} is also in --train {args.train}: each would be "
+            "its own nearest neighbour, so every score would be near 100% and mean nothing; "
+            "give --val a folder of held-out images"
+        )
+    if shared:
+        log.warning(
+            "%d of the %d --val images are --train images too: kNN and retrieval count each "
+            "of those as found",
+            shared,
+            n_val,
+        )
+    baselines = default_baselines(args.encoder, args.baselines)
+    for b in baselines:  # said now, not after the encoder's row
+        try:
+            check_spec(b)
+        except ValueError as e:
+            raise ValueError(f"--baselines: {e}") from None
+    rows = evaluate_many([args.encoder, *baselines], args.train, args.val, cfg)
     print(format_table(rows))
     if args.json_out:
         print(f"wrote {write_json(rows, args.json_out)}")

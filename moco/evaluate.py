@@ -38,7 +38,7 @@ from moco.augment import eval_transform, moco_transform
 from moco.config import KNN_K, KNN_T
 from moco.data import ImageFiles, list_images
 from moco.distributed import default_device
-from moco.encoders import build_encoder, feature_dim, pooled_dim, with_pooling
+from moco.encoders import build_encoder, check_arch, feature_dim, pooled_dim, with_pooling
 from moco.export import EncoderConfig, load_encoder, read_encoder_config
 from moco.knn import knn_predict
 from moco.metrics import classification_metrics, retrieval_metrics
@@ -388,6 +388,40 @@ def split_fit(spec: str | os.PathLike) -> tuple[str, str]:
             raise ValueError(f"Bad baseline {text!r}: +{fit}; valid: +center, +whiten")
         return base, fit
     return text, "none"
+
+
+def shared_images(train_dir: str | os.PathLike, val_dir: str | os.PathLike) -> tuple[int, int]:
+    """How many validation images are training images too (the same file), of how many: each
+    one is its own nearest neighbour, so kNN and retrieval count it as found."""
+    tr_paths, _, classes = image_folder(train_dir)
+    va_paths, _, _ = image_folder(val_dir, classes=classes)
+    train = {os.path.realpath(p) for p in tr_paths}
+    return sum(os.path.realpath(p) in train for p in va_paths), len(va_paths)
+
+
+def check_spec(spec: str | os.PathLike) -> None:
+    """Refuse a spec ``load_features`` would refuse, before any row is measured (an eval of
+    the encoder can take minutes, and a typo in the last baseline then threw them away)."""
+    base, _ = split_fit(spec)
+    if base == "pixels":
+        return
+    if base.startswith("random:"):
+        parts = base.split(":")
+        if len(parts) == 2 and Path(parts[1]).is_dir():
+            base = parts[1]  # random_like: the directory must be an encoder
+        elif len(parts) == 2 or (len(parts) == 3 and parts[2] == "small"):
+            check_arch(parts[1])
+            return
+        else:
+            raise ValueError(
+                f"Bad baseline {base!r}; expected random:ARCH, random:ARCH:small or "
+                "random:ENCODER_DIR"
+            )
+    if not (Path(base) / "config.json").is_file():
+        raise ValueError(
+            f"{str(spec)!r} is neither a baseline (pixels, random:ARCH[:small], "
+            "random:ENCODER_DIR, each also with +center or +whiten) nor an encoder directory"
+        )
 
 
 def evaluate_many(

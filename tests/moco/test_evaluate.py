@@ -165,6 +165,39 @@ def test_cli_writes_json(data: Path, tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "knn_top1" not in capsys.readouterr().out
 
 
+def test_eval_refuses_what_would_waste_the_evaluation(
+    data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Said before any row is measured: a --val that is the training set, a baseline that does
+    not exist (it failed after the encoder's row, minutes in); a --val that shares some images
+    with --train is measured, with a warning."""
+    parser = argparse.ArgumentParser()
+    add_eval_command(parser.add_subparsers())
+
+    def run(val: Path, baselines: str = "none") -> int:
+        argv = ["eval", "--encoder", "pixels", "--train", str(data / "train"), "--val", str(val)]
+        args = parser.parse_args([*argv, "--baselines", baselines, "--monitor-size", "4"])
+        return int(args.run(args))
+
+    with pytest.raises(ValueError, match=r"every image of --val .* is also in --train"):
+        run(data / "train")
+    for bad, said in [
+        ("pixels,nope", "'nope' is neither a baseline"),
+        ("random:resnet99", "Unknown arch 'resnet99'"),
+        ("pixels+blur", r"\+blur; valid: \+center, \+whiten"),
+    ]:
+        with pytest.raises(ValueError, match=f"--baselines: .*{said}"):
+            run(data / "val", bad)
+    assert "knn_top1" not in capsys.readouterr().out  # nothing was measured
+    val = tmp_path / "val"
+    (val / "class0").mkdir(parents=True)
+    (val / "class0" / "seen.png").symlink_to(data / "train" / "class0" / "0.png")
+    Image.new("RGB", (32, 32)).save(val / "class0" / "new.png")
+    with caplog.at_level("WARNING"):
+        assert run(val) == 0
+    assert "1 of the 2 --val images are --train images too" in caplog.text
+
+
 def test_eval_prints_the_baselines_beside_an_encoder_by_default(data: Path) -> None:
     """The bar an encoder must clear: raw pixels and its own network with random weights."""
     from moco.eval_cli import default_baselines
