@@ -14,6 +14,7 @@ folder. Both are decoded once and kept as tensors, so each epoch costs only forw
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,24 @@ def _decode(paths: list[Path], image_size: int) -> tuple[torch.Tensor, list[int]
 class KnnMonitor:
     def __init__(self, cfg: TrainConfig, paths: list[Path], device: torch.device) -> None:
         root, val_root = Path(cfg.data), Path(cfg.val_dir)
+        val_paths = list_images(val_root)
+        trained = {os.path.realpath(p) for p in paths}
+        shared = sum(os.path.realpath(p) in trained for p in val_paths)
+        if val_paths and shared == len(val_paths):
+            raise ValueError(
+                f"every image of --val-dir {val_root} is also a training image of {root}: the "
+                "kNN monitor would find each one itself; give --val-dir held-out images"
+            )
+        if shared:
+            log.warning(
+                "%d of the %d --val-dir images are training images too: the kNN monitor finds "
+                "each of those itself",
+                shared,
+                len(val_paths),
+            )
         if len(paths) > MAX_BANK:
             g = torch.Generator().manual_seed(0)
             paths = [paths[i] for i in torch.randperm(len(paths), generator=g)[:MAX_BANK]]
-        val_paths = list_images(val_root)
         classes = sorted(
             {p.relative_to(val_root).parts[0] for p in val_paths if p.parent != val_root}
         )

@@ -27,6 +27,7 @@ from moco.model import MoCo, ModelConfig
 from moco.recipe import LR_PER_256, WARMUP_FRACTION
 from moco.train import TrainConfig, check_config, train
 from tests.conftest import interruptible
+from tests.moco.conftest import DEMO
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -95,8 +96,18 @@ def test_loss_falls_on_real_images(emoji_dir: Path) -> None:
     assert last < 0.5 * first, losses
 
 
+def held_out(emoji_dir: Path, out: Path, per_class: int = 2) -> Path:
+    """A --val-dir of other images of the same classes (the demo set's next ones)."""
+    for label in sorted(d.name for d in emoji_dir.iterdir()):
+        (out / label).mkdir(parents=True)
+        for src in sorted((DEMO / label).glob("*.webp"))[8 : 8 + per_class]:
+            shutil.copy(src, out / label / src.name)
+    return out
+
+
 def test_training_run_writes_its_outputs(emoji_dir: Path, tmp_path: Path) -> None:
-    ckpt = train(tiny_cfg(emoji_dir, tmp_path / "run", epochs=2, val_dir=str(emoji_dir)))
+    val = held_out(emoji_dir, tmp_path / "val")
+    ckpt = train(tiny_cfg(emoji_dir, tmp_path / "run", epochs=2, val_dir=str(val)))
     rows = read_log(tmp_path / "run")
     assert all(0 <= r["knn_top1"] <= 100 for r in rows)  # the kNN monitor ran each epoch
     assert [r["epoch"] for r in rows] == [1, 2] and ckpt.is_file()
@@ -155,6 +166,22 @@ def test_a_val_dir_without_class_folders_is_refused_before_the_run_folder_is_mad
     with pytest.raises(ValueError, match="must be an ImageFolder tree"):
         train(tiny_cfg(emoji_dir, tmp_path / "run", val_dir=str(flat)))
     assert not (tmp_path / "run").exists()  # the corrected command starts afresh
+
+
+def test_a_val_dir_of_training_images_is_refused_and_shared_ones_are_counted(
+    emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The kNN monitor finds a training image itself: a --val-dir that is the training folder
+    scores near 100% from the first epoch and means nothing."""
+    with pytest.raises(ValueError, match=r"every image of --val-dir .* is also a training image"):
+        train(tiny_cfg(emoji_dir, tmp_path / "run", val_dir=str(emoji_dir)))
+    assert not (tmp_path / "run").exists()
+    val = held_out(emoji_dir, tmp_path / "val", per_class=1)
+    seen = sorted((emoji_dir / "symbols").iterdir())[0]
+    (val / "symbols" / seen.name).symlink_to(seen)
+    with caplog.at_level("WARNING"):
+        train(tiny_cfg(emoji_dir, tmp_path / "run", epochs=1, max_steps=1, val_dir=str(val)))
+    assert "1 of the 5 --val-dir images are training images too" in caplog.text
 
 
 def test_a_damaged_last_checkpoint_says_how_to_go_on(emoji_dir: Path, tmp_path: Path) -> None:
