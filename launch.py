@@ -135,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand's own parser, with its own flags to suggest
         commands[args.command].unrecognized(extra)
-    if getattr(args, "resume", False):  # the flags that override a run's saved settings
+    if hasattr(args, "resume"):  # the flags given: they override a resumed run's settings,
+        # and an --epochs beside --minutes is said to be ignored
         args.given = given_flags(commands[args.command], argv[argv.index(args.command) + 1 :])
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

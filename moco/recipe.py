@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -157,7 +158,12 @@ def check_ranges(cfg: Any) -> None:
     """Refuse a number no run can use, naming its flag (unset ones, ``None``, are chosen later):
     these failed deep inside a run, as a ZeroDivisionError (``--epochs 0``, ``--moco-k 0``), a
     BatchNorm error (``--batch-size 0``), a NaN loss (``--moco-t 0``), or trained on with a
-    diverging key encoder (``--moco-m 1.5``)."""
+    diverging key encoder (``--moco-m 1.5``). NaN and infinity are refused for every flag:
+    ``--minutes nan`` passed the ">= 0" check (NaN compares false) and trained for 200 epochs."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
     for name, ok, need in (
         ("epochs", cfg.epochs >= 1, ">= 1"),
         ("batch_size", cfg.batch_size is None or cfg.batch_size >= 2, ">= 2"),

@@ -94,6 +94,12 @@ def train(cfg: TrainConfig, given: Collection[str] | None = None) -> Path:
 
 def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
     budget = Budget(cfg.minutes * 60.0) if cfg.minutes > 0 and not cfg.resume else None
+    if budget is not None and "epochs" in (given or ()):
+        log.warning(
+            "--minutes %g plans the run's epochs itself: --epochs %d is ignored",
+            cfg.minutes,
+            cfg.epochs,
+        )
     rank, world, local_rank = init_distributed()
     paths = list_images(cfg.data)
     device = default_device(cfg.device, local_rank)

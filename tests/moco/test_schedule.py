@@ -97,6 +97,12 @@ def test_key_batchnorm_groups_hold_at_least_four_images() -> None:
         ("crop_min", 2.0, "--crop-min must be in (0, 1], got 2.0"),
         ("bn_splits", 0, "--bn-splits must be >= 1 (1: off), got 0"),
         ("workers", -1, "--workers must be >= 0 (0: in this process), got -1"),
+        # NaN compares false: ">= 0" let --minutes nan through, which trained for 200 epochs
+        ("minutes", float("nan"), "--minutes must be a finite number, got nan"),
+        ("minutes", float("inf"), "--minutes must be a finite number, got inf"),
+        ("save_minutes", float("nan"), "--save-minutes must be a finite number, got nan"),
+        ("warmup_epochs", float("nan"), "--warmup-epochs must be a finite number, got nan"),
+        ("lr", float("inf"), "--lr must be a finite number, got inf"),
     ],
 )
 def test_numbers_no_run_can_use_are_refused_by_their_flag(

@@ -337,6 +337,15 @@ def test_existing_run_is_not_overwritten(emoji_dir: Path, tmp_path: Path) -> Non
         train(tiny_cfg(emoji_dir, run))
 
 
+def test_epochs_beside_minutes_are_said_to_be_ignored(
+    emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    args = [*tiny_pretrain_args(emoji_dir, tmp_path / "r", 1), "--minutes", "0.01"]
+    with caplog.at_level("WARNING"):
+        assert launch.main(args) == 0
+    assert "--minutes 0.01 plans the run's epochs itself: --epochs 1 is ignored" in caplog.text
+
+
 def test_only_rank_0_reports_the_end_of_a_run(
     emoji_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
