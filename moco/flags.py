@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from typing import Any
 
@@ -18,6 +19,18 @@ def _flag_type(tp: Any) -> tuple[Any, bool]:
     if len(args) == 1:
         return _flag_type(args[0])
     return (args[0] if args else tp), False
+
+
+def finite_float(text: str) -> float:
+    """Every float flag's parser: NaN compares false with every bound, so "must be >= 0" let
+    ``--minutes nan`` through (it trained 200 epochs), and ``--t nan`` gave a kNN of NaNs."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def flag(**options: Any) -> dict[str, Any]:
@@ -48,7 +61,7 @@ def add_dataclass_flags(
             continue
         tp, many = _flag_type(hints[f.name])
         opts = dict(f.metadata.get("cli", {}))
-        tp = opts.pop("type", tp)
+        tp = opts.pop("type", finite_float if tp is float else tp)
         default = f.default
         required = False
         if default is dataclasses.MISSING:  # a required field: positional, or a required flag

@@ -94,3 +94,30 @@ def test_an_out_that_is_a_file_is_one_line_before_any_work(
     assert a_file.read_text() == "mine"
     assert launch.main(["export", str(enc), "--out", str(a_file / "sub")]) == 2
     assert "cannot make this folder (Not a directory)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["search", "--collection", "c", "q.png", "--min-score", "nan"],
+        ["pretrain", "d", "--out", "o", "--minutes", "inf"],
+        ["eval", "--encoder", "e", "--train", "t", "--val", "v", "--t", "NaN"],
+        ["probe", "train", "--collection", "c", "--val-fraction=-inf"],
+    ],
+)
+def test_every_float_flag_refuses_nan_and_infinity(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NaN passes every "must be >= 0" check (it compares false), so each command took it: a
+    --minutes nan run trained 200 epochs, --t nan gave a kNN of NaNs, --min-score nan an empty
+    search. The flags' own parser refuses it, before anything is read."""
+    with pytest.raises(SystemExit) as stop:
+        launch.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and "must be a finite number, got" in err, err
+
+
+def test_a_float_flag_that_is_not_a_number_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        launch.main(["pretrain", "d", "--out", "o", "--lr", "1e-3x"])
+    assert capsys.readouterr().err.strip().endswith("argument --lr: not a number: '1e-3x'")
