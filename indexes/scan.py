@@ -8,8 +8,10 @@ a row with a reason instead of an exception. Paths are kept as bytes relative to
 
 from __future__ import annotations
 
+import codecs
 import csv
 import errno
+import io
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -78,21 +80,38 @@ def read_labels(csv_path: str | os.PathLike, roots: list[str]) -> Labels:
     if not csv_path.is_file():
         raise FileNotFoundError(f"Labels CSV not found: {csv_path}")
     labels = Labels({}, [])
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
-            raise ValueError(
-                f"{csv_path} needs a header with 'path' and 'label' columns, "
-                f"found {reader.fieldnames}"
-            )
-        for row in reader:
-            p = row["path"]
-            candidates = [p] if os.path.isabs(p) else [os.path.join(r, p) for r in roots]
-            candidates = [os.path.normpath(c) for c in candidates]
-            labels.rows.append((p, candidates))
-            for c in candidates:
-                labels.by_path[c] = row["label"]
+    text = spreadsheet_text(csv_path)
+    header = text.split("\n", 1)[0]
+    delimiter = next((d for d in ",;\t" if d in header), ",")  # ";": Excel in many locales
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+        raise ValueError(
+            f"{csv_path} needs a header with 'path' and 'label' columns, found {reader.fieldnames}"
+        )
+    for row in reader:
+        p = row["path"]
+        candidates = [p] if os.path.isabs(p) else [os.path.join(r, p) for r in roots]
+        candidates = [os.path.normpath(c) for c in candidates]
+        labels.rows.append((p, candidates))
+        for c in candidates:
+            labels.by_path[c] = row["label"]
     return labels
+
+
+def spreadsheet_text(path: Path) -> str:
+    """A CSV's text as spreadsheets save it: UTF-8 with or without a byte-order mark (Excel's
+    "CSV UTF-8" starts with one, which made the header's first name "\ufeffpath"), or UTF-16
+    (its "Unicode text")."""
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start}): save it "
+            "as CSV UTF-8"
+        ) from None
 
 
 def in_a_collection(path: Path, root: str, memo: dict[Path, bool]) -> bool:

@@ -160,6 +160,35 @@ def test_labels_csv_overrides_folders(
     assert "(first: cat/0OO.png); their labels are not applied" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "encoding,delimiter",
+    [("utf-8-sig", ","), ("utf-8", ";"), ("utf-16", "\t"), ("utf-8", ",")],
+    ids=["Excel CSV UTF-8 (a byte-order mark)", "semicolons", "Excel Unicode text", "plain"],
+)
+def test_labels_csv_as_spreadsheets_save_it(
+    images: Path, encoder_dir: Path, tmp_path: Path, encoding: str, delimiter: str
+) -> None:
+    """A BOM made the header's first name "\ufeffpath" (refused as having no 'path' column);
+    semicolons (Excel in many locales) and UTF-16 were refused too."""
+    csv = tmp_path / "labels.csv"
+    rows = [("path", "label"), ("cat/000.png", "tabby; striped"), ("dog/000.png", "pug")]
+    quoted = [[f'"{v}"' if delimiter in v else v for v in row] for row in rows]
+    csv.write_text("\r\n".join(delimiter.join(r) for r in quoted) + "\r\n", encoding=encoding)
+    build(images, tmp_path / "c", encoder_dir, labels_csv=csv)
+    with Collection.open(tmp_path / "c") as c:
+        counts = c.label_counts()
+    assert counts["tabby; striped"] == 1 and counts["pug"] == 1 and counts["cat"] == 5
+
+
+def test_a_labels_csv_that_is_not_text_says_so(
+    images: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    csv = tmp_path / "labels.csv"
+    csv.write_bytes(b"path,label\ncat/000.png,caf\xe9\n")  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match=r"labels.csv is not UTF-8 text \(byte 0xe9 at offset"):
+        build(images, tmp_path / "c", encoder_dir, labels_csv=csv)
+
+
 def test_a_collection_inside_its_images_folder_does_not_index_itself(
     images: Path, encoder_dir: Path
 ) -> None:
