@@ -24,6 +24,8 @@ FORMAT = 1
 
 def read_manifest(collection: str | os.PathLike) -> dict[str, Any]:
     path = Path(collection) / MANIFEST_NAME
+    if not Path(collection).exists():
+        raise FileNotFoundError(f"Collection not found: {collection}")
     if not path.is_file():
         raise FileNotFoundError(f"Not a collection (no {MANIFEST_NAME}): {collection}")
     try:

@@ -151,3 +151,10 @@ def test_concurrent_searches_and_reload(coll: Path, images: Path) -> None:
         assert len(c) == 19  # rows are read live; the index after reload
         c.reload()
         assert c.search(images / "new" / "001.png", k=1)[0].relpath == "new/001.png"
+
+
+def test_a_missing_collection_and_a_folder_that_is_not_one_are_told_apart(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"Collection not found: .*typo\.coll"):
+        Collection.open(tmp_path / "typo.coll")
+    with pytest.raises(FileNotFoundError, match=r"Not a collection \(no manifest.json\)"):
+        Collection.open(tmp_path)
