@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -71,7 +72,10 @@ class EvalConfig:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"Unknown protocol {self.protocol!r}; valid: {PROTOCOLS}")
         default_device(self.device)  # refuses one that is not, or not here
+        if not (self.T > 0 and math.isfinite(self.T)):  # said now, not after the features
+            raise ValueError(f"--t must be a number > 0, got {self.T}")
         for flag, value, least in (
+            ("k", self.k, 1),
             ("batch-size", self.batch_size, 1),
             ("workers", self.workers, 0),
             ("image-size", self.image_size, 8),

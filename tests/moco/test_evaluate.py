@@ -250,12 +250,19 @@ def test_baselines_given_the_encoders_map(data: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("batch_size", 0), ("workers", -1), ("image_size", 0)]
+    ("field", "value"), [("batch_size", 0), ("workers", -1), ("image_size", 0), ("k", 0)]
 )
 def test_eval_settings_no_run_can_use_are_refused_by_flag(field: str, value: int) -> None:
     flag = field.replace("_", "-")
     with pytest.raises(ValueError, match=f"--{flag} must be >= "):
         EvalConfig(**{field: value})
+
+
+@pytest.mark.parametrize("t", [0.0, -1.0, float("nan")])
+def test_a_knn_temperature_no_vote_can_use_is_refused_before_the_features(t: float) -> None:
+    """It failed in the kNN vote, after every feature was extracted (minutes on a folder)."""
+    with pytest.raises(ValueError, match="--t must be a number > 0"):
+        EvalConfig(T=t)
 
 
 def test_image_folder_errors(tmp_path: Path) -> None:
