@@ -179,6 +179,8 @@ def check_ranges(cfg: Any) -> None:
         ("crop_min", cfg.crop_min is None or 0 < cfg.crop_min <= 1, "in (0, 1]"),
         ("color", cfg.color is None or cfg.color >= 0, ">= 0"),
         ("workers", cfg.workers >= 0, ">= 0 (0: in this process)"),
+        ("knn_k", cfg.knn_k >= 1, ">= 1"),  # the --val-dir monitor's vote, at the first epoch end
+        ("knn_t", cfg.knn_t > 0, "> 0"),
     ):
         if not ok:
             flag = name.replace("_", "-")

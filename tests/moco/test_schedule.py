@@ -97,6 +97,8 @@ def test_key_batchnorm_groups_hold_at_least_four_images() -> None:
         ("crop_min", 2.0, "--crop-min must be in (0, 1], got 2.0"),
         ("bn_splits", 0, "--bn-splits must be >= 1 (1: off), got 0"),
         ("workers", -1, "--workers must be >= 0 (0: in this process), got -1"),
+        ("knn_k", 0, "--knn-k must be >= 1, got 0"),
+        ("knn_t", 0.0, "--knn-t must be > 0, got 0.0"),
         # NaN compares false: ">= 0" let --minutes nan through, which trained for 200 epochs
         ("minutes", float("nan"), "--minutes must be a finite number, got nan"),
         ("minutes", float("inf"), "--minutes must be a finite number, got inf"),
