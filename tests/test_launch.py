@@ -100,6 +100,7 @@ def test_an_out_that_is_a_file_is_one_line_before_any_work(
     "argv",
     [
         ["search", "--collection", "c", "q.png", "--min-score", "nan"],
+        ["duplicates", "--collection", "c", "--threshold", "nan"],
         ["pretrain", "d", "--out", "o", "--minutes", "inf"],
         ["eval", "--encoder", "e", "--train", "t", "--val", "v", "--t", "NaN"],
         ["probe", "train", "--collection", "c", "--val-fraction=-inf"],
