@@ -66,6 +66,16 @@ class Parser(argparse.ArgumentParser):
         self.error(f"unrecognized arguments: {' '.join(extra)}{hints}")
 
 
+def leaf(parser: Parser, args: argparse.Namespace) -> Parser:
+    """The parser of the command that ran: ``probe classify-all``'s, not ``probe``'s."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = action.choices.get(getattr(args, action.dest, None) or "")
+            if chosen is not None:
+                return leaf(chosen, args)
+    return parser
+
+
 def build_parser() -> tuple[Parser, dict[str, Parser]]:
     """The ``moco-search`` parser and its subcommands' parsers by name."""
     parser = Parser(
@@ -134,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand's own parser, with its own flags to suggest
-        commands[args.command].unrecognized(extra)
+        leaf(commands[args.command], args).unrecognized(extra)
     if hasattr(args, "resume"):  # the flags given: they override a resumed run's settings,
         # and an --epochs beside --minutes is said to be ignored
         args.given = given_flags(commands[args.command], argv[argv.index(args.command) + 1 :])

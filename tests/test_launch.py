@@ -122,3 +122,14 @@ def test_a_float_flag_that_is_not_a_number_says_so(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit):
         launch.main(["pretrain", "d", "--out", "o", "--lr", "1e-3x"])
     assert capsys.readouterr().err.strip().endswith("argument --lr: not a number: '1e-3x'")
+
+
+def test_an_unknown_flag_of_a_probe_action_is_told_by_that_action(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Not by ``probe``'s parser, whose usage line and suggestions know none of its flags."""
+    with pytest.raises(SystemExit):
+        launch.main(["probe", "train", "--collection", "c", "--fold", "3"])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: moco-search probe train ")
+    assert err.strip().endswith("unrecognized arguments: --fold 3 (did you mean '--folds'?)")
