@@ -99,13 +99,23 @@ def run_predict(ns: argparse.Namespace) -> int:
 
 
 def run_classify_all(ns: argparse.Namespace) -> int:
-    from indexes.classify import classify_all
+    from indexes.classify import classify_all, read_predictions
     from indexes.collection import Collection
 
     args = config_from_args(ClassifyAllArgs, ns)
     with Collection.open(args.collection) as col:
         report = classify_all(col, name=args.name, knn=args.knn, knn_k=args.knn_k, T=args.knn_t)
+        if args.json:  # the stored predictions, one JSON object per image
+            found = read_predictions(col)
+            for rec in col.records(sorted(found)):
+                print(json.dumps({"id": rec.id, "path": rec.path, **found[rec.id]}))
+            print(report.summary(), file=sys.stderr)
+            return 0
     print(report.summary())
+    print(
+        f"  kept in {args.collection}/meta.db, table predictions (--json prints them; "
+        "indexes.classify.read_predictions reads them)"
+    )
     return 0
 
 
@@ -150,6 +160,8 @@ class PredictArgs(KnnArgs):
 class ClassifyAllArgs(KnnArgs):
     """``probe classify-all``."""
 
+    json: bool = field(default=False, metadata=flag(action="store_true"))
+
 
 HELP = {
     "collection": "collection directory",
@@ -191,5 +203,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = actions.add_parser(
         "classify-all", help="predict every unlabelled image; store label + confidence"
     )
-    add_dataclass_flags(p, ClassifyAllArgs, HELP)
+    add_dataclass_flags(p, ClassifyAllArgs, {**HELP, "json": "one JSON object per image"})
     p.set_defaults(run=run_classify_all)

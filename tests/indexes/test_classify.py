@@ -173,6 +173,16 @@ def test_cli(coll: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         run_cli(["probe", "classify-all", "--collection", str(coll), "--knn", "--knn-k", "5"]) == 0
     )
-    assert "classified 6 unlabelled images" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "classified 6 unlabelled images" in out and "table predictions (--json" in out
+    all_json = ["probe", "classify-all", "--collection", str(coll), "--knn", "--json"]
+    assert run_cli([*all_json, "--knn-k", "5"]) == 0
+    printed = capsys.readouterr()
+    rows = [json.loads(line) for line in printed.out.splitlines()]
+    assert len(rows) == 6 and "classified 6" in printed.err  # the summary is not in the JSON
+    with Collection.open(coll) as c:
+        unlabelled = {r.path for r in c.query_records("images.label IS NULL")}
+    assert {r["path"] for r in rows} <= unlabelled
+    assert all(r["label"] == r["top5"][0][0] and 0 < r["confidence"] <= 1 for r in rows)
     with pytest.raises(FileNotFoundError):
         run_cli(["probe", "predict", "nope.png", "--collection", str(coll)])
