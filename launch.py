@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import os
+import signal
 import sqlite3
 import sys
 from collections.abc import Iterable, Sequence
@@ -155,10 +157,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("faiss.loader", "httpx", "matplotlib"):  # their INFO lines are not for users
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return int(args.run(args) or 0)
+        status = int(args.run(args) or 0)
+        sys.stdout.flush()  # a reader that has gone (| head) shows here, not at exit
+        return status
     except USER_ERRORS as e:
         print(f"moco-search {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped reading (| head): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush
+        return 128 + signal.SIGPIPE  # fails again; the status a shell gives an untrapped SIGPIPE
     except OSError as e:
         if e.errno not in DISK_FULL:
             raise

@@ -7,6 +7,8 @@ import dataclasses
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -325,3 +327,18 @@ def test_a_published_encoder_that_fails_its_check_says_why(
         "argument --encoder: moco_v2_800ep: the download does not match md5 a04e12f8; removed it"
     ), err
     assert not ckpt.exists()
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(coll: Path) -> None:
+    """``moco-search search ... --json | head -1``: the pipe closes while we write; a
+    BrokenPipeError traceback (or Python's "Exception ignored" at exit) is not for the user."""
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "launch.py"), "search", "--collection", str(coll)]
+    proc = subprocess.Popen(
+        [*cmd, "--id", "1", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=root
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # gone before the command (seconds of imports) writes a byte
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
