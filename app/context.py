@@ -24,6 +24,7 @@ from typing import Any
 from app.thumbnails import choose_thumbs_dir, thumbnail
 from indexes import Collection
 from moco import KNN_K
+from moco.files import is_within
 
 log = logging.getLogger(__name__)
 USER_LABELS = "app_labels.json"
@@ -42,11 +43,6 @@ PRIVATE_FILES = (
     USER_LABELS,
 )
 """Files a collection has or may have later; blocked together with whatever else is in it."""
-
-
-def is_within(path: str, folder: str) -> bool:
-    """Whether real path ``path`` is ``folder`` or lies below it (both already resolved)."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import sqlite3
 from pathlib import Path
 
 from indexes import faults, manifest, store, vectors
+from moco.files import is_within
 
 WRITTEN = (manifest.MANIFEST_NAME, store.DB_NAME, vectors.INDEX_NAME)
 """The files of a collection that an index run replaces or updates."""
@@ -33,7 +34,32 @@ def resolve(
             raise NotADirectoryError(f"Not a folder: {r} is a file; give the folder that holds it")
         if not os.path.isdir(r):
             raise FileNotFoundError(f"Image folder not found: {r}")
-    return names, Path(encoder)
+    return distinct_roots(names, (old or {}).get("roots", [])), Path(encoder)
+
+
+def distinct_roots(names: list[str], indexed: list[str]) -> list[str]:
+    """``names`` once each (``small`` and ``./small/`` are one folder: scanned twice, its files
+    failed the database's unique path with an IntegrityError); a folder inside another root,
+    given or already indexed, is refused: its images would be in the collection twice."""
+    by_real = {os.path.realpath(n): n for n in reversed(names)}  # the first spelling wins
+    known = {os.path.realpath(r): r for r in indexed}
+    for real, name in by_real.items():
+        for other, other_name in [*by_real.items(), *known.items()]:
+            if real == other:
+                continue
+            if is_within(real, other):
+                outer, inner = other_name, name
+                fix = f"index {outer} alone (its subfolders are scanned with it)"
+            elif other in known and is_within(other, real):  # a new root above an indexed one
+                outer, inner = name, other_name
+                fix = f"index {outer} into a new collection (this one holds {inner} already)"
+            else:
+                continue
+            raise ValueError(
+                f"{inner} lies inside {outer}: with both indexed, its images would be in the "
+                f"collection twice; {fix}"
+            )
+    return list(dict.fromkeys(by_real[os.path.realpath(n)] for n in names))
 
 
 def check_options(batch_size: int, workers: int | None) -> None:

@@ -28,6 +28,11 @@ class DiskFullError(OSError, ValueError):
     """
 
 
+def is_within(path: str, folder: str) -> bool:
+    """Whether real path ``path`` is ``folder`` or lies below it (both already resolved)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
     """``path`` made (with its parents) as the folder a command writes into: before any work,
     so that a file, a path under a file or one that cannot be made there fails at once, in a

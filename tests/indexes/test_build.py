@@ -139,6 +139,31 @@ def test_same_weights_at_another_size_are_refused(
         c.search(next(images.rglob("*.png")), k=1)
 
 
+def test_one_folder_given_twice_is_indexed_once(
+    images: Path, encoder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``index small ./small/`` scanned the folder twice, and its second copy of each file failed
+    the database's unique path with an IntegrityError traceback."""
+    monkeypatch.chdir(images.parent)
+    r = index_images([Path(images.name), Path(f"./{images.name}/")], tmp_path / "c", encoder_dir)
+    assert r.added == r.total > 0 and r.duplicates == 0
+    with Collection.open(tmp_path / "c") as c:
+        assert c.manifest["roots"] == [str(images)]
+
+
+def test_a_folder_inside_another_root_is_refused(
+    images: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    """Nested roots put each image of the inner one in the collection twice (as exact copies)."""
+    inner = images / "cat"
+    with pytest.raises(ValueError, match=f"{inner} lies inside {images}: .* index {images} alone"):
+        index_images([images, inner], tmp_path / "c", encoder_dir)
+    assert not (tmp_path / "c").exists()
+    index_images([inner], tmp_path / "c", encoder_dir)
+    with pytest.raises(ValueError, match=f"index {images} into a new collection"):
+        index_images([images], tmp_path / "c")  # a new root above an indexed one
+
+
 def test_new_collection_needs_an_encoder(images: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="encoder"):
         build(images, tmp_path / "c", None)
