@@ -23,8 +23,7 @@ from typing import Any
 
 from app.thumbnails import choose_thumbs_dir, thumbnail
 from indexes import Collection
-from moco import KNN_K
-from moco.files import is_within
+from moco import KNN_K, is_within
 
 log = logging.getLogger(__name__)
 USER_LABELS = "app_labels.json"

@@ -12,7 +12,7 @@ import sqlite3
 from pathlib import Path
 
 from indexes import faults, manifest, store, vectors
-from moco.files import is_within
+from moco import is_within
 
 WRITTEN = (manifest.MANIFEST_NAME, store.DB_NAME, vectors.INDEX_NAME)
 """The files of a collection that an index run replaces or updates."""

@@ -32,7 +32,14 @@ if TYPE_CHECKING:
         read_encoder_config,
         save_encoder,
     )
-    from moco.files import DISK_FULL, DiskFullError, atomic_file, file_hash, output_folder
+    from moco.files import (
+        DISK_FULL,
+        DiskFullError,
+        atomic_file,
+        file_hash,
+        is_within,
+        output_folder,
+    )
     from moco.flags import add_dataclass_flags, config_from_args, flag
     from moco.knn import knn_predict, knn_top1
     from moco.loss import info_nce, moco_logits, topk_accuracy
@@ -92,6 +99,7 @@ _WHERE = {
     "file_hash": "moco.files",
     "flag": "moco.flags",
     "info_nce": "moco.loss",
+    "is_within": "moco.files",
     "knn_predict": "moco.knn",
     "knn_top1": "moco.knn",
     "list_images": "moco.data",
@@ -150,6 +158,7 @@ __all__ = [
     "file_hash",
     "flag",
     "info_nce",
+    "is_within",
     "knn_predict",
     "knn_top1",
     "list_images",
