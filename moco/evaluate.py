@@ -404,7 +404,7 @@ def shared_images(train_dir: str | os.PathLike, val_dir: str | os.PathLike) -> t
 
 
 def check_spec(spec: str | os.PathLike) -> None:
-    """Refuse a spec ``load_features`` would refuse, before any row is measured (an eval of
+    """Refuse a spec ``load_featurizer`` would refuse, before any row is measured (an eval of
     the encoder can take minutes, and a typo in the last baseline then threw them away)."""
     base, _ = split_fit(spec)
     if base == "pixels":
