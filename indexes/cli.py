@@ -189,11 +189,33 @@ def run_index(ns: argparse.Namespace) -> int:
         report = index_images(list(args.images), args.collection, args.encoder, **kwargs, **storage)
     if report is not None:
         print(report.summary())
+        if report.total == 0:  # a wrong folder, most likely: not "next: search"
+            print(f"moco-search index: {nothing_indexed(report, args.images)}", file=sys.stderr)
+            return 0
         print(
             f"next: moco-search search --collection {args.collection} QUERY.jpg, or "
             f"python launch.py --collection {args.collection} for the web UI"
         )
     return 0
+
+
+def nothing_indexed(report: Any, folders: list[Path]) -> str:
+    """Why a collection holds no image after a run: no image files, or none readable."""
+    if report.errors:
+        failed = sum(report.errors.values())
+        return (
+            f"none of the {failed} image files could be read (the reasons above): nothing to "
+            "search yet"
+        )
+    from moco import IMAGE_EXTENSIONS
+
+    kinds = " ".join(sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
+    named = [str(f) for f in folders] or ["the collection's folders"]
+    verb = "holds" if len(folders) == 1 else "hold"
+    return (
+        f"{', '.join(named)} {verb} no image files ({kinds}; subfolders are searched too): "
+        "nothing to search yet"
+    )
 
 
 def _hit_dict(h: Any) -> dict[str, Any]:

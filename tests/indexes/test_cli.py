@@ -342,3 +342,24 @@ def test_a_reader_that_stops_reading_ends_the_command_quietly(coll: Path) -> Non
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
+
+
+def test_a_run_that_leaves_no_image_says_why_not_what_next(
+    encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A wrong folder printed "0 images in the collection" and then "next: moco-search
+    search ...", as if all were well."""
+    empty, junk = tmp_path / "empty", tmp_path / "junk"
+    (empty / "notes").mkdir(parents=True)
+    (empty / "notes" / "a.txt").write_text("not an image")
+    junk.mkdir()
+    for name in ("a.png", "b.jpg"):
+        (junk / name).write_text("not an image either")
+    for folder, said in [
+        (empty, f"{empty} holds no image files (bmp gif ico jpeg jpg png"),
+        (junk, "none of the 2 image files could be read (the reasons above)"),
+    ]:
+        args = ["index", str(folder), "--collection", str(tmp_path / folder.name / "c")]
+        assert launch.main([*args, "--encoder", str(encoder_dir), "--workers", "0"]) == 0
+        printed = capsys.readouterr()
+        assert said in printed.err and "next:" not in printed.out
