@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from app.context import USER_PROBE, AppContext
-from app.handlers import UserError, decode_upload
+from app.handlers import GONE, UserError, decode_upload
 from indexes import Hit
 from indexes.classify import DEFAULT_PROBE, ProbeReport, list_probes, train_probe
 
@@ -132,7 +132,10 @@ def label_image(ctx: AppContext, hit: Hit | None, label: str | None) -> str:
     label = (label or "").strip()
     if len(label) > 64 or any(c in label for c in "\n\r\t"):
         raise UserError("Labels are one line of at most 64 characters.")
-    labels = ctx.set_user_label(hit.id, label or None)
+    try:
+        labels = ctx.set_user_label(hit.id, label or None)
+    except ValueError as e:  # "No image with id ...": removed by an index run since
+        raise UserError(GONE) from e
     name = Path(hit.relpath or str(hit.id)).name
     done = f"labelled {name} as **{label}**" if label else f"removed the label of {name}"
     return f"{done}. Labels given here: {tally(list(labels.values()))}."

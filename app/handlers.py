@@ -14,7 +14,8 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,22 @@ MAX_UPLOAD_PIXELS = 40_000_000
 
 class UserError(ValueError):
     """A mistake the user can fix; its message is shown in the UI."""
+
+
+GONE = (
+    "An image you picked is no longer in the collection (an index run removed it since): "
+    "search again, and pick from the new results"
+)
+
+
+@contextmanager
+def still_indexed() -> Iterator[None]:
+    """Ids the page holds (a selected result, marked examples) that an index run has removed
+    since: the collection's KeyError becomes a sentence (it showed as a bare "Error")."""
+    try:
+        yield
+    except KeyError as e:
+        raise UserError(GONE) from e
 
 
 @dataclass(frozen=True)
@@ -182,9 +199,14 @@ def search(
     excluded = {int(i) for i in negatives}
     t0 = time.perf_counter()
     try:
-        hits = ctx.collection.search(
-            query, k=k + len(excluded), negatives=sorted(excluded), filters=filters, min_score=cut
-        )
+        with still_indexed():
+            hits = ctx.collection.search(
+                query,
+                k=k + len(excluded),
+                negatives=sorted(excluded),
+                filters=filters,
+                min_score=cut,
+            )
     except ValueError as e:  # e.g. positives and negatives cancel out
         raise UserError(str(e)) from e
     hits = [h for h in hits if h.id not in excluded][:k]
@@ -202,7 +224,8 @@ def search_id(
     """ "More like this": the neighbours of an indexed image, itself first."""
     k = check_k(k)
     t0 = time.perf_counter()
-    vec = ctx.collection.vectors([int(image_id)])[0]
+    with still_indexed():
+        vec = ctx.collection.vectors([int(image_id)])[0]
     cut = None if min_score is None or float(min_score) <= -1 else float(min_score)
     hits = ctx.collection.search_vector(
         vec, k, filters=make_filters(label, path_text), min_score=cut
@@ -259,7 +282,8 @@ def feedback_text(
         return "No examples yet: select a result, then mark it as more or less like this."
     names: dict[int, str] = {}
     if ctx is not None:
-        recs = ctx.collection.records([*positives, *negatives])
+        with still_indexed():
+            recs = ctx.collection.records([*positives, *negatives])
         names = {r.id: Path(r.relpath).name for r in recs}
 
     def listed(ids: Sequence[int]) -> str:

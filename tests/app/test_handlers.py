@@ -366,6 +366,39 @@ def test_index_update_in_background_while_searching(
         ctx.start_index(str(tmp_path / "missing"))
 
 
+def test_picks_that_an_index_run_removed_since_are_a_sentence(
+    encoder_dir: Path, tmp_path: Path, tree: Any
+) -> None:
+    """Search, select a result, mark examples; then an index run removes those images (their
+    files were deleted). Every action on the page's old picks raised a KeyError (a bare "Error"
+    in the browser); each now says what happened and what to do."""
+    from app.context import AppContext
+    from indexes import index_images
+
+    images = tree(tmp_path / "images", labels=("circle", "square"), n=3)
+    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
+    ctx = AppContext.open(tmp_path / "coll")
+    try:
+        query = str(images / "square" / "square_00.png")
+        picked = next(h for h in handlers.search(ctx, query, k=6).hits if "circle" in h.relpath)
+        for f in (images / "circle").iterdir():
+            f.unlink()
+        index_images([], tmp_path / "coll", workers=0)
+        ctx.collection.reload()
+        for act in (
+            lambda: handlers.search_id(ctx, picked.id),
+            lambda: handlers.search(ctx, query, k=3, positives=[picked.id]),
+            lambda: handlers.search(ctx, query, k=3, negatives=[picked.id]),
+            lambda: handlers.feedback_text(ctx, [picked.id], []),
+            lambda: classifying.label_image(ctx, picked, "round"),
+        ):
+            with pytest.raises(UserError, match=r"no longer in the collection .* search again"):
+                act()
+        assert len(handlers.search(ctx, query, k=6).hits) == 3  # the new results are fine
+    finally:
+        ctx.collection.close()
+
+
 def test_large_results_are_shown_as_thumbnails_kept_in_the_collection(
     tmp_path: Path, encoder_dir: Path, tree: Any
 ) -> None:
