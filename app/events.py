@@ -36,19 +36,34 @@ NO_PICK = "Click a result to select it: search from it, or mark it as more or le
 log = logging.getLogger(__name__)
 
 
-def refused(fn: Callable[..., Any], answer: Callable[[Exception], Any]) -> Callable[..., Any]:
-    """``fn``, whose refusals (``UserError``, ``EncoderMissing``) are one line in the server's
-    log and then ``answer(e)``."""
+def refused(
+    fn: Callable[..., Any], answer: Callable[[Exception], Any], faults: bool = False
+) -> Callable[..., Any]:
+    """``fn``, whose refusals (``UserError``, ``EncoderMissing``) are answered by ``answer``;
+    with ``faults``, so is any other exception (``explained``)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (UserError, EncoderMissing) as e:
-            log.info("%s refused: %s", fn.__name__, e)
-            return answer(e)
+        except Exception as e:
+            if not (faults or isinstance(e, (UserError, EncoderMissing))):
+                raise
+            return answer(explained(fn.__name__, e))
 
     return wrapper
+
+
+def explained(event: str, e: Exception) -> Exception:
+    """What to tell the user about ``e``: a refusal as it is (one line in the server's log); a
+    fault of ours or of the machine as where to look (its traceback in the server's log)."""
+    if isinstance(e, (UserError, EncoderMissing)):
+        log.info("%s refused: %s", event, e)
+        return e
+    log.exception("%s failed", event)
+    return RuntimeError(
+        f"Something went wrong ({type(e).__name__}: {e}); the server's log has the details"
+    )
 
 
 def warning(e: Exception) -> Any:
@@ -63,7 +78,7 @@ def error(e: Exception) -> Any:
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return refused(fn, warning)
+    return refused(fn, warning, faults=True)  # the page keeps what it shows, whatever failed
 
 
 def api_guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -122,9 +137,8 @@ class Events:
             if not hit:
                 raise UserError("Click a result first.")
             r = handlers.search_id(self.ctx, hit.id, k, label, text, cut)
-        except (UserError, EncoderMissing) as e:
-            log.info("search_from refused: %s", e)
-            warning(e)
+        except Exception as e:
+            warning(explained("search_from", e))
             return (*[gr.skip()] * 4, shown, gr.skip())
         return (
             *refined(r, hit),

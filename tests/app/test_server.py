@@ -189,3 +189,32 @@ def test_indexing_from_the_page_updates_whatever_shows_the_collection(
     finally:
         demo.close()
         ctx.collection.close()
+
+
+def test_a_fault_in_a_page_event_keeps_the_page_and_logs_the_traceback(
+    encoder_dir: Path, tmp_path: Path, tree: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not only refusals: an unexpected exception (here the collection's database closed under
+    the server) left every output blank under "Error". The page now keeps what it shows and
+    says where the details are; the server's log has the traceback."""
+    from app.context import AppContext
+    from app.server import ServerConfig, launch
+    from indexes import index_images
+    from tests.app.queue_api import call, upload
+    from tests.conftest import free_port
+
+    images = tree(tmp_path / "images", labels=("circle",), n=2)
+    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
+    ctx = AppContext.open(tmp_path / "coll")
+    demo = launch(ctx, ServerConfig(port=free_port()))
+    try:
+        query = upload(demo, str(images / "circle" / "circle_00.png"))
+        ctx.collection.close()  # a fault no user caused
+        with caplog.at_level("ERROR"):
+            reply = call(demo, "new_search", [query, 3, "(any)", "", -1])
+        assert reply.success and reply.skipped, reply.completed
+        said = reply.warnings[0]
+        assert said.startswith("Something went wrong (") and "the server's log" in said
+        assert "new_search failed" in caplog.text and "Traceback" in caplog.text
+    finally:
+        demo.close()
