@@ -5,9 +5,11 @@ turn component values into display values through ``app.handlers``, ``app.classi
 ``app.overview``. A refusal (a ``UserError``, or the collection's ``EncoderMissing``) is one line
 in the server's log, never a traceback, and one sentence for whoever asked: ``guarded`` shows it
 to the page as a warning and leaves every output as it was; ``api_guarded`` raises it as
-``gr.Error``, which a ``gradio_client`` caller receives as an exception. (The page's events do not
-raise: Gradio marks every output of a failed event "Error" and blanks it, so a click on "Search
-from this one" with nothing selected would wipe out the results and the query picture.)
+``gr.Error``, which a ``gradio_client`` caller receives as an exception. Any other exception in a
+page event (a fault, not a mistake) is shown the same way, with its traceback in the server's
+log. (The page's events do not raise: Gradio marks every output of a failed event "Error" and
+blanks it, so a click on "Search from this one" with nothing selected would wipe out the results
+and the query picture.)
 
 Whatever a method acts on comes from server-side ``gr.State`` (the last search's hits, the
 selected hit, the feedback ids, the embedding map), never from a component value the client
