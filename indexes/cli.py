@@ -297,10 +297,16 @@ def run_search(ns: argparse.Namespace) -> int:
 
 
 def why_none(c: Any, args: SearchArgs) -> str:
-    """Why a search found nothing, when its filters say: a label no image has, a score no
-    cosine similarity reaches; else that the filters leave no image."""
-    labels = set(c.label_counts()) | set(c.user_labels().values())
+    """Why a search found nothing, when its filters say: a label no image has (or one given
+    only in the web UI, which --label does not match), a score no cosine similarity reaches;
+    else that the filters leave no image."""
+    labels = set(c.label_counts())
     if args.label is not None and args.label not in labels:
+        if args.label in set(c.user_labels().values()):
+            return (
+                f"{args.label!r} is a label given in the web UI, for probes and kNN; --label "
+                "matches the labels images were indexed with (their folders, or index --labels)"
+            )
         known = ", ".join(sorted(labels)[:10]) + (", ..." if len(labels) > 10 else "") or "none"
         return f"no image is labelled {args.label!r} (labels: {known})"
     if args.min_score is not None and args.min_score > 1:

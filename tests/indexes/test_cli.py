@@ -75,14 +75,17 @@ def test_search_table_and_json(coll: Path, images: Path, capsys: pytest.CaptureF
     )
     assert json.loads(capsys.readouterr().out)["id"] == rows[0]["id"]
     # Nothing found: why, where the filters say it
+    with Collection.open(coll) as c:
+        c.set_user_labels({rows[0]["id"]: "favourite"})  # as "Label it" in the web UI does
     for flags, why in [
         (["--label", "cta"], "no image is labelled 'cta' (labels: cat, dog, owl)"),
+        (["--label", "favourite"], "'favourite' is a label given in the web UI, for probes"),
         (["--min-score", "1.5"], "--min-score 1.5: scores are cosine similarities, at most 1"),
         (["--glob", "zebra/*"], "no indexed image passes the filters"),
     ]:
         assert launch.main(["search", "--collection", str(coll), str(q), *flags]) == 0
         out, err = capsys.readouterr()
-        assert len(out.splitlines()) == 1 and f"no results: {why}\n" in err, (flags, err)
+        assert len(out.splitlines()) == 1 and f"no results: {why}" in err, (flags, err)
 
 
 def test_user_mistakes_are_one_line(
