@@ -154,6 +154,13 @@ def list_images(root: str | os.PathLike) -> list[Path]:
     return [p for p in walk_files(root) if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
+def shared_files(paths: list[Path], others: list[Path]) -> int:
+    """How many of ``paths`` are files of ``others`` too (the same file, however reached): a
+    validation image that is a training image is its own nearest neighbour."""
+    seen = {os.path.realpath(p) for p in others}
+    return sum(os.path.realpath(p) in seen for p in paths)
+
+
 class ImageFiles(Dataset):
     """Images of a folder, ``(transform(img), index)`` per item; broken files give ``None``.
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from moco import whiten
 from moco.augment import eval_transform, moco_transform
 from moco.config import KNN_K, KNN_T
-from moco.data import ImageFiles, list_images
+from moco.data import ImageFiles, list_images, shared_files
 from moco.distributed import default_device
 from moco.encoders import build_encoder, check_arch, feature_dim, pooled_dim, with_pooling
 from moco.export import EncoderConfig, load_encoder, read_encoder_config
@@ -399,8 +399,7 @@ def shared_images(train_dir: str | os.PathLike, val_dir: str | os.PathLike) -> t
     one is its own nearest neighbour, so kNN and retrieval count it as found."""
     tr_paths, _, classes = image_folder(train_dir)
     va_paths, _, _ = image_folder(val_dir, classes=classes)
-    train = {os.path.realpath(p) for p in tr_paths}
-    return sum(os.path.realpath(p) in train for p in va_paths), len(va_paths)
+    return shared_files(va_paths, tr_paths), len(va_paths)
 
 
 def check_spec(spec: str | os.PathLike) -> None:

@@ -14,7 +14,6 @@ folder. Both are decoded once and kept as tensors, so each epoch costs only forw
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 from moco.augment import eval_transform
 from moco.config import TrainConfig
-from moco.data import ImageError, list_images, load_image
+from moco.data import ImageError, list_images, load_image, shared_files
 from moco.export import EncoderConfig
 from moco.knn import knn_top1
 
@@ -50,8 +49,7 @@ class KnnMonitor:
     def __init__(self, cfg: TrainConfig, paths: list[Path], device: torch.device) -> None:
         root, val_root = Path(cfg.data), Path(cfg.val_dir)
         val_paths = list_images(val_root)
-        trained = {os.path.realpath(p) for p in paths}
-        shared = sum(os.path.realpath(p) in trained for p in val_paths)
+        shared = shared_files(val_paths, paths)
         if val_paths and shared == len(val_paths):
             raise ValueError(
                 f"every image of --val-dir {val_root} is also a training image of {root}: the "
