@@ -31,7 +31,9 @@ Progress = Callable[[int, int], None]
 class IndexReport:
     """What an index run did; ``errors`` counts files recorded with status=error, by reason.
 
-    ``skipped`` counts the files passed over for their extension, by extension.
+    ``skipped`` counts the files passed over for their extension, by extension. ``total`` and
+    ``duplicates`` describe the collection after the run (its images, and the exact copies of them
+    it holds besides), so a re-run that changes nothing reports what an earlier run found.
     """
 
     added: int = 0
@@ -85,7 +87,6 @@ def _insert(
         ).fetchone()
         if row:
             status, dup = "duplicate", row[0]
-            report.duplicates += 1
     else:
         report.errors[d.reason] = report.errors.get(d.reason, 0) + 1
     mtime = e.mtime_ns / 1e9 if e.mtime_ns is not None else None
@@ -287,6 +288,7 @@ def finish_run(run: Run, index_type: str) -> IndexReport:
     m["generation"] = store.generation(db)
     m["counts"] = store.status_counts(db)
     report.total = int(m["counts"].get("ok", 0))
+    report.duplicates = int(m["counts"].get("duplicate", 0))
     report.index = m["index"]
     report.seconds = time.perf_counter() - run.t0
     m["last_run"] = {k: v for k, v in vars(report).items() if k != "index"}

@@ -97,9 +97,11 @@ def test_exact_copies_share_a_vector(images: Path, encoder_dir: Path, tmp_path: 
         assert copy.relpath == "cat/copy.png"
         assert c.records([copy.duplicate_of])[0].relpath == "cat/000.png"
         assert [g[0].id for g in c.duplicates(threshold=1.5)] == [copy.duplicate_of]
+    r = build(images, coll, None)  # nothing changed: the report still counts the copy it holds
+    assert (r.unchanged, r.duplicates, r.total) == (17, 1, 16)
     (images / "cat" / "000.png").unlink()  # the copy inherits the vector
     r = build(images, coll, None)
-    assert r.removed == 1 and r.total == 16
+    assert r.removed == 1 and r.total == 16 and r.duplicates == 0
     with Collection.open(coll) as c:
         hit = c.search(images / "cat" / "copy.png", k=1)[0]
         assert hit.relpath == "cat/copy.png" and hit.score > 0.999
