@@ -196,7 +196,7 @@ class AppContext:
     def start_index(self, folder: str | None) -> IndexJob:
         """Index ``folder`` (or re-scan the roots) in a thread; searches keep using the old index
         until the run has finished and ``Collection.reload`` swaps the new one in."""
-        from indexes import index_images
+        from indexes import CollectionBusy, index_images
 
         with self._lock:
             if self.job is not None and not self.job.finished:
@@ -214,6 +214,9 @@ class AppContext:
                 self.collection.reload()
                 self.forget_classifiers()
                 job.message = "Done: " + report.summary()
+            except CollectionBusy as e:  # the command line is indexing it: a refusal, no fault
+                log.warning("%s", e)
+                job.message = f"Index run refused: {e}"
             except Exception as e:  # shown in the UI; the server keeps serving
                 log.exception("index run failed")
                 job.message = f"Index run failed: {e}"

@@ -14,10 +14,12 @@ if TYPE_CHECKING:
     from indexes.collection import Collection, EncoderMissing, Hit
     from indexes.export import ExportResult, export_embeddings
     from indexes.filters import Filters
+    from indexes.runlock import CollectionBusy
     from indexes.store import Record
 
 _WHERE = {
     "Collection": "indexes.collection",
+    "CollectionBusy": "indexes.runlock",
     "EncoderMissing": "indexes.collection",
     "ExportResult": "indexes.export",
     "Filters": "indexes.filters",
@@ -30,6 +32,7 @@ _WHERE = {
 
 __all__ = [
     "Collection",
+    "CollectionBusy",
     "EncoderMissing",
     "ExportResult",
     "Filters",

@@ -18,7 +18,19 @@ from typing import Any
 
 from tqdm import tqdm
 
-from indexes import budget, embed, faults, manifest, plan, preflight, scan, store, sync, vectors
+from indexes import (
+    budget,
+    embed,
+    faults,
+    manifest,
+    plan,
+    preflight,
+    runlock,
+    scan,
+    store,
+    sync,
+    vectors,
+)
 from indexes.embed import Decoded
 from indexes.scan import FileEntry
 from moco import EncoderConfig, read_encoder_config
@@ -326,7 +338,7 @@ def index_images(
     preflight.check_options(batch_size, workers)
     limit = budget.parse_bytes(max_index_memory) if max_index_memory is not None else None
     device = embed.default_device(device)
-    with faults.disk_full_reported(collection):
+    with faults.disk_full_reported(collection), runlock.held(collection):
         run = start_run(
             roots,
             collection,

@@ -10,13 +10,14 @@ Works with gloo on CPU; each rank uses ``cuda:<local rank>`` when GPUs exist.
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from indexes import embed
+from indexes import embed, runlock
 from indexes.build import IndexReport, commit_batch, commit_failed, finish_run, start_run
 from indexes.faults import disk_full_reported
 from indexes.preflight import check_options
@@ -42,9 +43,10 @@ def index_distributed(
         dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        with disk_full_reported(collection):
+        with disk_full_reported(collection), ExitStack() as held:
             run, todo, enc = None, [], None
             if rank == 0:
+                held.enter_context(runlock.held(collection))
                 run = start_run(
                     roots, collection, encoder, labels_csv, index_type=index_type, device=device
                 )

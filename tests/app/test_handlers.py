@@ -366,6 +366,44 @@ def test_index_update_in_background_while_searching(
         ctx.start_index(str(tmp_path / "missing"))
 
 
+def test_ui_index_run_while_the_command_line_indexes_is_refused_in_a_line(
+    encoder_dir: Path, tmp_path: Path, tree: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Collection tab's re-scan while ``moco-search index`` runs on the collection: the job
+    says another process is indexing it, the server logs one line (no traceback), and nothing
+    changes; once that run is over the same click works."""
+    from app.context import AppContext
+    from indexes import index_images
+    from tests.indexes.test_runlock import hold
+
+    images = tree(tmp_path / "images", labels=("circle", "square"), n=3)
+    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
+    tree(images, labels=("dots",), n=2)
+    ctx = AppContext.open(tmp_path / "coll")
+
+    def finished(job: Any) -> Any:
+        for _ in range(600):
+            if job.finished:
+                return job
+            threading.Event().wait(0.1)
+        raise AssertionError("the index job did not finish")
+
+    try:
+        holder = hold(tmp_path / "coll")
+        try:
+            job = finished(ctx.start_index(None))
+        finally:
+            holder.kill()
+            holder.wait()
+        assert job.message.startswith("Index run refused: Collection "), job.message
+        assert f"being indexed by another process (pid {holder.pid})" in job.message
+        assert "Traceback" not in caplog.text and len(ctx.collection) == 6
+        assert finished(ctx.start_index(None)).message.startswith("Done")
+        assert len(ctx.collection) == 8
+    finally:
+        ctx.collection.close()
+
+
 def test_picks_that_an_index_run_removed_since_are_a_sentence(
     encoder_dir: Path, tmp_path: Path, tree: Any
 ) -> None:

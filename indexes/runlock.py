@@ -1,0 +1,70 @@
+"""One index run at a time on a collection.
+
+Two runs on one collection plan against the same rows, and the second trips over the rows the
+first inserts (measured: ``sqlite3.IntegrityError: UNIQUE constraint failed`` halfway through,
+as a traceback). A nightly job that overlaps a manual run, or the web UI's "Index" while the
+command line indexes, get there easily. So a run holds an advisory ``flock`` on ``index.lock`` in
+the collection from before it reads the manifest until the manifest is written. The kernel drops
+the lock when its process ends, however it ends, so a crash or ``kill -9`` never leaves a stale
+lock to clear by hand; the file itself stays (removing a lock file races with its next taker).
+Searches take no lock: they read committed rows and whole files only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from indexes import manifest, preflight
+
+LOCK_NAME = "index.lock"
+
+
+class CollectionBusy(ValueError):
+    """Another process is indexing the collection (a user-facing refusal, not a fault)."""
+
+
+@contextmanager
+def held(collection: Path) -> Iterator[None]:
+    """Hold ``collection``'s index lock for the block, or raise ``CollectionBusy`` at once.
+
+    The collection path is checked first (``preflight.check_collection``), so a file or a
+    read-only place is refused with its reason rather than a bare ``EACCES`` from the lock file.
+    A collection folder made here is removed again if the block writes no manifest into it, so a
+    run refused before its first write (a broken encoder) still leaves nothing behind.
+    """
+    collection = Path(collection)
+    preflight.check_collection(collection)
+    made = not collection.exists()
+    collection.mkdir(parents=True, exist_ok=True)
+    path = collection / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CollectionBusy(
+                f"Collection {collection} is being indexed by another process{_holder(fd)}; "
+                "nothing was changed. Run this again when that run has finished"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+        if made and not (collection / manifest.MANIFEST_NAME).exists():
+            path.unlink(missing_ok=True)
+            with suppress(OSError):  # something else was written there: keep it
+                collection.rmdir()
+
+
+def _holder(fd: int) -> str:
+    """`` (pid 123)``: the process id the lock's holder wrote into the file, when readable."""
+    try:
+        pid = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
