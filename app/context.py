@@ -77,6 +77,7 @@ class AppContext:
         """How the page names the collection (the demo's says "demo")."""
         self._lock = threading.Lock()
         self._classifiers: dict[str, Any] = {}
+        self._classifiers_of = 0  # the collection's ``loads`` they were made from
         self.job: IndexJob | None = None
         self.thumbs = choose_thumbs_dir(self.path)
         self.allow_index = tuple(os.path.realpath(Path(d).expanduser()) for d in allow_index)
@@ -150,7 +151,11 @@ class AppContext:
         """A cached ``indexes.classify.Classifier``: a probe by name, or ``"knn"``."""
         from indexes.classify import Classifier
 
+        self.collection.follow_index_runs()
         with self._lock:
+            if self._classifiers_of != self.collection.loads:  # re-indexed since they were made
+                self._classifiers.clear()
+                self._classifiers_of = self.collection.loads
             if name not in self._classifiers:
                 knn = name == "knn"
                 self._classifiers[name] = Classifier(

@@ -6,11 +6,19 @@ cache). The encoder is loaded on the first query that needs pixels embedded, so 
 and metadata access never pay for it. With a GPU, unfiltered searches run on a GPU copy.
 One lock guards the SQLite connection and the lazy model; FAISS searches run outside it, so
 concurrent searches from UI threads are safe.
+
+A collection stays open for as long as a UI server runs, while ``moco-search index`` (a nightly
+job) changes it underneath. Each search therefore first checks, with one ``stat``, whether an
+index run has replaced the manifest since the last ``reload`` and reloads if so; and a hit whose
+row a run still in progress has deleted makes it reconcile the index with the database in memory
+and search again. Without this, the first search after a run that removed files raised
+``KeyError: Unknown image ids`` until the server was restarted, and new images never showed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -26,6 +34,8 @@ from indexes import embed, gpu, manifest, store, sync, vectors
 from indexes.filters import Filters, allowed_ids, filtered_knn
 from indexes.store import Record
 from moco import EncoderConfig, eval_transform, read_encoder_config
+
+log = logging.getLogger(__name__)
 
 FILTER_CACHE = 16
 """Filters whose matching ids are kept between searches (a UI repeats the same few)."""
@@ -50,6 +60,15 @@ class Hit:
         return cls(r.id, score, r.path, r.root, r.relpath, r.label, r.meta())
 
 
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file is at ``path`` (inode, size, mtime): a rename over it changes the inode."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class EncoderMissing(FileNotFoundError):
     """The collection's encoder is not where its manifest says: ``Collection.encoder_missing``."""
 
@@ -67,6 +86,8 @@ class Collection:
         self._encoder_dir = encoder
         self._model: Any = None
         self._filter_cache: dict[tuple[Any, ...], np.ndarray] = {}
+        self.loads = 0
+        """How many times manifest and index were (re)loaded: what a cache of them is keyed on."""
         self.reload()
         if encoder is not None or Path(self.manifest["encoder"]["path"]).is_dir():
             self._check_encoder()
@@ -83,6 +104,8 @@ class Collection:
     def reload(self) -> None:
         """Re-read manifest and index, to pick up a finished index run."""
         with self._lock:
+            self.loads += 1
+            self._seen = _identity(self.path / manifest.MANIFEST_NAME)  # before it is read
             self.manifest = manifest.read_manifest(self.path)
             self.encoder_config = EncoderConfig.from_dict(self.manifest["encoder"]["config"])
             self.dim = int(self.manifest["feature_dim"])
@@ -91,6 +114,17 @@ class Collection:
             self._index = sync.open_index(self.path, self._db, self.manifest, mmap=True)
             self._gpu = gpu.to_gpu(self._index) if vectors.is_ivf(self._index) else self._index
             self._filter_cache.clear()
+
+    def follow_index_runs(self) -> None:
+        """Reload if an index run (of any process) has replaced the manifest since the last
+        ``reload``: the run writes it last, so then its rows and ``index.faiss`` are whole.
+        Searches call it; whoever caches what it derived from the collection (a kNN
+        classifier's labelled vectors) calls it too, and rebuilds when ``loads`` moved."""
+        if _identity(self.path / manifest.MANIFEST_NAME) != self._seen:
+            with self._lock:
+                if _identity(self.path / manifest.MANIFEST_NAME) != self._seen:
+                    log.info("%s was re-indexed: reloading it", self.path)
+                    self.reload()
 
     def close(self) -> None:
         self._db.conn.close()
@@ -210,7 +244,18 @@ class Collection:
         """Nearest images to a unit-norm ``vector`` of this collection's encoder."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
+        self.follow_index_runs()
         q = np.asarray(vector, dtype=np.float32).reshape(1, self.dim)
+        try:
+            return self._search_vector(q, k, filters, min_score)
+        except KeyError:  # a run in progress deleted rows the loaded index still holds
+            with self._lock:
+                self.reload()  # reconciles the index with the database, by id sets
+            return self._search_vector(q, k, filters, min_score)
+
+    def _search_vector(
+        self, q: np.ndarray, k: int, filters: Filters | None, min_score: float | None
+    ) -> list[Hit]:
         allowed = self._allowed(filters)
         index = self._gpu if allowed is None else self._index  # GPU indexes take no selector
         found = filtered_knn(index, q, k, self._params, allowed, self.vectors, self._exact)
@@ -330,6 +375,7 @@ class Collection:
 
         if not threshold > 0:  # -5 grouped every image (above 1: the exact copies alone)
             raise ValueError(f"threshold must be above 0 (a cosine similarity), got {threshold}")
+        self.follow_index_runs()
         with self._lock:
             chunks = list(store.iter_vectors(self._db, self.dim, chunk=8192))
             copies = self._db.execute(

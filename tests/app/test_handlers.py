@@ -404,6 +404,34 @@ def test_ui_index_run_while_the_command_line_indexes_is_refused_in_a_line(
         ctx.collection.close()
 
 
+def test_the_ui_follows_a_command_line_index_run_without_a_restart(
+    encoder_dir: Path, tmp_path: Path, tree: Any
+) -> None:
+    """``moco-search index`` (a nightly job) re-indexes the collection a running UI serves:
+    removed images no longer come back (the first search after such a run raised ``KeyError``,
+    "Something went wrong" in the page until a restart), new ones are found, and the kNN
+    classifier votes with the labels the collection has now."""
+    from app.context import AppContext
+    from indexes import index_images
+
+    images = tree(tmp_path / "images", labels=("circle", "square"), n=3)
+    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
+    ctx = AppContext.open(tmp_path / "coll")
+    try:
+        query = str(images / "square" / "square_00.png")
+        assert len(handlers.search(ctx, query, k=6).hits) == 6
+        assert ctx.classifier("knn").classes == ["circle", "square"]
+        for f in (images / "circle").iterdir():
+            f.unlink()
+        tree(images, labels=("dots",), n=2)
+        index_images([], tmp_path / "coll", workers=0)  # as the command line would
+        hits = handlers.search(ctx, query, k=6).hits
+        assert sorted(h.label for h in hits) == ["dots", "dots", "square", "square", "square"]
+        assert ctx.classifier("knn").classes == ["dots", "square"]
+    finally:
+        ctx.collection.close()
+
+
 def test_picks_that_an_index_run_removed_since_are_a_sentence(
     encoder_dir: Path, tmp_path: Path, tree: Any
 ) -> None:

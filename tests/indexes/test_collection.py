@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from indexes import Collection, Filters, index_images
+from indexes.build import start_run
 from tests.indexes.conftest import image, write_images
 
 
@@ -151,6 +152,31 @@ def test_concurrent_searches_and_reload(coll: Path, images: Path) -> None:
         assert len(c) == 19  # rows are read live; the index after reload
         c.reload()
         assert c.search(images / "new" / "001.png", k=1)[0].relpath == "new/001.png"
+
+
+def test_an_open_collection_follows_index_runs_without_reload(coll: Path, images: Path) -> None:
+    """A UI server holds its collection open while ``moco-search index`` changes it. After a run
+    that removed files, its first search raised ``KeyError: Unknown image ids`` (the loaded index
+    still held them), and new images never showed until a restart."""
+    with Collection.open(coll) as c:
+        assert any(h.label == "dog" for h in c.search(images / "cat" / "001.png", k=16))
+        write_images(images, {"new": 2}, start_seed=300)
+        index_images([images], coll, None, workers=0)  # as another process: no reload here
+        assert c.search(images / "new" / "001.png", k=1)[0].relpath == "new/001.png"
+        for f in (images / "dog").iterdir():
+            f.unlink()
+        index_images([images], coll, None, workers=0)
+        hits = c.search(images / "cat" / "001.png", k=16)
+        assert len(hits) == 13 and not any(h.label == "dog" for h in hits)
+        assert {h.label for g in c.duplicates(threshold=0.01) for h in g} <= {"cat", "owl", "new"}
+
+        # A run in progress: it has deleted the owls' rows, not yet rewritten the manifest.
+        for f in (images / "owl").iterdir():
+            f.unlink()
+        run = start_run([], coll, None, None)
+        run.db.conn.close()
+        hits = c.search(images / "cat" / "001.png", k=16)
+        assert len(hits) == 8 and {h.label for h in hits} == {"cat", "new"}
 
 
 def test_a_missing_collection_and_a_folder_that_is_not_one_are_told_apart(tmp_path: Path) -> None:
