@@ -12,18 +12,17 @@ Searches take no lock: they read committed rows and whole files only.
 
 from __future__ import annotations
 
-import fcntl
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from indexes import manifest, preflight
+from indexes import preflight
+from moco import Busy, exclusive
 
 LOCK_NAME = "index.lock"
 
 
-class CollectionBusy(ValueError):
+class CollectionBusy(Busy):
     """Another process is indexing the collection (a user-facing refusal, not a fault)."""
 
 
@@ -33,38 +32,26 @@ def held(collection: Path) -> Iterator[None]:
 
     The collection path is checked first (``preflight.check_collection``), so a file or a
     read-only place is refused with its reason rather than a bare ``EACCES`` from the lock file.
-    A collection folder made here is removed again if the block writes no manifest into it, so a
+    A collection folder made here is removed again if the block writes nothing into it, so a
     run refused before its first write (a broken encoder) still leaves nothing behind.
     """
     collection = Path(collection)
     preflight.check_collection(collection)
     made = not collection.exists()
     collection.mkdir(parents=True, exist_ok=True)
-    path = collection / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CollectionBusy(
-                f"Collection {collection} is being indexed by another process{_holder(fd)}; "
-                "nothing was changed. Run this again when that run has finished"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        yield
+        with exclusive(collection / LOCK_NAME, lambda holder: _busy(collection, holder)):
+            yield
+    except Busy as e:
+        raise CollectionBusy(str(e)) from None
     finally:
-        os.close(fd)  # releases the lock
-        if made and not (collection / manifest.MANIFEST_NAME).exists():
-            path.unlink(missing_ok=True)
-            with suppress(OSError):  # something else was written there: keep it
+        if made:
+            with suppress(OSError):  # only an empty folder goes
                 collection.rmdir()
 
 
-def _holder(fd: int) -> str:
-    """`` (pid 123)``: the process id the lock's holder wrote into the file, when readable."""
-    try:
-        pid = os.pread(fd, 32, 0).decode("ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return ""
-    return f" (pid {pid})" if pid.isdigit() else ""
+def _busy(collection: Path, holder: str) -> str:
+    return (
+        f"Collection {collection} is being indexed by another process{holder}; nothing was "
+        "changed. Run this again when that run has finished"
+    )

@@ -34,8 +34,10 @@ if TYPE_CHECKING:
     )
     from moco.files import (
         DISK_FULL,
+        Busy,
         DiskFullError,
         atomic_file,
+        exclusive,
         file_hash,
         is_within,
         output_folder,
@@ -66,6 +68,7 @@ if TYPE_CHECKING:
     from moco.whiten import describe_fit
 
 _WHERE = {
+    "Busy": "moco.files",
     "CheckpointError": "moco.export",
     "ClassificationMetrics": "moco.metrics",
     "DISK_FULL": "moco.files",
@@ -108,6 +111,7 @@ _WHERE = {
     "load_probe": "moco.probe",
     "moco_logits": "moco.loss",
     "moco_transform": "moco.augment",
+    "exclusive": "moco.files",
     "output_folder": "moco.files",
     "read_encoder_config": "moco.export",
     "read_probe_meta": "moco.probe",
@@ -130,6 +134,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "KNN_K",
     "KNN_T",
+    "Busy",
     "CheckpointError",
     "ClassificationMetrics",
     "DiskFullError",
@@ -153,6 +158,7 @@ __all__ = [
     "encoder_dir",
     "epoch_numbers",
     "eval_transform",
+    "exclusive",
     "export_encoder",
     "feature_dim",
     "file_hash",

@@ -9,10 +9,11 @@ never half of one, and no temporary file behind.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -63,6 +64,37 @@ def output_folder_for(path: str | os.PathLike, flag: str = "--out") -> Iterator[
             with suppress(OSError):  # only an empty folder goes
                 path.rmdir()
         raise
+
+
+class Busy(ValueError):
+    """Another process is doing the work this one asked for (a refusal said in one line)."""
+
+
+@contextmanager
+def exclusive(lock: str | os.PathLike, busy: Callable[[str], str]) -> Iterator[None]:
+    """Hold an advisory ``flock`` on the file ``lock`` for the block, or raise ``Busy`` at once.
+
+    Two processes writing one run or one collection undo each other's work, so a second is
+    refused, not queued: ``busy(" (pid N)")`` is its sentence, N being the process id the holder
+    wrote into the file. The kernel drops the lock when its process ends, however it ends, so a
+    crash never leaves a stale lock to clear by hand. The file stays after the block, unless it
+    is all its folder holds (a command that failed before its first write leaves nothing).
+    """
+    lock = Path(lock)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            raise Busy(busy(f" (pid {pid})" if pid.isdigit() else "")) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+        if [p.name for p in lock.parent.iterdir()] == [lock.name]:
+            lock.unlink(missing_ok=True)
 
 
 @contextmanager

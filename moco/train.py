@@ -13,7 +13,8 @@ import logging
 import random
 import time
 import warnings
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ from moco.checkpoint import LAST, rank_rng, rng_state, save_checkpoint, save_ran
 from moco.config import TrainConfig, resume_config
 from moco.data import list_images
 from moco.distributed import default_device, init_distributed
+from moco.distributed import rank as process_rank
 from moco.export import CheckpointError, backbone_from_checkpoint, load_checkpoint_file
-from moco.files import DISK_FULL, DiskFullError
+from moco.files import DISK_FULL, DiskFullError, exclusive, output_folder_for
 from moco.loop import TrainingDiverged, TrainState, train_one_epoch
 from moco.mechanisms import Model, build_model
 from moco.model import compile_encoders
@@ -40,6 +42,9 @@ from moco.trainset import holdout, loader, make_dataset, readable_images, shard,
 __all__ = ["TrainConfig", "TrainingDiverged", "check_config", "log_summary", "train"]
 
 log = logging.getLogger(__name__)
+
+LOCK_NAME = "run.lock"
+"""Held by the process training a run (its pid inside), so that one trains it at a time."""
 
 # The label-free monitors, the kNN monitor and checkpoint_last.pt at most this often (and at the
 # first and last epochs): on the 1,274 demo images an epoch is 3 s of steps and they took 0.8 s.
@@ -69,6 +74,31 @@ def _init_from(model: Model, path: str) -> None:
     log.info("initialised the encoders from %s (%s)", path, meta["source"])
 
 
+@contextmanager
+def _held(out: Path) -> Iterator[None]:
+    """The run folder, locked for the length of the run by the process that writes it (rank 0).
+
+    A second ``pretrain`` into the same ``--out`` (the command run again in another terminal, a
+    ``--resume`` while the run still trains) would overwrite its checkpoints and interleave its
+    log; it is refused at once instead. A folder made here goes again if the run fails before
+    writing into it.
+    """
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file: give a folder for the run")
+    if process_rank() != 0:
+        yield
+        return
+
+    def busy(holder: str) -> str:
+        return (
+            f"Run {out} is in use by another pretraining process{holder}: let it finish (Ctrl-C "
+            "there saves it, and --resume carries it on), or choose another --out"
+        )
+
+    with output_folder_for(out), exclusive(out / LOCK_NAME, busy):
+        yield
+
+
 def train(cfg: TrainConfig, given: Collection[str] | None = None) -> Path:
     """Pretrain as ``cfg`` says (``--mechanism``: MoCo by default); return the last checkpoint.
 
@@ -78,7 +108,8 @@ def train(cfg: TrainConfig, given: Collection[str] | None = None) -> Path:
     written whole or not at all, and the log never runs ahead of ``checkpoint_last.pt``.
     """
     try:
-        return _train(cfg, given)
+        with _held(Path(cfg.out)):
+            return _train(cfg, given)
     except OSError as e:
         if e.errno not in DISK_FULL or isinstance(e, DiskFullError):
             raise
@@ -104,8 +135,6 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
     paths = list_images(cfg.data)
     device = default_device(cfg.device, local_rank)
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():  # made later, by RunLog, once every check has passed
-        raise NotADirectoryError(f"--out {out} is a file: give a folder for the run")
     ckpt_path = out / LAST
     start_epoch, skip_steps, resumed = 0, 0, None
     if cfg.resume:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,26 @@ def make_encoder(out: Path, seed: int = 0) -> Path:
     )
     save_encoder(build_encoder("resnet18", small_stem=True), cfg, out)
     return out
+
+
+# Another process takes a lock as ``moco.exclusive`` does, writes its pid, says so, and holds it.
+HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, str(os.getpid()).encode())
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def hold(lock: Path) -> subprocess.Popen:
+    """A process holding ``lock`` until killed (kill it as ``kill -9`` would: ``.kill()``)."""
+    p = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(lock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None and p.stdout.readline() == "held\n"
+    return p

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,28 +11,12 @@ import pytest
 import launch
 from indexes import index_images
 from indexes.runlock import LOCK_NAME
+from tests.conftest import hold as hold_lock
 from tests.indexes.test_faults import error_line, files, index_cli
-
-# Another process takes the collection's lock as an index run does, says so, and holds it.
-HOLDER = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
-fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-os.write(fd, str(os.getpid()).encode())
-print("held", flush=True)
-sys.stdin.read()
-"""
 
 
 def hold(coll: Path) -> subprocess.Popen:
-    p = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(coll / LOCK_NAME)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert p.stdout is not None and p.stdout.readline() == "held\n"
-    return p
+    return hold_lock(coll / LOCK_NAME)
 
 
 def test_second_run_is_refused_and_changes_nothing(

@@ -25,8 +25,8 @@ from moco.data import list_images, load_image
 from moco.export import CheckpointError, load_checkpoint_file
 from moco.model import MoCo, ModelConfig
 from moco.recipe import LR_PER_256, WARMUP_FRACTION
-from moco.train import TrainConfig, check_config, train
-from tests.conftest import interruptible
+from moco.train import LOCK_NAME, TrainConfig, check_config, train
+from tests.conftest import hold, interruptible
 from tests.moco.conftest import DEMO
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -335,6 +335,32 @@ def test_existing_run_is_not_overwritten(emoji_dir: Path, tmp_path: Path) -> Non
     (run / LAST).write_bytes(b"x")
     with pytest.raises(FileExistsError, match="--resume"):
         train(tiny_cfg(emoji_dir, run))
+
+
+def test_a_run_in_training_is_not_trained_twice(
+    emoji_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The same command again in another terminal, or a ``--resume`` while the run still trains:
+    both wrote the same checkpoints and log; the second is refused at once, and the run's folder
+    is left as it was."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.jsonl").write_text("")
+    holder = hold(run / LOCK_NAME)
+    try:
+        for extra in ([], ["--resume"]):
+            assert launch.main([*tiny_pretrain_args(emoji_dir, run, 1), *extra]) == 2
+            assert capsys.readouterr().err.strip() == (
+                f"moco-search pretrain: error: Run {run} is in use by another pretraining "
+                f"process (pid {holder.pid}): let it finish (Ctrl-C there saves it, and --resume "
+                "carries it on), or choose another --out"
+            )
+        assert sorted(p.name for p in run.iterdir()) == ["log.jsonl", LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()
+    train(tiny_cfg(emoji_dir, run, epochs=1))  # its holder gone, the folder is free again
+    assert (run / LAST).is_file() and len(read_log(run)) == 1
 
 
 def test_epochs_beside_minutes_are_said_to_be_ignored(
