@@ -201,7 +201,7 @@ class AppContext:
     def start_index(self, folder: str | None) -> IndexJob:
         """Index ``folder`` (or re-scan the roots) in a thread; searches keep using the old index
         until the run has finished and ``Collection.reload`` swaps the new one in."""
-        from indexes import CollectionBusy, index_images
+        from indexes import index_images
 
         with self._lock:
             if self.job is not None and not self.job.finished:
@@ -219,7 +219,8 @@ class AppContext:
                 self.collection.reload()
                 self.forget_classifiers()
                 job.message = "Done: " + report.summary()
-            except CollectionBusy as e:  # the command line is indexing it: a refusal, no fault
+            except ValueError as e:  # a refusal (the command line is indexing it, a folder
+                # found empty), not a fault: one line in the log, no traceback
                 log.warning("%s", e)
                 job.message = f"Index run refused: {e}"
             except Exception as e:  # shown in the UI; the server keeps serving

@@ -218,13 +218,15 @@ def start_run(
     device: str | None = None,
     max_index_memory: int | None = None,
     vector_dtype: str | None = None,
+    allow_empty: bool = False,
 ) -> Run:
     """Check everything, then scan, diff, and apply renames, deletions and refreshes.
 
     Nothing is written before the folders, the collection path, the index type and the encoder
     are checked. A new collection, or one holding no vectors (which may be re-bound to another
     encoder), has its encoder loaded first: a broken encoder must not leave a collection bound
-    to it behind, refusing the right one from then on.
+    to it behind, refusing the right one from then on. A root that holds no image file now but
+    indexed images before is refused unless ``allow_empty`` (``preflight.check_not_emptied``).
     """
     t0 = time.perf_counter()
     collection = Path(collection)
@@ -259,27 +261,37 @@ def start_run(
         }
         manifest.write_manifest(collection, old)
     db = store.open_store(collection / store.DB_NAME)
-    with store.transaction(db):
-        root_ids = {r: store.root_id(db, r) for r in names}
-    if vector_dtype is not None and vector_dtype != store.vector_dtype(db):
-        n = store.set_vector_dtype(db, vector_dtype, cfg.feature_dim)
-        log.info("%s: %d stored vectors converted to %s", collection, n, vector_dtype)
-    found = scan.scan(names, labels.by_path if labels else None)
-    if labels and (unmatched := labels.unmatched(found.entries)):
-        log.warning(
-            "%s: %d of its %d rows name no image file under %s (first: %s); their labels are "
-            "not applied",
-            labels_csv,
-            len(unmatched),
-            len(labels.rows),
-            ", ".join(names),
-            unmatched[0],
+    try:
+        with store.transaction(db):
+            root_ids = {r: store.root_id(db, r) for r in names}
+        if vector_dtype is not None and vector_dtype != store.vector_dtype(db):
+            n = store.set_vector_dtype(db, vector_dtype, cfg.feature_dim)
+            log.info("%s: %d stored vectors converted to %s", collection, n, vector_dtype)
+        found = scan.scan(names, labels.by_path if labels else None)
+        if labels and (unmatched := labels.unmatched(found.entries)):
+            log.warning(
+                "%s: %d of its %d rows name no image file under %s (first: %s); their labels are "
+                "not applied",
+                labels_csv,
+                len(unmatched),
+                len(labels.rows),
+                ", ".join(names),
+                unmatched[0],
+            )
+        rows = plan.existing_rows(db, root_ids)
+        if not allow_empty:
+            preflight.check_not_emptied(names, found.entries, rows)
+        p = plan.make_plan(found.entries, rows)
+        report = IndexReport(
+            unchanged=p.unchanged,
+            renamed=len(p.renames),
+            removed=len(p.delete),
+            skipped=found.skipped,
         )
-    p = plan.make_plan(found.entries, plan.existing_rows(db, root_ids))
-    report = IndexReport(
-        unchanged=p.unchanged, renamed=len(p.renames), removed=len(p.delete), skipped=found.skipped
-    )
-    _apply_moves(db, p, root_ids)
+        _apply_moves(db, p, root_ids)
+    except BaseException:
+        db.conn.close()  # a refused run leaves no -wal or -shm beside the database
+        raise
     return Run(
         collection, db, encoder, cfg, names, root_ids, old, p, report, t0, model, max_index_memory
     )
@@ -322,6 +334,7 @@ def index_images(
     index_type: str = "auto",
     max_index_memory: int | str | None = None,
     vector_dtype: str | None = None,
+    allow_empty: bool = False,
     progress: Progress | None = None,
 ) -> IndexReport:
     """Index the images under ``roots`` into ``collection``, incrementally and crash-safely.
@@ -334,6 +347,8 @@ def index_images(
     ``index_type="auto"`` picks the most accurate index within ``max_index_memory`` (bytes or
     a size such as ``"2GB"``; see ``budget``). ``vector_dtype`` (float32 or float16) is how
     SQLite stores vectors from now on, the stored ones converted; None keeps the collection's.
+    A root that held indexed images and now holds no image file at all (a drive not mounted, a
+    folder moved) is refused with nothing removed, unless ``allow_empty``.
     """
     preflight.check_options(batch_size, workers)
     limit = budget.parse_bytes(max_index_memory) if max_index_memory is not None else None
@@ -348,6 +363,7 @@ def index_images(
             device=device,
             max_index_memory=limit,
             vector_dtype=vector_dtype,
+            allow_empty=allow_empty,
         )
         try:
             if run.plan.todo:

@@ -63,6 +63,7 @@ class IndexArgs:
     index_type: str = "auto"
     max_index_memory: str | None = None
     vector_dtype: str | None = field(default=None, metadata=flag(choices=("float32", "float16")))
+    allow_empty: bool = field(default=False, metadata=flag(action="store_true"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +118,8 @@ HELP = {
     "collection's, else 2GB)",
     "vector_dtype": "how SQLite stores the exact vectors; float16 halves the database, stored "
     "vectors are converted (default: the collection's, float32 for a new one)",
+    "allow_empty": "let a folder that holds no image file now remove all its images from the "
+    "collection (refused by default: a drive that is not mounted looks like that)",
     "query": "query image file(s); several are averaged",
     "k": "number of results",
     "id": "search by a stored image id instead",
@@ -174,6 +177,7 @@ def run_index(ns: argparse.Namespace) -> int:
         workers=args.workers,
         device=args.device,
         index_type=args.index_type,
+        allow_empty=args.allow_empty,
     )
     storage = dict(max_index_memory=args.max_index_memory, vector_dtype=args.vector_dtype)
     if world_size() > 1:

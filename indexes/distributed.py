@@ -34,6 +34,7 @@ def index_distributed(
     workers: int | None = None,
     device: str | None = None,
     index_type: str = "auto",
+    allow_empty: bool = False,
 ) -> IndexReport | None:
     """``index_images`` across the ranks of a torchrun job; rank 0 returns the report."""
     check_options(batch_size, workers)  # on every rank, before any of them waits for another
@@ -48,7 +49,13 @@ def index_distributed(
             if rank == 0:
                 held.enter_context(runlock.held(collection))
                 run = start_run(
-                    roots, collection, encoder, labels_csv, index_type=index_type, device=device
+                    roots,
+                    collection,
+                    encoder,
+                    labels_csv,
+                    index_type=index_type,
+                    device=device,
+                    allow_empty=allow_empty,
                 )
                 todo = commit_failed(run)
                 enc = run.encoder

@@ -345,3 +345,37 @@ def test_an_interrupted_run_ends_the_bar_line(
 def consistency_after_rerun(images: Path, coll: Path, encoder_dir: Path) -> dict[str, int]:
     index_images([images], coll, encoder_dir, workers=0)
     return consistency(coll)
+
+
+def test_a_folder_found_empty_keeps_its_images_unless_allowed(
+    coll: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An external drive that is not mounted leaves an empty mount point: the nightly re-scan
+    removed every image of it, with the labels given in the UI, and embedded them all again
+    under new ids once it was mounted. Now nothing is removed unless ``--allow-empty``."""
+    from indexes import Collection
+
+    with Collection.open(coll) as c:
+        c.set_user_labels({1: "mine"})
+    images.rename(tmp_path / "unmounted")
+    images.mkdir()  # the mount point, empty
+    before = files(coll)
+    assert launch.main(["index", "--collection", str(coll)]) == 2
+    assert error_line(capsys, "index") == (
+        f"moco-search index: error: {images} holds no image file now, but the collection has 16 "
+        "images from it: a drive not mounted, or the folder moved? Nothing was removed. If they "
+        "were deleted on purpose, run again with --allow-empty to remove them from the collection"
+    )
+    assert files(coll) == before
+    images.rmdir()
+    (tmp_path / "unmounted").rename(images)  # mounted again: nothing to do, the label is kept
+    assert index_cli(images, coll) == 0
+    assert "(0 new, 0 updated, 0 renamed, 0 removed, 16 unchanged)" in capsys.readouterr().out
+    with Collection.open(coll) as c:
+        assert c.user_labels() == {1: "mine"}
+
+    shutil.rmtree(images)  # deleted on purpose
+    images.mkdir()
+    assert launch.main(["index", "--collection", str(coll), "--allow-empty"]) == 0
+    assert "0 images in the collection" in capsys.readouterr().out
+    assert consistency(coll) == {}
