@@ -9,7 +9,9 @@ file is brought up to date from the stored vectors at the end (``sync``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -206,6 +208,8 @@ class Run:
     """The encoder, when ``start_run`` loaded it already (to check it before a first write)."""
     max_index_memory: int | None = None
     """Bytes the ``auto`` index may take (None: the collection's last budget, or the default)."""
+    labels_csv: str | None = None
+    """The labels CSV the manifest remembers for later runs (absolute), if any."""
 
 
 def start_run(
@@ -219,6 +223,7 @@ def start_run(
     max_index_memory: int | None = None,
     vector_dtype: str | None = None,
     allow_empty: bool = False,
+    folder_labels: bool = False,
 ) -> Run:
     """Check everything, then scan, diff, and apply renames, deletions and refreshes.
 
@@ -241,7 +246,12 @@ def start_run(
         raise ValueError(
             f"Unknown vector dtype {vector_dtype!r}; valid: {', '.join(store.VECTOR_DTYPES)}"
         )
+    labels_csv, keep_labels = preflight.labels_source(labels_csv, folder_labels, old)
     labels = scan.read_labels(labels_csv, names) if labels_csv else None
+    if keep_labels:  # gone for now: remembered still, for when it is back
+        remember = (old or {}).get("labels_csv")
+    else:
+        remember = os.path.abspath(labels_csv) if labels_csv else None
     bind = old is None or not manifest.same_encoder(old, cfg)
     if old is not None and bind and preflight.vector_count(collection):
         manifest.check_encoder(old, cfg, encoder)  # raises: its vectors are another encoder's
@@ -281,7 +291,15 @@ def start_run(
         rows = plan.existing_rows(db, root_ids)
         if not allow_empty:
             preflight.check_not_emptied(names, found.entries, rows)
-        p = plan.make_plan(found.entries, rows)
+        entries = found.entries
+        if keep_labels:  # the CSV that gave them is gone: indexed images keep theirs
+            entries = [
+                dataclasses.replace(e, label=row.label)
+                if (row := rows.get((e.root, e.relpath_raw)))
+                else e
+                for e in entries
+            ]
+        p = plan.make_plan(entries, rows)
         report = IndexReport(
             unchanged=p.unchanged,
             renamed=len(p.renames),
@@ -293,7 +311,19 @@ def start_run(
         db.conn.close()  # a refused run leaves no -wal or -shm beside the database
         raise
     return Run(
-        collection, db, encoder, cfg, names, root_ids, old, p, report, t0, model, max_index_memory
+        collection,
+        db,
+        encoder,
+        cfg,
+        names,
+        root_ids,
+        old,
+        p,
+        report,
+        t0,
+        model,
+        max_index_memory,
+        remember,
     )
 
 
@@ -307,6 +337,9 @@ def finish_run(run: Run, index_type: str) -> IndexReport:
         metric="inner_product",
         roots=sorted(set(m.get("roots", [])) | set(run.names)),
     )
+    m.pop("labels_csv", None)
+    if run.labels_csv:
+        m["labels_csv"] = run.labels_csv
     m["index"] = sync.update_index(run.collection, db, m, index_type, run.max_index_memory)
     m["vector_dtype"] = store.vector_dtype(db)
     m["generation"] = store.generation(db)
@@ -335,6 +368,7 @@ def index_images(
     max_index_memory: int | str | None = None,
     vector_dtype: str | None = None,
     allow_empty: bool = False,
+    folder_labels: bool = False,
     progress: Progress | None = None,
 ) -> IndexReport:
     """Index the images under ``roots`` into ``collection``, incrementally and crash-safely.
@@ -348,7 +382,8 @@ def index_images(
     a size such as ``"2GB"``; see ``budget``). ``vector_dtype`` (float32 or float16) is how
     SQLite stores vectors from now on, the stored ones converted; None keeps the collection's.
     A root that held indexed images and now holds no image file at all (a drive not mounted, a
-    folder moved) is refused with nothing removed, unless ``allow_empty``.
+    folder moved) is refused with nothing removed, unless ``allow_empty``. A ``labels_csv`` is
+    remembered and read again by later runs that give none, until ``folder_labels``.
     """
     preflight.check_options(batch_size, workers)
     limit = budget.parse_bytes(max_index_memory) if max_index_memory is not None else None
@@ -364,6 +399,7 @@ def index_images(
             max_index_memory=limit,
             vector_dtype=vector_dtype,
             allow_empty=allow_empty,
+            folder_labels=folder_labels,
         )
         try:
             if run.plan.todo:

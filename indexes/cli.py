@@ -64,6 +64,7 @@ class IndexArgs:
     max_index_memory: str | None = None
     vector_dtype: str | None = field(default=None, metadata=flag(choices=("float32", "float16")))
     allow_empty: bool = field(default=False, metadata=flag(action="store_true"))
+    folder_labels: bool = field(default=False, metadata=flag(action="store_true"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +109,9 @@ HELP = {
     "collection": "collection directory",
     "encoder": "encoder directory, or a published checkpoint's name such as moco_v2_800ep, "
     "fetched once (default: the one the collection was built with)",
-    "labels": "CSV with path,label columns (default: parent folder names)",
+    "labels": "CSV with path,label columns, remembered for later runs (default: the CSV given "
+    "before, else parent folder names)",
+    "folder_labels": "label by parent folder names again, forgetting a --labels CSV given before",
     "batch_size": "images per batch",
     "device": "torch device (default: cuda if present)",
     "workers": "decoding processes (default: CPU count - 1, at most 8)",
@@ -178,6 +181,7 @@ def run_index(ns: argparse.Namespace) -> int:
         device=args.device,
         index_type=args.index_type,
         allow_empty=args.allow_empty,
+        folder_labels=args.folder_labels,
     )
     storage = dict(max_index_memory=args.max_index_memory, vector_dtype=args.vector_dtype)
     if world_size() > 1:

@@ -35,6 +35,7 @@ def index_distributed(
     device: str | None = None,
     index_type: str = "auto",
     allow_empty: bool = False,
+    folder_labels: bool = False,
 ) -> IndexReport | None:
     """``index_images`` across the ranks of a torchrun job; rank 0 returns the report."""
     check_options(batch_size, workers)  # on every rank, before any of them waits for another
@@ -56,6 +57,7 @@ def index_distributed(
                     index_type=index_type,
                     device=device,
                     allow_empty=allow_empty,
+                    folder_labels=folder_labels,
                 )
                 todo = commit_failed(run)
                 enc = run.encoder

@@ -7,6 +7,7 @@ all run first, and each names the bad value.
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 from collections import Counter
@@ -17,6 +18,8 @@ from indexes import faults, manifest, store, vectors
 from indexes.plan import Row
 from indexes.scan import FileEntry
 from moco import is_within
+
+log = logging.getLogger(__name__)
 
 WRITTEN = (manifest.MANIFEST_NAME, store.DB_NAME, vectors.INDEX_NAME)
 """The files of a collection that an index run replaces or updates."""
@@ -89,6 +92,32 @@ def check_collection(collection: Path) -> None:
             f"Collection {collection} is not writable ({why}); nothing was changed. "
             "It can still be searched; index into a writable copy to update it"
         )
+
+
+def labels_source(
+    given: Path | None, folder_labels: bool, old: dict | None
+) -> tuple[Path | None, bool]:
+    """The labels CSV of this run, and whether indexed images keep the labels they have.
+
+    A ``--labels`` CSV is remembered in the manifest and read again by a run that gives none
+    (the nightly ``index --collection C``, the web UI's re-scan): those set every label back to
+    the folder names, in silence (measured: a CSV's label gone after one plain re-run). If the
+    file is gone, the images keep their labels, with a warning. ``folder_labels`` forgets the CSV.
+    """
+    if given is not None and folder_labels:
+        raise ValueError("give --labels CSV or --folder-labels, not both")
+    remembered = (old or {}).get("labels_csv")
+    if given is not None or folder_labels or not remembered:
+        return given, False
+    if Path(remembered).is_file():
+        log.info("labels from %s (the collection's --labels CSV)", remembered)
+        return Path(remembered), False
+    log.warning(
+        "%s, the labels CSV this collection was indexed with, is gone: indexed images keep their "
+        "labels (new ones take their folder's name); give --labels CSV again, or --folder-labels",
+        remembered,
+    )
+    return None, True
 
 
 def check_not_emptied(roots: list[str], entries: list[FileEntry], rows: dict[Any, Row]) -> None:

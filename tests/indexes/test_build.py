@@ -187,6 +187,35 @@ def test_labels_csv_overrides_folders(
     assert "(first: cat/0OO.png); their labels are not applied" in caplog.text
 
 
+def test_a_labels_csv_is_remembered_until_folder_labels(
+    images: Path, encoder_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The nightly ``index --collection C`` (and the UI's re-scan) gives no ``--labels``: it set
+    every label back to the folder names in silence. Now it reads the CSV given before; if that
+    file is gone, indexed images keep their labels (new ones take their folder's name)."""
+    coll = tmp_path / "c"
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,label\ncat/000.png,tabby\n")
+    build(images, coll, encoder_dir, labels_csv=csv)
+    csv.write_text("path,label\ncat/000.png,tabby\ncat/001.png,ginger\n")  # edited since
+    build(images, coll, None)
+    with Collection.open(coll) as c:
+        assert c.label_counts() == {"cat": 4, "dog": 6, "ginger": 1, "owl": 4, "tabby": 1}
+    moved = csv.rename(tmp_path / "elsewhere.csv")
+    image(500).save(images / "cat" / "new.png")
+    build(images, coll, None)
+    assert f"{csv}, the labels CSV this collection was indexed with, is gone" in caplog.text
+    with Collection.open(coll) as c:
+        assert c.label_counts() == {"cat": 5, "dog": 6, "ginger": 1, "owl": 4, "tabby": 1}
+    with pytest.raises(ValueError, match="not both"):
+        build(images, coll, None, labels_csv=moved, folder_labels=True)
+    build(images, coll, None, folder_labels=True)
+    moved.rename(csv)  # back, but forgotten
+    build(images, coll, None)
+    with Collection.open(coll) as c:
+        assert c.label_counts() == {"cat": 7, "dog": 6, "owl": 4}
+
+
 @pytest.mark.parametrize(
     "encoding,delimiter",
     [("utf-8-sig", ","), ("utf-8", ";"), ("utf-16", "\t"), ("utf-8", ",")],
