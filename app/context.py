@@ -76,8 +76,7 @@ class AppContext:
         self.title = collection.path.name
         """How the page names the collection (the demo's says "demo")."""
         self._lock = threading.Lock()
-        self._classifiers: dict[str, Any] = {}
-        self._classifiers_of = 0  # the collection's ``loads`` they were made from
+        self._classifiers: dict[str, tuple[Any, Any]] = {}  # name: (made from, classifier)
         self.job: IndexJob | None = None
         self.thumbs = choose_thumbs_dir(self.path)
         self.allow_index = tuple(os.path.realpath(Path(d).expanduser()) for d in allow_index)
@@ -148,23 +147,26 @@ class AppContext:
 
     # --- classifier --------------------------------------------------------------------------
     def classifier(self, name: str) -> Any:
-        """A cached ``indexes.classify.Classifier``: a probe by name, or ``"knn"``."""
-        from indexes.classify import Classifier
+        """A cached ``indexes.classify.Classifier``: a probe by name, or ``"knn"``; made again
+        when the collection was re-indexed, or the probe retrained, since (by any process:
+        ``moco-search probe train`` beside a running UI kept its old probe until a restart)."""
+        from indexes.classify import Classifier, probe_version
 
         self.collection.follow_index_runs()
+        knn = name == "knn"
+        source = None if knn else probe_version(self.collection, name)
+        made_from = (self.collection.loads, source)
         with self._lock:
-            if self._classifiers_of != self.collection.loads:  # re-indexed since they were made
-                self._classifiers.clear()
-                self._classifiers_of = self.collection.loads
-            if name not in self._classifiers:
-                knn = name == "knn"
-                self._classifiers[name] = Classifier(
+            cached = self._classifiers.get(name)
+            if cached is None or cached[0] != made_from:
+                clf = Classifier(
                     self.collection,
                     name=name,
                     knn=knn,
                     knn_k=min(KNN_K, max(1, len(self.collection))),
                 )
-            return self._classifiers[name]
+                self._classifiers[name] = cached = (made_from, clf)
+            return cached[1]
 
     def forget_classifiers(self) -> None:
         """Drop cached classifiers after a probe is retrained or labels change."""

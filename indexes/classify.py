@@ -39,6 +39,7 @@ from moco import (
     LinearProbe,
     ProbeConfig,
     classification_metrics,
+    file_identity,
     knn_predict,
     load_probe,
     read_probe_meta,
@@ -61,6 +62,12 @@ def probe_dir(collection: Collection | str | os.PathLike, name: str = DEFAULT_PR
         raise ValueError(f"Bad probe name {name!r}: use a plain name such as 'default'")
     root = collection.path if isinstance(collection, Collection) else Path(collection)
     return root / PROBES_DIR / name
+
+
+def probe_version(collection: Collection, name: str = DEFAULT_PROBE) -> object:
+    """What a cache of probe ``name`` is keyed on: its metadata file, which ``save_probe``
+    writes last, after the weights (None while there is no such probe)."""
+    return file_identity(probe_dir(collection, name) / "probe.json")
 
 
 def _open(collection: Collection | str | os.PathLike) -> Collection:

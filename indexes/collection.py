@@ -33,7 +33,7 @@ from PIL import Image
 from indexes import embed, gpu, manifest, store, sync, vectors
 from indexes.filters import Filters, allowed_ids, filtered_knn
 from indexes.store import Record
-from moco import EncoderConfig, eval_transform, read_encoder_config
+from moco import EncoderConfig, eval_transform, file_identity, read_encoder_config
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +58,6 @@ class Hit:
     @classmethod
     def from_record(cls, r: Record, score: float) -> Hit:
         return cls(r.id, score, r.path, r.root, r.relpath, r.label, r.meta())
-
-
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """Which file is at ``path`` (inode, size, mtime): a rename over it changes the inode."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class EncoderMissing(FileNotFoundError):
@@ -105,7 +96,7 @@ class Collection:
         """Re-read manifest and index, to pick up a finished index run."""
         with self._lock:
             self.loads += 1
-            self._seen = _identity(self.path / manifest.MANIFEST_NAME)  # before it is read
+            self._seen = file_identity(self.path / manifest.MANIFEST_NAME)  # before it is read
             self.manifest = manifest.read_manifest(self.path)
             self.encoder_config = EncoderConfig.from_dict(self.manifest["encoder"]["config"])
             self.dim = int(self.manifest["feature_dim"])
@@ -120,9 +111,9 @@ class Collection:
         ``reload``: the run writes it last, so then its rows and ``index.faiss`` are whole.
         Searches call it; whoever caches what it derived from the collection (a kNN
         classifier's labelled vectors) calls it too, and rebuilds when ``loads`` moved."""
-        if _identity(self.path / manifest.MANIFEST_NAME) != self._seen:
+        if file_identity(self.path / manifest.MANIFEST_NAME) != self._seen:
             with self._lock:
-                if _identity(self.path / manifest.MANIFEST_NAME) != self._seen:
+                if file_identity(self.path / manifest.MANIFEST_NAME) != self._seen:
                     log.info("%s was re-indexed: reloading it", self.path)
                     self.reload()
 

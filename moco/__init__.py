@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         atomic_file,
         exclusive,
         file_hash,
+        file_identity,
         is_within,
         output_folder,
     )
@@ -112,6 +113,7 @@ _WHERE = {
     "moco_logits": "moco.loss",
     "moco_transform": "moco.augment",
     "exclusive": "moco.files",
+    "file_identity": "moco.files",
     "output_folder": "moco.files",
     "read_encoder_config": "moco.export",
     "read_probe_meta": "moco.probe",
@@ -162,6 +164,7 @@ __all__ = [
     "export_encoder",
     "feature_dim",
     "file_hash",
+    "file_identity",
     "flag",
     "info_nce",
     "is_within",

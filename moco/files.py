@@ -66,6 +66,17 @@ def output_folder_for(path: str | os.PathLike, flag: str = "--out") -> Iterator[
         raise
 
 
+def file_identity(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """Which file is at ``path`` now (inode, size, mtime), or None: what a cache of something
+    read from it is keyed on. Every writer here renames a whole new file into place, which
+    changes the inode even within the file system's mtime granularity."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class Busy(ValueError):
     """Another process is doing the work this one asked for (a refusal said in one line)."""
 

@@ -432,6 +432,31 @@ def test_the_ui_follows_a_command_line_index_run_without_a_restart(
         ctx.collection.close()
 
 
+def test_a_probe_retrained_by_the_command_line_is_used_without_a_restart(
+    encoder_dir: Path, tmp_path: Path, tree: Any
+) -> None:
+    """``moco-search probe train`` beside a running UI: the UI kept classifying with the probe it
+    had loaded first until it was restarted."""
+    from app.context import AppContext
+    from indexes import Collection, index_images
+    from indexes.classify import train_probe
+
+    images = tree(tmp_path / "images", labels=("circle", "square"), n=4)
+    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
+    ctx = AppContext.open(tmp_path / "coll")
+    try:
+        with Collection.open(tmp_path / "coll") as cli:  # the command line's own process
+            ids, labels = cli.labeled()
+            train_probe(cli, ids, labels, name="mine", folds=2)
+            assert ctx.classifier("mine").classes == ["circle", "square"]
+            assert ctx.classifier("mine") is ctx.classifier("mine")  # cached while unchanged
+            renamed = ["round" if v == "circle" else v for v in labels]
+            train_probe(cli, ids, renamed, name="mine", folds=2)
+        assert ctx.classifier("mine").classes == ["round", "square"]
+    finally:
+        ctx.collection.close()
+
+
 def test_picks_that_an_index_run_removed_since_are_a_sentence(
     encoder_dir: Path, tmp_path: Path, tree: Any
 ) -> None:
