@@ -24,6 +24,7 @@ from indexes import (
     budget,
     embed,
     faults,
+    folders,
     manifest,
     plan,
     preflight,
@@ -224,6 +225,8 @@ def start_run(
     vector_dtype: str | None = None,
     allow_empty: bool = False,
     folder_labels: bool = False,
+    move_root: tuple[Path, Path] | None = None,
+    forget_root: Path | None = None,
 ) -> Run:
     """Check everything, then scan, diff, and apply renames, deletions and refreshes.
 
@@ -232,13 +235,21 @@ def start_run(
     encoder), has its encoder loaded first: a broken encoder must not leave a collection bound
     to it behind, refusing the right one from then on. A root that holds no image file now but
     indexed images before is refused unless ``allow_empty`` (``preflight.check_not_emptied``).
+    ``move_root`` (old, new) and ``forget_root`` change the collection's folders first
+    (``indexes.folders``).
     """
     t0 = time.perf_counter()
     collection = Path(collection)
     preflight.check_collection(collection)
     known = (collection / manifest.MANIFEST_NAME).is_file()
     old = manifest.read_manifest(collection) if known else None
-    names, encoder = preflight.resolve(list(roots), collection, encoder, old)
+    if (move_root or forget_root) and old is None:
+        raise ValueError("--move-root and --forget-root change a collection that exists")
+    if move_root:
+        old = folders.move_root(collection, old, *move_root)
+    if forget_root:
+        old = folders.forget_root(collection, old, forget_root)[0]
+    names, encoder = preflight.resolve(list(roots), collection, encoder, old, bool(forget_root))
     cfg = read_encoder_config(encoder)
     if index_type != "auto":
         vectors.new_index(index_type, cfg.feature_dim)  # a bad factory string fails here
@@ -369,6 +380,8 @@ def index_images(
     vector_dtype: str | None = None,
     allow_empty: bool = False,
     folder_labels: bool = False,
+    move_root: tuple[Path, Path] | None = None,
+    forget_root: Path | None = None,
     progress: Progress | None = None,
 ) -> IndexReport:
     """Index the images under ``roots`` into ``collection``, incrementally and crash-safely.
@@ -384,6 +397,8 @@ def index_images(
     A root that held indexed images and now holds no image file at all (a drive not mounted, a
     folder moved) is refused with nothing removed, unless ``allow_empty``. A ``labels_csv`` is
     remembered and read again by later runs that give none, until ``folder_labels``.
+    ``move_root=(old, new)`` points the images under folder ``old`` at ``new`` (moved: ids,
+    vectors and labels kept) and ``forget_root`` removes a folder's images, before the scan.
     """
     preflight.check_options(batch_size, workers)
     limit = budget.parse_bytes(max_index_memory) if max_index_memory is not None else None
@@ -400,6 +415,8 @@ def index_images(
             vector_dtype=vector_dtype,
             allow_empty=allow_empty,
             folder_labels=folder_labels,
+            move_root=move_root,
+            forget_root=forget_root,
         )
         try:
             if run.plan.todo:

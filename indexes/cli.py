@@ -65,6 +65,8 @@ class IndexArgs:
     vector_dtype: str | None = field(default=None, metadata=flag(choices=("float32", "float16")))
     allow_empty: bool = field(default=False, metadata=flag(action="store_true"))
     folder_labels: bool = field(default=False, metadata=flag(action="store_true"))
+    move_root: tuple[Path, ...] = field(default=(), metadata=flag(nargs=2, metavar=("OLD", "NEW")))
+    forget_root: Path | None = field(default=None, metadata=flag(metavar="FOLDER"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +114,9 @@ HELP = {
     "labels": "CSV with path,label columns, remembered for later runs (default: the CSV given "
     "before, else parent folder names)",
     "folder_labels": "label by parent folder names again, forgetting a --labels CSV given before",
+    "move_root": "the collection's folder OLD moved to NEW: its images keep their ids, labels and "
+    "vectors, and the run re-scans NEW",
+    "forget_root": "remove one of the collection's folders and all its images from it",
     "batch_size": "images per batch",
     "device": "torch device (default: cuda if present)",
     "workers": "decoding processes (default: CPU count - 1, at most 8)",
@@ -182,6 +187,8 @@ def run_index(ns: argparse.Namespace) -> int:
         index_type=args.index_type,
         allow_empty=args.allow_empty,
         folder_labels=args.folder_labels,
+        move_root=tuple(args.move_root) or None,
+        forget_root=args.forget_root,
     )
     storage = dict(max_index_memory=args.max_index_memory, vector_dtype=args.vector_dtype)
     if world_size() > 1:

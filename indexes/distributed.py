@@ -36,6 +36,8 @@ def index_distributed(
     index_type: str = "auto",
     allow_empty: bool = False,
     folder_labels: bool = False,
+    move_root: tuple[Path, Path] | None = None,
+    forget_root: Path | None = None,
 ) -> IndexReport | None:
     """``index_images`` across the ranks of a torchrun job; rank 0 returns the report."""
     check_options(batch_size, workers)  # on every rank, before any of them waits for another
@@ -58,6 +60,8 @@ def index_distributed(
                     device=device,
                     allow_empty=allow_empty,
                     folder_labels=folder_labels,
+                    move_root=move_root,
+                    forget_root=forget_root,
                 )
                 todo = commit_failed(run)
                 enc = run.encoder

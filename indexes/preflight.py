@@ -26,19 +26,30 @@ WRITTEN = (manifest.MANIFEST_NAME, store.DB_NAME, vectors.INDEX_NAME)
 
 
 def resolve(
-    roots: list[Path], collection: Path, encoder: Path | None, old: dict | None
+    roots: list[Path],
+    collection: Path,
+    encoder: Path | None,
+    old: dict | None,
+    forgot: bool = False,
 ) -> tuple[list[str], Path]:
-    """The run's root folders (absolute) and encoder directory, defaulting to the manifest's."""
+    """The run's root folders (absolute) and encoder directory, defaulting to the manifest's;
+    none at all only when ``forgot`` (``--forget-root`` removed the collection's last one)."""
     if encoder is None:
         if old is None:
             raise ValueError(f"{collection} is a new collection: give the encoder to index with")
         encoder = Path(old["encoder"]["path"])
     names = [os.path.abspath(r) for r in roots] or list((old or {}).get("roots", []))
-    if not names:
+    if not names and not forgot:
         raise ValueError("No image folders given to index")
     for r in names:
         if os.path.exists(r) and not os.path.isdir(r):
             raise NotADirectoryError(f"Not a folder: {r} is a file; give the folder that holds it")
+        if not os.path.isdir(r) and not roots:  # one of the collection's own: say the way out
+            raise FileNotFoundError(
+                f"Image folder not found: {r}, a folder of collection {collection}. If it moved, "
+                f"run again with --move-root {r} NEW_PLACE (ids, labels and vectors are kept); "
+                f"to remove its images from the collection, --forget-root {r}"
+            )
         if not os.path.isdir(r):
             raise FileNotFoundError(f"Image folder not found: {r}")
     return distinct_roots(names, (old or {}).get("roots", [])), Path(encoder)

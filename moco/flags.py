@@ -35,9 +35,9 @@ def finite_float(text: str) -> float:
 
 def flag(**options: Any) -> dict[str, Any]:
     """A field's command-line spelling, as ``field(metadata=flag(...))``: ``type`` (a parser such
-    as a date reader), ``choices``, ``flags`` (e.g. ``("-k",)``), ``nargs`` (for positionals),
-    ``action`` ("append": the flag may be repeated; "store_true": ``--json`` without a
-    ``--no-json``), ``metavar``."""
+    as a date reader), ``choices``, ``flags`` (e.g. ``("-k",)``), ``nargs`` (for positionals, and
+    for tuple flags: 2 for a pair), ``action`` ("append": the flag may be repeated;
+    "store_true": ``--json`` without a ``--no-json``), ``metavar``."""
     return {"cli": options}
 
 
@@ -109,8 +109,9 @@ def add_dataclass_flags(
                 *flags, dest=f.name, type=tp, action="append", default=[], help=text, **extra
             )
         elif many:
+            nargs = opts.pop("nargs", "+")
             parser.add_argument(
-                *flags, dest=f.name, type=tp, nargs="+", default=default, help=text, **extra
+                *flags, dest=f.name, type=tp, nargs=nargs, default=default, help=text, **extra
             )
         else:
             parser.add_argument(*flags, dest=f.name, type=tp, default=default, help=text, **extra)
