@@ -139,6 +139,13 @@ def none_found(
     no image passes, or an empty collection."""
     if found:
         what = "the image found" if found == 1 else f"the {found} images found"
+        gone = [r for r in ctx.collection.manifest.get("roots", []) if not os.path.isdir(r)]
+        if gone:  # a whole folder: moved, most likely, and one command finds it again
+            return (
+                f"{what} can no longer be read: their folder {gone[0]} is gone. If it moved, "
+                f"`moco-search index --collection {ctx.path} --move-root {gone[0]} NEW_PLACE` "
+                "keeps every id and label"
+            )
         return (
             f"{what} can no longer be read (moved or deleted since it was indexed? re-index "
             "the collection)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import colorsys
 import io
+import os
 from dataclasses import dataclass
 from html import escape
 from typing import Any
@@ -32,7 +33,7 @@ def heading(ctx: AppContext) -> str:
 def stats_markdown(ctx: AppContext) -> str:
     m = ctx.collection.manifest
     counts = m.get("counts", {})
-    roots = "\n".join(f"- `{r}`" for r in m.get("roots", []))
+    roots = "\n".join(f"- `{r}`{_gone(ctx, r)}" for r in m.get("roots", []))
     labels = ctx.collection.label_counts()
     copies, errors = counts.get("duplicate", 0), counts.get("error", 0)
     return (
@@ -42,6 +43,17 @@ def stats_markdown(ctx: AppContext) -> str:
         f"`{m.get('index', {}).get('factory', '?')}` (recall@10 "
         f"{m.get('index', {}).get('recall_at_10', '?')}), {m.get('feature_dim')}-d vectors.\n\n"
         f"Folders:\n{roots}"
+    )
+
+
+def _gone(ctx: AppContext, root: str) -> str:
+    """`` (gone: ...)`` after a folder that is no longer there, with the command that follows a
+    move; its images cannot be shown, and a re-scan is refused until then."""
+    if os.path.isdir(root):
+        return ""
+    return (
+        f" (gone; if it moved: `moco-search index --collection {ctx.path} --move-root {root} "
+        "NEW_PLACE`)"
     )
 
 

@@ -73,6 +73,20 @@ def test_an_empty_search_says_why(ctx: Any, encoder_dir: Path, tmp_path: Path, t
             f.unlink()
         status = handlers.search(gone, img, k=5).status()
         assert "the 2 images found can no longer be read" in status and "re-index" in status
+        images.rename(tmp_path / "moved")  # the whole folder: the way to find it again
+        assert overview.stats_markdown(gone).endswith(
+            f"Folders:\n- `{images}` (gone; if it moved: `moco-search index --collection "
+            f"{tmp_path / 'coll'} --move-root {images} NEW_PLACE`)"
+        )
+        assert (
+            handlers.search(gone, img, k=5)
+            .status()
+            .endswith(
+                f"the 2 images found can no longer be read: their folder {images} is gone. If it "
+                f"moved, `moco-search index --collection {tmp_path / 'coll'} --move-root {images} "
+                "NEW_PLACE` keeps every id and label."
+            )
+        )
     finally:
         gone.collection.close()
 
