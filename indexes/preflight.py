@@ -57,8 +57,10 @@ def resolve(
 
 def distinct_roots(names: list[str], indexed: list[str]) -> list[str]:
     """``names`` once each (``small`` and ``./small/`` are one folder: scanned twice, its files
-    failed the database's unique path with an IntegrityError); a folder inside another root,
-    given or already indexed, is refused: its images would be in the collection twice."""
+    failed the database's unique path with an IntegrityError), an indexed folder by the name the
+    collection knows it by (a symlink to it was indexed again, every image an exact copy of
+    itself); a folder inside another root, given or already indexed, is refused: its images
+    would be in the collection twice."""
     by_real = {os.path.realpath(n): n for n in reversed(names)}  # the first spelling wins
     known = {os.path.realpath(r): r for r in indexed}
     for real, name in by_real.items():
@@ -77,7 +79,11 @@ def distinct_roots(names: list[str], indexed: list[str]) -> list[str]:
                 f"{inner} lies inside {outer}: with both indexed, its images would be in the "
                 f"collection twice; {fix}"
             )
-    return list(dict.fromkeys(by_real[os.path.realpath(n)] for n in names))
+    spelled = {real: known.get(real, name) for real, name in by_real.items()}
+    for name in names:
+        if (known_as := spelled[os.path.realpath(name)]) != by_real[os.path.realpath(name)]:
+            log.info("%s is %s, a folder of the collection: re-scanning it", name, known_as)
+    return list(dict.fromkeys(spelled[os.path.realpath(n)] for n in names))
 
 
 def check_options(batch_size: int, workers: int | None) -> None:

@@ -153,6 +153,20 @@ def test_one_folder_given_twice_is_indexed_once(
         assert c.manifest["roots"] == [str(images)]
 
 
+def test_an_indexed_folder_given_through_a_symlink_is_rescanned_not_added(
+    images: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    """``index ~/pics`` after ``index /mnt/disk/pics`` (a symlink to it): the folder became a
+    second root, each of its images an exact copy of itself."""
+    link = tmp_path / "link"
+    link.symlink_to(images)
+    build(images, tmp_path / "c", encoder_dir)
+    r = index_images([link], tmp_path / "c", workers=0)
+    assert (r.added, r.unchanged, r.duplicates, r.total) == (0, 16, 0, 16)
+    with Collection.open(tmp_path / "c") as c:
+        assert c.manifest["roots"] == [str(images)]
+
+
 def test_a_folder_inside_another_root_is_refused(
     images: Path, encoder_dir: Path, tmp_path: Path
 ) -> None:
