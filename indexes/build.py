@@ -62,6 +62,9 @@ class IndexReport:
     duplicates: int = 0
     index: dict = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    hidden: int = 0
+    """Hidden files and folders passed over (``.thumbnails``, ``@eaDir``, ``._IMG.jpg``)."""
+    first_hidden: str | None = None
 
     def summary(self) -> str:
         errs = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())) or "none"
@@ -69,8 +72,17 @@ class IndexReport:
         return (
             f"{self.total} images in the collection, {copies} besides ({self.added} new, "
             f"{self.updated} updated, {self.renamed} renamed, {self.removed} removed, "
-            f"{self.unchanged} unchanged) in {self.seconds:.1f}s; errors: {errs}" + self._skipped()
+            f"{self.unchanged} unchanged) in {self.seconds:.1f}s; errors: {errs}"
+            + self._skipped()
+            + self._hidden()
         )
+
+    def _hidden(self) -> str:
+        """``; 2 hidden files or folders passed over (first: @eaDir)``."""
+        if not self.hidden:
+            return ""
+        what = "file or folder" if self.hidden == 1 else "files or folders"
+        return f"; {self.hidden} hidden {what} passed over (first: {self.first_hidden})"
 
     def _skipped(self) -> str:
         """``; 3 files skipped: unsupported type .psd`` (with counts when several types)."""
@@ -316,6 +328,8 @@ def start_run(
             renamed=len(p.renames),
             removed=len(p.delete),
             skipped=found.skipped,
+            hidden=len(found.hidden),
+            first_hidden=found.hidden[0] if found.hidden else None,
         )
         _apply_moves(db, p, root_ids)
     except BaseException:

@@ -14,7 +14,7 @@ import errno
 import io
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from indexes.manifest import MANIFEST_NAME
@@ -136,11 +136,13 @@ class Scan:
 
     ``skipped`` counts files by extension (lower case, ``(none)`` without one) that are not in
     ``IMAGE_EXTENSIONS``, so that a folder of ``.psd`` or ``.heic`` files is not dropped in
-    silence.
+    silence; ``hidden`` names the hidden files and folders passed over (``moco.data.is_hidden``),
+    relative to their root.
     """
 
     entries: list[FileEntry]
     skipped: dict[str, int]
+    hidden: list[str] = field(default_factory=list)
 
 
 def scan(roots: list[str], labels: dict[str, str] | None = None) -> Scan:
@@ -148,9 +150,11 @@ def scan(roots: list[str], labels: dict[str, str] | None = None) -> Scan:
     entries: list[FileEntry] = []
     skipped: Counter[str] = Counter()
     memo: dict[Path, bool] = {}
+    hidden: list[Path] = []
     for root in roots:
         root_raw = os.fsencode(root)
-        for p in walk_files(root):
+        passed = len(hidden)
+        for p in walk_files(root, hidden):
             if in_a_collection(p, root, memo):
                 continue
             ext = p.suffix.lower()
@@ -164,8 +168,9 @@ def scan(roots: list[str], labels: dict[str, str] | None = None) -> Scan:
             size = st.st_size if st else None
             mtime = st.st_mtime_ns if st else None
             entries.append(FileEntry(root, rel_raw, size, mtime, label, err))
+        hidden[passed:] = [Path(os.path.relpath(h, root)) for h in hidden[passed:]]
     entries.sort(key=lambda e: (e.root, e.relpath_raw))
-    return Scan(entries, dict(sorted(skipped.items())))
+    return Scan(entries, dict(sorted(skipped.items())), [str(h) for h in hidden])
 
 
 def sha256_file(path: str) -> str | None:

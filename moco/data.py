@@ -26,6 +26,11 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ico"}
 )
 """What ``list_images`` picks up: the formats Pillow decodes that image folders hold."""
+SYSTEM_FOLDERS = frozenset(
+    {"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information", "__MACOSX"}
+)
+"""Folders that NAS boxes and operating systems keep among photos: Synology's ``@eaDir`` holds
+resized copies of every photo, the others are recycle bins, snapshots and zip leftovers."""
 MAX_PIXELS = 64_000_000
 """Larger images are refused as decompression bombs (Pillow's own limit is 89M, with a warning)."""
 BACKGROUND = (255, 255, 255)
@@ -129,8 +134,21 @@ def load_image(
     return im.convert("RGB")
 
 
-def walk_files(root: str | os.PathLike) -> list[Path]:
-    """Every file under ``root``, recursive, in a stable sorted order; symlink loops are cut."""
+def is_hidden(name: str) -> bool:
+    """Whether a file or folder named ``name`` is kept beside a library's images, never one of
+    them: a dot-name (``.thumbnails``, ``.Trash-1000``, ``.DS_Store``, and macOS's ``._IMG_1.jpg``
+    on a copied drive, a resource fork that no decoder reads) or one of ``SYSTEM_FOLDERS``.
+    Indexed, they made a library's thumbnails near-duplicates of its photos and each ``._`` file
+    an error row."""
+    return name.startswith(".") or name in SYSTEM_FOLDERS
+
+
+def walk_files(root: str | os.PathLike, hidden: list[Path] | None = None) -> list[Path]:
+    """Every file under ``root``, recursive, in a stable sorted order; symlink loops are cut.
+
+    Hidden files and folders below ``root`` (``is_hidden``) are passed over, and appended to
+    ``hidden`` when it is given (a folder as itself, its files unvisited).
+    """
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"Not a folder: {root} is a file; give the folder that holds it")
@@ -144,13 +162,16 @@ def walk_files(root: str | os.PathLike) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
-        dirnames.sort()
-        found += [Path(dirpath, f) for f in filenames]
+        if hidden is not None:
+            hidden += [Path(dirpath, n) for n in sorted(dirnames + filenames) if is_hidden(n)]
+        dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))
+        found += [Path(dirpath, f) for f in filenames if not is_hidden(f)]
     return sorted(found)
 
 
 def list_images(root: str | os.PathLike) -> list[Path]:
-    """Image files under ``root`` (by extension), recursive, sorted; symlink loops are cut."""
+    """Image files under ``root`` (by extension), recursive, sorted; symlink loops are cut, hidden
+    files and folders passed over (``is_hidden``)."""
     return [p for p in walk_files(root) if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 

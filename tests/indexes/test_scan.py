@@ -35,3 +35,29 @@ def test_ico_is_indexed_and_other_types_are_counted(
     assert out.splitlines()[0].endswith("; 4 files skipped: unsupported types .psd (3), .txt (1)")
     last_run = json.loads((coll / "manifest.json").read_text())["last_run"]
     assert last_run["skipped"] == {".psd": 3, ".txt": 1}
+
+
+def test_hidden_and_nas_folders_are_passed_over_and_counted(
+    images: Path, encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A photo library on a NAS or a drive from a Mac holds thumbnails (``@eaDir`` has resized
+    copies of every photo, ``.thumbnails``), ``.DS_Store`` and ``._IMG.jpg`` resource forks: they
+    were indexed as near-duplicates of the photos, and each ``._`` file as an error row."""
+    for folder in (".thumbnails", "@eaDir/000.png"):
+        (images / "cat" / folder).mkdir(parents=True)
+        image(91).resize((16, 12)).save(images / "cat" / folder / "SYNOFILE_THUMB_M.png")
+    (images / "dog" / "._000.png").write_bytes(b"\x00\x05\x16\x07Mac OS X")
+    (images / "dog" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    coll = tmp_path / "coll"
+    args = ["index", str(images), "--collection", str(coll), "--workers", "0"]
+    assert launch.main([*args, "--encoder", str(encoder_dir)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("16 images in the collection, 0 exact copies besides (16 new")
+    assert first.endswith(
+        "errors: none; 4 hidden files or folders passed over (first: cat/.thumbnails)"
+    )
+    with Collection.open(coll) as c:
+        assert c.errors() == [] and len(c) == 16
+    from moco import list_images
+
+    assert len(list_images(images)) == 16  # pretraining passes them over too
