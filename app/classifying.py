@@ -45,7 +45,7 @@ def classify(
         )
     if method not in methods(ctx):
         raise UserError(f"Unknown classifier {method!r}; available: {methods(ctx)}")
-    vec = ctx.collection.embed([decode_upload(image)])
+    vec = ctx.collection.embed([decode_upload(ctx, image)])
     try:
         clf = ctx.classifier(method)
     except (FileNotFoundError, ValueError) as e:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -26,7 +25,14 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import moco
-from moco import EncoderConfig, ImageError, eval_transform, load_encoder, load_image
+from moco import (
+    EncoderConfig,
+    ImageError,
+    eval_transform,
+    load_encoder,
+    load_image,
+    open_image,
+)
 
 ORIENTATION = 0x0112
 Source = str | os.PathLike | bytes | Image.Image
@@ -78,7 +84,7 @@ def prepare(
     try:
         with warnings.catch_warnings():  # load_image below refuses bombs with a reason
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(source)) if isinstance(source, bytes) else source
+            im = open_image(source, draft)
         width, height, fmt = im.size[0], im.size[1], im.format
         if im.getexif().get(ORIENTATION) in (5, 6, 7, 8):
             width, height = height, width  # stored sideways, shown upright

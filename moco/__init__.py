@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         ImageFiles,
         list_images,
         load_image,
+        open_image,
         walk_files,
     )
     from moco.distributed import default_device, world_size
@@ -109,6 +110,7 @@ _WHERE = {
     "list_images": "moco.data",
     "load_encoder": "moco.export",
     "load_image": "moco.data",
+    "open_image": "moco.data",
     "load_probe": "moco.probe",
     "moco_logits": "moco.loss",
     "moco_transform": "moco.augment",
@@ -176,6 +178,7 @@ __all__ = [
     "load_probe",
     "moco_logits",
     "moco_transform",
+    "open_image",
     "output_folder",
     "read_encoder_config",
     "read_probe_meta",

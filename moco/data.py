@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,28 @@ class ImageError(ValueError):
 
 
 ImageSource = str | os.PathLike | bytes | Image.Image
+
+
+def open_image(source: ImageSource, draft_size: int | None = None) -> Image.Image:
+    """``source`` opened, not decoded; a JPEG above Pillow's pixel limit too when ``draft_size``
+    asks for a reduced decode (the caller, ``load_image``, then limits the decoded pixels).
+
+    Pillow refuses an image of 89 MP or more at ``Image.open``, from its header alone. A 108 MP
+    phone photo or a stitched panorama was therefore never indexed ("decompression bomb"), though
+    DCT scaling decodes it at 1/8 of each side, 1.7 MP for 108 MP; and no JPEG decodes to more
+    than 8192 x 8192 that way (its sides are at most 65,535). Other formats keep the limit.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return _open(source)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            if not draft_size or isinstance(source, Image.Image):
+                raise
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            if not data.startswith(b"\xff\xd8\xff"):  # JPEG's start-of-image marker
+                raise
+            return JpegImagePlugin.JpegImageFile(io.BytesIO(data))
 
 
 def _open(source: ImageSource) -> Image.Image:
@@ -89,7 +111,8 @@ def load_image(
         source: a file path, the file's bytes, or an already opened PIL image.
         draft_size: JPEG only, let Pillow decode at a reduced scale no smaller than this
             (DCT scaling: 3-4x faster for large photos that are resized anyway).
-        max_pixels: width*height above which the file is refused as a decompression bomb.
+        max_pixels: width*height to decode (after DCT scaling) above which the file is refused
+            as a decompression bomb.
 
     Raises:
         ImageError: with ``reason`` one of: empty file, missing file, permission denied,
@@ -98,12 +121,12 @@ def load_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = _open(source)
+            im = open_image(source, draft_size)
             w, h = im.size
-            if w * h > max_pixels:
-                raise ImageError("decompression bomb", f"{w}x{h} pixels")
             if draft_size and im.format == "JPEG":
-                im.draft("RGB", (draft_size, draft_size))
+                im.draft("RGB", (draft_size, draft_size))  # sets the size it will decode at
+            if im.size[0] * im.size[1] > max_pixels:  # what decoding would allocate
+                raise ImageError("decompression bomb", f"{w}x{h} pixels")
             im.seek(0)  # first frame of an animation
             im.load()
     except ImageError:

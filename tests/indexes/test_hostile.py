@@ -115,3 +115,16 @@ def test_unreadable_file_recorded(tmp_path: Path, encoder_dir: Path) -> None:
         assert [(Path(r.path).name, r.reason) for r in c.errors()] == [
             ("secret.png", "permission denied")
         ]
+
+
+def test_a_photo_above_pillows_pixel_limit_is_indexed(
+    images: Path, encoder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 108 MP JPEG was recorded as a "decompression bomb" (Pillow's limit lowered here so
+    that an 800x400 file stands for one); it is decoded at 1/8 scale and indexed at its size."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
+    image(5, size=(800, 400)).save(images / "cat" / "pano.jpg", quality=90)
+    index_images([images], tmp_path / "c", encoder_dir, workers=0)
+    with Collection.open(tmp_path / "c") as c:
+        (row,) = c.query_records("images.relpath = 'cat/pano.jpg'")
+        assert row.status == "ok" and (row.width, row.height) == (800, 400)

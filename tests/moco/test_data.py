@@ -104,6 +104,25 @@ def test_decompression_bomb_below_pillow_limit(tmp_path: Path) -> None:
     assert load_image(small, max_pixels=100 * 100).size == (100, 100)
 
 
+def test_a_jpeg_above_pillows_limit_is_decoded_at_a_reduced_scale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 108 MP phone photo or a panorama was refused as a bomb at ``Image.open`` (Pillow's 89 MP
+    limit, from the header), though indexing decodes it at 1/8 scale. Pillow's limit is lowered
+    here so that an 800x400 file stands for one; the limit now holds on decoded pixels."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)  # refused at open above 100,000
+    jpeg = tmp_path / "pano.jpg"
+    Image.new("RGB", (800, 400), (200, 30, 30)).save(jpeg, quality=90)
+    png = tmp_path / "pano.png"
+    Image.new("RGB", (800, 400), (200, 30, 30)).save(png)
+    for source in (jpeg, jpeg.read_bytes()):
+        im = load_image(source, draft_size=100, max_pixels=100_000)  # DCT-scaled by 4
+        assert im.size == (200, 100) and im.getpixel((50, 50))[0] > 180
+    assert _reason(jpeg) == "decompression bomb"  # no reduced decode asked for
+    assert _reason(jpeg, draft_size=400, max_pixels=100_000) == "decompression bomb"  # 800x400
+    assert _reason(png, draft_size=100, max_pixels=100_000) == "decompression bomb"  # not a JPEG
+
+
 # --- formats and colour handling ---------------------------------------------------------------
 
 
