@@ -203,6 +203,17 @@ def _apply_moves(db: store.Database, p: plan.Plan, root_ids: dict[str, int]) -> 
             store.bump_generation(db)
 
 
+@dataclass(frozen=True)
+class FolderOptions:
+    """What a run may do to the collection's folders and labels before its scan: ``index``'s
+    flags of the same names, as ``index_images`` documents them."""
+
+    allow_empty: bool = False
+    folder_labels: bool = False
+    move_root: tuple[Path, Path] | None = None
+    forget_root: Path | None = None
+
+
 @dataclass
 class Run:
     """An index run between its plan and its end (shared with the distributed runner)."""
@@ -235,10 +246,7 @@ def start_run(
     device: str | None = None,
     max_index_memory: int | None = None,
     vector_dtype: str | None = None,
-    allow_empty: bool = False,
-    folder_labels: bool = False,
-    move_root: tuple[Path, Path] | None = None,
-    forget_root: Path | None = None,
+    options: FolderOptions = FolderOptions(),
 ) -> Run:
     """Check everything, then scan, diff, and apply renames, deletions and refreshes.
 
@@ -246,10 +254,11 @@ def start_run(
     are checked. A new collection, or one holding no vectors (which may be re-bound to another
     encoder), has its encoder loaded first: a broken encoder must not leave a collection bound
     to it behind, refusing the right one from then on. A root that holds no image file now but
-    indexed images before is refused unless ``allow_empty`` (``preflight.check_not_emptied``).
-    ``move_root`` (old, new) and ``forget_root`` change the collection's folders first
-    (``indexes.folders``).
+    indexed images before is refused unless ``options.allow_empty``
+    (``preflight.check_not_emptied``); ``options.move_root`` (old, new) and ``forget_root``
+    change the collection's folders first (``indexes.folders``).
     """
+    move_root, forget_root = options.move_root, options.forget_root
     t0 = time.perf_counter()
     collection = Path(collection)
     preflight.check_collection(collection)
@@ -269,7 +278,7 @@ def start_run(
         raise ValueError(
             f"Unknown vector dtype {vector_dtype!r}; valid: {', '.join(store.VECTOR_DTYPES)}"
         )
-    labels_csv, keep_labels = preflight.labels_source(labels_csv, folder_labels, old)
+    labels_csv, keep_labels = preflight.labels_source(labels_csv, options.folder_labels, old)
     labels = scan.read_labels(labels_csv, names) if labels_csv else None
     if keep_labels:  # gone for now: remembered still, for when it is back
         remember = (old or {}).get("labels_csv")
@@ -312,7 +321,7 @@ def start_run(
                 unmatched[0],
             )
         rows = plan.existing_rows(db, root_ids)
-        if not allow_empty:
+        if not options.allow_empty:
             preflight.check_not_emptied(names, found.entries, rows)
         entries = found.entries
         if keep_labels:  # the CSV that gave them is gone: indexed images keep theirs
@@ -427,10 +436,7 @@ def index_images(
             device=device,
             max_index_memory=limit,
             vector_dtype=vector_dtype,
-            allow_empty=allow_empty,
-            folder_labels=folder_labels,
-            move_root=move_root,
-            forget_root=forget_root,
+            options=FolderOptions(allow_empty, folder_labels, move_root, forget_root),
         )
         try:
             if run.plan.todo:

@@ -18,7 +18,14 @@ import torch
 import torch.distributed as dist
 
 from indexes import embed, runlock
-from indexes.build import IndexReport, commit_batch, commit_failed, finish_run, start_run
+from indexes.build import (
+    FolderOptions,
+    IndexReport,
+    commit_batch,
+    commit_failed,
+    finish_run,
+    start_run,
+)
 from indexes.faults import disk_full_reported
 from indexes.preflight import check_options
 from moco import default_device
@@ -58,10 +65,7 @@ def index_distributed(
                     labels_csv,
                     index_type=index_type,
                     device=device,
-                    allow_empty=allow_empty,
-                    folder_labels=folder_labels,
-                    move_root=move_root,
-                    forget_root=forget_root,
+                    options=FolderOptions(allow_empty, folder_labels, move_root, forget_root),
                 )
                 todo = commit_failed(run)
                 enc = run.encoder
