@@ -92,8 +92,9 @@ class Collection:
         manifest.read_manifest(path)  # a clear error for a non-collection
         return cls(path, device, Path(encoder) if encoder else None)
 
-    def reload(self) -> None:
-        """Re-read manifest and index, to pick up a finished index run."""
+    def reload(self, running: bool = False) -> None:
+        """Re-read manifest and index, to pick up a finished index run (or, ``running``, to
+        follow one in progress: ``sync.open_index`` reconciles the index in memory)."""
         with self._lock:
             self.loads += 1
             self._seen = file_identity(self.path / manifest.MANIFEST_NAME)  # before it is read
@@ -102,7 +103,9 @@ class Collection:
             self.dim = int(self.manifest["feature_dim"])
             self._params = dict(self.manifest.get("index", {}).get("params", {}))
             self._exact = self.manifest.get("index", {}).get("factory", "Flat") == "Flat"
-            self._index = sync.open_index(self.path, self._db, self.manifest, mmap=True)
+            self._index = sync.open_index(
+                self.path, self._db, self.manifest, mmap=True, running=running
+            )
             self._gpu = gpu.to_gpu(self._index) if vectors.is_ivf(self._index) else self._index
             self._filter_cache.clear()
 
@@ -241,7 +244,7 @@ class Collection:
             return self._search_vector(q, k, filters, min_score)
         except KeyError:  # a run in progress deleted rows the loaded index still holds
             with self._lock:
-                self.reload()  # reconciles the index with the database, by id sets
+                self.reload(running=True)  # reconciles the index with the database, by id sets
             return self._search_vector(q, k, filters, min_score)
 
     def _search_vector(

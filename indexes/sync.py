@@ -32,9 +32,17 @@ def build_from_store(db: Database, factory: str, dim: int) -> faiss.Index:
 
 
 def open_index(
-    collection: Path, db: Database, manifest: dict[str, Any], mmap: bool = False
+    collection: Path,
+    db: Database,
+    manifest: dict[str, Any],
+    mmap: bool = False,
+    running: bool = False,
 ) -> faiss.Index:
-    """The collection's index, matching the database even after a crash (fixed in memory)."""
+    """The collection's index, matching the database even after a crash (fixed in memory).
+
+    ``running``: the caller saw an index run change the database under an open collection, so
+    an index behind it is expected, said at INFO level; on opening it may be a crash's, a warning.
+    """
     dim = int(manifest["feature_dim"])
     entry = manifest.get("index", {})
     path = collection / vectors.INDEX_NAME
@@ -43,7 +51,12 @@ def open_index(
     if index is not None:
         if current:
             return index
-        log.warning("%s is behind its database; reconciling from stored vectors", path)
+        log.log(
+            logging.INFO if running else logging.WARNING,
+            "%s is behind its database%s; reconciling from stored vectors",
+            path,
+            " (an index run is in progress)" if running else "",
+        )
         if vectors.reconcile(index, store.vector_ids(db), _fetch(db, dim)):
             return index
     return build_from_store(db, entry.get("factory", "Flat"), dim)

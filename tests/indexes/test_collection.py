@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -154,7 +155,9 @@ def test_concurrent_searches_and_reload(coll: Path, images: Path) -> None:
         assert c.search(images / "new" / "001.png", k=1)[0].relpath == "new/001.png"
 
 
-def test_an_open_collection_follows_index_runs_without_reload(coll: Path, images: Path) -> None:
+def test_an_open_collection_follows_index_runs_without_reload(
+    coll: Path, images: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A UI server holds its collection open while ``moco-search index`` changes it. After a run
     that removed files, its first search raised ``KeyError: Unknown image ids`` (the loaded index
     still held them), and new images never showed until a restart."""
@@ -175,8 +178,12 @@ def test_an_open_collection_follows_index_runs_without_reload(coll: Path, images
             f.unlink()
         run = start_run([], coll, None, None)
         run.db.conn.close()
+        caplog.clear()
+        caplog.set_level(logging.INFO)
         hits = c.search(images / "cat" / "001.png", k=16)
         assert len(hits) == 8 and {h.label for h in hits} == {"cat", "new"}
+        (said,) = [r for r in caplog.records if "behind its database" in r.getMessage()]
+        assert said.levelno == logging.INFO and "an index run is in progress" in said.getMessage()
 
 
 def test_a_missing_collection_and_a_folder_that_is_not_one_are_told_apart(tmp_path: Path) -> None:
