@@ -253,10 +253,12 @@ def start_run(
     Nothing is written before the folders, the collection path, the index type and the encoder
     are checked. A new collection, or one holding no vectors (which may be re-bound to another
     encoder), has its encoder loaded first: a broken encoder must not leave a collection bound
-    to it behind, refusing the right one from then on. A root that holds no image file now but
+    to it behind, refusing the right one from then on. The one exception: ``options.move_root``
+    and ``forget_root`` are done first, each whole on its own (``indexes.folders``; the same
+    command again after a later check failed finds the move done). A root that holds no image
+    file now but
     indexed images before is refused unless ``options.allow_empty``
-    (``preflight.check_not_emptied``); ``options.move_root`` (old, new) and ``forget_root``
-    change the collection's folders first (``indexes.folders``).
+    (``preflight.check_not_emptied``).
     """
     move_root, forget_root = options.move_root, options.forget_root
     t0 = time.perf_counter()

@@ -30,7 +30,11 @@ def move_root(collection: Path, m: dict, old: Path, new: Path) -> dict:
     ``old``'s rows, with their ids and labels, take their place.
     """
     roots = list(m.get("roots", []))
-    src, dst = _known(old, roots, collection), os.path.abspath(new)
+    src, dst = os.path.abspath(old), os.path.abspath(new)
+    if src not in roots and dst in roots and m.get("moved_roots", {}).get(src) == dst:
+        log.info("%s: %s was moved to %s already", collection, src, dst)  # the command again,
+        return m  # after a later step of it failed
+    src = _known(old, roots, collection)
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise NotADirectoryError(f"--move-root: {dst} is a file, not a folder")
     if not os.path.isdir(dst):
@@ -63,7 +67,8 @@ def move_root(collection: Path, m: dict, old: Path, new: Path) -> dict:
                 )
     finally:
         db.conn.close()
-    m = {**m, "roots": sorted({r for r in roots if r != src} | {dst})}
+    moved = {**m.get("moved_roots", {}), src: dst}  # so that the same command again is a no-op
+    m = {**m, "roots": sorted({r for r in roots if r != src} | {dst}), "moved_roots": moved}
     manifest.write_manifest(collection, m)
     return m
 

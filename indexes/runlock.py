@@ -6,7 +6,8 @@ as a traceback). A nightly job that overlaps a manual run, or the web UI's "Inde
 command line indexes, get there easily. So a run holds an advisory ``flock`` on ``index.lock`` in
 the collection from before it reads the manifest until the manifest is written. The kernel drops
 the lock when its process ends, however it ends, so a crash or ``kill -9`` never leaves a stale
-lock to clear by hand; the file itself stays (removing a lock file races with its next taker).
+lock to clear by hand. The file stays (removing a lock file races with its next taker), unless it
+is all the folder holds: a new collection refused before its first write leaves nothing behind.
 Searches take no lock: they read committed rows and whole files only.
 """
 

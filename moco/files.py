@@ -101,11 +101,14 @@ def exclusive(lock: str | os.PathLike, busy: Callable[[str], str]) -> Iterator[N
             raise Busy(busy(f" (pid {pid})" if pid.isdigit() else "")) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
-        yield
+        try:
+            yield
+        finally:  # only the holder, still holding it: a refused process removed the file of a
+            # run that had written nothing yet, and a third then locked a new file beside it
+            if [p.name for p in lock.parent.iterdir()] == [lock.name]:
+                lock.unlink(missing_ok=True)
     finally:
         os.close(fd)  # releases the lock
-        if [p.name for p in lock.parent.iterdir()] == [lock.name]:
-            lock.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -50,6 +50,8 @@ def test_a_moved_folder_keeps_ids_labels_and_vectors(
         hit = c.search_id(5, k=1)[0]
         assert hit.path == str(moved / before[5]) and Path(hit.path).is_file()
     assert index(coll) == 0  # and the nightly re-scan works again
+    assert index(coll, "--move-root", str(images), str(moved)) == 0  # again: nothing to move
+    assert "(0 new, 0 updated, 0 renamed, 0 removed, 16 unchanged)" in capsys.readouterr().out
     assert consistency(coll) == {"ok": 16}
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import launch
 from indexes import index_images
-from indexes.runlock import LOCK_NAME
+from indexes.runlock import LOCK_NAME, CollectionBusy
 from tests.conftest import hold as hold_lock
 from tests.indexes.test_faults import error_line, files, index_cli
 
@@ -40,6 +40,25 @@ def test_second_run_is_refused_and_changes_nothing(
     assert index_cli(images / "dog", coll) == 0  # no stale lock to clear by hand
     assert "images in the collection" in capsys.readouterr().out
     assert launch.main(["search", "--collection", str(coll), "--id", "1"]) == 0
+
+
+def test_a_refused_run_leaves_the_holders_lock_file_alone(
+    images: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    """A new collection's first run holds the lock while it loads the encoder, the lock file
+    then all its folder holds. A second run, refused, removed that file on its way out, and a
+    third created a new one beside it and ran alongside the first."""
+    coll = tmp_path / "coll"
+    coll.mkdir()
+    holder = hold(coll)
+    try:
+        for _ in range(2):
+            with pytest.raises(CollectionBusy, match=f"pid {holder.pid}"):
+                index_images([images], coll, encoder_dir, workers=0)
+            assert [p.name for p in coll.iterdir()] == [LOCK_NAME]
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_lock_is_released_after_a_run_and_after_a_failed_one(
