@@ -127,7 +127,7 @@ HELP = {
     "vector_dtype": "how SQLite stores the exact vectors; float16 halves the database, stored "
     "vectors are converted (default: the collection's, float32 for a new one)",
     "allow_empty": "let a folder that holds no image file now remove all its images from the "
-    "collection (refused by default: a drive that is not mounted looks like that)",
+    "collection (default: off, refused: a drive that is not mounted looks like that)",
     "query": "query image file(s); several are averaged",
     "k": "number of results",
     "id": "search by a stored image id instead",
