@@ -105,8 +105,9 @@ def exclusive(lock: str | os.PathLike, busy: Callable[[str], str]) -> Iterator[N
             yield
         finally:  # only the holder, still holding it: a refused process removed the file of a
             # run that had written nothing yet, and a third then locked a new file beside it
-            if [p.name for p in lock.parent.iterdir()] == [lock.name]:
-                lock.unlink(missing_ok=True)
+            with suppress(OSError):  # never in place of the block's own error
+                if [p.name for p in lock.parent.iterdir()] == [lock.name]:
+                    lock.unlink()
     finally:
         os.close(fd)  # releases the lock
 
