@@ -52,6 +52,17 @@ def resolve(
             )
         if not os.path.isdir(r):
             raise FileNotFoundError(f"Image folder not found: {r}")
+    gone = [r for r in (old or {}).get("roots", []) if r not in names and not os.path.isdir(r)]
+    if roots and gone:  # a new folder while one of the collection's is gone: moved there?
+        log.warning(
+            "%s, a folder of this collection, is gone. If %s is where it moved, stop this run "
+            "and use --move-root %s %s instead: its images keep their ids and labels, where "
+            "this run embeds them all again as copies of images whose files are gone",
+            gone[0],
+            names[0],
+            gone[0],
+            names[0],
+        )
     return distinct_roots(names, (old or {}).get("roots", [])), Path(encoder)
 
 

@@ -56,7 +56,11 @@ def test_a_moved_folder_keeps_ids_labels_and_vectors(
 
 
 def test_a_folder_indexed_again_at_its_new_place_is_merged_back(
-    coll: Path, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+    coll: Path,
+    images: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Before --move-root, a user indexed the new place: every image became an exact copy of a
     row whose file was gone. Moving the old folder onto it keeps the old rows (ids, labels) and
@@ -65,6 +69,10 @@ def test_a_folder_indexed_again_at_its_new_place_is_merged_back(
     moved = images.rename(tmp_path / "elsewhere")
     assert index_cli(moved, coll) == 0
     assert "16 exact copies besides" in capsys.readouterr().out
+    assert (
+        f"{images}, a folder of this collection, is gone. If {moved} is where it moved, stop "
+        f"this run and use --move-root {images} {moved} instead" in caplog.text
+    )
     assert index(coll, "--move-root", str(images), str(moved)) == 0
     assert "16 images in the collection, 0 exact copies besides" in capsys.readouterr().out
     assert paths_by_id(coll) == before
