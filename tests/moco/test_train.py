@@ -515,7 +515,9 @@ def test_a_minutes_run_interrupted_before_its_plan_starts_again_on_resume(
     shutil.copytree(emoji_dir, data)
     (data / "symbols" / "broken.png").write_bytes(b"")
     run = tmp_path / "run"
-    cfg = tiny_cfg(data, run, minutes=5, epochs=10_000, deterministic=False)
+    # 60 minutes: a tenth of the budget gone also plans, which 4 slow steps reached on a loaded
+    # machine at 5 (30 s); the resume below gives the real budget
+    cfg = tiny_cfg(data, run, minutes=60, epochs=10_000, deterministic=False)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)  # epoch 1 is 4 steps: saved before the 10 that time the pace
     first_curves = set((run / "tb").iterdir())
