@@ -31,6 +31,7 @@ from indexes import (
     runlock,
     scan,
     store,
+    switch,
     sync,
     vectors,
 )
@@ -65,6 +66,8 @@ class IndexReport:
     hidden: int = 0
     """Hidden files and folders passed over (``.thumbnails``, ``@eaDir``, ``._IMG.jpg``)."""
     first_hidden: str | None = None
+    reembedded: int = 0
+    """Images given a vector by a new encoder (``--reembed``), ids and labels kept."""
 
     def summary(self) -> str:
         errs = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())) or "none"
@@ -75,6 +78,7 @@ class IndexReport:
             f"{self.unchanged} unchanged) in {self.seconds:.1f}s; errors: {errs}"
             + self._skipped()
             + self._hidden()
+            + (f"; {self.reembedded} re-embedded with the new encoder" if self.reembedded else "")
         )
 
     def _hidden(self) -> str:
@@ -247,6 +251,7 @@ def start_run(
     max_index_memory: int | None = None,
     vector_dtype: str | None = None,
     options: FolderOptions = FolderOptions(),
+    switching: bool = False,
 ) -> Run:
     """Check everything, then scan, diff, and apply renames, deletions and refreshes.
 
@@ -258,12 +263,14 @@ def start_run(
     command again after a later check failed finds the move done). A root that holds no image
     file now but
     indexed images before is refused unless ``options.allow_empty``
-    (``preflight.check_not_emptied``).
+    (``preflight.check_not_emptied``). ``switching``: ``encoder`` is about to replace the
+    collection's (``switch``), so it is neither refused nor bound here.
     """
     move_root, forget_root = options.move_root, options.forget_root
     t0 = time.perf_counter()
     collection = Path(collection)
     preflight.check_collection(collection)
+    switch.finish_switch(collection)
     known = (collection / manifest.MANIFEST_NAME).is_file()
     old = manifest.read_manifest(collection) if known else None
     if (move_root or forget_root) and old is None:
@@ -288,7 +295,10 @@ def start_run(
         remember = os.path.abspath(labels_csv) if labels_csv else None
     bind = old is None or not manifest.same_encoder(old, cfg)
     if old is not None and bind and preflight.vector_count(collection):
-        manifest.check_encoder(old, cfg, encoder)  # raises: its vectors are another encoder's
+        if switching:
+            bind = False
+        else:
+            manifest.check_encoder(old, cfg, encoder, collection)  # raises: another's vectors
     model = embed.load_model(encoder, embed.default_device(device))[0] if bind else None
     collection.mkdir(parents=True, exist_ok=True)
     if bind:  # name the encoder before the first vector is stored (crash safety)
@@ -407,6 +417,7 @@ def index_images(
     folder_labels: bool = False,
     move_root: tuple[Path, Path] | None = None,
     forget_root: Path | None = None,
+    reembed: bool = False,
     progress: Progress | None = None,
 ) -> IndexReport:
     """Index the images under ``roots`` into ``collection``, incrementally and crash-safely.
@@ -424,11 +435,30 @@ def index_images(
     remembered and read again by later runs that give none, until ``folder_labels``.
     ``move_root=(old, new)`` points the images under folder ``old`` at ``new`` (moved: ids,
     vectors and labels kept) and ``forget_root`` removes a folder's images, before the scan.
+    ``reembed`` embeds the collection's images again with ``encoder``, another than the one it
+    was built with, keeping ids and labels (``switch``); killed, the same call carries on.
     """
     preflight.check_options(batch_size, workers)
     limit = budget.parse_bytes(max_index_memory) if max_index_memory is not None else None
     device = embed.default_device(device)
+    options = FolderOptions(allow_empty, folder_labels, move_root, forget_root)
     with faults.disk_full_reported(collection), runlock.held(collection):
+        switched, model = 0, None
+        if reembed:
+            switched, model = _reembed(
+                roots,
+                Path(collection),
+                encoder,
+                labels_csv,
+                options,
+                device=device,
+                vector_dtype=vector_dtype,
+                batch_size=batch_size,
+                workers=embed.default_workers() if workers is None else workers,
+                progress=progress,
+            )
+            if model is not None:  # folder moves done; the run below only adds what is new
+                options = dataclasses.replace(options, move_root=None, forget_root=None)
         run = start_run(
             roots,
             collection,
@@ -438,11 +468,12 @@ def index_images(
             device=device,
             max_index_memory=limit,
             vector_dtype=vector_dtype,
-            options=FolderOptions(allow_empty, folder_labels, move_root, forget_root),
+            options=options,
         )
+        run.report.reembedded = switched
         try:
             if run.plan.todo:
-                model = run.model
+                model = run.model if run.model is not None else model
                 if model is None:
                     model = embed.load_model(run.encoder, device)[0]
                 _embed_todo(
@@ -511,3 +542,71 @@ def _embed_todo(
                 total,
             )
             raise
+
+
+def _reembed(
+    roots: list[Path],
+    collection: Path,
+    encoder: Path | None,
+    labels_csv: Path | None,
+    options: FolderOptions,
+    *,
+    device: str,
+    vector_dtype: str | None,
+    batch_size: int,
+    workers: int,
+    progress: Progress | None,
+) -> tuple[int, Any]:
+    """Give every indexed image a vector by ``encoder`` and swap them in (``switch``).
+
+    The scan comes first, as in any run: files gone are removed (never re-embedded), a folder
+    that is not mounted is refused, renames and moves are applied. Returns the images
+    re-embedded and the loaded model; (0, None) when there is nothing to switch: a new or empty
+    collection (the run binds it), or one already embedded by ``encoder``.
+    """
+    if encoder is None:
+        raise ValueError("--reembed needs the encoder to embed with: give --encoder DIR")
+    cfg = read_encoder_config(encoder)
+    switch.finish_switch(collection)
+    if not preflight.vector_count(collection):
+        return 0, None
+    if manifest.same_encoder(manifest.read_manifest(collection), cfg):
+        log.info("%s is embedded by %s already: nothing to re-embed", collection, encoder)
+        return 0, None
+    run = start_run(
+        roots,
+        collection,
+        encoder,
+        labels_csv,
+        device=device,
+        vector_dtype=vector_dtype,
+        options=options,
+        switching=True,
+    )
+    try:
+        model = embed.load_model(run.encoder, device)[0]
+        entry = manifest.encoder_entry(run.encoder, run.cfg)
+        staged = switch.stage(
+            run.db,
+            entry,
+            run.cfg,
+            model,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            progress=progress,
+        )
+        if staged.failed:
+            first, why = next(iter(staged.failed.items()))
+            log.warning(
+                "%d indexed images have no vector by the new encoder (first: %s: %s); they "
+                "leave the collection now, and this run indexes them again as new files if "
+                "they are still there",
+                len(staged.failed),
+                store.get_records(run.db, [first])[0].path,
+                why,
+            )
+        switch.swap(collection, run.db, run.old or {}, entry, sorted(staged.failed))
+    finally:
+        run.db.conn.close()
+    return staged.done, model

@@ -64,6 +64,20 @@ def probe_dir(collection: Collection | str | os.PathLike, name: str = DEFAULT_PR
     return root / PROBES_DIR / name
 
 
+def stale_probes(collection: str | os.PathLike, content_hash: str) -> list[str]:
+    """Names of the collection's probes trained on another encoder's features than
+    ``content_hash`` (after ``index --reembed``: refused until trained again)."""
+    found = []
+    for folder in sorted((Path(collection) / PROBES_DIR).glob("*")):
+        try:
+            trained_on = read_probe_meta(folder).get("encoder_hash")
+        except (OSError, ValueError):
+            continue
+        if trained_on != content_hash:
+            found.append(folder.name)
+    return found
+
+
 def probe_version(collection: Collection, name: str = DEFAULT_PROBE) -> object:
     """What a cache of probe ``name`` is keyed on: its metadata file, which ``save_probe``
     writes last, after the weights (None while there is no such probe)."""

@@ -44,6 +44,20 @@ def _when(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a date or Unix time: {text!r}") from e
 
 
+def _stale_probes(collection: Path) -> None:
+    """Say which probes a re-embedding made useless, and the command that trains each again."""
+    from indexes.classify import DEFAULT_PROBE, stale_probes
+    from indexes.manifest import read_manifest
+
+    for name in stale_probes(collection, read_manifest(collection)["encoder"]["content_hash"]):
+        named = "" if name == DEFAULT_PROBE else f" --name {name}"
+        print(
+            f"moco-search index: probe {name!r} was trained on the old encoder's features and is "
+            f"refused from now on: run `moco-search probe train --collection {collection}{named}`",
+            file=sys.stderr,
+        )
+
+
 def _shown(path: str) -> str:
     """A path printable on any terminal (undecodable bytes as \\xNN)."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
@@ -67,6 +81,7 @@ class IndexArgs:
     folder_labels: bool = field(default=False, metadata=flag(action="store_true"))
     move_root: tuple[Path, ...] = field(default=(), metadata=flag(nargs=2, metavar=("OLD", "NEW")))
     forget_root: Path | None = field(default=None, metadata=flag(metavar="FOLDER"))
+    reembed: bool = field(default=False, metadata=flag(action="store_true"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +132,9 @@ HELP = {
     "move_root": "the collection's folder OLD moved to NEW: its images keep their ids, labels and "
     "vectors, and the run re-scans NEW",
     "forget_root": "remove one of the collection's folders and all its images from it",
+    "reembed": "embed the collection's images again with --encoder, another than the one it was "
+    "built with, keeping ids and labels; searches use the old one until it is done, and the same "
+    "command carries on if interrupted",
     "batch_size": "images per batch",
     "device": "torch device (default: cuda if present)",
     "workers": "decoding processes (default: CPU count - 1, at most 8)",
@@ -190,20 +208,26 @@ def run_index(ns: argparse.Namespace) -> int:
         move_root=tuple(args.move_root) or None,
         forget_root=args.forget_root,
     )
-    storage = dict(max_index_memory=args.max_index_memory, vector_dtype=args.vector_dtype)
+    one_process = dict(
+        max_index_memory=args.max_index_memory, vector_dtype=args.vector_dtype, reembed=args.reembed
+    )
     if world_size() > 1:
-        if any(v is not None for v in storage.values()):
+        if args.max_index_memory is not None or args.vector_dtype is not None or args.reembed:
             raise ValueError(
-                "--max-index-memory and --vector-dtype are not supported under torchrun; "
-                "run 'moco-search index --collection C' with them once in one process"
+                "--max-index-memory, --vector-dtype and --reembed are not supported under "
+                "torchrun; run 'moco-search index --collection C' with them once in one process"
             )
         report = index_distributed(list(args.images), args.collection, args.encoder, **kwargs)
     else:
         from indexes.build import index_images
 
-        report = index_images(list(args.images), args.collection, args.encoder, **kwargs, **storage)
+        report = index_images(
+            list(args.images), args.collection, args.encoder, **kwargs, **one_process
+        )
     if report is not None:
         print(report.summary())
+        if report.reembedded:
+            _stale_probes(args.collection)
         if report.total == 0:  # a wrong folder, most likely: not "next: search"
             print(f"moco-search index: {nothing_indexed(report, args.images)}", file=sys.stderr)
             return 0

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from indexes import embed, gpu, manifest, store, sync, vectors
+from indexes import embed, gpu, manifest, store, switch, sync, vectors
 from indexes.filters import Filters, allowed_ids, filtered_knn
 from indexes.store import Record
 from moco import EncoderConfig, eval_transform, file_identity, read_encoder_config
@@ -98,7 +98,13 @@ class Collection:
         with self._lock:
             self.loads += 1
             self._seen = file_identity(self.path / manifest.MANIFEST_NAME)  # before it is read
-            self.manifest = manifest.read_manifest(self.path)
+            before = getattr(self, "manifest", None)
+            self.manifest = switch.adopt_switch(manifest.read_manifest(self.path), self._db)
+            if before is not None and not switch.same_entry(
+                before["encoder"], self.manifest["encoder"]
+            ):  # re-embedded (``index --reembed``): queries need the new encoder too
+                log.info("%s was re-embedded by another encoder: using it", self.path)
+                self._model, self._encoder_dir = None, None
             self.encoder_config = EncoderConfig.from_dict(self.manifest["encoder"]["config"])
             self.dim = int(self.manifest["feature_dim"])
             self._params = dict(self.manifest.get("index", {}).get("params", {}))
@@ -152,7 +158,7 @@ class Collection:
 
     def _check_encoder(self) -> None:
         path = self._encoder_path()
-        manifest.check_encoder(self.manifest, read_encoder_config(path), path)
+        manifest.check_encoder(self.manifest, read_encoder_config(path), path, self.path)
 
     def _get_model(self) -> Any:
         with self._lock:
@@ -167,6 +173,7 @@ class Collection:
 
     def embed(self, images: Sequence[Any]) -> np.ndarray:
         """Embeddings (N x D float32, unit norm) of paths, bytes or PIL images, as indexed."""
+        self.follow_index_runs()  # re-embedded meanwhile: the new encoder, not a loaded one
         model = self._get_model()
         draft = embed.draft_size(self.encoder_config)
         decoded = [embed.prepare(im, self._transform, draft) for im in images]
@@ -181,6 +188,7 @@ class Collection:
         negative_weight: float = NEGATIVE_WEIGHT,
     ) -> np.ndarray:
         """mean(positives) - w * mean(negatives), renormalised (Rocchio); ints are stored ids."""
+        self.follow_index_runs()  # before ``dim`` and stored vectors are used
         pos = list(query) if isinstance(query, (list, tuple)) else [query]
         if not pos:
             raise ValueError("A search needs at least one positive example")

@@ -98,20 +98,28 @@ def same_encoder(manifest: dict[str, Any], cfg: EncoderConfig) -> bool:
     return same_weights and not encoder_changes(manifest, cfg)
 
 
-def check_encoder(manifest: dict[str, Any], cfg: EncoderConfig, path: str | os.PathLike) -> None:
+def check_encoder(
+    manifest: dict[str, Any],
+    cfg: EncoderConfig,
+    path: str | os.PathLike,
+    collection: str | os.PathLike = "C",
+) -> None:
     """Refuse an encoder other than the one the collection's vectors came from."""
     want = manifest["encoder"]["content_hash"]
     if cfg.content_hash != want:
         raise ValueError(
             f"Encoder mismatch: the collection was built with encoder {want[:16]} "
             f"({manifest['encoder']['path']}), but {path} is encoder {cfg.content_hash[:16]}; "
-            "vectors of different encoders cannot be compared. Use the original encoder or "
-            "index into a new collection."
+            "vectors of different encoders cannot be compared. Use the original encoder, "
+            f"re-embed the collection with this one (index --collection {collection} "
+            f"--encoder {path} --reembed: ids and labels are kept), or index into a new "
+            "collection."
         )
     if changes := encoder_changes(manifest, cfg):
         raise ValueError(
             f"Encoder mismatch: {path} has the weights the collection was built with "
             f"({want[:16]}) but embeds differently ({', '.join(changes)}); its vectors cannot "
-            "be compared with the collection's. Export it again as it was, or index into a "
-            "new collection."
+            "be compared with the collection's. Export it again as it was, re-embed the "
+            f"collection with it (index --collection {collection} --encoder {path} --reembed), "
+            "or index into a new collection."
         )

@@ -334,7 +334,7 @@ def get_vectors(db: Database, ids: Sequence[int], dim: int) -> np.ndarray:
     """The stored embeddings of ``ids`` in that order (N x dim); a missing id raises KeyError."""
     ids = [int(i) for i in ids]
     found: dict[int, bytes] = {}
-    for chunk in _chunks(ids, 900):
+    for chunk in chunks(ids, 900):
         q = f"SELECT id, v FROM vectors WHERE id IN ({','.join('?' * len(chunk))})"
         found.update(db.execute(q, chunk).fetchall())
     missing = [i for i in ids if i not in found]
@@ -368,7 +368,7 @@ def get_records(db: Database, ids: Sequence[int]) -> list[Record]:
     """Rows of ``ids`` in that order; unknown ids raise KeyError."""
     ids = [int(i) for i in ids]
     found: dict[int, Record] = {}
-    for chunk in _chunks(ids, 900):
+    for chunk in chunks(ids, 900):
         q = f"SELECT {ROW_COLUMNS} FROM {FROM} WHERE images.id IN ({','.join('?' * len(chunk))})"
         found.update((r[0], Record.from_row(r)) for r in db.execute(q, chunk))
     missing = [i for i in ids if i not in found]
@@ -409,6 +409,6 @@ def status_counts(db: Database) -> dict[str, int]:
     return dict(db.execute("SELECT status, count(*) FROM images GROUP BY status").fetchall())
 
 
-def _chunks(items: Sequence[int], n: int) -> Iterator[list[int]]:
+def chunks(items: Sequence[int], n: int) -> Iterator[list[int]]:
     for start in range(0, len(items), n):
         yield list(items[start : start + n])

@@ -366,3 +366,28 @@ def test_a_run_that_leaves_no_image_says_why_not_what_next(
         assert launch.main([*args, "--encoder", str(encoder_dir), "--workers", "0"]) == 0
         printed = capsys.readouterr()
         assert said in printed.err and "next:" not in printed.out
+
+
+def test_reembed_says_which_probe_to_train_again(
+    coll: Path,
+    images: Path,
+    other_encoder_dir: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    assert launch.main(["probe", "train", "--collection", str(coll)]) == 0
+    capsys.readouterr()
+    index = ["index", "--collection", str(coll), "--encoder", str(other_encoder_dir)]
+    assert launch.main([*index, "--workers", "0"]) == 2  # refused: names the way out
+    assert f"--encoder {other_encoder_dir} --reembed" in capsys.readouterr().err
+    assert launch.main([*index, "--workers", "0", "--reembed"]) == 0
+    printed = capsys.readouterr()
+    assert "16 re-embedded with the new encoder" in printed.out
+    assert (
+        "probe 'default' was trained on the old encoder's features and is refused from now on: "
+        f"run `moco-search probe train --collection {coll}`" in printed.err
+    )
+    good = images / "dog" / "002.png"
+    assert launch.main(["probe", "predict", "--collection", str(coll), str(good)]) == 2
+    assert "train a new probe for this encoder" in capsys.readouterr().err
+    assert launch.main(["probe", "train", "--collection", str(coll)]) == 0
+    assert launch.main(["probe", "predict", "--collection", str(coll), str(good)]) == 0
