@@ -67,6 +67,17 @@ def loss_curve(ctx: AppContext) -> Any:
     return pd.DataFrame(rows, columns=["epoch", "loss"])
 
 
+def loss_views(ctx: AppContext) -> tuple[Any, Any]:
+    """The Encoder tab's loss plot and its "no log" note, one of them visible."""
+    import gradio as gr
+
+    curve = loss_curve(ctx)
+    return (
+        gr.LinePlot(value=curve, visible=curve is not None),
+        gr.Markdown(visible=curve is None),
+    )
+
+
 def config_json(ctx: AppContext) -> str:
     """The encoder config and training settings (without the per-epoch log) as JSON text."""
     train = {k: v for k, v in training_summary(ctx).items() if k != "log"}

@@ -29,7 +29,7 @@ from typing import Any
 
 import gradio as gr
 
-from app import classifying, handlers, overview
+from app import classifying, encoder_info, handlers, overview
 from app.context import AppContext
 from app.handlers import UserError
 from indexes import EncoderMissing
@@ -247,10 +247,22 @@ class Events:
         while not job.finished:
             progress((job.done, job.total or None), desc=job.line(), unit="images")
             time.sleep(0.25)
+        return (job.message, *self._collection_view(how))
+
+    @guarded
+    def page_load(self, how: Any) -> tuple[Any, ...]:
+        """A page (re)loaded shows the collection as it is now, not as the server found it
+        at start: another process may have indexed it since (a nightly run, a re-embedding
+        with another encoder)."""
+        self.ctx.collection.follow_index_runs()
+        return self._collection_view(how)
+
+    def _collection_view(self, how: Any) -> tuple[Any, ...]:
+        """Whatever shows the collection's size, labels or encoder: the Collection tab's stats,
+        histogram and errors, the heading, the label filter, the classifiers, the Encoder tab."""
         counts = overview.label_histogram(self.ctx)
         names = classifying.methods(self.ctx)
         return (
-            job.message,
             overview.stats_markdown(self.ctx),
             gr.BarPlot(value=counts, y_lim=overview.histogram_top(counts)),
             overview.error_rows(self.ctx),
@@ -260,6 +272,9 @@ class Events:
                 choices=names,
                 value=how if how in names else classifying.default_method(self.ctx),
             ),
+            encoder_info.encoder_markdown(self.ctx),
+            *encoder_info.loss_views(self.ctx),
+            encoder_info.config_json(self.ctx),
         )
 
     def find_duplicates(self, threshold: float) -> list[list[Any]]:

@@ -169,14 +169,21 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                     point_md = gr.Markdown()
             map_state = gr.State(None)
         with gr.Tab("Encoder"):
-            gr.Markdown(encoder_info.encoder_markdown(ctx))
-            curve = encoder_info.loss_curve(ctx)
-            if curve is not None:
-                gr.LinePlot(curve, x="epoch", y="loss", label="Pretraining loss", height=280)
-            else:
-                gr.Markdown("_No pretraining log was recorded with this encoder._")
+            encoder_md = gr.Markdown(encoder_info.encoder_markdown(ctx))
+            curve = encoder_info.loss_curve(ctx)  # both made: a page load may show the other
+            loss_plot = gr.LinePlot(
+                curve,
+                x="epoch",
+                y="loss",
+                label="Pretraining loss",
+                height=280,
+                visible=curve is not None,
+            )
+            no_log = gr.Markdown(
+                "_No pretraining log was recorded with this encoder._", visible=curve is None
+            )
             with gr.Accordion("Configuration", open=False):
-                gr.Code(encoder_info.config_json(ctx), language="json")
+                encoder_json = gr.Code(encoder_info.config_json(ctx), language="json")
 
         # The public API's endpoints hang on triggers the page never fires: an API caller gets a
         # refusal as an error, while the page's own events show it as a warning and keep their
@@ -228,14 +235,17 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         label_go.click(ev.label_image, [selected, new_label], [label_md], **private)
 
         # --- Collection wiring ----------------------------------------------------------------
+        view = [stats, hist, errors, title, label, method, encoder_md, loss_plot, no_log]
+        view.append(encoder_json)
         index_go.click(
             ev.do_index,
             [folder, method],
-            [index_md, stats, hist, errors, title, label, method],
+            [index_md, *view],
             **private,
             concurrency_id="index",
             concurrency_limit=1,
         )
+        demo.load(ev.page_load, [method], view, **private)
         dup_go.click(ev.find_duplicates, [thr], [dups], **private)
         map_go.click(ev.draw_map, None, [map_img, map_state], **private)
         map_img.click(ev.click_map, [map_state], [point_img, point_md], **private)

@@ -316,6 +316,16 @@ def start_run(
         manifest.write_manifest(collection, old)
     db = store.open_store(collection / store.DB_NAME)
     try:
+        if not switching and (left := switch.unfinished(db)):
+            log.warning(
+                "%s holds %d vectors staged by an unfinished --reembed with encoder %s (%s): "
+                "run that command again to finish it (searches use the collection's encoder "
+                "until then), or --reembed with the collection's own encoder to discard them",
+                collection,
+                left[1],
+                left[0]["content_hash"][:16],
+                left[0]["path"],
+            )
         with store.transaction(db):
             root_ids = {r: store.root_id(db, r) for r in names}
         if vector_dtype is not None and vector_dtype != store.vector_dtype(db):
@@ -442,6 +452,7 @@ def index_images(
     limit = budget.parse_bytes(max_index_memory) if max_index_memory is not None else None
     device = embed.default_device(device)
     options = FolderOptions(allow_empty, folder_labels, move_root, forget_root)
+    t0 = time.perf_counter()
     with faults.disk_full_reported(collection), runlock.held(collection):
         switched, model = 0, None
         if reembed:
@@ -471,6 +482,7 @@ def index_images(
             options=options,
         )
         run.report.reembedded = switched
+        run.t0 = t0  # the summary's time includes the re-embedding
         try:
             if run.plan.todo:
                 model = run.model if run.model is not None else model
@@ -572,6 +584,8 @@ def _reembed(
         return 0, None
     if manifest.same_encoder(manifest.read_manifest(collection), cfg):
         log.info("%s is embedded by %s already: nothing to re-embed", collection, encoder)
+        if n := switch.discard(collection):
+            log.info("discarded the %d vectors an unfinished --reembed had staged", n)
         return 0, None
     run = start_run(
         roots,

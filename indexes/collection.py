@@ -348,9 +348,11 @@ class Collection:
             return store.user_labels(self._db)
 
     def predictions(self) -> list[tuple[Any, ...]]:
-        """``classify-all``'s stored (id, label, confidence, top5 JSON, method) rows."""
+        """``classify-all``'s stored (id, label, confidence, top5 JSON, method) rows, those made
+        with this collection's encoder (``store.read_predictions``)."""
+        self.follow_index_runs()
         with self._lock:
-            return store.read_predictions(self._db)
+            return store.read_predictions(self._db, self.manifest["encoder"]["content_hash"])
 
     def replace_predictions(self, rows: Sequence[tuple[Any, ...]]) -> None:
         with self._lock:

@@ -201,13 +201,16 @@ def replace_predictions(db: Database, rows: Sequence[tuple[Any, ...]]) -> None:
         db.conn.executemany("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
 
-def read_predictions(db: Database) -> list[tuple[Any, ...]]:
-    """(id, label, confidence, top5 JSON, method) of the predicted images still indexed."""
+def read_predictions(db: Database, encoder_hash: str) -> list[tuple[Any, ...]]:
+    """(id, label, confidence, top5 JSON, method) of the predicted images still indexed, made
+    from the features of encoder ``encoder_hash``: after ``index --reembed`` the old encoder's
+    predictions are stale (its probe is refused too) until ``classify-all`` runs again."""
     if not has_table(db, "predictions"):
         return []
     return db.execute(
         "SELECT p.id, p.label, p.confidence, p.top5, p.method FROM predictions p "
-        "JOIN images i ON i.id = p.id AND i.status = 'ok' ORDER BY p.id"
+        "JOIN images i ON i.id = p.id AND i.status = 'ok' WHERE p.encoder_hash = ? ORDER BY p.id",
+        [encoder_hash],
     ).fetchall()
 
 

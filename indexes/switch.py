@@ -73,6 +73,38 @@ def _info_entry(db: store.Database, key: str) -> dict[str, Any] | None:
     return json.loads(raw) if raw else None
 
 
+def unfinished(db: store.Database) -> tuple[dict[str, Any], int] | None:
+    """The encoder entry and vector count an interrupted ``--reembed`` left staged, if any."""
+    entry = _info_entry(db, STAGED)
+    if entry is None or not store.has_table(db, "staged_vectors"):
+        return None
+    return entry, int(db.execute("SELECT count(*) FROM staged_vectors").fetchone()[0])
+
+
+def discard(collection: Path) -> int:
+    """Drop what an unfinished ``--reembed`` staged (a re-embedding given up); its count."""
+    db = store.open_store(collection / store.DB_NAME, create=False)
+    try:
+        found = unfinished(db)
+        if found is None:
+            return 0
+        with store.transaction(db):
+            db.execute("DROP TABLE staged_vectors")
+            db.execute("DELETE FROM info WHERE key = ?", [STAGED])
+        _compact(db, collection)
+        return found[1]
+    finally:
+        db.conn.close()
+
+
+def _compact(db: store.Database, collection: Path) -> None:
+    """Give the staging's pages back to the file system: the database stayed twice its size."""
+    try:
+        db.execute("VACUUM")
+    except sqlite3.OperationalError as e:  # a full disk (it needs a copy's room), a busy reader
+        log.info("%s not compacted (%s); later runs reuse its free pages", collection, e)
+
+
 def stage(
     db: store.Database,
     entry: dict[str, Any],
@@ -180,10 +212,7 @@ def swap(
     manifest.write_manifest(collection, m)
     with store.transaction(db):
         db.execute("DELETE FROM info WHERE key = ?", [SWITCHED])
-    try:  # the staging's pages back to the file system: the database stayed twice its size
-        db.execute("VACUUM")
-    except sqlite3.OperationalError as e:  # a full disk (it needs a copy's room), a busy reader
-        log.info("%s not compacted (%s); later runs reuse its free pages", collection, e)
+    _compact(db, collection)
     return m
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import urllib.error
 import urllib.parse
@@ -181,11 +182,54 @@ def test_indexing_from_the_page_updates_whatever_shows_the_collection(
     try:
         reply = call(demo, "do_index", [str(extra), None])
         assert reply.success and not reply.warnings, reply.completed
-        done, _stats, plot, _errors, heading, label, method = reply.completed["output"]["data"]
+        done, _stats, plot, _errors, heading, label, method, *_encoder = reply.completed["output"][
+            "data"
+        ]
         assert done.startswith("Done") and heading.endswith("· 8 images")
         assert [c[0] for c in label["choices"]] == ["(any)", "circle", "dots", "square"]
         assert [c[0] for c in method["choices"]] == ["knn"] and method["value"] == "knn"
         assert plot["y_lim"] == [0, 4]
+    finally:
+        demo.close()
+        ctx.collection.close()
+
+
+def test_a_page_loaded_after_another_process_indexed_shows_the_collection_now(
+    encoder_dir: Path, encoder_factory: Any, tmp_path: Path, tree: Any
+) -> None:
+    """The UI stays up while the command line changes the collection (a nightly run that adds
+    files, a re-embedding with a better encoder): a page loaded after shows the new count,
+    labels and encoder, where it showed those the server started with until a restart."""
+    from app.context import AppContext
+    from app.server import ServerConfig, launch
+    from indexes import index_images
+    from moco import read_encoder_config
+    from tests.app.queue_api import call
+    from tests.conftest import free_port
+
+    images = tree(tmp_path / "images", labels=("circle",), n=2)
+    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
+    ctx = AppContext.open(tmp_path / "coll")
+    demo = launch(ctx, ServerConfig(port=free_port()))
+    try:
+        tree(images, labels=("dots",), n=3)
+        better = encoder_factory(tmp_path / "better", seed=5)
+        cfg = json.loads((better / "config.json").read_text())  # a log: the tab draws a curve
+        cfg["training"] = {"log": [{"epoch": 1, "loss": 6.0}, {"epoch": 2, "loss": 5.5}]}
+        (better / "config.json").write_text(json.dumps(cfg))
+        index_images([], tmp_path / "coll", better, workers=0, reembed=True)
+        reply = call(demo, "page_load", [None])
+        assert reply.success and not reply.warnings, reply.completed
+        data = reply.completed["output"]["data"]
+        _stats, _plot, _errors, heading, label, _method, encoder_md, curve, no_log, config = data
+        assert heading.endswith("· 5 images")
+        assert [c[0] for c in label["choices"]] == ["(any)", "circle", "dots"]
+        new_hash = read_encoder_config(better).content_hash
+        assert new_hash != read_encoder_config(encoder_dir).content_hash
+        assert new_hash[:16] in encoder_md and new_hash[:16] in config
+        assert str(better.resolve()) in encoder_md
+        assert curve["visible"] is True and no_log["visible"] is False
+        assert curve["value"]["data"] == [[1, 6.0], [2, 5.5]]
     finally:
         demo.close()
         ctx.collection.close()

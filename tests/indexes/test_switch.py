@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,11 @@ def encoder_hash(coll: Path) -> str:
 
 
 def test_reembed_keeps_ids_and_labels_and_equals_a_fresh_index(
-    images: Path, encoder_dir: Path, other_encoder_dir: Path, tmp_path: Path
+    images: Path,
+    encoder_dir: Path,
+    other_encoder_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     coll = tmp_path / "c"
     build(images, coll, encoder_dir)
@@ -44,9 +49,21 @@ def test_reembed_keeps_ids_and_labels_and_equals_a_fresh_index(
     with pytest.raises(ValueError, match="--reembed"):  # the refusal names the way out
         build(images, coll, other_encoder_dir)
 
+    stage = switch.stage
+    reembed_s = 0.0
+
+    def timed(*a: object, **k: object) -> switch.Staged:
+        nonlocal reembed_s
+        t = time.perf_counter()
+        staged = stage(*a, **k)
+        reembed_s = time.perf_counter() - t
+        return staged
+
+    monkeypatch.setattr(switch, "stage", timed)
     report = build(images, coll, other_encoder_dir, reembed=True)
 
     assert report.reembedded == 16 and report.added == 0
+    assert report.seconds > reembed_s  # the summary's time includes the re-embedding
     assert "16 re-embedded with the new encoder" in report.summary()
     assert encoder_hash(coll) == read_encoder_config(other_encoder_dir).content_hash
     after = by_path(coll)
@@ -262,3 +279,49 @@ def test_reembed_of_a_library_that_moved(
     assert all(p.startswith(str(moved)) for p in after)
     assert manifest.read_manifest(coll)["roots"] == [str(moved)]
     assert consistency(coll) == {"ok": 16}
+
+
+def test_predictions_of_the_old_encoder_are_not_read_after_it(
+    images: Path, encoder_dir: Path, other_encoder_dir: Path, tmp_path: Path
+) -> None:
+    from indexes.classify import classify_all, read_predictions
+
+    coll = tmp_path / "c"
+    for i in range(4):  # no folder, no label
+        image(200 + i).save(images / f"u{i}.png")
+    build(images, coll, encoder_dir)
+    assert classify_all(coll, knn=True, knn_k=3).n == 4 and len(read_predictions(coll)) == 4
+    with Collection.open(coll) as c:  # open across the switch, as a UI is
+        build(images, coll, other_encoder_dir, reembed=True)
+        assert read_predictions(c) == {} and c.predictions() == []
+        assert classify_all(c, knn=True, knn_k=3).n == 4 and len(read_predictions(c)) == 4
+
+
+def test_a_reembedding_given_up_is_named_then_discarded(
+    images: Path,
+    encoder_dir: Path,
+    other_encoder_dir: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    coll = tmp_path / "c"
+    build(images, coll, encoder_dir)
+
+    def stop_after_one_batch(done: int, total: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build(images, coll, other_encoder_dir, reembed=True, progress=stop_after_one_batch)
+    assert build(images, coll, None).unchanged == 16  # the nightly run goes on, and says so
+    assert "holds 4 vectors staged by an unfinished --reembed with encoder" in caplog.text
+    assert str(other_encoder_dir.resolve()) in caplog.text
+    caplog.clear()
+    build(images, coll, encoder_dir, reembed=True)  # with its own encoder: given up
+    db = sqlite3.connect(coll / "meta.db")
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    keys = {r[0] for r in db.execute("SELECT key FROM info")}
+    db.close()
+    assert "staged_vectors" not in tables and switch.STAGED not in keys
+    build(images, coll, None)
+    assert "unfinished" not in caplog.text
+    assert encoder_hash(coll) == read_encoder_config(encoder_dir).content_hash
