@@ -13,10 +13,14 @@ Prints tables and writes JSON to bench/results/. Three parts, each skippable:
    runs held-out queries with ``Collection.search_vector``, with and without a label filter:
    bytes per vector (index and database), build time, p50/p99 latency for k=10, recall@10
    against exact search over the stored vectors, open time and the serving process's RSS.
+4. ``index --reembed``: a collection indexed with one encoder, re-embedded in place with another,
+   beside indexing the same files afresh with that encoder (goal: within 1.2x of it, since it
+   also checks each file's hash and swaps); the database's size before and after.
 
 Examples:
     python bench/bench_index.py --images 256 --rerun-files 3000 --sizes 100000
     python bench/bench_index.py --images 0 --rerun-files 0 --sizes 1000000 --base emoji.coll
+    python bench/bench_index.py --images 0 --rerun-files 0 --sizes --reembed-dir ~/emoji
 """
 
 from __future__ import annotations
@@ -117,6 +121,39 @@ def bench_rerun(work: Path, n: int) -> dict:
     r = index_images([root], work / "coll32", None)
     assert r.unchanged == n and r.added == 0, r
     return {"files": n, "first_run_s": first, "unchanged_rerun_s": time.perf_counter() - t}
+
+
+def bench_reembed(work: Path, images: Path | None, n: int, batch: int, workers: int) -> dict:
+    """Part 4: two random-init resnet18 encoders at 64 px; ``images`` or ``n`` synthetic JPEGs."""
+    encoders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        enc = work / f"enc64_{seed}"
+        save_encoder(build_encoder("resnet18"), EncoderConfig(arch="resnet18", image_size=64), enc)
+        encoders.append(enc)
+    if images is None:
+        images = work / "reembed_jpegs"
+        write_jpegs(images, n, size=(640, 480), seed=2)
+    coll, db = work / "coll_reembed", work / "coll_reembed" / "meta.db"
+    kw = dict(batch_size=batch, workers=workers)
+    index_images([images], coll, encoders[0], **kw)
+    before = db.stat().st_size
+    t = time.perf_counter()
+    report = index_images([], coll, encoders[1], reembed=True, **kw)
+    reembed_s = time.perf_counter() - t
+    after = db.stat().st_size
+    t = time.perf_counter()
+    index_images([images], work / "coll_fresh", encoders[1], **kw)
+    fresh_s = time.perf_counter() - t
+    return {
+        "images": report.reembedded,
+        "reembed_s": reembed_s,
+        "fresh_index_s": fresh_s,
+        "ratio_vs_fresh": reembed_s / fresh_s,
+        "reembed_img_s": report.reembedded / reembed_s,
+        "db_mb_before": before / 2**20,
+        "db_mb_after": after / 2**20,
+    }
 
 
 def real_base(coll: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -392,6 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--vector-dtype", default="float16", help="SQLite vectors (default: float16)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp)")
+    ap.add_argument(
+        "--reembed-images", type=int, default=0, help="synthetic JPEGs for part 4 (0 skips)"
+    )
+    ap.add_argument("--reembed-dir", type=Path, help="a real image folder for part 4 instead")
     ap.add_argument("--serve", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
@@ -411,6 +452,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.rerun_files:
             out["rerun"] = bench_rerun(work, args.rerun_files)
             table([out["rerun"]], "unchanged re-run")
+        if args.reembed_images or args.reembed_dir:
+            out["reembed"] = bench_reembed(
+                work,
+                args.reembed_dir,
+                args.reembed_images,
+                args.batch_size,
+                args.workers if args.workers is not None else min(8, os.cpu_count() or 1),
+            )
+            out["reembed"]["folder"] = str(args.reembed_dir or "synthetic 640x480 JPEGs")
+            table([out["reembed"]], "index --reembed beside a fresh index, resnet18 64 px")
     if args.sizes:
         encoder = Path(__file__).resolve().parents[1] / "app" / "demo" / "encoder"
         with tempfile.TemporaryDirectory(dir=args.work) as tmp:
