@@ -67,15 +67,7 @@ def probe_dir(collection: Collection | str | os.PathLike, name: str = DEFAULT_PR
 def stale_probes(collection: str | os.PathLike, content_hash: str) -> list[str]:
     """Names of the collection's probes trained on another encoder's features than
     ``content_hash`` (after ``index --reembed``: refused until trained again)."""
-    found = []
-    for folder in sorted((Path(collection) / PROBES_DIR).glob("*")):
-        try:
-            trained_on = read_probe_meta(folder).get("encoder_hash")
-        except (OSError, ValueError):
-            continue
-        if trained_on != content_hash:
-            found.append(folder.name)
-    return found
+    return [n for n, m in list_probes(collection).items() if m["encoder_hash"] != content_hash]
 
 
 def probe_version(collection: Collection, name: str = DEFAULT_PROBE) -> object:

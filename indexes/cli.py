@@ -114,6 +114,14 @@ class DuplicatesArgs:
 
 
 @dataclass(frozen=True, kw_only=True)
+class InfoArgs:
+    """``moco-search info``."""
+
+    collection: Path
+    json: bool = field(default=False, metadata=flag(action="store_true"))
+
+
+@dataclass(frozen=True, kw_only=True)
 class ExportArgs:
     """``moco-search export-embeddings``."""
 
@@ -186,6 +194,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("duplicates", help="list groups of near-duplicate images")
     add_dataclass_flags(p, DuplicatesArgs, {**HELP, "json": "JSON output (default: text)"})
     p.set_defaults(run=run_duplicates)
+
+    p = sub.add_parser(
+        "info",
+        help="what a collection holds: images, folders, encoder, index, probes, last run",
+        description="Show a collection's state without changing it: its images, copies and "
+        "errors, each folder (and whether it is there), the encoder (and whether it is there), "
+        "the index, the last index run, its probes and an unfinished --reembed.",
+    )
+    add_dataclass_flags(p, InfoArgs, {**HELP, "json": "one JSON object (default: text)"})
+    p.set_defaults(run=run_info)
 
     p = sub.add_parser("export-embeddings", help="write embeddings.npy, ids.npy, metadata.csv")
     add_dataclass_flags(p, ExportArgs, HELP)
@@ -368,6 +386,15 @@ def run_duplicates(ns: argparse.Namespace) -> int:
         for h in g:
             print(f"  {h.score:7.4f}  {h.id:>7}  {_shown(h.path)}")
     print(f"{len(groups)} groups of near-duplicates at threshold {args.threshold}", file=sys.stderr)
+    return 0
+
+
+def run_info(ns: argparse.Namespace) -> int:
+    from indexes.status import collection_status
+
+    args = config_from_args(InfoArgs, ns)
+    status = collection_status(args.collection)
+    print(json.dumps(status.as_dict()) if args.json else status.text())
     return 0
 
 

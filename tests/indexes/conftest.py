@@ -95,3 +95,16 @@ def all_files(root: Path) -> set[bytes]:
         for d, _, fs in os.walk(root)
         for f in fs
     }
+
+
+def interrupted_reembed(images: Path, coll: Path, encoder: Path, staged: int = 4) -> None:
+    """An ``index --reembed`` stopped by Ctrl-C once ``staged`` images have new vectors
+    (batches of 4)."""
+    from indexes import index_images
+
+    def stop(done: int, total: int) -> None:
+        if done >= staged:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        index_images([images], coll, encoder, workers=0, batch_size=4, reembed=True, progress=stop)

@@ -15,7 +15,7 @@ import pytest
 
 from indexes import Collection, index_images, manifest, switch
 from moco import read_encoder_config
-from tests.indexes.conftest import consistency, image
+from tests.indexes.conftest import consistency, image, interrupted_reembed
 
 
 def build(images: Path, coll: Path, enc: Path | None, **kw: object):
@@ -121,12 +121,7 @@ def test_interrupted_reembed_searches_the_old_way_then_carries_on(
     build(images, coll, encoder_dir)
     before = by_path(coll)
 
-    def stop_after_two_batches(done: int, total: int) -> None:
-        if done >= 8:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build(images, coll, other_encoder_dir, reembed=True, progress=stop_after_two_batches)
+    interrupted_reembed(images, coll, other_encoder_dir, staged=8)
     # still the old collection: its encoder, its vectors, its index, each image finds itself
     assert encoder_hash(coll) == read_encoder_config(encoder_dir).content_hash
     for path, (i, v) in by_path(coll).items():
@@ -159,11 +154,7 @@ def test_staging_of_another_encoder_is_discarded(
     cfg = (third / "config.json").read_text().replace('"image_size": 32', '"image_size": 40')
     (third / "config.json").write_text(cfg)
 
-    def stop(done: int, total: int) -> None:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build(images, coll, other_encoder_dir, reembed=True, progress=stop)
+    interrupted_reembed(images, coll, other_encoder_dir)
     build(images, coll, third, reembed=True)
     with Collection.open(coll) as c:
         assert c.encoder_config.image_size == 40
@@ -307,11 +298,7 @@ def test_a_reembedding_given_up_is_named_then_discarded(
     coll = tmp_path / "c"
     build(images, coll, encoder_dir)
 
-    def stop_after_one_batch(done: int, total: int) -> None:
-        raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        build(images, coll, other_encoder_dir, reembed=True, progress=stop_after_one_batch)
+    interrupted_reembed(images, coll, other_encoder_dir)
     assert build(images, coll, None).unchanged == 16  # the nightly run goes on, and says so
     assert "holds 4 vectors staged by an unfinished --reembed with encoder" in caplog.text
     assert str(other_encoder_dir.resolve()) in caplog.text
