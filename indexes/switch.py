@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ STAGED_SCHEMA = (
 )
 STAGED = "staged_encoder"
 SWITCHED = "switched_encoder"
+CHUNK = 16384
+"""Rows read at a time while staging (each chunk starts its decoding workers: ~1 s a minute)."""
 
 
 @dataclass
@@ -105,6 +107,18 @@ def _compact(db: store.Database, collection: Path) -> None:
         log.info("%s not compacted (%s); later runs reuse its free pages", collection, e)
 
 
+def _decoded(
+    db: store.Database, ids: list[int], cfg: EncoderConfig, batch_size: int, workers: int
+) -> Iterator[tuple[list[store.Record], list[embed.Decoded]]]:
+    """Rows and their decoded files, a batch at a time; the rows are read ``CHUNK`` at a time,
+    so memory stays bounded (a million ``Record``s were half a gigabyte)."""
+    for chunk in store.chunks(ids, CHUNK):
+        records = store.get_records(db, chunk)
+        batches = embed.decode_batches([r.path for r in records], cfg, batch_size, workers)
+        for start, decoded in zip(range(0, len(chunk), batch_size), batches, strict=True):
+            yield records[start : start + len(decoded)], decoded
+
+
 def stage(
     db: store.Database,
     entry: dict[str, Any],
@@ -133,14 +147,11 @@ def stage(
     result.done = result.resumed
     if result.resumed:
         log.info("%d images were re-embedded by an earlier run: carrying on", result.resumed)
-    records = store.get_records(db, ids)
     dtype = store.vector_dtype(db)
     total = result.done + len(ids)
     with tqdm(total=total, initial=result.done, unit="img", desc="re-embedding") as bar:
-        batches = embed.decode_batches([r.path for r in records], cfg, batch_size, workers)
         try:
-            for start, decoded in zip(range(0, len(ids), batch_size), batches, strict=True):
-                rows = records[start : start + len(decoded)]
+            for rows, decoded in _decoded(db, ids, cfg, batch_size, workers):
                 good = []
                 for r, d in zip(rows, decoded, strict=True):
                     if d.tensor is None:

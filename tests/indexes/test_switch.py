@@ -60,6 +60,7 @@ def test_reembed_keeps_ids_and_labels_and_equals_a_fresh_index(
         return staged
 
     monkeypatch.setattr(switch, "stage", timed)
+    monkeypatch.setattr(switch, "CHUNK", 6)  # rows read 6 at a time: batches of 4, 2, 4, 2, 4
     report = build(images, coll, other_encoder_dir, reembed=True)
 
     assert report.reembedded == 16 and report.added == 0
