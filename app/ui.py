@@ -235,8 +235,10 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         label_go.click(ev.label_image, [selected, new_label], [label_md], **private)
 
         # --- Collection wiring ----------------------------------------------------------------
-        view = [stats, hist, errors, title, label, method, encoder_md, loss_plot, no_log]
-        view.append(encoder_json)
+        view = [  # Events._collection_view's outputs, in its order
+            *(stats, hist, errors, title, label, method),
+            *(encoder_md, loss_plot, no_log, encoder_json),
+        ]
         index_go.click(
             ev.do_index,
             [folder, method],
