@@ -19,6 +19,7 @@ Layout inside the collection:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -49,6 +50,8 @@ from moco import (
     stratified_split,
 )
 from moco import train_probe as fit_probe
+
+log = logging.getLogger(__name__)
 
 PROBES_DIR = "probes"
 DEFAULT_PROBE = "default"
@@ -446,6 +449,17 @@ def list_probes(collection: Collection | str | os.PathLike) -> dict[str, dict[st
     root = probe_dir(collection).parent
     if not root.is_dir():
         return {}
-    return {
-        d.name: read_probe_meta(d) for d in sorted(root.iterdir()) if (d / "probe.json").is_file()
-    }
+    found = {}
+    for d in sorted(root.iterdir()):
+        if (d / "probe.json").is_file():
+            try:
+                found[d.name] = read_probe_meta(d)
+            except ValueError as e:  # one damaged probe must not take the others (or the UI)
+                seen = (str(d), file_identity(d / "probe.json"))
+                if seen not in _DAMAGED_SAID:  # once, not at every page load
+                    _DAMAGED_SAID.add(seen)
+                    log.warning("%s; left out", e)
+    return found
+
+
+_DAMAGED_SAID: set[tuple[str, Any]] = set()

@@ -312,7 +312,15 @@ def read_probe_meta(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not (path / PROBE_CONFIG).is_file():
         raise FileNotFoundError(f"No probe at {path} (missing {PROBE_CONFIG})")
-    return json.loads((path / PROBE_CONFIG).read_text())
+    try:
+        meta = json.loads((path / PROBE_CONFIG).read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list):
+            raise ValueError("not a probe's description")
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(
+            f"{path / PROBE_CONFIG} is damaged ({e}): train the probe {path.name!r} again"
+        ) from None
+    return meta
 
 
 def load_probe(path: str | os.PathLike, encoder_hash: str | None = None) -> LinearProbe:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -186,3 +187,23 @@ def test_cli(coll: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert all(r["label"] == r["top5"][0][0] and 0 < r["confidence"] <= 1 for r in rows)
     with pytest.raises(FileNotFoundError):
         run_cli(["probe", "predict", "nope.png", "--collection", str(coll)])
+
+
+def test_a_damaged_probe_is_named_and_left_out_not_fatal(
+    coll: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``probe.json`` cut short (a full disk, a copy) made every list of probes raise
+    ``JSONDecodeError``: the web UI did not start and ``info`` failed. Now only that probe is
+    left out, said once, and using it names the file and the way out."""
+    train_collection_probe(coll)
+    broken = probe_dir(coll, "cut")
+    broken.mkdir(parents=True)
+    (broken / "probe.json").write_text('{"classes": ["a", "b"')
+    try:
+        assert "default" in list_probes(coll) and "cut" not in list_probes(coll)
+        said = [r for r in caplog.records if "probe.json is damaged" in r.getMessage()]
+        assert len(said) == 1 and "train the probe 'cut' again" in said[0].getMessage()
+        with pytest.raises(ValueError, match=r"probe.json is damaged .*train the probe 'cut'"):
+            predict_images(coll, [coll.parent / "images" / "u0.png"], name="cut")
+    finally:
+        shutil.rmtree(broken)
