@@ -33,15 +33,20 @@ def encoder_hash(coll: Path) -> str:
     return manifest.read_manifest(coll)["encoder"]["content_hash"]
 
 
+@pytest.fixture
+def coll(images: Path, encoder_dir: Path, tmp_path: Path) -> Path:
+    """A collection of ``images`` built with ``encoder_dir``, to re-embed with another."""
+    build(images, tmp_path / "c", encoder_dir)
+    return tmp_path / "c"
+
+
 def test_reembed_keeps_ids_and_labels_and_equals_a_fresh_index(
+    coll: Path,
     images: Path,
-    encoder_dir: Path,
     other_encoder_dir: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    coll = tmp_path / "c"
-    build(images, coll, encoder_dir)
     before = by_path(coll)
     some = next(iter(before.values()))[0]
     with Collection.open(coll) as c:
@@ -91,10 +96,8 @@ def test_reembed_keeps_ids_and_labels_and_equals_a_fresh_index(
 
 
 def test_reembed_with_the_same_encoder_changes_nothing(
-    images: Path, encoder_dir: Path, tmp_path: Path
+    coll: Path, images: Path, encoder_dir: Path
 ) -> None:
-    coll = tmp_path / "c"
-    build(images, coll, encoder_dir)
     before = by_path(coll)
     report = build(images, coll, encoder_dir, reembed=True)
     assert report.reembedded == 0 and report.unchanged == 16
@@ -112,14 +115,13 @@ def test_a_new_collection_with_reembed_is_just_indexed(
 
 
 def test_interrupted_reembed_searches_the_old_way_then_carries_on(
+    coll: Path,
     images: Path,
     encoder_dir: Path,
     other_encoder_dir: Path,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    coll = tmp_path / "c"
-    build(images, coll, encoder_dir)
     before = by_path(coll)
 
     interrupted_reembed(images, coll, other_encoder_dir, staged=8)
@@ -147,10 +149,8 @@ def test_interrupted_reembed_searches_the_old_way_then_carries_on(
 
 
 def test_staging_of_another_encoder_is_discarded(
-    images: Path, encoder_dir: Path, other_encoder_dir: Path, tmp_path: Path
+    coll: Path, images: Path, other_encoder_dir: Path, tmp_path: Path
 ) -> None:
-    coll = tmp_path / "c"
-    build(images, coll, encoder_dir)
     third = shutil.copytree(other_encoder_dir, tmp_path / "third")  # same weights, other size
     cfg = (third / "config.json").read_text().replace('"image_size": 32', '"image_size": 40')
     (third / "config.json").write_text(cfg)
@@ -166,16 +166,14 @@ def test_staging_of_another_encoder_is_discarded(
 
 
 def test_killed_between_the_swap_and_the_manifest(
+    coll: Path,
     images: Path,
     encoder_dir: Path,
     other_encoder_dir: Path,
-    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The vectors are swapped in one transaction, the manifest is replaced after: a process
     killed in between must not leave the old encoder embedding queries for the new vectors."""
-    coll = tmp_path / "c"
-    build(images, coll, encoder_dir)
     real = manifest.write_manifest
 
     def killed(*a: object, **k: object) -> None:
@@ -238,12 +236,10 @@ def test_files_that_changed_or_broke_are_indexed_again_as_new(
 
 
 def test_an_open_collection_follows_the_switch(
-    images: Path, encoder_dir: Path, other_encoder_dir: Path, tmp_path: Path
+    coll: Path, images: Path, encoder_dir: Path, other_encoder_dir: Path
 ) -> None:
     """A web UI left open while the command line re-embeds: its next search embeds the query
     with the new encoder (it kept the old one loaded), even one opened with --encoder."""
-    coll = tmp_path / "c"
-    build(images, coll, encoder_dir)
     q = next(images.rglob("*.png"))
     with Collection.open(coll, encoder=encoder_dir) as c:
         assert c.search(q, k=1)[0].score == pytest.approx(1.0, abs=1e-4)  # model loaded
@@ -254,12 +250,10 @@ def test_an_open_collection_follows_the_switch(
 
 
 def test_reembed_of_a_library_that_moved(
-    images: Path, encoder_dir: Path, other_encoder_dir: Path, tmp_path: Path
+    coll: Path, images: Path, other_encoder_dir: Path, tmp_path: Path
 ) -> None:
     """--move-root and --reembed in one command: the move is done once, before re-embedding
     (the files are read at their new place), and every id is kept."""
-    coll = tmp_path / "c"
-    build(images, coll, encoder_dir)
     ids = sorted(i for i, _ in by_path(coll).values())
     moved = images.rename(tmp_path / "moved")
     report = index_images(
@@ -290,14 +284,12 @@ def test_predictions_of_the_old_encoder_are_not_read_after_it(
 
 
 def test_a_reembedding_given_up_is_named_then_discarded(
+    coll: Path,
     images: Path,
     encoder_dir: Path,
     other_encoder_dir: Path,
-    tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    coll = tmp_path / "c"
-    build(images, coll, encoder_dir)
 
     interrupted_reembed(images, coll, other_encoder_dir)
     assert build(images, coll, None).unchanged == 16  # the nightly run goes on, and says so
