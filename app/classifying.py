@@ -15,7 +15,8 @@ from typing import Any
 from app.context import USER_PROBE, AppContext
 from app.handlers import GONE, UserError, decode_upload
 from indexes import Hit
-from indexes.classify import DEFAULT_PROBE, ProbeReport, list_probes, train_probe
+from indexes.classify import ProbeReport, train_probe
+from indexes.probes import DEFAULT_PROBE, list_probes
 
 KNN = "knn"
 Progress = Callable[[float, str], None]

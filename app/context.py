@@ -150,7 +150,8 @@ class AppContext:
         """A cached ``indexes.classify.Classifier``: a probe by name, or ``"knn"``; made again
         when the collection was re-indexed, or the probe retrained, since (by any process:
         ``moco-search probe train`` beside a running UI kept its old probe until a restart)."""
-        from indexes.classify import Classifier, probe_version
+        from indexes.classify import Classifier
+        from indexes.probes import probe_version
 
         self.collection.follow_index_runs()
         knn = name == "knn"

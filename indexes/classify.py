@@ -33,6 +33,7 @@ import torch
 
 from indexes.collection import Collection
 from indexes.faults import not_writable
+from indexes.probes import DEFAULT_PROBE, PROBES_DIR, probe_dir
 from moco import (
     KNN_K,
     KNN_T,
@@ -40,10 +41,8 @@ from moco import (
     LinearProbe,
     ProbeConfig,
     classification_metrics,
-    file_identity,
     knn_predict,
     load_probe,
-    read_probe_meta,
     save_confusion_png,
     save_probe,
     stratified_folds,
@@ -53,30 +52,8 @@ from moco import train_probe as fit_probe
 
 log = logging.getLogger(__name__)
 
-PROBES_DIR = "probes"
-DEFAULT_PROBE = "default"
 CV_MAX_LABELS = 2000
 """Up to this many labelled images, accuracy is cross-validated rather than split once."""
-
-
-def probe_dir(collection: Collection | str | os.PathLike, name: str = DEFAULT_PROBE) -> Path:
-    """Where the probe ``name`` of a collection lives; names are plain folder names."""
-    if not name or name != Path(name).name or name.startswith("."):
-        raise ValueError(f"Bad probe name {name!r}: use a plain name such as 'default'")
-    root = collection.path if isinstance(collection, Collection) else Path(collection)
-    return root / PROBES_DIR / name
-
-
-def stale_probes(collection: str | os.PathLike, content_hash: str) -> list[str]:
-    """Names of the collection's probes trained on another encoder's features than
-    ``content_hash`` (after ``index --reembed``: refused until trained again)."""
-    return [n for n, m in list_probes(collection).items() if m["encoder_hash"] != content_hash]
-
-
-def probe_version(collection: Collection, name: str = DEFAULT_PROBE) -> object:
-    """What a cache of probe ``name`` is keyed on: its metadata file, which ``save_probe``
-    writes last, after the weights (None while there is no such probe)."""
-    return file_identity(probe_dir(collection, name) / "probe.json")
 
 
 def _open(collection: Collection | str | os.PathLike) -> Collection:
@@ -442,24 +419,3 @@ def read_predictions(
         for r in rows
         if wanted is None or r[0] in wanted
     }
-
-
-def list_probes(collection: Collection | str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """The saved probes of a collection with their metadata (classes, metrics, encoder hash)."""
-    root = probe_dir(collection).parent
-    if not root.is_dir():
-        return {}
-    found = {}
-    for d in sorted(root.iterdir()):
-        if (d / "probe.json").is_file():
-            try:
-                found[d.name] = read_probe_meta(d)
-            except ValueError as e:  # one damaged probe must not take the others (or the UI)
-                seen = (str(d), file_identity(d / "probe.json"))
-                if seen not in _DAMAGED_SAID:  # once, not at every page load
-                    _DAMAGED_SAID.add(seen)
-                    log.warning("%s; left out", e)
-    return found
-
-
-_DAMAGED_SAID: set[tuple[str, Any]] = set()

@@ -46,8 +46,8 @@ def _when(text: str) -> float:
 
 def _stale_probes(collection: Path) -> None:
     """Say which probes a re-embedding made useless, and the command that trains each again."""
-    from indexes.classify import DEFAULT_PROBE, stale_probes
     from indexes.manifest import read_manifest
+    from indexes.probes import DEFAULT_PROBE, stale_probes
 
     for name in stale_probes(collection, read_manifest(collection)["encoder"]["content_hash"]):
         named = "" if name == DEFAULT_PROBE else f" --name {name}"

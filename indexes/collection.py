@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from indexes import embed, gpu, manifest, store, switch, sync, vectors
+from indexes import gpu, manifest, store, switch, sync, vectors
 from indexes.filters import Filters, allowed_ids, filtered_knn
 from indexes.store import Record
-from moco import EncoderConfig, eval_transform, file_identity, read_encoder_config
+from moco import EncoderConfig, file_identity, read_encoder_config
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,20 @@ class EncoderMissing(FileNotFoundError):
 class Collection:
     """A collection directory opened for search. Use ``Collection.open(path)``."""
 
-    def __init__(self, path: Path, device: str = "cpu", encoder: Path | None = None) -> None:
+    def __init__(self, path: Path, device: str | None = "cpu", encoder: Path | None = None) -> None:
         self.path = Path(path)
-        self.device = embed.default_device(device)  # a bad --device, said before any work
+        self.device = device
+        if device not in (None, "cpu"):  # a bad --device, said before any work
+            from indexes.embed import default_device  # torch: see ``embed``
+
+            self.device = default_device(device)
         self._lock = threading.RLock()
         self._db = store.open_store(self.path / store.DB_NAME, create=False)
         # pages read through a map, not a read() call each: a hit's row cost 2x cold without
         self._db.execute(f"PRAGMA mmap_size={store.MMAP_BYTES}")
         self._encoder_dir = encoder
         self._model: Any = None
+        self._transform: Any = None
         self._filter_cache: dict[tuple[Any, ...], np.ndarray] = {}
         self.loads = 0
         """How many times manifest and index were (re)loaded: what a cache of them is keyed on."""
@@ -160,23 +165,28 @@ class Collection:
         path = self._encoder_path()
         manifest.check_encoder(self.manifest, read_encoder_config(path), path, self.path)
 
-    def _get_model(self) -> Any:
+    def embed(self, images: Sequence[Any]) -> np.ndarray:
+        """Embeddings (N x D float32, unit norm) of paths, bytes or PIL images, as indexed.
+
+        The first call imports torch (seconds) and loads the encoder: opening a collection,
+        searching by id, ``info`` and everything read from the stored vectors never wait for
+        either."""
+        from indexes import embed
+        from moco import eval_transform
+
+        self.follow_index_runs()  # re-embedded meanwhile: the new encoder, not a loaded one
         with self._lock:
             if self._model is None:
                 path = self._encoder_path()
                 if not path.is_dir():
                     raise EncoderMissing(self.encoder_missing())
                 self._check_encoder()
+                self.device = embed.default_device(self.device)  # None: a GPU if there is one
                 self._model, cfg = embed.load_model(path, self.device)
                 self._transform = eval_transform(cfg)
-            return self._model
-
-    def embed(self, images: Sequence[Any]) -> np.ndarray:
-        """Embeddings (N x D float32, unit norm) of paths, bytes or PIL images, as indexed."""
-        self.follow_index_runs()  # re-embedded meanwhile: the new encoder, not a loaded one
-        model = self._get_model()
+            model, transform = self._model, self._transform
         draft = embed.draft_size(self.encoder_config)
-        decoded = [embed.prepare(im, self._transform, draft) for im in images]
+        decoded = [embed.prepare(im, transform, draft) for im in images]
         if not decoded:
             return np.zeros((0, self.dim), dtype=np.float32)
         return embed.embed_decoded(model, decoded, self.device)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from indexes import manifest, store, switch, vectors
-from indexes.classify import list_probes
+from indexes.probes import list_probes
 
 
 @dataclass

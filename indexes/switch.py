@@ -30,12 +30,15 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from indexes import embed, manifest, store, vectors
+from indexes import manifest, store, vectors
 from moco import EncoderConfig
+
+if TYPE_CHECKING:
+    from indexes.embed import Decoded
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +112,11 @@ def _compact(db: store.Database, collection: Path) -> None:
 
 def _decoded(
     db: store.Database, ids: list[int], cfg: EncoderConfig, batch_size: int, workers: int
-) -> Iterator[tuple[list[store.Record], list[embed.Decoded]]]:
+) -> Iterator[tuple[list[store.Record], list[Decoded]]]:
     """Rows and their decoded files, a batch at a time; the rows are read ``CHUNK`` at a time,
     so memory stays bounded (a million ``Record``s were half a gigabyte)."""
+    from indexes import embed  # torch: readers of this module's state (``info``) never need it
+
     for chunk in store.chunks(ids, CHUNK):
         records = store.get_records(db, chunk)
         batches = embed.decode_batches([r.path for r in records], cfg, batch_size, workers)
@@ -135,6 +140,8 @@ def stage(
     Each file's bytes are checked against the hash its row was indexed with: a file changed
     since (or during) the run would otherwise give its old id another image's vector.
     """
+    from indexes import embed  # as in ``_decoded``
+
     with store.transaction(db):
         db.execute(STAGED_SCHEMA)
         if not same_entry(_info_entry(db, STAGED), entry):  # another encoder's: worth nothing now

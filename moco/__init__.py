@@ -23,16 +23,14 @@ if TYPE_CHECKING:
         walk_files,
     )
     from moco.distributed import default_device, world_size
-    from moco.encoders import ENCODERS, build_encoder, feature_dim
-    from moco.export import (
+    from moco.encoder_config import (
         CheckpointError,
         EncoderConfig,
         encoder_dir,
-        export_encoder,
-        load_encoder,
         read_encoder_config,
-        save_encoder,
     )
+    from moco.encoders import ENCODERS, build_encoder, feature_dim
+    from moco.export import export_encoder, load_encoder, save_encoder
     from moco.files import (
         DISK_FULL,
         Busy,
@@ -61,22 +59,22 @@ if TYPE_CHECKING:
         ProbeConfig,
         ProbeMismatchError,
         load_probe,
-        read_probe_meta,
         save_probe,
         train_probe,
     )
+    from moco.probe_meta import read_probe_meta
     from moco.published import resolve_encoder
     from moco.trainlog import epoch_numbers
     from moco.whiten import describe_fit
 
 _WHERE = {
     "Busy": "moco.files",
-    "CheckpointError": "moco.export",
+    "CheckpointError": "moco.encoder_config",
     "ClassificationMetrics": "moco.metrics",
     "DISK_FULL": "moco.files",
     "DiskFullError": "moco.files",
     "ENCODERS": "moco.encoders",
-    "EncoderConfig": "moco.export",
+    "EncoderConfig": "moco.encoder_config",
     "IMAGE_EXTENSIONS": "moco.data",
     "ImageError": "moco.data",
     "ImageFiles": "moco.data",
@@ -97,7 +95,7 @@ _WHERE = {
     "default_device": "moco.distributed",
     "describe_fit": "moco.whiten",
     "epoch_numbers": "moco.trainlog",
-    "encoder_dir": "moco.export",
+    "encoder_dir": "moco.encoder_config",
     "eval_transform": "moco.augment",
     "export_encoder": "moco.export",
     "feature_dim": "moco.encoders",
@@ -117,8 +115,8 @@ _WHERE = {
     "exclusive": "moco.files",
     "file_identity": "moco.files",
     "output_folder": "moco.files",
-    "read_encoder_config": "moco.export",
-    "read_probe_meta": "moco.probe",
+    "read_encoder_config": "moco.encoder_config",
+    "read_probe_meta": "moco.probe_meta",
     "resolve_encoder": "moco.published",
     "retrieval_metrics": "moco.metrics",
     "save_confusion_png": "moco.metrics",

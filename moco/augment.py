@@ -15,8 +15,7 @@ import torchvision.transforms as T
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from moco.encoder_config import IMAGENET_MEAN, IMAGENET_STD
 
 
 class Preprocessing(Protocol):

@@ -87,7 +87,7 @@ def default_baselines(encoder: str, given: str) -> list[str]:
         return [b for b in given.split(",") if b]
     if encoder == "pixels" or encoder.startswith("random:"):
         return []
-    from moco.export import read_encoder_config
+    from moco.encoder_config import read_encoder_config
 
     try:
         enc = read_encoder_config(encoder)

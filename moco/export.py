@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,14 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
 from moco import whiten
-from moco.augment import IMAGENET_MEAN, IMAGENET_STD
+from moco.encoder_config import (
+    CONFIG,
+    WEIGHTS,
+    CheckpointError,
+    EncoderConfig,
+    encoder_dir,
+    read_encoder_config,
+)
 from moco.encoders import (
     build_encoder,
     default_pooling,
@@ -39,38 +45,7 @@ from moco.encoders import (
 from moco.files import atomic_file, file_hash, output_folder_for
 from moco.trainlog import read_log, thin_log
 
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or encoder that cannot be used, with the reason in the message."""
-
-
-@dataclass(frozen=True)
-class EncoderConfig:
-    arch: str
-    small_stem: bool = False
-    feature_dim: int = 512
-    image_size: int = 224
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bilinear"
-    crop_pct: float = 0.875
-    pooling: str = "avg"
-    fit: dict[str, Any] = field(default_factory=dict)
-    content_hash: str = ""
-    source: str = ""
-    training: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> EncoderConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        for k in ("mean", "std"):
-            if k in d:
-                d[k] = tuple(d[k])
-        return cls(**d)
 
 
 sha256_file = file_hash  # the encoder's content hash
@@ -105,41 +80,6 @@ def save_encoder(
     cfg = dataclasses.replace(cfg, content_hash=sha256_file(out / WEIGHTS))
     _atomic_write_text(out / CONFIG, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     return cfg
-
-
-def encoder_dir(path: str | os.PathLike) -> Path:
-    """``path``, or the encoder directory of its own file (``model.safetensors``,
-    ``config.json``): a user who points at the weights means the encoder."""
-    path = Path(path)
-    if path.name in (WEIGHTS, CONFIG) and (path.parent / CONFIG).is_file():
-        return path.parent
-    return path
-
-
-def read_encoder_config(path: str | os.PathLike) -> EncoderConfig:
-    """The config of the encoder directory ``path``, without loading its weights."""
-    path = encoder_dir(path)
-    if not (path / CONFIG).is_file():
-        raise CheckpointError(f"Not an encoder directory (no {CONFIG}): {path}")
-    try:
-        data = json.loads((path / CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"Unreadable encoder config {path / CONFIG}: {e}") from e
-    if not isinstance(data, dict):
-        raise CheckpointError(
-            f"Unreadable encoder config {path / CONFIG}: a JSON object with 'arch' expected, "
-            f"found a JSON {type(data).__name__}"
-        )
-    if "moco_k" in data:  # a run's TrainConfig: it also names an 'arch'
-        ckpt = path / "checkpoint_last.pt"
-        raise CheckpointError(
-            f"{path} is a pretraining run, not an encoder: export its encoder first "
-            f"(moco-search export {ckpt} --out {path / 'encoder'})"
-        )
-    try:
-        return EncoderConfig.from_dict(data)
-    except (TypeError, ValueError) as e:  # a missing 'arch', a mean that is not a list
-        raise CheckpointError(f"Unreadable encoder config {path / CONFIG}: {e}") from e
 
 
 def load_encoder(

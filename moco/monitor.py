@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from moco.augment import eval_transform
 from moco.config import TrainConfig
 from moco.data import ImageError, list_images, load_image, shared_files
-from moco.export import EncoderConfig
+from moco.encoder_config import EncoderConfig
 from moco.knn import knn_top1
 
 log = logging.getLogger(__name__)

@@ -31,12 +31,12 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
 from moco.files import atomic_file
+from moco.probe_meta import PROBE_CONFIG, PROBE_WEIGHTS, read_probe_meta
 
 log = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("none", "l2", "standardize", "l2+standardize")
 OPTIMIZERS = ("sgd", "lbfgs")
-PROBE_WEIGHTS, PROBE_CONFIG = "probe.safetensors", "probe.json"
 
 
 class ProbeMismatchError(ValueError):
@@ -305,22 +305,6 @@ def save_probe(
     with atomic_file(out / PROBE_CONFIG) as tmp:
         tmp.write_text(json.dumps(meta, indent=2) + "\n")
     return out
-
-
-def read_probe_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON side of a saved probe (classes, encoder hash, metrics), without its weights."""
-    path = Path(path)
-    if not (path / PROBE_CONFIG).is_file():
-        raise FileNotFoundError(f"No probe at {path} (missing {PROBE_CONFIG})")
-    try:
-        meta = json.loads((path / PROBE_CONFIG).read_text())
-        if not isinstance(meta, dict) or not isinstance(meta.get("classes"), list):
-            raise ValueError("not a probe's description")
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(
-            f"{path / PROBE_CONFIG} is damaged ({e}): train the probe {path.name!r} again"
-        ) from None
-    return meta
 
 
 def load_probe(path: str | os.PathLike, encoder_hash: str | None = None) -> LinearProbe:

@@ -52,8 +52,8 @@ def demo_example(images: Path = DEMO_IMAGES) -> str | None:
 
 
 def _is_current(coll: Path, content_hash: str, images: Path) -> bool:
-    from indexes.classify import list_probes
     from indexes.manifest import MANIFEST_NAME, read_manifest
+    from indexes.probes import list_probes
 
     if not (coll / MANIFEST_NAME).is_file():
         return False

@@ -26,7 +26,7 @@ def demo_images(root: Path, tree: Any) -> Path:
 def test_built_once_then_reused(
     tmp_path: Path, encoder_dir: Path, tree: Any, encoder_factory: Any
 ) -> None:
-    from indexes.classify import list_probes
+    from indexes.probes import list_probes
 
     images = demo_images(tmp_path / "images", tree)
     seen: list[tuple[int, int]] = []

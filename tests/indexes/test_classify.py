@@ -16,13 +16,12 @@ from PIL import Image
 from indexes import Collection, index_images
 from indexes.classify import (
     classify_all,
-    list_probes,
     predict_images,
-    probe_dir,
     read_predictions,
     train_collection_probe,
 )
 from indexes.probe_cli import add_commands
+from indexes.probes import list_probes, probe_dir
 from moco.probe import ProbeMismatchError, save_probe, train_probe
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}

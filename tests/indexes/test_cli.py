@@ -88,6 +88,37 @@ def test_search_table_and_json(coll: Path, images: Path, capsys: pytest.CaptureF
         assert len(out.splitlines()) == 1 and f"no results: {why}" in err, (flags, err)
 
 
+def test_reading_a_collection_does_not_wait_for_torch(coll: Path, images: Path) -> None:
+    """``info``, search by id, ``duplicates`` and ``export-embeddings`` read stored vectors and
+    configs only: importing torch and torchvision took them 7 s and 860 MB instead of 0.8 s and
+    90 MB. A search by image does need it (which shows the check below can fail)."""
+    c = ["--collection", str(coll)]
+    reads = [
+        ["info", *c],
+        ["search", *c, "--id", "1"],
+        ["duplicates", *c],
+        ["export-embeddings", *c, "--out", str(coll.parent / "emb")],
+    ]
+    loaded = "sorted(m for m in ('torch', 'torchvision') if m in sys.modules)"
+    code = (
+        f"import sys, launch\nfor argv in {reads!r}:\n    assert launch.main(argv) == 0, argv\n"
+        f"print('before', {loaded})\n"
+        f"assert launch.main({['search', *c, str(images / 'dog' / '002.png')]!r}) == 0\n"
+        f"print('after', {loaded})\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(launch.__file__).parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert "before []" in lines and "after ['torch', 'torchvision']" in lines, run.stdout[-2000:]
+    assert "collection " in run.stdout and (coll.parent / "emb" / "embeddings.npy").is_file()
+
+
 def test_user_mistakes_are_one_line(
     coll: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
