@@ -82,6 +82,7 @@ class Collection:
         self._model: Any = None
         self._transform: Any = None
         self._filter_cache: dict[tuple[Any, ...], np.ndarray] = {}
+        self._counts: dict[str, tuple[tuple[int, int], list[Any]]] = {}
         self.loads = 0
         """How many times manifest and index were (re)loaded: what a cache of them is keyed on."""
         self.reload()
@@ -119,6 +120,7 @@ class Collection:
             )
             self._gpu = gpu.to_gpu(self._index) if vectors.is_ivf(self._index) else self._index
             self._filter_cache.clear()
+            self._counts.clear()
 
     def follow_index_runs(self) -> None:
         """Reload if an index run (of any process) has replaced the manifest since the last
@@ -141,8 +143,23 @@ class Collection:
         self.close()
 
     def __len__(self) -> int:
+        return int(self._cached("SELECT count(*) FROM vectors")[0][0])
+
+    def _db_version(self) -> tuple[int, int]:
+        """Moves whenever the database may have changed: ``data_version`` when another
+        connection commits (an index run), ``total_changes`` when this one writes. The caches
+        of values derived from it (filtered ids, counts) are keyed on it."""
+        return self._db.execute("PRAGMA data_version").fetchone()[0], self._db.conn.total_changes
+
+    def _cached(self, sql: str) -> list[Any]:
+        """The rows of ``sql``, queried again only once the database has changed: a page load
+        asks for the size and the label counts five times, each a scan of every row (60 ms each
+        at 300k images)."""
         with self._lock:
-            return int(self._db.execute("SELECT count(*) FROM vectors").fetchone()[0])
+            version, hit = self._db_version(), self._counts.get(sql)
+            if hit is None or hit[0] != version:
+                hit = self._counts[sql] = (version, self._db.execute(sql).fetchall())
+            return hit[1]
 
     # --- embedding -------------------------------------------------------------------------
     def _encoder_path(self) -> Path:
@@ -280,14 +297,12 @@ class Collection:
         """The ids passing ``filters`` (None: no filter), cached until the database changes.
 
         Selecting 100k ids of 1M rows takes ~40 ms in SQLite, 40x a search: a UI repeating a
-        label filter should not pay it each time. ``data_version`` moves when another
-        connection commits (an index run), ``total_changes`` when this one writes.
+        label filter should not pay it each time.
         """
         if filters is None or filters.is_empty():
             return None
         with self._lock:
-            version = self._db.execute("PRAGMA data_version").fetchone()[0]
-            key = (filters, version, self._db.conn.total_changes)
+            key = (filters, *self._db_version())
             ids = self._filter_cache.get(key)
             if ids is None:
                 ids = allowed_ids(self._db, filters)
@@ -369,13 +384,12 @@ class Collection:
             store.replace_predictions(self._db, rows)
 
     def label_counts(self) -> dict[str, int]:
-        with self._lock:
-            return dict(
-                self._db.execute(
-                    "SELECT label, count(*) FROM images WHERE status = 'ok' AND label IS NOT NULL "
-                    "GROUP BY label ORDER BY label"
-                ).fetchall()
+        return dict(
+            self._cached(
+                "SELECT label, count(*) FROM images WHERE status = 'ok' AND label IS NOT NULL "
+                "GROUP BY label ORDER BY label"
             )
+        )
 
     def errors(self) -> list[Record]:
         """Files that could not be indexed, each with its ``reason``."""

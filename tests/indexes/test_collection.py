@@ -117,6 +117,26 @@ def test_search_id_records_labels_vectors(coll: Path) -> None:
         assert c.encoder_config.image_size == 32 and c.manifest["counts"] == {"ok": 17}
 
 
+def test_counts_are_queried_again_only_when_the_database_changed(coll: Path) -> None:
+    """A page load of the web UI asks for the size and the label counts five times, each a scan
+    of every row (60 ms each at 300k images): they are kept until the database changes, and
+    an index run's commit (another connection) shows at once, with the manifest unchanged."""
+    with Collection.open(coll) as c:
+        queries: list[str] = []
+        c._db.conn.set_trace_callback(queries.append)
+        for _ in range(3):
+            assert len(c) == 17 and c.label_counts() == {"cat": 6, "dog": 6, "owl": 5}
+        assert sum("count(*)" in q for q in queries) == 2
+        other = sqlite3.connect(coll / "meta.db")
+        other.execute("UPDATE images SET label = 'bird' WHERE label = 'owl'")
+        other.commit()
+        assert c.label_counts() == {"bird": 5, "cat": 6, "dog": 6}
+        other.execute("DELETE FROM vectors WHERE id = (SELECT min(id) FROM vectors)")
+        other.commit()
+        assert len(c) == 16 and sum("count(*)" in q for q in queries) == 4
+        other.close()
+
+
 def test_resolve_path_stays_inside_roots(coll: Path, images: Path) -> None:
     with Collection.open(coll) as c:
         i = int(c.labeled()[0][0])
