@@ -95,3 +95,23 @@ def server(ctx: Any) -> Iterator[Any]:
     demo = launch(ctx, ServerConfig(port=free_port(), max_file_size="1mb", concurrency=4))
     yield demo
     demo.close()
+
+
+@pytest.fixture
+def own_ctx(tmp_path: Path, encoder_dir: Path) -> Iterator[Any]:
+    """``own_ctx(images, **kw)``: ``images`` indexed into a collection of the test's own
+    (``tmp_path / "coll"``) and opened for the UI (``kw`` goes to ``AppContext.open``); every
+    one opened is closed after the test."""
+    from app.context import AppContext
+    from indexes import index_images
+
+    opened: list[AppContext] = []
+
+    def make(images: Path, **kw: Any) -> AppContext:
+        index_images([images], tmp_path / "coll", encoder_dir, workers=0)
+        opened.append(AppContext.open(tmp_path / "coll", **kw))
+        return opened[-1]
+
+    yield make
+    for ctx in opened:
+        ctx.collection.close()

@@ -46,7 +46,7 @@ def test_search_accepts_a_pil_image_and_filters(ctx: Any) -> None:
     assert all(h.score >= 0.9999 for h in cut.hits)
 
 
-def test_an_empty_search_says_why(ctx: Any, encoder_dir: Path, tmp_path: Path, tree: Any) -> None:
+def test_an_empty_search_says_why(ctx: Any, tmp_path: Path, own_ctx: Any, tree: Any) -> None:
     img = Image.open(ctx.example)
     cases = {
         "path contains 'zzz'": dict(path_text="zzz"),
@@ -62,33 +62,26 @@ def test_an_empty_search_says_why(ctx: Any, encoder_dir: Path, tmp_path: Path, t
         assert r.status().endswith(f": no image passes the filters ({said}).")
     assert handlers.search(ctx, img, k=1).status().startswith("1 result in ")
     # images deleted since they were indexed cannot be shown: say so, not "0 results"
-    from app.context import AppContext
-    from indexes import index_images
-
     images = tree(tmp_path / "images", labels=("circle",), n=2)
-    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
-    gone = AppContext.open(tmp_path / "coll")
-    try:
-        for f in (images / "circle").iterdir():
-            f.unlink()
-        status = handlers.search(gone, img, k=5).status()
-        assert "the 2 images found can no longer be read" in status and "re-index" in status
-        images.rename(tmp_path / "moved")  # the whole folder: the way to find it again
-        assert overview.stats_markdown(gone).endswith(
-            f"Folders:\n- `{images}` (gone; if it moved: `moco-search index --collection "
-            f"{tmp_path / 'coll'} --move-root {images} NEW_PLACE`)"
+    gone = own_ctx(images)
+    for f in (images / "circle").iterdir():
+        f.unlink()
+    status = handlers.search(gone, img, k=5).status()
+    assert "the 2 images found can no longer be read" in status and "re-index" in status
+    images.rename(tmp_path / "moved")  # the whole folder: the way to find it again
+    assert overview.stats_markdown(gone).endswith(
+        f"Folders:\n- `{images}` (gone; if it moved: `moco-search index --collection "
+        f"{tmp_path / 'coll'} --move-root {images} NEW_PLACE`)"
+    )
+    assert (
+        handlers.search(gone, img, k=5)
+        .status()
+        .endswith(
+            f"the 2 images found can no longer be read: their folder {images} is gone. If it "
+            f"moved, `moco-search index --collection {tmp_path / 'coll'} --move-root {images} "
+            "NEW_PLACE` keeps every id and label."
         )
-        assert (
-            handlers.search(gone, img, k=5)
-            .status()
-            .endswith(
-                f"the 2 images found can no longer be read: their folder {images} is gone. If it "
-                f"moved, `moco-search index --collection {tmp_path / 'coll'} --move-root {images} "
-                "NEW_PLACE` keeps every id and label."
-            )
-        )
-    finally:
-        gone.collection.close()
+    )
 
 
 @pytest.mark.parametrize("k", [0, 101, "x", None])
@@ -127,33 +120,26 @@ def test_decompression_bomb_upload(ctx: Any, tmp_path: Path) -> None:
 
 
 def test_an_uploaded_photo_is_decoded_as_it_was_indexed(
-    encoder_dir: Path, tmp_path: Path, tree: Any, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, own_ctx: Any, tree: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An indexed JPEG uploaded again was decoded whole, where the indexer decodes at a reduced
     scale: on the demo encoder six 2000x1500 photos scored 0.99957 to 0.99997 against themselves,
     one under the 0.9999 at which the page marks a hit as the query. And a 48 MP phone photo was
     refused as a bomb, though decoding it at that scale takes a fraction of the pixels."""
-    from app.context import AppContext
-    from indexes import index_images
-
     images = tree(tmp_path / "images", labels=("circle", "square"), n=2)
     photo = images / "circle" / "photo.jpg"
     big = Image.open(images / "circle" / "circle_00.png").convert("RGB").resize((640, 480))
     big.rotate(20).save(photo, quality=90)
-    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
-    ctx = AppContext.open(tmp_path / "coll")
-    try:
-        hit = handlers.search(ctx, str(photo), k=1).hits[0]
-        assert hit.relpath == "circle/photo.jpg" and handlers.caption(hit).startswith("query · ")
-        uploaded = ctx.collection.embed([handlers.decode_upload(ctx, str(photo))])[0]
-        assert np.abs(uploaded - ctx.collection.vectors([hit.id])[0]).max() < 1e-6  # the same
-        monkeypatch.setattr(handlers, "MAX_UPLOAD_PIXELS", 100_000)  # 640x480 stands for 48 MP
-        assert handlers.search(ctx, str(photo), k=1).hits[0].relpath == "circle/photo.jpg"
-        big.save(tmp_path / "photo.png")  # other formats keep the limit
-        with pytest.raises(UserError, match="decompression bomb"):
-            handlers.decode_upload(ctx, str(tmp_path / "photo.png"))
-    finally:
-        ctx.collection.close()
+    ctx = own_ctx(images)
+    hit = handlers.search(ctx, str(photo), k=1).hits[0]
+    assert hit.relpath == "circle/photo.jpg" and handlers.caption(hit).startswith("query · ")
+    uploaded = ctx.collection.embed([handlers.decode_upload(ctx, str(photo))])[0]
+    assert np.abs(uploaded - ctx.collection.vectors([hit.id])[0]).max() < 1e-6  # the same
+    monkeypatch.setattr(handlers, "MAX_UPLOAD_PIXELS", 100_000)  # 640x480 stands for 48 MP
+    assert handlers.search(ctx, str(photo), k=1).hits[0].relpath == "circle/photo.jpg"
+    big.save(tmp_path / "photo.png")  # other formats keep the limit
+    with pytest.raises(UserError, match="decompression bomb"):
+        handlers.decode_upload(ctx, str(tmp_path / "photo.png"))
 
 
 def test_more_like_this_and_relevance_feedback(ctx: Any) -> None:
@@ -364,17 +350,13 @@ def test_encoder_info_counts_epochs_from_a_thinned_log(ctx: Any, tmp_path: Path)
 
 
 def test_index_update_in_background_while_searching(
-    encoder_dir: Path, tmp_path: Path, tree: Any
+    tmp_path: Path, own_ctx: Any, tree: Any
 ) -> None:
     """Add a folder while searches run: none fails, and the new images appear after reload."""
-    from app.context import AppContext
-    from indexes import index_images
-
     write_tree = tree
     images = write_tree(tmp_path / "images", labels=("circle", "square"), n=3)
-    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
     extra = write_tree(tmp_path / "extra", labels=("dots",), n=4)
-    ctx = AppContext.open(tmp_path / "coll", allow_index=(extra,))
+    ctx = own_ctx(images, allow_index=(extra,))
     ctx.example = str(images / "circle" / "circle_00.png")
     errors: list[BaseException] = []
     stop = threading.Event()
@@ -411,19 +393,16 @@ def test_index_update_in_background_while_searching(
 
 
 def test_ui_index_run_while_the_command_line_indexes_is_refused_in_a_line(
-    encoder_dir: Path, tmp_path: Path, tree: Any, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, own_ctx: Any, tree: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The Collection tab's re-scan while ``moco-search index`` runs on the collection: the job
     says another process is indexing it, the server logs one line (no traceback), and nothing
     changes; once that run is over the same click works."""
-    from app.context import AppContext
-    from indexes import index_images
     from tests.indexes.test_runlock import hold
 
     images = tree(tmp_path / "images", labels=("circle", "square"), n=3)
-    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
+    ctx = own_ctx(images)
     tree(images, labels=("dots",), n=2)
-    ctx = AppContext.open(tmp_path / "coll")
 
     def finished(job: Any) -> Any:
         for _ in range(600):
@@ -449,120 +428,98 @@ def test_ui_index_run_while_the_command_line_indexes_is_refused_in_a_line(
 
 
 def test_the_ui_follows_a_command_line_index_run_without_a_restart(
-    encoder_dir: Path, tmp_path: Path, tree: Any
+    tmp_path: Path, own_ctx: Any, tree: Any
 ) -> None:
     """``moco-search index`` (a nightly job) re-indexes the collection a running UI serves:
     removed images no longer come back (the first search after such a run raised ``KeyError``,
     "Something went wrong" in the page until a restart), new ones are found, and the kNN
     classifier votes with the labels the collection has now."""
-    from app.context import AppContext
     from indexes import index_images
 
     images = tree(tmp_path / "images", labels=("circle", "square"), n=3)
-    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
-    ctx = AppContext.open(tmp_path / "coll")
-    try:
-        query = str(images / "square" / "square_00.png")
-        assert len(handlers.search(ctx, query, k=6).hits) == 6
-        assert ctx.classifier("knn").classes == ["circle", "square"]
-        for f in (images / "circle").iterdir():
-            f.unlink()
-        tree(images, labels=("dots",), n=2)
-        index_images([], tmp_path / "coll", workers=0)  # as the command line would
-        hits = handlers.search(ctx, query, k=6).hits
-        assert sorted(h.label for h in hits) == ["dots", "dots", "square", "square", "square"]
-        assert ctx.classifier("knn").classes == ["dots", "square"]
-    finally:
-        ctx.collection.close()
+    ctx = own_ctx(images)
+    query = str(images / "square" / "square_00.png")
+    assert len(handlers.search(ctx, query, k=6).hits) == 6
+    assert ctx.classifier("knn").classes == ["circle", "square"]
+    for f in (images / "circle").iterdir():
+        f.unlink()
+    tree(images, labels=("dots",), n=2)
+    index_images([], tmp_path / "coll", workers=0)  # as the command line would
+    hits = handlers.search(ctx, query, k=6).hits
+    assert sorted(h.label for h in hits) == ["dots", "dots", "square", "square", "square"]
+    assert ctx.classifier("knn").classes == ["dots", "square"]
 
 
 def test_a_probe_retrained_by_the_command_line_is_used_without_a_restart(
-    encoder_dir: Path, tmp_path: Path, tree: Any
+    tmp_path: Path, own_ctx: Any, tree: Any
 ) -> None:
     """``moco-search probe train`` beside a running UI: the UI kept classifying with the probe it
     had loaded first until it was restarted."""
-    from app.context import AppContext
-    from indexes import Collection, index_images
+    from indexes import Collection
     from indexes.classify import train_probe
 
     images = tree(tmp_path / "images", labels=("circle", "square"), n=4)
-    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
-    ctx = AppContext.open(tmp_path / "coll")
-    try:
-        with Collection.open(tmp_path / "coll") as cli:  # the command line's own process
-            ids, labels = cli.labeled()
-            train_probe(cli, ids, labels, name="mine", folds=2)
-            assert ctx.classifier("mine").classes == ["circle", "square"]
-            assert ctx.classifier("mine") is ctx.classifier("mine")  # cached while unchanged
-            renamed = ["round" if v == "circle" else v for v in labels]
-            train_probe(cli, ids, renamed, name="mine", folds=2)
-        assert ctx.classifier("mine").classes == ["round", "square"]
-    finally:
-        ctx.collection.close()
+    ctx = own_ctx(images)
+    with Collection.open(tmp_path / "coll") as cli:  # the command line's own process
+        ids, labels = cli.labeled()
+        train_probe(cli, ids, labels, name="mine", folds=2)
+        assert ctx.classifier("mine").classes == ["circle", "square"]
+        assert ctx.classifier("mine") is ctx.classifier("mine")  # cached while unchanged
+        renamed = ["round" if v == "circle" else v for v in labels]
+        train_probe(cli, ids, renamed, name="mine", folds=2)
+    assert ctx.classifier("mine").classes == ["round", "square"]
 
 
 def test_picks_that_an_index_run_removed_since_are_a_sentence(
-    encoder_dir: Path, tmp_path: Path, tree: Any
+    tmp_path: Path, own_ctx: Any, tree: Any
 ) -> None:
     """Search, select a result, mark examples; then an index run removes those images (their
     files were deleted). Every action on the page's old picks raised a KeyError (a bare "Error"
     in the browser); each now says what happened and what to do."""
-    from app.context import AppContext
     from indexes import index_images
 
     images = tree(tmp_path / "images", labels=("circle", "square"), n=3)
-    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
-    ctx = AppContext.open(tmp_path / "coll")
-    try:
-        query = str(images / "square" / "square_00.png")
-        picked = next(h for h in handlers.search(ctx, query, k=6).hits if "circle" in h.relpath)
-        for f in (images / "circle").iterdir():
-            f.unlink()
-        index_images([], tmp_path / "coll", workers=0)
-        ctx.collection.reload()
-        for act in (
-            lambda: handlers.search_id(ctx, picked.id),
-            lambda: handlers.search(ctx, query, k=3, positives=[picked.id]),
-            lambda: handlers.search(ctx, query, k=3, negatives=[picked.id]),
-            lambda: handlers.feedback_text(ctx, [picked.id], []),
-            lambda: classifying.label_image(ctx, picked, "round"),
-        ):
-            with pytest.raises(UserError, match=r"no longer in the collection .* search again"):
-                act()
-        assert len(handlers.search(ctx, query, k=6).hits) == 3  # the new results are fine
-    finally:
-        ctx.collection.close()
+    ctx = own_ctx(images)
+    query = str(images / "square" / "square_00.png")
+    picked = next(h for h in handlers.search(ctx, query, k=6).hits if "circle" in h.relpath)
+    for f in (images / "circle").iterdir():
+        f.unlink()
+    index_images([], tmp_path / "coll", workers=0)
+    ctx.collection.reload()
+    for act in (
+        lambda: handlers.search_id(ctx, picked.id),
+        lambda: handlers.search(ctx, query, k=3, positives=[picked.id]),
+        lambda: handlers.search(ctx, query, k=3, negatives=[picked.id]),
+        lambda: handlers.feedback_text(ctx, [picked.id], []),
+        lambda: classifying.label_image(ctx, picked, "round"),
+    ):
+        with pytest.raises(UserError, match=r"no longer in the collection .* search again"):
+            act()
+    assert len(handlers.search(ctx, query, k=6).hits) == 3  # the new results are fine
 
 
 def test_large_results_are_shown_as_thumbnails_kept_in_the_collection(
-    tmp_path: Path, encoder_dir: Path, tree: Any
+    tmp_path: Path, own_ctx: Any, tree: Any
 ) -> None:
-    from app.context import AppContext
-    from indexes import index_images
-
     images = tree(tmp_path / "images", labels=("circle",), n=3)
     big = images / "circle" / "big.jpg"
     Image.new("RGB", (1200, 800), (200, 30, 30)).save(big, quality=95)
-    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
-    c = AppContext.open(tmp_path / "coll")
-    try:
-        r = handlers.search(c, str(big), k=4)
-        tiles = dict(zip([h.relpath for h in r.hits], [p for p, _ in r.gallery], strict=True))
-        thumb = Path(tiles["circle/big.jpg"])
-        assert thumb.parent.parent == tmp_path / "coll" / "thumbs" and thumb.suffix == ".webp"
-        with Image.open(thumb) as im:
-            assert max(im.size) == 320 and im.size[0] / im.size[1] == pytest.approx(1.5, 0.01)
-        assert c.is_served(str(thumb))
-        small = images / "circle" / "circle_00.png"
-        kept = Path(tiles["circle/circle_00.png"])  # 48x40: lossless, at its own size
-        assert c.is_served(str(kept)) and kept.suffix == ".png"
-        made = thumb.stat().st_mtime_ns
-        handlers.search(c, str(big), k=4)
-        assert thumb.stat().st_mtime_ns == made  # reused, not redrawn
-        big.unlink()  # gone since indexing: the cached thumbnail still shows the result
-        assert handlers.search(c, str(small), k=4).gallery
-    finally:
-        c.collection.close()
+    c = own_ctx(images)
+    r = handlers.search(c, str(big), k=4)
+    tiles = dict(zip([h.relpath for h in r.hits], [p for p, _ in r.gallery], strict=True))
+    thumb = Path(tiles["circle/big.jpg"])
+    assert thumb.parent.parent == tmp_path / "coll" / "thumbs" and thumb.suffix == ".webp"
+    with Image.open(thumb) as im:
+        assert max(im.size) == 320 and im.size[0] / im.size[1] == pytest.approx(1.5, 0.01)
+    assert c.is_served(str(thumb))
+    small = images / "circle" / "circle_00.png"
+    kept = Path(tiles["circle/circle_00.png"])  # 48x40: lossless, at its own size
+    assert c.is_served(str(kept)) and kept.suffix == ".png"
+    made = thumb.stat().st_mtime_ns
+    handlers.search(c, str(big), k=4)
+    assert thumb.stat().st_mtime_ns == made  # reused, not redrawn
+    big.unlink()  # gone since indexing: the cached thumbnail still shows the result
+    assert handlers.search(c, str(small), k=4).gallery
 
 
 def test_build_demo_wires_every_event_without_a_server(ctx: Any) -> None:

@@ -164,20 +164,17 @@ def test_the_pages_refusals_are_warnings_that_keep_what_it_shows(
 
 
 def test_indexing_from_the_page_updates_whatever_shows_the_collection(
-    encoder_dir: Path, tmp_path: Path, tree: Any
+    tmp_path: Path, own_ctx: Any, tree: Any
 ) -> None:
     """After an index run the heading's count, the label filter, the classifiers and the
     histogram's range come from the new collection (they stayed as the page was built)."""
-    from app.context import AppContext
     from app.server import ServerConfig, launch
-    from indexes import index_images
     from tests.app.queue_api import call
     from tests.conftest import free_port
 
     images = tree(tmp_path / "images", labels=("circle",), n=2)
-    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
     extra = tree(tmp_path / "extra", labels=("dots", "square"), n=3)
-    ctx = AppContext.open(tmp_path / "coll", allow_index=(extra,))
+    ctx = own_ctx(images, allow_index=(extra,))
     demo = launch(ctx, ServerConfig(port=free_port()))
     try:
         reply = call(demo, "do_index", [str(extra), None])
@@ -191,16 +188,14 @@ def test_indexing_from_the_page_updates_whatever_shows_the_collection(
         assert plot["y_lim"] == [0, 4]
     finally:
         demo.close()
-        ctx.collection.close()
 
 
 def test_a_page_loaded_after_another_process_indexed_shows_the_collection_now(
-    encoder_dir: Path, encoder_factory: Any, tmp_path: Path, tree: Any
+    encoder_dir: Path, encoder_factory: Any, tmp_path: Path, own_ctx: Any, tree: Any
 ) -> None:
     """The UI stays up while the command line changes the collection (a nightly run that adds
     files, a re-embedding with a better encoder): a page loaded after shows the new count,
     labels and encoder, where it showed those the server started with until a restart."""
-    from app.context import AppContext
     from app.server import ServerConfig, launch
     from indexes import index_images
     from moco import read_encoder_config
@@ -208,8 +203,7 @@ def test_a_page_loaded_after_another_process_indexed_shows_the_collection_now(
     from tests.conftest import free_port
 
     images = tree(tmp_path / "images", labels=("circle",), n=2)
-    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
-    ctx = AppContext.open(tmp_path / "coll")
+    ctx = own_ctx(images)
     demo = launch(ctx, ServerConfig(port=free_port()))
     try:
         tree(images, labels=("dots",), n=3)
@@ -232,24 +226,20 @@ def test_a_page_loaded_after_another_process_indexed_shows_the_collection_now(
         assert curve["value"]["data"] == [[1, 6.0], [2, 5.5]]
     finally:
         demo.close()
-        ctx.collection.close()
 
 
 def test_a_fault_in_a_page_event_keeps_the_page_and_logs_the_traceback(
-    encoder_dir: Path, tmp_path: Path, tree: Any, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, own_ctx: Any, tree: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Not only refusals: an unexpected exception (here the collection's database closed under
     the server) left every output blank under "Error". The page now keeps what it shows and
     says where the details are; the server's log has the traceback."""
-    from app.context import AppContext
     from app.server import ServerConfig, launch
-    from indexes import index_images
     from tests.app.queue_api import call, upload
     from tests.conftest import free_port
 
     images = tree(tmp_path / "images", labels=("circle",), n=2)
-    index_images([images], tmp_path / "coll", encoder_dir, workers=0)
-    ctx = AppContext.open(tmp_path / "coll")
+    ctx = own_ctx(images)
     demo = launch(ctx, ServerConfig(port=free_port()))
     try:
         query = upload(demo, str(images / "circle" / "circle_00.png"))
