@@ -281,6 +281,8 @@ def start_run(
         old = folders.forget_root(collection, old, forget_root)[0]
     names, encoder = preflight.resolve(list(roots), collection, encoder, old, bool(forget_root))
     cfg = read_encoder_config(encoder)
+    if old is None:
+        preflight.check_manifest_kept(collection, cfg.content_hash)
     if index_type != "auto":
         vectors.new_index(index_type, cfg.feature_dim)  # a bad factory string fails here
     if vector_dtype is not None and vector_dtype not in store.VECTOR_DTYPES:
@@ -328,6 +330,8 @@ def start_run(
             )
         with store.transaction(db):
             root_ids = {r: store.root_id(db, r) for r in names}
+            if store.read_info(db).get(store.ENCODER_HASH) != old["encoder"]["content_hash"]:
+                store.write_info(db, **{store.ENCODER_HASH: old["encoder"]["content_hash"]})
         if vector_dtype is not None and vector_dtype != store.vector_dtype(db):
             n = store.set_vector_dtype(db, vector_dtype, cfg.feature_dim)
             log.info("%s: %d stored vectors converted to %s", collection, n, vector_dtype)

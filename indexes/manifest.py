@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from indexes.faults import atomic_file
+from indexes.store import DB_NAME
 from moco import EncoderConfig, encoder_dir
 
 MANIFEST_NAME = "manifest.json"
@@ -27,6 +28,13 @@ def read_manifest(collection: str | os.PathLike) -> dict[str, Any]:
     if not Path(collection).exists():
         raise FileNotFoundError(f"Collection not found: {collection}")
     if not path.is_file():
+        if (Path(collection) / DB_NAME).is_file():  # a collection that lost its manifest
+            raise FileNotFoundError(
+                f"Collection {collection} has its database but no {MANIFEST_NAME} (deleted, or "
+                "not copied with the database?): restore it from a backup, or index its folders "
+                f"again with the encoder that made it (moco-search index DIR --collection "
+                f"{collection} --encoder ENC): ids and labels are kept"
+            )
         raise FileNotFoundError(f"Not a collection (no {MANIFEST_NAME}): {collection}")
     try:
         manifest = json.loads(path.read_text())

@@ -122,6 +122,42 @@ def check_collection(collection: Path) -> None:
         )
 
 
+def check_manifest_kept(collection: Path, content_hash: str) -> None:
+    """A database holding vectors beside no ``manifest.json`` (deleted, or not copied with the
+    database) is indexed on only with the encoder that made them (``content_hash``), which then
+    writes the manifest again: ids, vectors and labels are kept. With any other, indexing bound
+    the collection to it and kept the old vectors: another size failed at the first search,
+    the same size mixed two encoders' vectors in silence. Databases older than the key that
+    names their encoder cannot tell, and are refused."""
+    n = vector_count(collection)
+    if not n:
+        return
+    db = store.open_store(collection / store.DB_NAME, create=False)
+    try:
+        made_by = store.read_info(db).get(store.ENCODER_HASH)
+    finally:
+        db.conn.close()
+    if made_by == content_hash:
+        log.warning(
+            "%s had lost its %s: written again for encoder %s, which made its %d vectors. "
+            "What only it held is back to its default (the index type and memory budget, a "
+            "remembered labels CSV), and a folder not given this time is kept as it is until "
+            "it is given again",
+            collection,
+            manifest.MANIFEST_NAME,
+            content_hash[:16],
+            n,
+        )
+        return
+    need = f"encoder {made_by[:16]}" if made_by else "an encoder it does not name"
+    raise ValueError(
+        f"Collection {collection} holds {n} vectors of {need} but no {manifest.MANIFEST_NAME} "
+        "(deleted, or not copied with the database?): restore it from a backup, "
+        + ("index again with that encoder, " if made_by else "")
+        + "or index the folders into a new collection; nothing was changed"
+    )
+
+
 def labels_source(
     given: Path | None, folder_labels: bool, old: dict | None
 ) -> tuple[Path | None, bool]:

@@ -239,6 +239,11 @@ def user_labels(db: Database) -> dict[int, str]:
     )
 
 
+ENCODER_HASH = "encoder_hash"
+"""Info key: the content hash of the encoder whose vectors the table holds; a collection whose
+``manifest.json`` is lost knows which encoder it needs (``preflight.check_manifest_kept``)."""
+
+
 def read_info(db: Database) -> dict[str, str]:
     return {k: v for k, v in db.execute("SELECT key, value FROM info").fetchall()}
 

@@ -224,7 +224,13 @@ def swap(
             raise RuntimeError(f"re-embedding left {ok - have} images without a vector")
         db.execute("DROP TABLE staged_vectors")
         db.execute("DELETE FROM info WHERE key = ?", [STAGED])
-        store.write_info(db, **{SWITCHED: json.dumps(entry, sort_keys=True)})
+        store.write_info(
+            db,
+            **{
+                SWITCHED: json.dumps(entry, sort_keys=True),
+                store.ENCODER_HASH: entry["content_hash"],
+            },
+        )
         store.bump_generation(db)
     m = _switched(old, entry)
     manifest.write_manifest(collection, m)

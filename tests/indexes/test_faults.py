@@ -379,3 +379,49 @@ def test_a_folder_found_empty_keeps_its_images_unless_allowed(
     assert launch.main(["index", "--collection", str(coll), "--allow-empty"]) == 0
     assert "0 images in the collection" in capsys.readouterr().out
     assert consistency(coll) == {}
+
+
+def test_a_lost_manifest_is_written_again_only_for_the_encoder_of_the_vectors(
+    images: Path,
+    encoder_dir: Path,
+    other_encoder_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``manifest.json`` deleted (or not copied with ``meta.db``): indexing with another encoder
+    bound the collection to it over the old vectors (another size: every search then failed,
+    "could not broadcast input array from shape (512,) into shape (256,)"; the same size would
+    mix two encoders in silence). Now only the encoder that made them rebuilds the manifest."""
+    from moco import read_encoder_config
+
+    coll = tmp_path / "c"
+    assert index_cli(images, coll, "--encoder", str(encoder_dir)) == 0
+    capsys.readouterr()
+    db = sqlite3.connect(coll / "meta.db")
+    ids = {r[0] for r in db.execute("SELECT id FROM vectors")}
+    db.close()
+    (coll / "manifest.json").unlink()
+    before = files(coll)
+    assert index_cli(images, coll, "--encoder", str(other_encoder_dir)) == 2
+    made_by = read_encoder_config(encoder_dir).content_hash[:16]
+    said = error_line(capsys, "index")
+    assert f"holds {len(ids)} vectors of encoder {made_by} but no manifest.json" in said
+    assert files(coll) == before  # nothing was changed
+    assert launch.main(["info", "--collection", str(coll)]) == 2
+    assert "index its folders again with the encoder that made it" in error_line(capsys, "info")
+
+    assert index_cli(images, coll, "--encoder", str(encoder_dir)) == 0
+    assert "had lost its manifest.json: written again for encoder " + made_by in caplog.text
+    db = sqlite3.connect(coll / "meta.db")
+    assert {r[0] for r in db.execute("SELECT id FROM vectors")} == ids  # nothing re-embedded
+    assert consistency(coll)["ok"] == len(ids)
+
+    # a database from before it named its encoder cannot tell: refused
+    (coll / "manifest.json").unlink()
+    db.execute("DELETE FROM info WHERE key = 'encoder_hash'")
+    db.commit()
+    db.close()
+    capsys.readouterr()
+    assert index_cli(images, coll, "--encoder", str(encoder_dir)) == 2
+    assert "vectors of an encoder it does not name" in error_line(capsys, "index")

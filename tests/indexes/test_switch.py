@@ -86,9 +86,10 @@ def test_reembed_keeps_ids_and_labels_and_equals_a_fresh_index(
         assert hit.path == q and hit.score == pytest.approx(1.0, abs=1e-4)
     db = sqlite3.connect(coll / "meta.db")
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    keys = {r[0] for r in db.execute("SELECT key FROM info")}
+    keys = dict(db.execute("SELECT key, value FROM info").fetchall())
     db.close()
-    assert "staged_vectors" not in tables and not keys & {switch.STAGED, switch.SWITCHED}
+    assert "staged_vectors" not in tables and not keys.keys() & {switch.STAGED, switch.SWITCHED}
+    assert keys["encoder_hash"] == encoder_hash(coll)  # what a lost manifest is rebuilt for
     # the staging's pages are given back: the file is about a fresh index's size, not twice it
     assert (coll / "meta.db").stat().st_size <= 1.1 * (
         tmp_path / "fresh" / "meta.db"
@@ -184,6 +185,10 @@ def test_killed_between_the_swap_and_the_manifest(
         build(images, coll, other_encoder_dir, reembed=True)
     monkeypatch.setattr(switch.manifest, "write_manifest", real)
     assert encoder_hash(coll) == read_encoder_config(encoder_dir).content_hash  # stale
+    db = sqlite3.connect(coll / "meta.db")
+    made_by = db.execute("SELECT value FROM info WHERE key = 'encoder_hash'").fetchone()[0]
+    db.close()
+    assert made_by == read_encoder_config(other_encoder_dir).content_hash  # the vectors' own
 
     with Collection.open(coll) as c:  # a reader trusts the database's record
         assert (
