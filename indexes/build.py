@@ -303,6 +303,15 @@ def start_run(
             manifest.check_encoder(old, cfg, encoder, collection)  # raises: another's vectors
     model = embed.load_model(encoder, embed.default_device(device))[0] if bind else None
     collection.mkdir(parents=True, exist_ok=True)
+    if old is not None and not (collection / store.DB_NAME).is_file():
+        # the FAISS file holds the lost database's ids, which the new one hands out again:
+        # kept, it answered with the old images' vectors under the new images' ids
+        log.warning(
+            "%s has no %s (deleted?): every image is indexed again, under new ids",
+            collection,
+            store.DB_NAME,
+        )
+        (collection / vectors.INDEX_NAME).unlink(missing_ok=True)
     if bind:  # name the encoder before the first vector is stored (crash safety)
         if old is not None:
             log.info("%s holds no vectors: binding it to encoder %s", collection, encoder)

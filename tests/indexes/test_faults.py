@@ -425,3 +425,24 @@ def test_a_lost_manifest_is_written_again_only_for_the_encoder_of_the_vectors(
     capsys.readouterr()
     assert index_cli(images, coll, "--encoder", str(encoder_dir)) == 2
     assert "vectors of an encoder it does not name" in error_line(capsys, "index")
+
+
+def test_a_lost_database_is_indexed_again_without_the_old_faiss_file(
+    images: Path, encoder_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``meta.db`` deleted beside a manifest and ``index.faiss``: the new database hands out the
+    old ids again, to other images, and the FAISS file (reconciled by ids alone) answered with
+    the old images' vectors under them."""
+    from indexes import Collection
+
+    coll = tmp_path / "c"
+    index_images([images], coll, encoder_dir, workers=0)
+    for f in coll.glob("meta.db*"):
+        f.unlink()
+    write_images(images, {"aaa": 2}, start_seed=500)  # scanned first: every id moves
+    index_images([images], coll, None, workers=0)
+    assert "has no meta.db (deleted?): every image is indexed again, under new ids" in caplog.text
+    with Collection.open(coll) as c:
+        for path in sorted(images.rglob("*.png")):
+            hit = c.search(path, k=1)[0]
+            assert hit.path == str(path) and hit.score == pytest.approx(1.0, abs=1e-4), path
