@@ -337,6 +337,7 @@ def start_run(
                 left[0]["content_hash"][:16],
                 left[0]["path"],
             )
+        switch.check_vectors_encoder(old, db)
         with store.transaction(db):
             root_ids = {r: store.root_id(db, r) for r in names}
             if store.read_info(db).get(store.ENCODER_HASH) != old["encoder"]["content_hash"]:

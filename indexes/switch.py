@@ -249,10 +249,29 @@ def _switched(m: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_vectors_encoder(m: dict[str, Any], db: store.Database) -> None:
+    """Refuse a manifest that names another encoder than the one the database records for its
+    vectors: one of the two restored from an older backup (across a ``--reembed``), or from
+    another collection. Queries would be embedded by the wrong encoder, in silence when the
+    sizes agree, and an index run would mix the two encoders' vectors."""
+    made_by = store.read_info(db).get(store.ENCODER_HASH)
+    named = m["encoder"]["content_hash"]
+    if made_by and made_by != named and db.execute("SELECT 1 FROM vectors LIMIT 1").fetchone():
+        raise ValueError(
+            f"The collection's {manifest.MANIFEST_NAME} names encoder {named[:16]}, but its "
+            f"database holds vectors of encoder {made_by[:16]} (one of the two restored from "
+            "an older backup, or from another collection?): restore both from the same backup"
+        )
+
+
 def adopt_switch(m: dict[str, Any], db: store.Database) -> dict[str, Any]:
-    """``m``, or, after a swap whose manifest was never written, ``m`` with the new encoder."""
+    """``m``, or, after a swap whose manifest was never written, ``m`` with the new encoder;
+    a manifest and database that disagree otherwise are refused (``check_vectors_encoder``)."""
     entry = _info_entry(db, SWITCHED)
-    if entry is None or same_entry(m["encoder"], entry):
+    if entry is None:
+        check_vectors_encoder(m, db)
+        return m
+    if same_entry(m["encoder"], entry):
         return m
     log.warning(
         "the manifest still names encoder %s, but the vectors were re-embedded with %s (a "

@@ -310,3 +310,22 @@ def test_a_reembedding_given_up_is_named_then_discarded(
     build(images, coll, None)
     assert "unfinished" not in caplog.text
     assert encoder_hash(coll) == read_encoder_config(encoder_dir).content_hash
+
+
+def test_a_manifest_from_before_the_reembed_is_refused(
+    coll: Path, images: Path, other_encoder_dir: Path
+) -> None:
+    """``manifest.json`` restored from a backup taken before a ``--reembed`` names the old
+    encoder over the new vectors: queries were embedded by the wrong encoder (in silence when
+    the sizes agree) and a run would have mixed the two encoders' vectors."""
+    old = (coll / "manifest.json").read_bytes()
+    build(images, coll, other_encoder_dir, reembed=True)
+    (coll / "manifest.json").write_bytes(old)
+    db_before = (coll / "meta.db").read_bytes()
+    with pytest.raises(ValueError, match="one of the two restored from an older backup"):
+        Collection.open(coll)
+    with pytest.raises(ValueError, match="restore both from the same backup"):
+        build(images, coll, None)
+    assert (coll / "meta.db").read_bytes() == db_before and (
+        coll / "manifest.json"
+    ).read_bytes() == old
