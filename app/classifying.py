@@ -30,8 +30,9 @@ def methods(ctx: AppContext) -> list[str]:
     return names
 
 
-def default_method(ctx: AppContext) -> str | None:
-    found = methods(ctx)
+def default_method(ctx: AppContext, found: list[str] | None = None) -> str | None:
+    """The classifier shown first; ``found``: ``methods(ctx)`` when the caller has it already."""
+    found = methods(ctx) if found is None else found
     return found[0] if found else None
 
 

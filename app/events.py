@@ -270,7 +270,7 @@ class Events:
             gr.Dropdown(choices=["(any)", *self.ctx.collection.label_counts()]),
             gr.Dropdown(
                 choices=names,
-                value=how if how in names else classifying.default_method(self.ctx),
+                value=how if how in names else classifying.default_method(self.ctx, names),
             ),
             encoder_info.encoder_markdown(self.ctx),
             *encoder_info.loss_views(self.ctx),

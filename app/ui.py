@@ -47,6 +47,9 @@ def upload_image(**kwargs: Any) -> gr.Image:
 def build_demo(ctx: AppContext) -> gr.Blocks:
     """The four tabs (Search, Classify, Collection, Encoder) over the opened collection."""
     labels = ["(any)", *ctx.collection.label_counts()]
+    names = classifying.methods(ctx)
+    first = classifying.default_method(ctx, names)
+    summary, confusion_png = classifying.probe_summary(ctx, first)
     with gr.Blocks(title=f"moco-search · {ctx.title}") as demo:
         title = gr.Markdown(overview.heading(ctx))
         selected = gr.State(None)  # the clicked Hit
@@ -101,8 +104,8 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                         height=260,
                     )
                     method = gr.Dropdown(
-                        classifying.methods(ctx),
-                        value=classifying.default_method(ctx),
+                        names,
+                        value=first,
                         label="Classifier (probe or kNN)",
                     )
                     cls_go = gr.Button("Classify", variant="primary")
@@ -121,16 +124,14 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                         label="Train on",
                     )
                     train_go = gr.Button("Train / retrain probe")
-                    probe_md = gr.Markdown(
-                        classifying.probe_summary(ctx, classifying.default_method(ctx))[0]
-                    )
+                    probe_md = gr.Markdown(summary)
                     gr.Markdown("### Label the selected search result")
                     new_label = gr.Textbox(label="Label (empty removes it)")
                     label_go = gr.Button("Label it")
                     label_md = gr.Markdown()
                 with gr.Column():
                     confusion = gr.Image(
-                        picture(classifying.probe_summary(ctx, classifying.default_method(ctx))[1]),
+                        picture(confusion_png),
                         label="Held-out confusion",
                         interactive=False,
                     )

@@ -130,7 +130,7 @@ def collection_status(collection: str | os.PathLike) -> Status:
         labels = db.execute(
             "SELECT count(DISTINCT label) FROM images WHERE status = 'ok' AND label IS NOT NULL"
         ).fetchone()[0]
-        ui_labels = len(store.user_labels(db)) if store.has_table(db, "user_labels") else 0
+        ui_labels = len(store.user_labels(db))  # {} before the first label given in the UI
         pending = switch.unfinished(db)
     finally:
         db.conn.close()
