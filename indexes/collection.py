@@ -103,9 +103,8 @@ class Collection:
         follow one in progress: ``sync.open_index`` reconciles the index in memory)."""
         with self._lock:
             self.loads += 1
-            self._seen = file_identity(self.path / manifest.MANIFEST_NAME)  # before it is read
             before = getattr(self, "manifest", None)
-            self.manifest = switch.adopt_switch(manifest.read_manifest(self.path), self._db)
+            self.manifest, self._seen = switch.read_adopted(self.path, self._db)
             if before is not None and not switch.same_entry(
                 before["encoder"], self.manifest["encoder"]
             ):  # re-embedded (``index --reembed``): queries need the new encoder too

@@ -119,7 +119,7 @@ def collection_status(collection: str | os.PathLike) -> Status:
         raise FileNotFoundError(f"Collection database missing: {db_path}")
     db = store.Database(store.connect_read_only(db_path))
     try:
-        m = switch.adopt_switch(m, db)
+        m, _ = switch.read_adopted(path, db)
         counts = store.status_counts(db)
         per_root = dict(
             db.execute(

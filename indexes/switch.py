@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from indexes import manifest, store, vectors
-from moco import EncoderConfig
+from moco import EncoderConfig, file_identity
 
 if TYPE_CHECKING:
     from indexes.embed import Decoded
@@ -48,6 +48,7 @@ STAGED_SCHEMA = (
 STAGED = "staged_encoder"
 SWITCHED = "switched_encoder"
 CHUNK = 16384
+READ_ATTEMPTS = 3  # reads of a manifest replaced under the reader (a swap replaces it once)
 """Rows read at a time while staging (each chunk starts its decoding workers: ~1 s a minute)."""
 
 
@@ -281,6 +282,27 @@ def adopt_switch(m: dict[str, Any], db: store.Database) -> dict[str, Any]:
         entry["path"],
     )
     return _switched(m, entry)
+
+
+def read_adopted(collection: Path, db: store.Database) -> tuple[dict[str, Any], Any]:
+    """The collection's manifest through ``adopt_switch``, and the identity of the file it was
+    read from (``file_identity``, taken before reading, for whoever follows later changes).
+
+    A ``--reembed`` swap commits its vectors and encoder record, writes the manifest, then
+    deletes ``SWITCHED``: a reader that read the old manifest just before the write and the
+    database just after the delete would see the two disagree and refuse a sound collection.
+    The manifest is read again when it was replaced during the read; a mismatch that stays is
+    real (a restored backup) and is raised."""
+    path = collection / manifest.MANIFEST_NAME
+    for _ in range(READ_ATTEMPTS - 1):
+        seen = file_identity(path)
+        try:
+            return adopt_switch(manifest.read_manifest(collection), db), seen
+        except ValueError:
+            if file_identity(path) == seen:
+                raise
+    seen = file_identity(path)
+    return adopt_switch(manifest.read_manifest(collection), db), seen
 
 
 def finish_switch(collection: Path) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from indexes import Collection, index_images, manifest, switch
+from indexes.status import collection_status
 from moco import read_encoder_config
 from tests.indexes.conftest import consistency, image, interrupted_reembed
 
@@ -329,3 +330,38 @@ def test_a_manifest_from_before_the_reembed_is_refused(
     assert (coll / "meta.db").read_bytes() == db_before and (
         coll / "manifest.json"
     ).read_bytes() == old
+
+
+def test_a_reader_that_races_the_swap_reads_the_manifest_again(
+    coll: Path, images: Path, other_encoder_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The swap commits the new vectors and their encoder record, then replaces the manifest:
+    a reader that read the old manifest just before the replacement, and the database just
+    after, sees the two disagree. It reads the manifest again instead of refusing a sound
+    collection (the web UI would have failed that search; ``info`` that call)."""
+    old = (coll / "manifest.json").read_bytes()
+    build(images, coll, other_encoder_dir, reembed=True)
+    new = (coll / "manifest.json").read_bytes()
+    (coll / "manifest.json").write_bytes(old)  # the moment before the swap's manifest write
+    real = manifest.read_manifest
+    reads: list[str] = []
+
+    def racing(path: Path) -> dict:
+        m = real(path)
+        reads.append(m["encoder"]["content_hash"])
+        if len(reads) == 1:  # the swap writes its manifest while this reader holds the old one
+            tmp = coll / "manifest.tmp"
+            tmp.write_bytes(new)
+            os.replace(tmp, coll / "manifest.json")
+        return m
+
+    monkeypatch.setattr(manifest, "read_manifest", racing)
+    with Collection.open(coll) as c:
+        assert c.manifest["encoder"]["content_hash"] == encoder_hash(coll) != reads[0]
+        q = next(images.rglob("*.png"))
+        assert c.search(q, k=1)[0].path == str(q)
+    assert reads[1] != reads[0]
+    reads.clear()
+    (coll / "manifest.json").write_bytes(old)
+    st = collection_status(coll)
+    assert st.encoder["content_hash"] == encoder_hash(coll) != reads[0]
