@@ -55,6 +55,17 @@ def parse_bytes(text: str | int) -> int:
     return int(float(m[1]) * UNITS[m[2] or ""])
 
 
+def format_bytes(n: int) -> str:
+    """``2_252_274`` -> ``"2.3 MB"``: the decimal units ``parse_bytes`` reads, so a size that
+    ``info`` prints can be given back as ``--max-index-memory``."""
+    size, unit = float(n), "B"
+    for bigger in ("KB", "MB", "GB", "TB"):
+        if size < 1000:
+            break
+        size, unit = size / 1000, bigger
+    return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+
+
 def nlist_for(n: int) -> int:
     """IVF lists: about 4 sqrt(n), a power of two in [256, 65536], at least 39 vectors each."""
     nlist = 2 ** round(math.log2(4 * math.sqrt(max(n, 1))))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from indexes import manifest, store, switch, vectors
+from indexes.budget import format_bytes
 from indexes.probes import list_probes
 
 
@@ -71,8 +72,9 @@ class Status:
         )
         lines.append(
             f"  index: {idx.get('factory', '?')}, {idx.get('ntotal', 0)} vectors, "
-            f"{_size(idx.get('file_bytes', 0))}, recall@10 {idx.get('recall_at_10', '?')}; "
-            f"database {_size(self.database_bytes)} ({idx.get('vector_dtype', 'float32')} vectors)"
+            f"{format_bytes(idx.get('file_bytes', 0))}, recall@10 {idx.get('recall_at_10', '?')}; "
+            f"database {format_bytes(self.database_bytes)} "
+            f"({idx.get('vector_dtype', 'float32')} vectors)"
         )
         if self.updated:
             run = self.last_run
@@ -100,14 +102,6 @@ class Status:
                 f"encoder {r['path']} ({r['content_hash'][:16]}); run it again to finish"
             )
         return "\n".join(lines)
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
 
 
 def collection_status(collection: str | os.PathLike) -> Status:

@@ -64,7 +64,7 @@ HELP = {
     "sync_bn": "SyncBatchNorm across processes instead of shuffled keys",
     "adapt": ADAPT_HELP,
     "workers": "data-loading processes",
-    "cache": "with --augment pil, keep decoded images in memory: auto (when under 2 GB), on, off",
+    "cache": "with --augment pil, keep decoded images in memory: auto (when under 2 GiB), on, off",
     "augment": "where views are augmented: batch (a batch at a time on the training device, "
     "from the decoded image store), pil (per image in --workers processes), or auto (batch; "
     "on CPU above 96 px pil, which measured faster there; pil when the store cannot be written)",

@@ -57,6 +57,17 @@ def test_parse_bytes() -> None:
         budget.parse_bytes("lots")
 
 
+@pytest.mark.parametrize(
+    "n, text",
+    [(1, "1 B"), (999, "999 B"), (2_252_274, "2.3 MB"), (2 * 10**9, "2.0 GB"), (5e15, "5000.0 TB")],
+)
+def test_format_bytes_prints_what_parse_bytes_reads(n: int, text: str) -> None:
+    """``info`` prints sizes in the units ``--max-index-memory`` reads: "2.0 GB" given back is
+    the same 2e9 bytes (it printed units of 1024 labelled MB, 5% off at GB)."""
+    assert budget.format_bytes(n) == text
+    assert budget.parse_bytes(text) == pytest.approx(n, rel=0.05)
+
+
 def test_collection_follows_its_budget_and_keeps_it(
     images: Path, encoder_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
