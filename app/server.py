@@ -93,7 +93,7 @@ def open_context(cfg: ServerConfig) -> Any:
 def launch(ctx: Any, cfg: ServerConfig) -> Any:
     """Build and start the demo without blocking; return the running ``gr.Blocks``."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no phoning home
-    from app.ui import build_demo
+    from app.ui import CSS, build_demo
 
     warning = exposure_warning(cfg.host, cfg.auth, cfg.share)
     if warning:
@@ -119,6 +119,7 @@ def launch(ctx: Any, cfg: ServerConfig) -> Any:
         ssr_mode=False,
         inbrowser=False,
         enable_monitoring=False,
+        css=CSS,
     )
     return demo
 

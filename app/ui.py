@@ -18,6 +18,9 @@ from app.events import NO_PICK, Events, picture
 from indexes.duplicates import THRESHOLD
 
 GALLERY_COLUMNS = 6
+# Gradio shows a picture at its own size when it is smaller than its box (``scale-down``): a 28-px
+# digit or a 64-px icon was a stamp in the middle of the query box. Fit every picture to its box.
+CSS = ".fit-box .image-frame img { object-fit: contain; }"
 
 
 def upload_image(**kwargs: Any) -> gr.Image:
@@ -63,6 +66,7 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                     format="png",
                     sources=["upload", "clipboard", "webcam"],
                     height=260,
+                    elem_classes="fit-box",
                 )
                 k = gr.Slider(1, handlers.MAX_K, value=12, step=1, label="Results (k)")
                 label = gr.Dropdown(labels, value="(any)", label="Label filter")
@@ -102,6 +106,7 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                         label="Image to classify (follows the Search tab's query)",
                         value=ctx.example,
                         height=260,
+                        elem_classes="fit-box",
                     )
                     method = gr.Dropdown(
                         names,
@@ -166,7 +171,9 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                     "", label="Embeddings", js_on_load=overview.MAP_JS, elem_id="map", scale=3
                 )
                 with gr.Column(scale=1):
-                    point_img = gr.Image(label="Clicked point", interactive=False, height=220)
+                    point_img = gr.Image(
+                        label="Clicked point", interactive=False, height=220, elem_classes="fit-box"
+                    )
                     point_md = gr.Markdown()
             map_state = gr.State(None)
         with gr.Tab("Encoder"):

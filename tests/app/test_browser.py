@@ -6,11 +6,14 @@ Skipped with a reason when /usr/bin/chromium is missing, unless MOCO_SEARCH_REQU
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from app.screenshots import ARGS, CHROMIUM  # one set of browser flags
 
@@ -49,6 +52,11 @@ def test_upload_search_click_screenshot(page: Any, server: Any, ctx: Any, tmp_pa
         "i.alt.includes('square_03'))"
     )
     assert captions(page)[0] == "query · square_03.png"  # its own match, marked
+    # the 48x40 query is drawn across its box (Gradio drew one smaller than its box at 48 px)
+    frame = Image.open(io.BytesIO(page.locator(".fit-box .image-frame").first.screenshot()))
+    row = np.asarray(frame.convert("RGB")).astype(int)[frame.height // 2]  # across the middle
+    drawn = np.flatnonzero(abs(row - 255).sum(-1) > 60)  # columns off the box's white
+    assert drawn.size and drawn[-1] - drawn[0] > 0.8 * frame.width > 150
     page.locator("#results img").nth(1).click()
     page.wait_for_function("document.querySelector('#picked').innerText.includes('Selected')")
     page.locator("#from-btn").click()
