@@ -151,6 +151,7 @@ def train_one_epoch(state: TrainState, loader: DataLoader) -> dict[str, float]:
                 if budget.due(global_step + 1):
                     plan(state, global_step + 1)
                     bar.total = state.steps_this_epoch()
+                    bar.set_description(state.runlog.epoch_label(state.epoch), refresh=False)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{loss.item():.3f}",

@@ -50,9 +50,13 @@ class RunLog:
             disable=not self.enabled,
             unit="step",
             leave=False,
-            desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+            desc=self.epoch_label(epoch),
             dynamic_ncols=True,
         )
+
+    def epoch_label(self, epoch: int) -> str:
+        """``epoch 3/12``: of the epochs planned now (``--minutes`` plans them as it goes)."""
+        return f"epoch {epoch + 1}/{self.cfg.epochs}"
 
     def step(self, global_step: int, loss: float, lr: float) -> None:
         if self.tb and global_step % 10 == 0:

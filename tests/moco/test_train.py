@@ -560,7 +560,7 @@ def test_ctrl_c_after_minutes_planned_inside_an_epoch_saves_the_plan(
 
 
 def test_minutes_stops_on_its_own_and_logs_the_epochs_it_chose(
-    emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    emoji_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
 ) -> None:
     caplog.set_level("INFO")
     run = tmp_path / "run"
@@ -576,6 +576,12 @@ def test_minutes_stops_on_its_own_and_logs_the_epochs_it_chose(
     assert "stopped after" in caplog.text
     warmup = re.search(r"\(warm-up (\d+), then cosine", caplog.text)
     assert warmup and int(warmup.group(1)) > 0  # unset: a share of the run
+    # the progress bar counts the planned epochs from the plan on, within the epoch it was
+    # made in (it said "/10000" until the next epoch's bar)
+    bars = re.findall(r"epoch (\d+)/(\d+):", capsys.readouterr().err)
+    planned = next(i for i, (_, total) in enumerate(bars) if total != "10000")
+    assert planned > 0 and bars[planned][0] == bars[planned - 1][0]
+    assert bars[-1][1] == str(chosen["epochs"])
 
 
 def test_minutes_keeps_a_warmup_of_zero_when_given(
