@@ -279,10 +279,12 @@ def start_run(
         old = folders.move_root(collection, old, *move_root)
     if forget_root:
         old = folders.forget_root(collection, old, forget_root)[0]
-    names, encoder = preflight.resolve(list(roots), collection, encoder, old, bool(forget_root))
+    kept: list[str] = []
+    if old is None and encoder is not None:  # a database without its manifest, or a new one
+        kept = preflight.check_manifest_kept(collection, encoder)
+    given = list(roots) or [Path(r) for r in kept]  # the lost manifest's folders: its images'
+    names, encoder = preflight.resolve(given, collection, encoder, old, bool(forget_root))
     cfg = read_encoder_config(encoder)
-    if old is None:
-        preflight.check_manifest_kept(collection, cfg.content_hash)
     if index_type != "auto":
         vectors.new_index(index_type, cfg.feature_dim)  # a bad factory string fails here
     if vector_dtype is not None and vector_dtype not in store.VECTOR_DTYPES:
@@ -320,7 +322,7 @@ def start_run(
             "encoder": manifest.encoder_entry(encoder, cfg),
             "feature_dim": cfg.feature_dim,
             "metric": "inner_product",
-            "roots": sorted(set((old or {}).get("roots", [])) | set(names)),
+            "roots": sorted(set((old or {}).get("roots", [])) | set(names) | set(kept)),
             "index": {},
             "generation": None,
         }

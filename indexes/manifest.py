@@ -32,7 +32,7 @@ def read_manifest(collection: str | os.PathLike) -> dict[str, Any]:
             raise FileNotFoundError(
                 f"Collection {collection} has its database but no {MANIFEST_NAME} (deleted, or "
                 "not copied with the database?): restore it from a backup, or index its folders "
-                f"again with the encoder that made it (moco-search index DIR --collection "
+                f"again with the encoder that made it (moco-search index --collection "
                 f"{collection} --encoder ENC): ids and labels are kept"
             )
         raise FileNotFoundError(f"Not a collection (no {MANIFEST_NAME}): {collection}")

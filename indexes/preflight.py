@@ -17,7 +17,7 @@ from typing import Any
 from indexes import faults, manifest, store, vectors
 from indexes.plan import Row
 from indexes.scan import FileEntry
-from moco import is_within
+from moco import is_within, read_encoder_config
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,12 @@ def resolve(
     """The run's root folders (absolute) and encoder directory, defaulting to the manifest's;
     none at all only when ``forgot`` (``--forget-root`` removed the collection's last one)."""
     if encoder is None:
+        if old is None and vector_count(collection):
+            raise ValueError(
+                f"Collection {collection} has its database but no {manifest.MANIFEST_NAME} "
+                "(deleted, or not copied with the database?): give the encoder that made its "
+                "vectors (--encoder ENC) to write it again, ids and labels kept"
+            )
         if old is None:
             raise ValueError(f"{collection} is a new collection: give the encoder to index with")
         encoder = Path(old["encoder"]["path"])
@@ -122,33 +128,41 @@ def check_collection(collection: Path) -> None:
         )
 
 
-def check_manifest_kept(collection: Path, content_hash: str) -> None:
+def check_manifest_kept(collection: Path, encoder: Path) -> list[str]:
     """A database holding vectors beside no ``manifest.json`` (deleted, or not copied with the
-    database) is indexed on only with the encoder that made them (``content_hash``), which then
-    writes the manifest again: ids, vectors and labels are kept. With any other, indexing bound
+    database) is indexed on only with the encoder that made them (``encoder``), which then
+    writes the manifest again: ids, vectors and labels are kept, and so are its folders (those
+    of its images, returned, also the ones not given this time). With any other, indexing bound
     the collection to it and kept the old vectors: another size failed at the first search,
     the same size mixed two encoders' vectors in silence. Databases older than the key that
     names their encoder cannot tell, and are refused."""
     n = vector_count(collection)
     if not n:
-        return
+        return []
+    content_hash = read_encoder_config(encoder).content_hash
     db = store.open_store(collection / store.DB_NAME, create=False)
     try:
         made_by = store.read_info(db).get(store.ENCODER_HASH)
+        folders = [
+            r[0]
+            for r in db.execute(
+                "SELECT path FROM roots WHERE id IN (SELECT root_id FROM images) ORDER BY path"
+            )
+        ]
     finally:
         db.conn.close()
     if made_by == content_hash:
         log.warning(
-            "%s had lost its %s: written again for encoder %s, which made its %d vectors. "
-            "What only it held is back to its default (the index type and memory budget, a "
-            "remembered labels CSV), and a folder not given this time is kept as it is until "
-            "it is given again",
+            "%s had lost its %s: written again for encoder %s, which made its %d vectors, "
+            "and its images' folders (%d). What only it held is back to its default (the "
+            "index type and memory budget, a remembered labels CSV)",
             collection,
             manifest.MANIFEST_NAME,
             content_hash[:16],
             n,
+            len(folders),
         )
-        return
+        return folders
     need = f"encoder {made_by[:16]}" if made_by else "an encoder it does not name"
     raise ValueError(
         f"Collection {collection} holds {n} vectors of {need} but no {manifest.MANIFEST_NAME} "

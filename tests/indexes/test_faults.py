@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import launch
-from indexes import index_images
+from indexes import index_images, manifest
 from indexes.store import open_store
 from tests.indexes.conftest import consistency, write_images
 
@@ -425,6 +425,34 @@ def test_a_lost_manifest_is_written_again_only_for_the_encoder_of_the_vectors(
     capsys.readouterr()
     assert index_cli(images, coll, "--encoder", str(encoder_dir)) == 2
     assert "vectors of an encoder it does not name" in error_line(capsys, "index")
+
+
+def test_a_manifest_written_again_keeps_the_folders_not_given(
+    images: Path, encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The manifest rebuilt after a loss named only the folders given in that command: the
+    others' images stayed in the database, out of every later re-scan and of ``info``."""
+    other = tmp_path / "other"
+    write_images(other, {"fox": 4}, start_seed=100)
+    coll = tmp_path / "c"
+    given = ["index", str(images), str(other), "--collection", str(coll), "--workers", "0"]
+    assert launch.main([*given, "--encoder", str(encoder_dir)]) == 0
+    both = sorted(manifest.read_manifest(coll)["roots"])
+    (coll / "manifest.json").unlink()
+    assert index_cli(images, coll, "--encoder", str(encoder_dir)) == 0
+    assert (
+        sorted(manifest.read_manifest(coll)["roots"]) == both == sorted([str(images), str(other)])
+    )
+    # with no folder given, the run takes them all from the database; the encoder it needs
+    (coll / "manifest.json").unlink()
+    capsys.readouterr()
+    assert launch.main([*given[:1], *given[3:]]) == 2
+    assert "has its database but no manifest.json" in error_line(capsys, "index")
+    assert launch.main([*given[:1], *given[3:], "--encoder", str(encoder_dir)]) == 0
+    assert sorted(manifest.read_manifest(coll)["roots"]) == both
+    capsys.readouterr()
+    assert launch.main(["index", "--collection", str(coll), "--workers", "0"]) == 0
+    assert "(0 new, 0 updated, 0 renamed, 0 removed, 20 unchanged)" in capsys.readouterr().out
 
 
 def test_a_lost_database_is_indexed_again_without_the_old_faiss_file(
