@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from moco.augment import TwoCropsTransform, eval_transform, moco_transform
     from moco.config import KNN_K, KNN_T, TrainConfig
     from moco.data import (
+        HEIF_EXTENSIONS,
         IMAGE_EXTENSIONS,
         ImageError,
         ImageFiles,
@@ -75,6 +76,7 @@ _WHERE = {
     "DiskFullError": "moco.files",
     "ENCODERS": "moco.encoders",
     "EncoderConfig": "moco.encoder_config",
+    "HEIF_EXTENSIONS": "moco.data",
     "IMAGE_EXTENSIONS": "moco.data",
     "ImageError": "moco.data",
     "ImageFiles": "moco.data",
@@ -133,6 +135,7 @@ _WHERE = {
 __all__ = [
     "DISK_FULL",
     "ENCODERS",
+    "HEIF_EXTENSIONS",
     "IMAGE_EXTENSIONS",
     "KNN_K",
     "KNN_T",

@@ -17,14 +17,34 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError, features
 from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ico"}
-)
+HEIF_EXTENSIONS = frozenset({".heic", ".heif"})
+"""Phones' photos (an iPhone's default): decoded with the optional ``pillow-heif``."""
+
+
+def _decoded_types() -> frozenset[str]:
+    """The file types this Pillow decodes that image folders hold: AVIF from Pillow 11.3 on,
+    HEIC and HEIF when ``pillow-heif`` is installed (``pip install moco-search[heif]``), which
+    this registers with Pillow for every decoder here (indexing, training, thumbnails)."""
+    types = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ico"}
+    try:
+        if features.check_module("avif"):
+            types.add(".avif")
+    except ValueError:  # a Pillow older than its AVIF plugin
+        pass
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return frozenset(types)
+    register_heif_opener()
+    return frozenset(types | HEIF_EXTENSIONS)
+
+
+IMAGE_EXTENSIONS = _decoded_types()
 """What ``list_images`` picks up: the formats Pillow decodes that image folders hold."""
 SYSTEM_FOLDERS = frozenset(
     {"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information", "__MACOSX"}

@@ -390,7 +390,7 @@ def test_a_run_that_leaves_no_image_says_why_not_what_next(
     for name in ("a.png", "b.jpg"):
         (junk / name).write_text("not an image either")
     for folder, said in [
-        (empty, f"{empty} holds no image files (bmp gif ico jpeg jpg png"),
+        (empty, f"{empty} holds no image files (avif bmp gif heic heif ico jpeg jpg png"),
         (junk, "none of the 2 image files could be read (the reasons above)"),
     ]:
         args = ["index", str(folder), "--collection", str(tmp_path / folder.name / "c")]

@@ -37,6 +37,35 @@ def test_ico_is_indexed_and_other_types_are_counted(
     assert last_run["skipped"] == {".psd": 3, ".txt": 1}
 
 
+def test_avif_and_heic_photos_are_indexed_and_found_by_themselves(
+    images: Path, encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """An iPhone's photos are HEIC, and AVIF is what phones and the web move to: both were
+    passed over as "unsupported type", most of a phone's library gone from the collection."""
+    heif = pytest.importorskip("pillow_heif")  # in the test extra; a user's may lack it
+    heif.from_pillow(image(91, (64, 48))).save(images / "cat" / "phone.heic", quality=95)
+    image(92, (64, 48)).save(images / "dog" / "web.avif", quality=95)
+    coll = tmp_path / "coll"
+    args = ["index", str(images), "--collection", str(coll), "--workers", "0"]
+    assert launch.main([*args, "--encoder", str(encoder_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("18 images in the collection") and "skipped" not in out
+    with Collection.open(coll) as c:
+        for name, fmt in (("cat/phone.heic", "HEIF"), ("dog/web.avif", "AVIF")):
+            (rec,) = c.query_records("images.relpath = ?", [name])
+            assert rec.status == "ok" and rec.format == fmt
+            hit = c.search(images / name, k=1)[0]
+            assert hit.id == rec.id and hit.score > 0.999
+
+
+def test_heic_without_its_decoder_says_how_to_get_it() -> None:
+    from indexes.build import IndexReport
+
+    said = IndexReport(skipped={".heic": 3, ".psd": 1}).summary()
+    assert said.endswith("types .heic (3), .psd (1) (for .heic: pip install pillow-heif)")
+    assert "pillow-heif" not in IndexReport(skipped={".psd": 1}).summary()
+
+
 def test_hidden_and_nas_folders_are_passed_over_and_counted(
     images: Path, encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
