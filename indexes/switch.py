@@ -48,8 +48,9 @@ STAGED_SCHEMA = (
 STAGED = "staged_encoder"
 SWITCHED = "switched_encoder"
 CHUNK = 16384
-READ_ATTEMPTS = 3  # reads of a manifest replaced under the reader (a swap replaces it once)
 """Rows read at a time while staging (each chunk starts its decoding workers: ~1 s a minute)."""
+READ_ATTEMPTS = 3
+"""Reads of a manifest replaced under its reader (``read_adopted``; a swap replaces it once)."""
 
 
 @dataclass
@@ -284,7 +285,9 @@ def adopt_switch(m: dict[str, Any], db: store.Database) -> dict[str, Any]:
     return _switched(m, entry)
 
 
-def read_adopted(collection: Path, db: store.Database) -> tuple[dict[str, Any], Any]:
+def read_adopted(
+    collection: Path, db: store.Database
+) -> tuple[dict[str, Any], tuple[int, int, int] | None]:
     """The collection's manifest through ``adopt_switch``, and the identity of the file it was
     read from (``file_identity``, taken before reading, for whoever follows later changes).
 
