@@ -107,9 +107,9 @@ class Status:
 def collection_status(collection: str | os.PathLike) -> Status:
     """The state of ``collection``, read without writing anything."""
     path = Path(collection)
-    m = manifest.read_manifest(path)  # a clear error for a non-collection
     db_path = path / store.DB_NAME
     if not db_path.is_file():
+        manifest.read_manifest(path)  # a clear error for a non-collection
         raise FileNotFoundError(f"Collection database missing: {db_path}")
     db = store.Database(store.connect_read_only(db_path))
     try:
