@@ -74,6 +74,13 @@ def warning(e: Exception) -> Any:
     return gr.skip()  # one skip() stands for all of an event's outputs
 
 
+def kept(e: Exception, n: int) -> list[Any]:
+    """``warning`` for an event that also outputs an upload box: skips for its ``n`` other
+    outputs, while the box must be sent back what it shows (``app.ui.upload_image``)."""
+    gr.Warning(str(e))
+    return [gr.skip()] * n
+
+
 def error(e: Exception) -> Any:
     """The public API's answer: an error for the caller."""
     raise gr.Error(str(e), print_exception=False) from None
@@ -124,6 +131,24 @@ class Events:
         r = handlers.search(self.ctx, img, k, label, text, cut)
         return r.gallery, r.rows(), r.status(), r.hits, None, NO_PICK
 
+    def upload_search(self, img: Any, k: Any, label: Any, text: Any, cut: Any) -> tuple[Any, ...]:
+        """An upload: a new search, and the query box shows it as the browser can draw it
+        (``handlers.for_browser``: an iPhone's HEIC as a PNG)."""
+        try:
+            searched, shown = handlers.for_browser(self.ctx, img)
+            r = handlers.search(self.ctx, searched, k, label, text, cut)
+        except Exception as e:
+            return (*kept(explained("upload_search", e), 6), img)
+        return r.gallery, r.rows(), r.status(), r.hits, None, NO_PICK, shown
+
+    def show_upload(self, img: Any) -> Any:
+        """An upload to classify, as the browser can draw it (``handlers.for_browser``)."""
+        try:
+            return handlers.for_browser(self.ctx, img)[1]
+        except Exception as e:
+            warning(explained("show_upload", e))
+            return img  # never a skip (app.ui.upload_image)
+
     @guarded
     def select_result(self, found: list[Any], evt: gr.SelectData) -> tuple[Any, str]:
         """Selecting a result only selects it: marking it must not change the query."""
@@ -140,8 +165,7 @@ class Events:
                 raise UserError("Click a result first.")
             r = handlers.search_id(self.ctx, hit.id, k, label, text, cut)
         except Exception as e:
-            warning(explained("search_from", e))
-            return (*[gr.skip()] * 4, shown, gr.skip())
+            return (*kept(explained("search_from", e), 4), shown, gr.skip())
         return (
             *refined(r, hit),
             handlers.query_image(self.ctx, hit),

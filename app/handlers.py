@@ -31,6 +31,11 @@ MAX_K = 100
 MAX_UPLOAD_PIXELS = 40_000_000
 """Uploads that would decode to more pixels than this are refused as decompression bombs (a
 JPEG is decoded at a reduced scale first, so only other formats of 40 MP and more are)."""
+BROWSER_TYPES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".ico", ".avif"})
+"""Image files that Chromium, Firefox and Safari all draw. Chromium and Firefox draw no HEIC (an
+iPhone's photos) and no TIFF (a scanner's), which the search takes all the same."""
+SHOWN_SIDE = 1280
+"""The longest side of the picture the query box shows for an upload the browser cannot draw."""
 
 
 class UserError(ValueError):
@@ -99,6 +104,22 @@ def decode_upload(ctx: AppContext, image: Any) -> Image.Image:
         name = Path(image).name if isinstance(image, (str, os.PathLike)) else "this upload"
         detail = f" ({e.detail})" if e.detail and e.reason == "decompression bomb" else ""
         raise UserError(f"Cannot use {name}: {e.reason}{detail}") from None
+
+
+def for_browser(ctx: AppContext, image: Any) -> tuple[Any, Any]:
+    """An upload as the search takes it and as the query box shows it, ``(searched, shown)``.
+
+    A file the browser draws is both. Another (``BROWSER_TYPES``) is decoded once, searched
+    whole, and shown as a picture of at most ``SHOWN_SIDE`` pixels, which Gradio saves into its
+    upload cache as PNG: the box showed a broken picture beside the right results, and searching
+    again searches that picture, close enough to the photo to find it first.
+    """
+    if not isinstance(image, (str, os.PathLike)) or Path(image).suffix.lower() in BROWSER_TYPES:
+        return image, image
+    searched = decode_upload(ctx, image)
+    shown = searched.copy()
+    shown.thumbnail((SHOWN_SIDE, SHOWN_SIDE))
+    return searched, shown
 
 
 def make_filters(label: str | None, path_text: str | None) -> Filters | None:

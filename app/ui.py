@@ -209,7 +209,12 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
             fn=ev.new_search, inputs=[query, *filters], outputs=[*results, selected, picked]
         )
         go.click(**new_query, **private)
-        query.upload(**new_query, **private)
+        query.upload(
+            ev.upload_search,
+            [query, *filters],
+            [*results, selected, picked, query],
+            **private,
+        )
         if ctx.example:
             demo.load(**new_query, **private)
         gallery.select(ev.select_result, [hits], [selected, picked], **private)
@@ -228,6 +233,7 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
 
         # --- Classify wiring ------------------------------------------------------------------
         api_classify.click(ev.do_classify, [cls_image, method], [top5, cls_md], api_name="classify")
+        cls_image.upload(ev.show_upload, [cls_image], [cls_image], **private)
         cls_go.click(ev.classify_page, [cls_image, method], [top5, cls_md], **private)
         cls_tab.select(
             ev.follow_query, [query, cls_image, method], [cls_image, top5, cls_md], **private

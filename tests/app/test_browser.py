@@ -140,3 +140,43 @@ def test_the_map_names_each_point_on_hover_and_opens_it_on_click(page: Any, serv
         "document.body.innerText.includes('label:')"
     )
     assert titles[3].split("/")[0] in page.inner_text("body")  # its label, the folder name
+
+
+def drawn_width(page: Any, box: str) -> int:
+    """How wide the browser drew the picture in ``box`` (0: it could not decode the file)."""
+    img = page.locator(f"{box} .image-frame img").first
+    return int(img.evaluate("i => i.complete ? i.naturalWidth : 0"))
+
+
+def test_a_heic_upload_is_drawn_searched_and_classified(
+    page: Any, server: Any, ctx: Any, tmp_path: Path
+) -> None:
+    """A phone's HEIC is searched and shown: browsers (Chromium, Firefox) draw no HEIC, so the
+    query box showed a broken picture beside the right results."""
+    heif = pytest.importorskip("pillow_heif")  # in the test extra; a user's may lack it
+    with Image.open(Path(ctx.roots()[0]) / "square" / "square_03.png") as im:
+        photo = tmp_path / "IMG_0001.heic"
+        heif.from_pillow(im.convert("RGB").resize((480, 400))).save(photo, quality=95)
+        other = tmp_path / "IMG_0002.heic"
+        heif.from_pillow(im.convert("RGB").resize((360, 300))).save(other, quality=95)
+    page.goto(server.local_url)
+    page.wait_for_function("document.querySelectorAll('#results img').length >= 12")
+    page.locator("input[type=file]").first.set_input_files(str(photo))
+    page.wait_for_function(  # searched (the example query is a circle)
+        "document.querySelector('#results img').alt.includes('square_03')"
+    )
+    page.wait_for_function(  # and drawn, at its own size
+        "[...document.querySelectorAll('.fit-box .image-frame img')]"
+        ".some(i => i.complete && i.naturalWidth === 480)"
+    )
+    assert "Error" not in page.inner_text("body")
+    page.get_by_role("tab", name="Classify").click()  # follows the query: drawn there too
+    page.wait_for_function("document.body.innerText.includes('(3 classes).')")
+    assert "square" in page.inner_text("#top5")
+    assert drawn_width(page, "#classify-tab .fit-box") == 480
+    page.locator("#classify-tab button[aria-label='Remove Image']").click()
+    page.locator("#classify-tab input[type=file]").first.set_input_files(str(other))
+    page.wait_for_function(  # an upload there is drawn too
+        "[...document.querySelectorAll('#classify-tab .fit-box .image-frame img')]"
+        ".some(i => i.complete && i.naturalWidth === 360 && !i.src.includes('.heic'))"
+    )

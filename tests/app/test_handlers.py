@@ -142,6 +142,28 @@ def test_an_uploaded_photo_is_decoded_as_it_was_indexed(
         handlers.decode_upload(ctx, str(tmp_path / "photo.png"))
 
 
+def test_an_upload_the_browser_cannot_draw_is_shown_as_a_picture_it_can(
+    tmp_path: Path, own_ctx: Any, tree: Any
+) -> None:
+    """A scanner's TIFF (or an iPhone's HEIC) is searched whole and shown as a picture of at
+    most SHOWN_SIDE pixels; searching that picture again still finds the scan as the query."""
+    images = tree(tmp_path / "images", labels=("circle", "square"), n=2)
+    scan = images / "square" / "scan.tif"
+    Image.open(images / "square" / "square_01.png").convert("RGB").resize((3000, 2000)).save(scan)
+    ctx = own_ctx(images)
+    png = str(images / "circle" / "circle_00.png")
+    assert handlers.for_browser(ctx, png) == (png, png)  # drawn as it is
+    searched, shown = handlers.for_browser(ctx, str(scan))
+    assert searched.size == (3000, 2000) and shown.size == (handlers.SHOWN_SIDE, 853)
+    shown.save(tmp_path / "shown.png")  # what Gradio keeps and a new search reads
+    for query in (str(scan), searched, str(tmp_path / "shown.png")):
+        hit = handlers.search(ctx, query, k=1).hits[0]
+        assert hit.relpath == "square/scan.tif" and handlers.caption(hit).startswith("query · ")
+    (tmp_path / "notes.tif").write_text("not a scan")
+    with pytest.raises(UserError, match=r"Cannot use notes\.tif"):
+        handlers.for_browser(ctx, str(tmp_path / "notes.tif"))
+
+
 def test_more_like_this_and_relevance_feedback(ctx: Any) -> None:
     first = handlers.search(ctx, ctx.example, k=6)
     hit = handlers.selected_hit(first.hits, 2)

@@ -89,6 +89,9 @@ EVENTS = {
     "classify the query": ("follow_query", lambda p: [file_data(p), file_data(p), "knn"], False),
     "the Classify box": ("follow_query", lambda p: [None, file_data(p), "knn"], False),
     "search": ("do_search", lambda p: [file_data(p), 5, "(any)", "", -1], False),
+    # uploads are sent back to their box (a picture the browser draws, or as they are)
+    "upload": ("upload_search", lambda p: [file_data(p), 5, "(any)", "", -1], False),
+    "the Classify upload": ("show_upload", lambda p: [file_data(p)], False),
     "classify": ("do_classify", lambda p: [file_data(p), "knn"], False),
     # indexing the secret's folder from the UI
     "index": ("do_index", lambda p: [str(Path(p).parent), "knn"], False),
