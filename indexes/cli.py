@@ -298,7 +298,12 @@ def _print_hits(hits: list[Any], as_json: bool) -> None:
 
 
 def check_image_file(path: str | Path, what: str = "Image") -> None:
-    """A missing file and a folder given for a file are told apart."""
+    """A missing file, a folder given for a file and a web address are told apart."""
+    if "://" in str(path) and not Path(path).exists():
+        raise FileNotFoundError(
+            f"{what} {path} is a web address: moco-search reads image files on this machine; "
+            f"download it first (curl -O {path})"
+        )
     if Path(path).is_dir():
         raise IsADirectoryError(
             f"{what} {path} is a folder: give image files (to add a "

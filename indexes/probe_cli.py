@@ -150,7 +150,7 @@ class TrainArgs(ProbeArgs):
 class PredictArgs(KnnArgs):
     """``probe predict``."""
 
-    images: tuple[Path, ...] = field(default=(), metadata=flag(nargs="*", metavar="IMAGE"))
+    images: tuple[str, ...] = field(default=(), metadata=flag(nargs="*", metavar="IMAGE"))
     top: int = 5
     device: str = "cpu"
     json: bool = field(default=False, metadata=flag(action="store_true"))

@@ -242,6 +242,12 @@ def test_a_folder_query_and_a_bad_file_among_good_ones(
 ) -> None:
     assert launch.main(["search", "--collection", str(coll), str(images / "dog")]) == 2
     assert "is a folder: give image files" in capsys.readouterr().err
+    url = "https://example.com/cat.jpg"  # was "not found" (probe predict: "https:/example...")
+    for command in ("search", "probe predict"):
+        assert launch.main([*command.split(), "--collection", str(coll), url]) == 2
+        said = capsys.readouterr().err
+        assert f"{url} is a web address: moco-search reads image files on this" in said
+        assert said.endswith(f"download it first (curl -O {url})\n")
     launch.main(["probe", "train", "--collection", str(coll)])
     capsys.readouterr()
     bad = tmp_path / "bad.txt"
