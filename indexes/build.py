@@ -86,7 +86,8 @@ class IndexReport:
         if not self.hidden:
             return ""
         what = "file or folder" if self.hidden == 1 else "files or folders"
-        return f"; {self.hidden} hidden {what} passed over (first: {self.first_hidden})"
+        first = store.printable(self.first_hidden or "")
+        return f"; {self.hidden} hidden {what} passed over (first: {first})"
 
     def _skipped(self) -> str:
         """``; 3 files skipped: unsupported type .psd`` (with counts when several types)."""

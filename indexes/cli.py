@@ -59,7 +59,7 @@ def _stale_probes(collection: Path) -> None:
 
 
 def _shown(path: str) -> str:
-    """A path printable on any terminal (undecodable bytes as \\xNN)."""
+    """A path for JSON, which escapes control characters itself (undecodable bytes as \\xNN)."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
@@ -292,9 +292,12 @@ def _print_hits(hits: list[Any], as_json: bool) -> None:
         for rank, h in enumerate(hits, 1):
             print(json.dumps({"rank": rank, **_hit_dict(h)}))
         return
+    from indexes.store import printable
+
     print(f"{'rank':>4}  {'score':>7}  {'id':>7}  {'label':<12}  path")
     for rank, h in enumerate(hits, 1):
-        print(f"{rank:>4}  {h.score:7.4f}  {h.id:>7}  {h.label or '-':<12.12}  {_shown(h.path)}")
+        label = printable(h.label or "-")
+        print(f"{rank:>4}  {h.score:7.4f}  {h.id:>7}  {label:<12.12}  {printable(h.path)}")
 
 
 def check_image_file(path: str | Path, what: str = "Image") -> None:
@@ -362,6 +365,8 @@ def why_none(c: Any, args: SearchArgs) -> str:
     """Why a search found nothing, when its filters say: a label no image has (or one given
     only in the web UI, which --label does not match), a score no cosine similarity reaches;
     else that the filters leave no image."""
+    from indexes.store import printable
+
     labels = set(c.label_counts())
     if args.label is not None and args.label not in labels:
         if args.label in set(c.user_labels().values()):
@@ -369,7 +374,11 @@ def why_none(c: Any, args: SearchArgs) -> str:
                 f"{args.label!r} is a label given in the web UI, for probes and kNN; --label "
                 "matches the labels images were indexed with (their folders, or index --labels)"
             )
-        known = ", ".join(sorted(labels)[:10]) + (", ..." if len(labels) > 10 else "") or "none"
+        known = (
+            ", ".join(printable(x) for x in sorted(labels)[:10])
+            + (", ..." if len(labels) > 10 else "")
+            or "none"
+        )
         return f"no image is labelled {args.label!r} (labels: {known})"
     if args.min_score is not None and args.min_score > 1:
         return f"--min-score {args.min_score}: scores are cosine similarities, at most 1"
@@ -378,6 +387,7 @@ def why_none(c: Any, args: SearchArgs) -> str:
 
 def run_duplicates(ns: argparse.Namespace) -> int:
     from indexes.collection import Collection
+    from indexes.store import printable
 
     args = config_from_args(DuplicatesArgs, ns)
     with Collection.open(args.collection) as c:
@@ -389,7 +399,7 @@ def run_duplicates(ns: argparse.Namespace) -> int:
         least = min(h.score for h in g)
         print(f"group {n} ({len(g)} images, each at least {least:.4f} like the first)")
         for h in g:
-            print(f"  {h.score:7.4f}  {h.id:>7}  {_shown(h.path)}")
+            print(f"  {h.score:7.4f}  {h.id:>7}  {printable(h.path)}")
     print(f"{len(groups)} groups of near-duplicates at threshold {args.threshold}", file=sys.stderr)
     return 0
 

@@ -64,7 +64,7 @@ class Status:
         ]
         for f in self.folders:
             gone = "" if f["present"] else "  (not found: --move-root it if it moved)"
-            lines.append(f"  folder: {f['path']} ({f['images']} images){gone}")
+            lines.append(f"  folder: {store.printable(f['path'])} ({f['images']} images){gone}")
         lines.append(
             f"  encoder: {enc['path']} ({enc['arch']}, {enc['feature_dim']}-d {enc['pooling']}, "
             f"{enc['image_size']} px, hash {enc['content_hash'][:16]})"

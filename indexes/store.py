@@ -73,6 +73,21 @@ def display(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), *range(127, 160)]} | {
+    9: "\\t",
+    10: "\\n",
+    13: "\\r",
+}
+
+
+def printable(text: str) -> str:
+    """``text`` (a path, a folder's label) for one line of a terminal: bytes that are not UTF-8
+    and control characters become ``\\xNN`` (``\\n``, ``\\t``). A file named with a newline
+    split a hit across two lines of a table, and one named with an escape sequence could drive
+    the terminal that printed it."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace").translate(_CONTROL)
+
+
 def join_raw(root_raw: bytes, relpath_raw: bytes) -> str:
     """The absolute path as a ``str`` that ``open`` accepts, non-UTF-8 bytes included."""
     return os.fsdecode(os.path.join(root_raw, relpath_raw))

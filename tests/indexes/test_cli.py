@@ -428,3 +428,44 @@ def test_reembed_says_which_probe_to_train_again(
     assert "train a new probe for this encoder" in capsys.readouterr().err
     assert launch.main(["probe", "train", "--collection", str(coll)]) == 0
     assert launch.main(["probe", "predict", "--collection", str(coll), str(good)]) == 0
+
+
+def test_names_with_control_characters_print_on_one_line_each(
+    tmp_path: Path, encoder_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A file named with a newline split its hit across two lines of the table, and a name with
+    an escape sequence drove the terminal; JSON keeps the names as they are."""
+    from tests.indexes.conftest import image
+
+    images = tmp_path / "in\nbox"  # the folder: both a root and, below it, a label
+    (images / "red\x1b[31m").mkdir(parents=True)
+    for i, name in enumerate(["a\nb.png", "tab\there.png", "\x1b]0;pwned\x07.png"]):
+        image(i).save(images / "red\x1b[31m" / name)
+    image(0).save(images / "red\x1b[31m" / ".hidden\n.png")
+    coll = str(tmp_path / "c")
+    launch.main(["index", str(images), "--collection", coll, "--encoder", str(encoder_dir)])
+    q = str(images / "red\x1b[31m" / "a\nb.png")
+    for argv in (
+        ["index", "--collection", coll],
+        ["search", "--collection", coll, q, "-k", "3"],
+        ["duplicates", "--collection", coll, "--threshold", "0.5"],
+        ["info", "--collection", coll],
+    ):
+        assert launch.main(argv) == 0, argv
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and "\x07" not in out and "\t" not in out, argv
+        if argv[0] == "search":
+            lines = out.splitlines()
+            assert len(lines) == 4 and all(line.split()[0] in "123" for line in lines[1:])
+            assert f"{tmp_path}/in\\nbox/red\\x1b[31m/a\\nb.png" in lines[1]
+            assert "red\\x1b[31" in lines[1]  # the label, cut to 12 characters
+        if argv[0] == "duplicates":
+            assert "\\x1b]0;pwned\\x07.png" in out and len(out.splitlines()) == 4
+        if argv[0] == "index":
+            assert "passed over (first: red\\x1b[31m/.hidden\\n.png)" in out
+        if argv[0] == "info":
+            assert f"folder: {tmp_path}/in\\nbox (3 images)" in out
+    assert launch.main(["search", "--collection", coll, q, "--label", "blue"]) == 0
+    assert "(labels: red\\x1b[31m)" in capsys.readouterr().err
+    launch.main(["search", "--collection", coll, q, "-k", "1", "--json"])
+    assert json.loads(capsys.readouterr().out)["path"] == q  # JSON escapes them itself
