@@ -177,6 +177,22 @@ def load_image(
     return im.convert("RGB")
 
 
+OUTPUT_FILES = (
+    frozenset({"config.json", "log.jsonl"}),  # a training run: pretrain --out, an ablate cell
+    frozenset({"ablation.json"}),  # an ablate --out grid
+    frozenset({"config.json", "model.safetensors"}),  # an exported encoder
+)
+"""Files that together mark a folder moco-search wrote. A run kept in the folder it trains on
+(``pretrain photos --out photos/run``) put its ``curves.png`` into the next run's training images
+and into the collection, and its checkpoints into the index's count of skipped files."""
+
+
+def is_output_folder(filenames: list[str]) -> bool:
+    """Whether a folder holding ``filenames`` is one moco-search wrote (``OUTPUT_FILES``)."""
+    names = set(filenames)
+    return any(marker <= names for marker in OUTPUT_FILES)
+
+
 def is_hidden(name: str) -> bool:
     """Whether a file or folder named ``name`` is kept beside a library's images, never one of
     them: a dot-name (``.thumbnails``, ``.Trash-1000``, ``.DS_Store``, and macOS's ``._IMG_1.jpg``
@@ -190,7 +206,8 @@ def walk_files(root: str | os.PathLike, hidden: list[Path] | None = None) -> lis
     """Every file under ``root``, recursive, in a stable sorted order; symlink loops are cut.
 
     Hidden files and folders below ``root`` (``is_hidden``) are passed over, and appended to
-    ``hidden`` when it is given (a folder as itself, its files unvisited).
+    ``hidden`` when it is given (a folder as itself, its files unvisited). Folders below ``root``
+    that moco-search wrote (``is_output_folder``: a run, an encoder) are passed over in silence.
     """
     root = Path(root)
     if root.exists() and not root.is_dir():
@@ -205,6 +222,9 @@ def walk_files(root: str | os.PathLike, hidden: list[Path] | None = None) -> lis
             dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
+        if dirpath != str(root) and is_output_folder(filenames):
+            dirnames[:] = []
+            continue
         if hidden is not None:
             hidden += [Path(dirpath, n) for n in sorted(dirnames + filenames) if is_hidden(n)]
         dirnames[:] = sorted(d for d in dirnames if not is_hidden(d))

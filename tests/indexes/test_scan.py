@@ -90,3 +90,29 @@ def test_hidden_and_nas_folders_are_passed_over_and_counted(
     from moco import list_images
 
     assert len(list_images(images)) == 16  # pretraining passes them over too
+
+
+def test_a_run_and_an_encoder_kept_in_the_image_folder_are_passed_over(
+    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``pretrain photos --out photos/runs/a``: the run's curves.png was a training image of
+    the next run and an image of the collection, and its checkpoint, config and log were
+    counted as skipped files."""
+    from moco import list_images
+
+    run = images / "runs" / "a"
+    tiny = ["--image-size", "32", "--batch-size", "4", "--moco-k", "16", "--workers", "0"]
+    assert launch.main(["pretrain", str(images), "--out", str(run), *tiny, "--epochs", "1"]) == 0
+    encoder = images / "encoder"
+    assert launch.main(["export", str(run / "checkpoint_last.pt"), "--out", str(encoder)]) == 0
+    assert (run / "curves.png").is_file() and (encoder / "model.safetensors").is_file()
+    capsys.readouterr()
+    assert len(list_images(images)) == 16  # the next run trains on the photos alone
+    coll = tmp_path / "coll"
+    assert (
+        launch.main(["index", str(images), "--collection", str(coll), "--encoder", str(encoder)])
+        == 0
+    )
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("16 images in the collection") and first.endswith("errors: none")
+    assert len(list_images(run)) == 1  # a folder given itself is the user's to read
