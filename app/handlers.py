@@ -25,7 +25,7 @@ from PIL import Image
 from app.context import AppContext
 from indexes import Filters, Hit
 from indexes.embed import draft_size
-from moco import ImageError, load_image
+from moco import ImageError, decoder_hint, load_image
 
 MAX_K = 100
 MAX_UPLOAD_PIXELS = 40_000_000
@@ -101,9 +101,11 @@ def decode_upload(ctx: AppContext, image: Any) -> Image.Image:
     try:
         return load_image(image, draft_size=draft, max_pixels=MAX_UPLOAD_PIXELS)
     except ImageError as e:
-        name = Path(image).name if isinstance(image, (str, os.PathLike)) else "this upload"
+        named = isinstance(image, (str, os.PathLike))
+        name = Path(image).name if named else "this upload"
         detail = f" ({e.detail})" if e.detail and e.reason == "decompression bomb" else ""
-        raise UserError(f"Cannot use {name}: {e.reason}{detail}") from None
+        hint = decoder_hint(image) if named else ""
+        raise UserError(f"Cannot use {name}: {e.reason}{detail}{hint}") from None
 
 
 def for_browser(ctx: AppContext, image: Any) -> tuple[Any, Any]:

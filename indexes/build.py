@@ -37,7 +37,7 @@ from indexes import (
 )
 from indexes.embed import Decoded
 from indexes.scan import FileEntry
-from moco import HEIF_EXTENSIONS, EncoderConfig, read_encoder_config
+from moco import EncoderConfig, heif_hint, read_encoder_config
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -98,8 +98,7 @@ class IndexReport:
             kinds = f"type {next(iter(self.skipped))}"
         else:
             kinds = "types " + ", ".join(f"{ext} ({c})" for ext, c in self.skipped.items())
-        heif = sorted(HEIF_EXTENSIONS & set(self.skipped))  # iPhone photos: say how to get them
-        hint = f" (for {' and '.join(heif)}: pip install pillow-heif)" if heif else ""
+        hint = heif_hint(self.skipped)  # iPhone photos: say how to get them
         return f"; {n} file{'s' if n > 1 else ''} skipped: unsupported {kinds}{hint}"
 
 

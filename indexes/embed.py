@@ -28,6 +28,7 @@ import moco
 from moco import (
     EncoderConfig,
     ImageError,
+    decoder_hint,
     eval_transform,
     load_encoder,
     load_image,
@@ -96,7 +97,8 @@ def prepare(
         if name is None:
             raise
         # Decoded from the file's bytes: name the file the error is about.
-        raise ImageError(e.reason, f"{name} ({e.detail})" if e.detail else name) from e
+        named = f"{name} ({e.detail})" if e.detail else name
+        raise ImageError(e.reason, named + decoder_hint(name)) from e
     return Decoded(transform(rgb), sha, width, height, fmt)
 
 

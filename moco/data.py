@@ -11,7 +11,7 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,22 @@ def _decoded_types() -> frozenset[str]:
 
 IMAGE_EXTENSIONS = _decoded_types()
 """What ``list_images`` picks up: the formats Pillow decodes that image folders hold."""
+
+
+def heif_hint(extensions: Iterable[str]) -> str:
+    """`` (for .heic: pip install pillow-heif)`` when ``extensions`` (lower case, of files this
+    Pillow cannot read) hold a HEIF type, else ``""``: an iPhone's photos need one package."""
+    heif = sorted(HEIF_EXTENSIONS.intersection(extensions))
+    return f" (for {' and '.join(heif)}: pip install pillow-heif)" if heif else ""
+
+
+def decoder_hint(path: str | os.PathLike) -> str:
+    """``heif_hint`` for one file that could not be read: a ``.heic`` without ``pillow-heif``
+    is "not an image" to Pillow, and that alone does not say what to do."""
+    suffix = Path(path).suffix.lower()
+    return heif_hint([suffix]) if suffix not in IMAGE_EXTENSIONS else ""
+
+
 SYSTEM_FOLDERS = frozenset(
     {"@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "System Volume Information", "__MACOSX"}
 )
@@ -154,8 +170,9 @@ def load_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageError("decompression bomb", str(e)) from e
     except UnidentifiedImageError as e:  # Pillow's message names a BytesIO for bytes: say no more
-        named = isinstance(source, (str, os.PathLike))
-        raise ImageError("not an image", os.fspath(source) if named else "") from e
+        if not isinstance(source, (str, os.PathLike)):
+            raise ImageError("not an image") from e
+        raise ImageError("not an image", os.fspath(source) + decoder_hint(source)) from e
     except OSError as e:
         msg = str(e)
         low = msg.lower()  # JPEG headers cut short: "Truncated File Read"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import pytest
 import launch
 from indexes import Collection
 from tests.indexes.conftest import image
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ico_is_indexed_and_other_types_are_counted(
@@ -58,12 +62,46 @@ def test_avif_and_heic_photos_are_indexed_and_found_by_themselves(
             assert hit.id == rec.id and hit.score > 0.999
 
 
-def test_heic_without_its_decoder_says_how_to_get_it() -> None:
+WITHOUT_HEIF = """
+import sys
+sys.modules["pillow_heif"] = None  # a user's Python without pillow-heif
+import launch
+from app import handlers
+from app.context import AppContext
+images, coll, encoder = sys.argv[1:]
+phone = images + "/cat/phone.heic"
+launch.main(["index", images, "--collection", coll, "--encoder", encoder, "--workers", "0"])
+launch.main(["search", "--collection", coll, phone])
+launch.main(["probe", "predict", "--collection", coll, "--knn", phone])
+try:
+    handlers.decode_upload(AppContext.open(coll), phone)
+except handlers.UserError as e:
+    print("web UI:", e)
+"""
+
+
+def test_heic_without_its_decoder_says_how_to_get_it(
+    images: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    """Without pillow-heif, an iPhone's photo was "not an image" to every command but index."""
     from indexes.build import IndexReport
 
     said = IndexReport(skipped={".heic": 3, ".psd": 1}).summary()
     assert said.endswith("types .heic (3), .psd (1) (for .heic: pip install pillow-heif)")
     assert "pillow-heif" not in IndexReport(skipped={".psd": 1}).summary()
+    heif = pytest.importorskip("pillow_heif")  # to write the photo
+    heif.from_pillow(image(91, (64, 48))).save(images / "cat" / "phone.heic", quality=95)
+    argv = [str(images), str(tmp_path / "coll"), str(encoder_dir)]
+    run = subprocess.run(
+        [sys.executable, "-c", WITHOUT_HEIF, *argv], capture_output=True, text=True, cwd=ROOT
+    )
+    out, err = run.stdout, run.stderr
+    hint = "(for .heic: pip install pillow-heif)"
+    assert f"1 file skipped: unsupported type .heic {hint}" in out
+    assert f"moco-search search: error: not an image: {images}/cat/phone.heic {hint}" in err
+    assert f"moco-search probe: error: not an image: {images}/cat/phone.heic {hint}" in err
+    assert f"web UI: Cannot use phone.heic: not an image {hint}" in out
+    assert "Traceback" not in err
 
 
 def test_hidden_and_nas_folders_are_passed_over_and_counted(
