@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import itertools
 import re
 import socket
 from pathlib import Path
@@ -52,15 +51,9 @@ def check_collection(path: Path) -> None:
     if not path.is_dir():
         raise NotADirectoryError(f"--collection {path} is a file: give a collection directory")
     if not (path / "manifest.json").is_file():
-        from moco import IMAGE_EXTENSIONS
+        from indexes.manifest import not_a_collection
 
-        first = itertools.islice(path.rglob("*"), 10_000)  # a look, not a full walk
-        if any(f.suffix.lower() in IMAGE_EXTENSIONS for f in first):
-            raise FileNotFoundError(
-                f"{path} is an image folder, not a collection: index it first with "
-                f"moco-search index {path} --collection {path.name}.coll, then open that"
-            )
-        raise FileNotFoundError(f"{path} is not a collection (it has no manifest.json)")
+        raise FileNotFoundError(not_a_collection(path))
 
 
 def check_port(host: str, port: int) -> None:

@@ -9,6 +9,7 @@ database ``generation`` the FAISS file was saved at. A reader whose database has
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import time
@@ -23,6 +24,34 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = 1
 
 
+def not_a_collection(path: Path) -> str:
+    """What ``path`` (a folder without a manifest) is instead of a collection, and what to do:
+    a run, an encoder or an image folder given for the collection, as newcomers do."""
+    names = set(os.listdir(path)) if path.is_dir() else set()
+    if {"config.json", "log.jsonl"} <= names:
+        enc = path / "encoder"
+        return (
+            f"{path} is a pretraining run, not a collection: export its encoder (moco-search "
+            f"export {path / 'checkpoint_last.pt'} --out {enc}), then index your images with it "
+            f"(moco-search index IMAGES --collection C --encoder {enc})"
+        )
+    if {"config.json", "model.safetensors"} <= names:
+        return (
+            f"{path} is an encoder, not a collection: index your images with it (moco-search "
+            f"index IMAGES --collection C --encoder {path})"
+        )
+    if path.is_dir():
+        from moco import IMAGE_EXTENSIONS
+
+        first = itertools.islice(path.rglob("*"), 10_000)  # a look, not a full walk
+        if any(f.suffix.lower() in IMAGE_EXTENSIONS for f in first):
+            return (
+                f"{path} is an image folder, not a collection: index it first (moco-search "
+                f"index {path} --collection {path.name}.coll)"
+            )
+    return f"Not a collection (no {MANIFEST_NAME}): {path}"
+
+
 def read_manifest(collection: str | os.PathLike) -> dict[str, Any]:
     path = Path(collection) / MANIFEST_NAME
     if not Path(collection).exists():
@@ -35,7 +64,7 @@ def read_manifest(collection: str | os.PathLike) -> dict[str, Any]:
                 f"again with the encoder that made it (moco-search index --collection "
                 f"{collection} --encoder ENC): ids and labels are kept"
             )
-        raise FileNotFoundError(f"Not a collection (no {MANIFEST_NAME}): {collection}")
+        raise FileNotFoundError(not_a_collection(Path(collection)))
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:  # the run writes it whole

@@ -60,11 +60,27 @@ def encoder_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def not_an_encoder(path: Path) -> str:
+    """What ``path`` (no ``config.json``) is instead of an encoder, and what to do: a run's
+    checkpoint, or a collection, given for the encoder, as newcomers do."""
+    if path.is_file() and path.suffix == ".pt":
+        return (
+            f"{path} is a training checkpoint, not an encoder: export it first (moco-search "
+            f"export {path} --out {path.parent / 'encoder'})"
+        )
+    if (path / "manifest.json").is_file():  # indexes' file; its name is all moco knows of it
+        return (
+            f"{path} is a collection, not an encoder: moco-search info --collection {path} "
+            "names the encoder it was built with"
+        )
+    return f"Not an encoder directory (no {CONFIG}): {path}"
+
+
 def read_encoder_config(path: str | os.PathLike) -> EncoderConfig:
     """The config of the encoder directory ``path``, without loading its weights."""
     path = encoder_dir(path)
     if not (path / CONFIG).is_file():
-        raise CheckpointError(f"Not an encoder directory (no {CONFIG}): {path}")
+        raise CheckpointError(not_an_encoder(path))
     try:
         data = json.loads((path / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -11,7 +11,7 @@ import pytest
 
 import launch
 from indexes import Collection
-from tests.indexes.conftest import image
+from tests.indexes.conftest import image, write_images
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -130,20 +130,29 @@ def test_hidden_and_nas_folders_are_passed_over_and_counted(
     assert len(list_images(images)) == 16  # pretraining passes them over too
 
 
-def test_a_run_and_an_encoder_kept_in_the_image_folder_are_passed_over(
-    images: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    """``pretrain photos --out photos/runs/a``: the run's curves.png was a training image of
-    the next run and an image of the collection, and its checkpoint, config and log were
-    counted as skipped files."""
-    from moco import list_images
-
+@pytest.fixture(scope="module")
+def kept_inside(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Images with a real run (``images/runs/a``) and its encoder (``images/encoder``) inside."""
+    images = tmp_path_factory.mktemp("kept") / "images"
+    write_images(images, {"cat": 6, "dog": 6, "owl": 4})
     run = images / "runs" / "a"
     tiny = ["--image-size", "32", "--batch-size", "4", "--moco-k", "16", "--workers", "0"]
     assert launch.main(["pretrain", str(images), "--out", str(run), *tiny, "--epochs", "1"]) == 0
     encoder = images / "encoder"
     assert launch.main(["export", str(run / "checkpoint_last.pt"), "--out", str(encoder)]) == 0
     assert (run / "curves.png").is_file() and (encoder / "model.safetensors").is_file()
+    return images
+
+
+def test_a_run_and_an_encoder_kept_in_the_image_folder_are_passed_over(
+    kept_inside: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """``pretrain photos --out photos/runs/a``: the run's curves.png was a training image of
+    the next run and an image of the collection, and its checkpoint, config and log were
+    counted as skipped files."""
+    from moco import list_images
+
+    images, encoder = kept_inside, kept_inside / "encoder"
     capsys.readouterr()
     assert len(list_images(images)) == 16  # the next run trains on the photos alone
     coll = tmp_path / "coll"
@@ -153,4 +162,71 @@ def test_a_run_and_an_encoder_kept_in_the_image_folder_are_passed_over(
     )
     first = capsys.readouterr().out.splitlines()[0]
     assert first.startswith("16 images in the collection") and first.endswith("errors: none")
-    assert len(list_images(run)) == 1  # a folder given itself is the user's to read
+    assert len(list_images(images / "runs" / "a")) == 1  # a folder given itself is the user's
+
+
+def test_a_run_an_encoder_or_images_given_for_a_collection_say_what_to_do(
+    kept_inside: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Newcomers give a run, an encoder or their photos where a collection goes, and a
+    checkpoint or a collection where an encoder goes: each is named, with the next command."""
+    run, encoder = kept_inside / "runs" / "a", kept_inside / "encoder"
+    coll = tmp_path / "coll"
+    assert (
+        launch.main(
+            ["index", str(kept_inside), "--collection", str(coll), "--encoder", str(encoder)]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    ckpt = run / "checkpoint_last.pt"
+    for argv, said in [
+        (
+            ["info", "--collection", str(run)],
+            f"{run} is a pretraining run, not a collection: "
+            f"export its encoder (moco-search export {ckpt} --out {run / 'encoder'}), then index",
+        ),
+        (
+            ["search", "--collection", str(encoder), "--id", "1"],
+            f"{encoder} is an encoder, not a "
+            f"collection: index your images with it (moco-search index IMAGES --collection C "
+            f"--encoder {encoder})",
+        ),
+        (
+            ["app", "--collection", str(kept_inside), "--ready-and-exit"],
+            f"{kept_inside} is an "
+            f"image folder, not a collection: index it first (moco-search index {kept_inside} "
+            "--collection images.coll)",
+        ),
+        (
+            ["info", "--collection", str(tmp_path)],
+            f"Not a collection (no manifest.json): {tmp_path}",
+        ),
+        (
+            [
+                "index",
+                str(kept_inside),
+                "--collection",
+                str(tmp_path / "c2"),
+                "--encoder",
+                str(ckpt),
+            ],
+            f"{ckpt} is a training checkpoint, not an encoder: export it first (moco-search export "
+            f"{ckpt} --out {run / 'encoder'})",
+        ),
+        (
+            [
+                "index",
+                str(kept_inside),
+                "--collection",
+                str(tmp_path / "c2"),
+                "--encoder",
+                str(coll),
+            ],
+            f"{coll} is a collection, not an encoder: moco-search info --collection {coll} names",
+        ),
+    ]:
+        assert launch.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "c2").exists()

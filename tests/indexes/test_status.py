@@ -84,4 +84,4 @@ def test_info_of_what_is_not_a_collection_is_one_line(
 ) -> None:
     assert launch.main(["info", "--collection", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "Not a collection (no manifest.json)" in err and "Traceback" not in err
+    assert f"Not a collection (no manifest.json): {tmp_path}" in err and "Traceback" not in err
