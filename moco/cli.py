@@ -155,7 +155,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "checkpoint",
-        help="checkpoint file (.pt / .pth.tar), or an encoder directory (or its model.safetensors)",
+        help="checkpoint file (.pt / .pth.tar), a run directory (its last checkpoint), or an "
+        "encoder directory (or its model.safetensors)",
     )
     p.add_argument("--out", required=True, help="encoder directory to write")
     p.add_argument(

@@ -290,8 +290,11 @@ def _frozen_source(
     """The bare backbone (no pooling choice, no map) of a checkpoint or encoder directory, the
     config it exports with by default, and the folder it was trained on, if known. An encoder's
     own file stands for its directory (``encoder_dir``): torch.load would read the weights
-    alone, without the config that says what they are."""
+    alone, without the config that says what they are; a run's folder stands for its last
+    checkpoint, which is what ``export RUN`` means."""
     checkpoint = encoder_dir(checkpoint)
+    if (checkpoint / "checkpoint_last.pt").is_file() and not (checkpoint / WEIGHTS).is_file():
+        checkpoint = checkpoint / "checkpoint_last.pt"
     if checkpoint.is_dir():
         model, _, cfg = load_backbone(checkpoint)
         return model, cfg, cfg.training.get("config", {}).get("data")

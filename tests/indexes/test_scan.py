@@ -230,3 +230,9 @@ def test_a_run_an_encoder_or_images_given_for_a_collection_say_what_to_do(
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (tmp_path / "c2").exists()
+    # export RUN means its last checkpoint (it said "export its encoder first", to export)
+    assert launch.main(["export", str(run), "--out", str(tmp_path / "enc")]) == 0
+    again = json.loads((tmp_path / "enc" / "config.json").read_text())
+    assert (
+        again["content_hash"] == json.loads((encoder / "config.json").read_text())["content_hash"]
+    )
