@@ -27,22 +27,22 @@ FORMAT = 1
 def not_a_collection(path: Path) -> str:
     """What ``path`` (a folder without a manifest) is instead of a collection, and what to do:
     a run, an encoder or an image folder given for the collection, as newcomers do."""
+    from moco import ENCODER_FILES, IMAGE_EXTENSIONS, RUN_FILES  # an error path: torch is fine
+
     names = set(os.listdir(path)) if path.is_dir() else set()
-    if {"config.json", "log.jsonl"} <= names:
+    if names >= RUN_FILES:
         enc = path / "encoder"
         return (
             f"{path} is a pretraining run, not a collection: export its encoder (moco-search "
             f"export {path / 'checkpoint_last.pt'} --out {enc}), then index your images with it "
             f"(moco-search index IMAGES --collection C --encoder {enc})"
         )
-    if {"config.json", "model.safetensors"} <= names:
+    if names >= ENCODER_FILES:
         return (
             f"{path} is an encoder, not a collection: index your images with it (moco-search "
             f"index IMAGES --collection C --encoder {path})"
         )
     if path.is_dir():
-        from moco import IMAGE_EXTENSIONS
-
         first = itertools.islice(path.rglob("*"), 10_000)  # a look, not a full walk
         if any(f.suffix.lower() in IMAGE_EXTENSIONS for f in first):
             return (

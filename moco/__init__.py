@@ -14,8 +14,10 @@ if TYPE_CHECKING:
     from moco.augment import TwoCropsTransform, eval_transform, moco_transform
     from moco.config import KNN_K, KNN_T, TrainConfig
     from moco.data import (
+        ENCODER_FILES,
         HEIF_EXTENSIONS,
         IMAGE_EXTENSIONS,
+        RUN_FILES,
         ImageError,
         ImageFiles,
         decoder_hint,
@@ -78,7 +80,9 @@ _WHERE = {
     "DiskFullError": "moco.files",
     "ENCODERS": "moco.encoders",
     "EncoderConfig": "moco.encoder_config",
+    "ENCODER_FILES": "moco.data",
     "HEIF_EXTENSIONS": "moco.data",
+    "RUN_FILES": "moco.data",
     "IMAGE_EXTENSIONS": "moco.data",
     "ImageError": "moco.data",
     "ImageFiles": "moco.data",
@@ -139,10 +143,12 @@ _WHERE = {
 __all__ = [
     "DISK_FULL",
     "ENCODERS",
+    "ENCODER_FILES",
     "HEIF_EXTENSIONS",
     "IMAGE_EXTENSIONS",
     "KNN_K",
     "KNN_T",
+    "RUN_FILES",
     "Busy",
     "CheckpointError",
     "ClassificationMetrics",

@@ -194,11 +194,11 @@ def load_image(
     return im.convert("RGB")
 
 
-OUTPUT_FILES = (
-    frozenset({"config.json", "log.jsonl"}),  # a training run: pretrain --out, an ablate cell
-    frozenset({"ablation.json"}),  # an ablate --out grid
-    frozenset({"config.json", "model.safetensors"}),  # an exported encoder
-)
+RUN_FILES = frozenset({"config.json", "log.jsonl"})
+"""A training run's folder holds these (``pretrain --out``, an ablate cell)."""
+ENCODER_FILES = frozenset({"config.json", "model.safetensors"})
+"""An exported encoder's folder holds these."""
+OUTPUT_FILES = (RUN_FILES, frozenset({"ablation.json"}), ENCODER_FILES)  # and an ablate grid
 """Files that together mark a folder moco-search wrote. A run kept in the folder it trains on
 (``pretrain photos --out photos/run``) put its ``curves.png`` into the next run's training images
 and into the collection, and its checkpoints into the index's count of skipped files."""
