@@ -53,7 +53,7 @@ class Decoded:
 
 def draft_size(cfg: EncoderConfig) -> int:
     """The resize target of ``eval_transform``: JPEG draft decoding may go down to it."""
-    return round(cfg.image_size / cfg.crop_pct)
+    return moco.resize_side(cfg)
 
 
 def read_bytes(path: str) -> bytes:

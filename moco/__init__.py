@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from moco.augment import TwoCropsTransform, eval_transform, moco_transform
+    from moco.augment import TwoCropsTransform, moco_transform
     from moco.config import KNN_K, KNN_T, TrainConfig
     from moco.data import (
         ENCODER_FILES,
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
         stratified_split,
     )
     from moco.model import MoCo, ModelConfig
+    from moco.preprocess import eval_transform, resize_side
     from moco.probe import (
         LinearProbe,
         ProbeConfig,
@@ -104,7 +105,7 @@ _WHERE = {
     "describe_fit": "moco.whiten",
     "epoch_numbers": "moco.trainlog",
     "encoder_dir": "moco.encoder_config",
-    "eval_transform": "moco.augment",
+    "eval_transform": "moco.preprocess",
     "export_encoder": "moco.export",
     "feature_dim": "moco.encoders",
     "file_hash": "moco.files",
@@ -127,6 +128,7 @@ _WHERE = {
     "output_folder": "moco.files",
     "read_encoder_config": "moco.encoder_config",
     "read_probe_meta": "moco.probe_meta",
+    "resize_side": "moco.preprocess",
     "resolve_encoder": "moco.published",
     "retrieval_metrics": "moco.metrics",
     "save_confusion_png": "moco.metrics",
@@ -195,6 +197,7 @@ __all__ = [
     "output_folder",
     "read_encoder_config",
     "read_probe_meta",
+    "resize_side",
     "resolve_encoder",
     "retrieval_metrics",
     "save_confusion_png",

@@ -1,4 +1,5 @@
-"""Augmentations of MoCo v1 and v2, and the one evaluation transform indexes reuses.
+"""Augmentations of MoCo v1 and v2 (training only: the evaluation transform is
+``moco.preprocess``, which embeds without importing torchvision).
 
 v1 (https://arxiv.org/abs/1911.05722): random resized crop, colour jitter, grayscale, flip.
 v2 (https://arxiv.org/abs/2003.04297) "aug+": adds Gaussian blur and applies jitter with p=0.8;
@@ -8,7 +9,7 @@ with the MLP head and cosine schedule it is what lifts v1's 60.6% to v2's 67.5% 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torchvision.transforms as T
@@ -16,14 +17,6 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from moco.encoder_config import IMAGENET_MEAN, IMAGENET_STD
-
-
-class Preprocessing(Protocol):
-    image_size: int
-    mean: tuple[float, ...] | list[float]
-    std: tuple[float, ...] | list[float]
-    interpolation: str
-    crop_pct: float
 
 
 class TwoCropsTransform:
@@ -81,17 +74,3 @@ def moco_transform(
     if blur:
         ops.append(T.RandomApply([T.GaussianBlur(_blur_kernel(image_size), (0.1, 2.0))], p=0.5))
     return T.Compose(ops + tail)
-
-
-def eval_transform(pre: Preprocessing) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize, centre-crop and normalise as the encoder's config says (timm's crop_pct)."""
-    resize = round(pre.image_size / pre.crop_pct)
-    interp = InterpolationMode(pre.interpolation)
-    return T.Compose(
-        [
-            T.Resize(resize, interpolation=interp),
-            T.CenterCrop(pre.image_size),
-            T.ToTensor(),
-            T.Normalize(tuple(pre.mean), tuple(pre.std)),
-        ]
-    )

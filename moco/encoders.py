@@ -2,7 +2,8 @@
 
 The official CIFAR-10 demo of MoCo replaces ResNet's 7x7/2 conv + max-pool stem with a 3x3/1 conv
 and no pool: on images of about 96 px and less the ImageNet stem throws away 4x of the resolution
-before the first block. ``small_stem=True`` does the same here.
+before the first block. ``small_stem=True`` does the same here. The networks are torchvision's,
+built by ``moco.resnet`` without importing torchvision (seconds of every command that embeds).
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.models as tvm
 
-ENCODERS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": tvm.resnet18,
-    "resnet34": tvm.resnet34,
-    "resnet50": tvm.resnet50,
-    "resnet101": tvm.resnet101,
-    "resnet152": tvm.resnet152,
-    "wide_resnet50_2": tvm.wide_resnet50_2,
+from moco import resnet
+
+ENCODERS: dict[str, Callable[[], nn.Module]] = {
+    "resnet18": resnet.resnet18,
+    "resnet34": resnet.resnet34,
+    "resnet50": resnet.resnet50,
+    "resnet101": resnet.resnet101,
+    "resnet152": resnet.resnet152,
+    "wide_resnet50_2": resnet.wide_resnet50_2,
 }
-"""torchvision constructors, always called with ``weights=None``: nothing is downloaded."""
+"""Randomly initialised backbones, torchvision's names and weights: nothing is downloaded."""
 
 _FEATURE_DIM = {"resnet18": 512, "resnet34": 512}
 
@@ -61,7 +63,7 @@ def build_encoder(arch: str, num_classes: int = 0, small_stem: bool = False) -> 
         num_classes: width of the final linear layer, or 0 for none.
         small_stem: 3x3 stride-1 first conv and no max-pool, for small images.
     """
-    net = ENCODERS[check_arch(arch)](weights=None)
+    net = ENCODERS[check_arch(arch)]()
     if small_stem:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
@@ -112,7 +114,7 @@ class Stages(nn.Module):
 
 
 def with_pooling(net: nn.Module, pooling: str) -> nn.Module:
-    """``net`` (a torchvision ResNet) with its global pooling set: "avg", "gem" (GeM p=3), or
+    """``net`` (a ``moco.resnet.ResNet``) with its global pooling set: "avg", "gem" (GeM p=3), or
     "stages" (a wrapper, ``Stages``)."""
     if pooling == "avg":
         net.avgpool = nn.AdaptiveAvgPool2d(1)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from moco import whiten
-from moco.augment import eval_transform, moco_transform
+from moco.augment import moco_transform
 from moco.config import KNN_K, KNN_T
 from moco.data import ImageFiles, list_images, shared_files
 from moco.distributed import default_device
@@ -43,6 +43,7 @@ from moco.encoders import build_encoder, check_arch, feature_dim, pooled_dim, wi
 from moco.export import EncoderConfig, load_encoder, read_encoder_config
 from moco.knn import knn_predict
 from moco.metrics import classification_metrics, retrieval_metrics
+from moco.preprocess import eval_transform
 from moco.probe import ProbeConfig, train_probe
 from moco.probe_images import collate_indexed, paper_train_transform, train_probe_on_images
 

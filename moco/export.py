@@ -323,9 +323,9 @@ def fit_on_folder(
     ``folder``, and what to record of it in the encoder's config."""
     import numpy as np
 
-    from moco.augment import eval_transform
     from moco.data import list_images
     from moco.evaluate import extract_features
+    from moco.preprocess import eval_transform
 
     if n < 2:
         raise ValueError(f"--fit-images must be at least 2, got {n}")

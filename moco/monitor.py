@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco.augment import eval_transform
 from moco.config import TrainConfig
 from moco.data import ImageError, list_images, load_image, shared_files
 from moco.encoder_config import EncoderConfig
 from moco.knn import knn_top1
+from moco.preprocess import eval_transform
 
 log = logging.getLogger(__name__)
 MAX_BANK = 20_000

@@ -91,7 +91,8 @@ def test_search_table_and_json(coll: Path, images: Path, capsys: pytest.CaptureF
 def test_reading_a_collection_does_not_wait_for_torch(coll: Path, images: Path) -> None:
     """``info``, search by id, ``duplicates`` and ``export-embeddings`` read stored vectors and
     configs only: importing torch and torchvision took them 7 s and 860 MB instead of 0.8 s and
-    90 MB. A search by image does need it (which shows the check below can fail)."""
+    90 MB. A search by image needs torch (which shows the check below can fail), not
+    torchvision: its import took another 3 s (torch._dynamo, through torchvision.ops)."""
     c = ["--collection", str(coll)]
     reads = [
         ["info", *c],
@@ -115,7 +116,7 @@ def test_reading_a_collection_does_not_wait_for_torch(coll: Path, images: Path) 
     )
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
-    assert "before []" in lines and "after ['torch', 'torchvision']" in lines, run.stdout[-2000:]
+    assert "before []" in lines and "after ['torch']" in lines, run.stdout[-2000:]
     assert "collection " in run.stdout and (coll.parent / "emb" / "embeddings.npy").is_file()
 
 

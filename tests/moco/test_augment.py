@@ -11,10 +11,10 @@ from moco.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     TwoCropsTransform,
-    eval_transform,
     moco_transform,
 )
 from moco.export import EncoderConfig
+from moco.preprocess import eval_transform
 
 
 def _noise(w: int = 80, h: int = 60, seed: int = 0) -> Image.Image:

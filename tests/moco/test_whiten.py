@@ -13,10 +13,10 @@ import torch.nn.functional as F
 import launch
 from indexes.manifest import encoder_changes
 from moco import whiten
-from moco.augment import eval_transform
 from moco.data import list_images, load_image
 from moco.encoders import with_pooling
 from moco.export import export_encoder, load_encoder
+from moco.preprocess import eval_transform
 from tests.moco.test_export import our_checkpoint
 
 
