@@ -51,13 +51,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moco import whiten  # noqa: E402
-from moco.augment import eval_transform  # noqa: E402
 from moco.data import ImageError, load_image  # noqa: E402
 from moco.encoders import default_pooling, with_pooling  # noqa: E402
 from moco.evaluate import load_featurizer  # noqa: E402
 from moco.export import export_encoder, read_encoder_config  # noqa: E402
 from moco.knn import knn_predict  # noqa: E402
 from moco.metrics import retrieval_metrics  # noqa: E402
+from moco.preprocess import eval_transform  # noqa: E402
 from moco.probe import ProbeConfig, train_probe  # noqa: E402
 from moco.trainlog import epoch_numbers, read_log  # noqa: E402
 
