@@ -16,11 +16,16 @@ Prints tables and writes JSON to bench/results/. Three parts, each skippable:
 4. ``index --reembed``: a collection indexed with one encoder, re-embedded in place with another,
    beside indexing the same files afresh with that encoder (goal: within 1.2x of it, since it
    also checks each file's hash and swaps); the database's size before and after.
+5. A search by image from the command line, as a user runs it (a fresh process: imports, the
+   encoder, one image, the index): wall time and peak RSS, beside the floor any embedding pays
+   (``import torch``) and what importing torchvision would add (``import torch, torchvision``),
+   measured in the same run; the best of ``--cli-runs`` each.
 
 Examples:
     python bench/bench_index.py --images 256 --rerun-files 3000 --sizes 100000
     python bench/bench_index.py --images 0 --rerun-files 0 --sizes 1000000 --base emoji.coll
     python bench/bench_index.py --images 0 --rerun-files 0 --sizes --reembed-dir ~/emoji
+    python bench/bench_index.py --images 0 --rerun-files 0 --sizes --cli-runs 5 --base tux.coll
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from indexes import index_images
 from moco import EncoderConfig, build_encoder, save_encoder
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 
 
 def photo(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
@@ -387,6 +393,47 @@ def table(rows: list[dict], title: str) -> None:
         )
 
 
+PEAK_RSS = (
+    "import atexit, sys; atexit.register(lambda: sys.stderr.write('peak_kb ' + "
+    "open('/proc/self/status').read().split('VmHWM:')[1].split()[0] + chr(10)))"
+)
+"""Prints the process's own peak RSS at exit (Linux). A child's ``ru_maxrss`` would not do: it
+counts the pages of the parent it was forked from, here a process with torch loaded."""
+
+
+def timed_process(code: str) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of a fresh ``python -c code``, which must succeed."""
+    t0 = time.perf_counter()
+    run = subprocess.run(
+        [sys.executable, "-c", f"{PEAK_RSS}\n{code}"], cwd=ROOT, capture_output=True, text=True
+    )
+    seconds = time.perf_counter() - t0
+    if run.returncode or "peak_kb " not in run.stderr:
+        raise RuntimeError(f"{code} failed: {run.stderr[-2000:]}")
+    return seconds, int(run.stderr.rsplit("peak_kb ", 1)[1].split()[0]) / 1024
+
+
+def bench_cli_search(coll: Path, runs: int) -> list[dict]:
+    """``moco-search search --collection COLL IMAGE`` beside the imports it cannot avoid."""
+    from indexes import Collection
+
+    with Collection(coll) as c:
+        query = c.records([1])[0].path
+    search = ["launch.py", "search", "--collection", str(coll)]
+    run = "import runpy, sys; sys.argv = {!r}; runpy.run_path('launch.py', run_name='__main__')"
+    cases = {
+        "import torch (floor)": "import torch",
+        "import torch, torchvision": "import torch, torchvision",
+        "search by image": run.format([*search, query]),
+        "search --id (no torch)": run.format([*search, "--id", "1"]),
+    }
+    rows = []
+    for what, code in cases.items():
+        timed = sorted(timed_process(code) for _ in range(runs))
+        rows.append({"process": what, "best_s": timed[0][0], "rss_mb": timed[0][1]})
+    return rows
+
+
 def demo_base(work: Path, encoder: Path) -> Path:
     images = encoder.parent / "images"
     index_images([images], work / "demo.coll", encoder, workers=1)
@@ -433,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         "--reembed-images", type=int, default=0, help="synthetic JPEGs for part 4 (0 skips)"
     )
     ap.add_argument("--reembed-dir", type=Path, help="a real image folder for part 4 instead")
+    ap.add_argument(
+        "--cli-runs", type=int, default=3, help="runs of each process in part 5 (0 skips)"
+    )
     ap.add_argument("--serve", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
@@ -462,17 +512,23 @@ def main(argv: list[str] | None = None) -> int:
             )
             out["reembed"]["folder"] = str(args.reembed_dir or "synthetic 640x480 JPEGs")
             table([out["reembed"]], "index --reembed beside a fresh index, resnet18 64 px")
-    if args.sizes:
-        encoder = Path(__file__).resolve().parents[1] / "app" / "demo" / "encoder"
+    if args.sizes or args.cli_runs:
+        encoder = ROOT / "app" / "demo" / "encoder"
         with tempfile.TemporaryDirectory(dir=args.work) as tmp:
             base = args.base or demo_base(Path(tmp), encoder)
-            out["search"] = [
-                bench_search(base, encoder, n, limit, args.vector_dtype, Path(tmp))
-                for n in args.sizes
-                for limit in args.budgets
-            ]
-        out["search_base"] = str(args.base or "app/demo/images")
-        columns(out["search"], "search, the index chosen for the budget (k=10, one query)")
+            out["search_base"] = str(args.base or "app/demo/images")
+            if args.sizes:
+                out["search"] = [
+                    bench_search(base, encoder, n, limit, args.vector_dtype, Path(tmp))
+                    for n in args.sizes
+                    for limit in args.budgets
+                ]
+                columns(out["search"], "search, the index chosen for the budget (k=10, one query)")
+            if args.cli_runs:
+                out["cli_search"] = bench_cli_search(base, args.cli_runs)
+                print(f"\na fresh process, best of {args.cli_runs}: seconds, peak RSS (MB)")
+                for r in out["cli_search"]:
+                    print(f"{r['process']:>28}  {r['best_s']:8.2f}  {r['rss_mb']:8.0f}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"bench_index_{time.strftime('%Y%m%d_%H%M%S')}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")

@@ -92,7 +92,8 @@ def test_reading_a_collection_does_not_wait_for_torch(coll: Path, images: Path) 
     """``info``, search by id, ``duplicates`` and ``export-embeddings`` read stored vectors and
     configs only: importing torch and torchvision took them 7 s and 860 MB instead of 0.8 s and
     90 MB. A search by image needs torch (which shows the check below can fail), not
-    torchvision: its import took another 3 s (torch._dynamo, through torchvision.ops)."""
+    torchvision: its import took another 3 s (torch._dynamo, through torchvision.ops; a
+    ``with torch.device("meta")`` imports it too)."""
     c = ["--collection", str(coll)]
     reads = [
         ["info", *c],
@@ -100,7 +101,7 @@ def test_reading_a_collection_does_not_wait_for_torch(coll: Path, images: Path) 
         ["duplicates", *c],
         ["export-embeddings", *c, "--out", str(coll.parent / "emb")],
     ]
-    loaded = "sorted(m for m in ('torch', 'torchvision') if m in sys.modules)"
+    loaded = "sorted(m for m in ('torch', 'torch._dynamo', 'torchvision') if m in sys.modules)"
     code = (
         f"import sys, launch\nfor argv in {reads!r}:\n    assert launch.main(argv) == 0, argv\n"
         f"print('before', {loaded})\n"
