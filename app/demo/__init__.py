@@ -131,7 +131,7 @@ def ensure_demo_collection(
         progress: called with (done, total) while images are embedded.
     """
     from indexes import index_images
-    from moco import read_encoder_config
+    from moco import output_folder, read_encoder_config
 
     if not (Path(encoder) / "config.json").is_file():
         raise FileNotFoundError(
@@ -141,7 +141,13 @@ def ensure_demo_collection(
     if not images.is_dir():
         raise FileNotFoundError(f"Demo images not found at {images}")
     base = Path(cache) if cache is not None else cache_dir() / "demo"
-    base.mkdir(parents=True, exist_ok=True)
+    try:
+        output_folder(base, "The demo's cache folder")
+    except (NotADirectoryError, PermissionError) as e:  # a full disk says so where it is caught
+        raise type(e)(
+            f"{e}: set MOCO_SEARCH_CACHE to a folder you can write, or open your own collection "
+            "with --collection"
+        ) from e
     encoder = fitted_encoder(Path(encoder), images, base)
     cfg = read_encoder_config(encoder)
     coll = base / "collection"

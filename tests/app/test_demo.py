@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
+import launch
 from app.demo import cache_dir, demo_example, ensure_demo_collection
+from tests.conftest import free_port
 
 
 def demo_images(root: Path, tree: Any) -> Path:
@@ -65,3 +67,19 @@ def test_cache_dir_and_missing_encoder(tmp_path: Path, monkeypatch: pytest.Monke
     assert cache_dir() == tmp_path / "c"
     with pytest.raises(FileNotFoundError, match="Demo encoder"):
         ensure_demo_collection(tmp_path, encoder=tmp_path / "none")
+
+
+def test_a_cache_that_cannot_be_made_says_what_to_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The first run builds the demo under the cache: a cache under a file (or on a read-only
+    disk) said only "[Errno 20] Not a directory" about a folder the user never named."""
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("MOCO_SEARCH_CACHE", str(tmp_path / "file"))
+    assert launch.main(["--ready-and-exit", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moco-search app: error: The demo's cache folder ")
+    assert err[0].endswith(
+        "(Not a directory): set MOCO_SEARCH_CACHE to a folder you can write, or open your own "
+        "collection with --collection"
+    )
