@@ -82,14 +82,20 @@ class Busy(ValueError):
 
 
 @contextmanager
-def exclusive(lock: str | os.PathLike, busy: Callable[[str], str]) -> Iterator[None]:
+def exclusive(
+    lock: str | os.PathLike,
+    busy: Callable[[str], str],
+    waiting: Callable[[str], object] | None = None,
+) -> Iterator[None]:
     """Hold an advisory ``flock`` on the file ``lock`` for the block, or raise ``Busy`` at once.
 
     Two processes writing one run or one collection undo each other's work, so a second is
     refused, not queued: ``busy(" (pid N)")`` is its sentence, N being the process id the holder
-    wrote into the file. The kernel drops the lock when its process ends, however it ends, so a
-    crash never leaves a stale lock to clear by hand. The file stays after the block, unless it
-    is all its folder holds (a command that failed before its first write leaves nothing).
+    wrote into the file. With ``waiting``, the second is told the sentence instead (``log.info``)
+    and waits for the lock: for work that it would only repeat (the demo's first build). The
+    kernel drops the lock when its process ends, however it ends, so a crash never leaves a
+    stale lock to clear by hand. The file stays after the block, unless it is all its folder
+    holds (a command that failed before its first write leaves nothing).
     """
     lock = Path(lock)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -98,7 +104,11 @@ def exclusive(lock: str | os.PathLike, busy: Callable[[str], str]) -> Iterator[N
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            raise Busy(busy(f" (pid {pid})" if pid.isdigit() else "")) from None
+            said = busy(f" (pid {pid})" if pid.isdigit() else "")
+            if waiting is None:
+                raise Busy(said) from None
+            waiting(said)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # Ctrl-C here raises KeyboardInterrupt as usual
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         try:

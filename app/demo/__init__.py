@@ -130,8 +130,7 @@ def ensure_demo_collection(
         images: the demo image tree with its ``manifest.csv`` split.
         progress: called with (done, total) while images are embedded.
     """
-    from indexes import index_images
-    from moco import output_folder, read_encoder_config
+    from moco import exclusive, output_folder
 
     if not (Path(encoder) / "config.json").is_file():
         raise FileNotFoundError(
@@ -148,7 +147,25 @@ def ensure_demo_collection(
             f"{e}: set MOCO_SEARCH_CACHE to a folder you can write, or open your own collection "
             "with --collection"
         ) from e
-    encoder = fitted_encoder(Path(encoder), images, base)
+    # A second `python launch.py` started during the first one's build (a minute) waits, then
+    # reuses it: building beside it removed the other's files mid-build, and one of the two
+    # ended in a FAISS traceback.
+    with exclusive(
+        base / "build.lock",
+        lambda pid: f"another moco-search{pid} is building the demo collection: waiting for it",
+        waiting=log.info,
+    ):
+        return _ensure(base, Path(encoder), images, progress)
+
+
+def _ensure(
+    base: Path, encoder: Path, images: Path, progress: Callable[[int, int], None] | None
+) -> Path:
+    """``ensure_demo_collection``'s work, under its lock."""
+    from indexes import index_images
+    from moco import read_encoder_config
+
+    encoder = fitted_encoder(encoder, images, base)
     cfg = read_encoder_config(encoder)
     coll = base / "collection"
     if _is_current(coll, cfg.content_hash, images):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import pytest
 
 import launch
 from app.demo import cache_dir, demo_example, ensure_demo_collection
-from tests.conftest import free_port
+from tests.conftest import free_port, hold
 
 
 def demo_images(root: Path, tree: Any) -> Path:
@@ -83,3 +85,32 @@ def test_a_cache_that_cannot_be_made_says_what_to_set(
         "(Not a directory): set MOCO_SEARCH_CACHE to a folder you can write, or open your own "
         "collection with --collection"
     )
+
+
+def test_a_second_first_run_waits_for_the_first_ones_build(
+    tmp_path: Path, encoder_dir: Path, tree: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two `python launch.py` at once on a new machine: the second built beside the first,
+    removed its files mid-build, and one of them ended in a FAISS traceback."""
+    images = demo_images(tmp_path / "images", tree)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    holder = hold(cache / "build.lock")  # the first run, building
+    caplog.set_level("INFO", logger="app.demo")
+    built: list[Path] = []
+    second = threading.Thread(
+        target=lambda: built.append(
+            ensure_demo_collection(cache, encoder=encoder_dir, images=images)
+        )
+    )
+    second.start()
+    deadline = time.monotonic() + 60
+    while "waiting for it" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"another moco-search (pid {holder.pid}) is building the demo collection" in caplog.text
+    time.sleep(0.5)
+    assert not built and not list(cache.glob("encoder-*"))  # waits: touches nothing
+    holder.kill()  # the first ends (here as kill -9 would: its lock goes with it)
+    holder.wait()
+    second.join(timeout=120)
+    assert built and (built[0] / "manifest.json").is_file()
