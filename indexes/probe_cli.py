@@ -10,7 +10,9 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from indexes.cli import check_image_file
@@ -55,47 +57,94 @@ def run_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+PREDICT_CHUNK = 256
+"""Images classified at a time: a folder of any size prints as it goes, in bounded memory."""
+
+
+def image_files(paths: Sequence[str], skip: Callable[[str, str], None]) -> list[str]:
+    """The files ``paths`` name: a file as itself, a folder as the images under it (recursive,
+    sorted; hidden folders and moco-search's own passed over, as ``index`` does). A folder with
+    no image in it is ``skip``ped with the reason, or refused if it is all that was given."""
+    from moco import IMAGE_EXTENSIONS, list_images
+
+    files: list[str] = []
+    for p in paths:
+        if not Path(p).is_dir():
+            files.append(p)
+            continue
+        found = [str(f) for f in list_images(p)]
+        if not found:
+            reason = f"no image files in this folder ({' '.join(sorted(IMAGE_EXTENSIONS))})"
+            if len(paths) == 1:
+                raise FileNotFoundError(f"{p}: {reason}")
+            skip(p, reason)
+        files += found
+    return files
+
+
 def run_predict(ns: argparse.Namespace) -> int:
     from indexes.classify import predict_images
     from indexes.collection import Collection
+    from indexes.store import printable
     from moco import ImageError, load_image
 
     args = config_from_args(PredictArgs, ns)
     if not args.images:
-        raise ValueError("give at least one image file to classify")
-    good: list[str] = []
-    failed: list[Exception] = []
-    for p in args.images:  # one bad file is reported; the others are still classified
+        raise ValueError("give at least one image file or folder to classify")
+    skipped: list[str] = []
+
+    def skip(path: str, reason: str) -> None:
+        skipped.append(path)
+        print(f"moco-search probe predict: {path}: skipped: {reason}", file=sys.stderr)
+
+    alone = len(args.images) == 1 and not Path(args.images[0]).is_dir()
+
+    def readable(path: str) -> bool:
         try:
-            check_image_file(p)
-            load_image(p)
-            good.append(str(p))
+            check_image_file(path)
+            load_image(path)
         except (OSError, ImageError) as e:
-            failed.append(e)
-            if len(args.images) > 1:
-                reason = e.reason if isinstance(e, ImageError) else str(e)
-                print(f"moco-search probe predict: {p}: skipped: {reason}", file=sys.stderr)
-    if not good:
-        raise failed[0] if len(failed) == 1 else ValueError("none of the files could be used")
+            if alone:
+                raise  # the one image given: its error is the command's
+            skip(path, e.reason if isinstance(e, ImageError) else str(e))
+            return False
+        return True
+
+    files = image_files(args.images, skip)
+    if alone:
+        readable(files[0])  # before the collection and torch load: a typo answers at once
+    predicted = 0
     with Collection.open(args.collection, device=args.device) as col:
-        preds = predict_images(
+        predict = partial(
+            predict_images,
             col,
-            good,
             name=args.name,
             knn=args.knn,
             k=args.top,
             knn_k=args.knn_k,
             T=args.knn_t,
         )
-    for pred in preds:
-        if args.json:
-            print(json.dumps(pred.to_dict()))
-        else:
-            tops = "  ".join(
-                f"{lab} {p:.0%}" for lab, p in zip(pred.labels, pred.probs, strict=True)
-            )
-            print(f"{pred.source}: {tops}")
-    return 1 if failed else 0
+        for start in range(0, len(files), PREDICT_CHUNK):
+            chunk = files[start : start + PREDICT_CHUNK]
+            try:  # each image decoded once; a chunk holding one that cannot be read is
+                preds = predict(chunk)
+            except (OSError, ImageError):  # looked over image by image, the others classified
+                chunk = [p for p in chunk if readable(p)]
+                preds = predict(chunk) if chunk else []
+            for pred in preds:
+                if args.json:
+                    print(json.dumps(pred.to_dict()))
+                else:
+                    tops = "  ".join(
+                        f"{printable(lab)} {p:.0%}"
+                        for lab, p in zip(pred.labels, pred.probs, strict=True)
+                    )
+                    print(f"{printable(pred.source)}: {tops}")
+            sys.stdout.flush()  # a folder's first results show while the rest are classified
+            predicted += len(preds)
+    if not predicted:
+        raise ValueError("none of the images given could be classified")
+    return 1 if skipped else 0
 
 
 def run_classify_all(ns: argparse.Namespace) -> int:
@@ -174,7 +223,7 @@ HELP = {
     "folds": "cross-validation folds for up to 2000 labels; 0 = one split",
     "val_fraction": "held-out share for a single split",
     "seed": "split and training seed",
-    "images": "image files",
+    "images": "image files, or folders of them (recursive)",
     "top": "labels shown per image",
     "device": "torch device for embedding",
 }

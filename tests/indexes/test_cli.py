@@ -262,6 +262,38 @@ def test_a_folder_query_and_a_bad_file_among_good_ones(
     assert out.startswith(f"{good}: ") and len(out.splitlines()) == 1  # the good one, predicted
 
 
+def test_probe_predict_classifies_a_folder_chunk_by_chunk(
+    coll: Path,
+    images: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A folder given to ``probe predict`` is classified image by image, as ``index`` reads a
+    folder (it said "is a folder: give image files"); a file it cannot read is skipped and the
+    others of its chunk are still classified, in order."""
+    import indexes.probe_cli
+
+    monkeypatch.setattr(indexes.probe_cli, "PREDICT_CHUNK", 3)
+    assert launch.main(["probe", "train", "--collection", str(coll)]) == 0
+    new = tmp_path / "new"
+    shutil.copytree(images / "dog", new / "dogs")  # 000-005.png
+    shutil.copytree(images / "owl", new / ".thumbnails")  # hidden: passed over, as index does
+    (new / "dogs" / "002.png").write_bytes(b"broken")  # the first chunk: 000-002.png
+    (new / "notes.txt").write_text("not an image: not tried")
+    (new / "empty").mkdir()
+    capsys.readouterr()
+    assert launch.main(["probe", "predict", "--collection", str(coll), str(new)]) == 1
+    out, err = capsys.readouterr()
+    names = [line.split(": ")[0] for line in out.splitlines()]
+    assert names == [str(new / "dogs" / f"00{i}.png") for i in (0, 1, 3, 4, 5)]
+    assert err.splitlines() == [
+        f"moco-search probe predict: {new / 'dogs' / '002.png'}: skipped: not an image"
+    ]
+    assert launch.main(["probe", "predict", "--collection", str(coll), str(new / "empty")]) == 2
+    assert f"{new / 'empty'}: no image files in this folder (.avif " in capsys.readouterr().err
+
+
 def test_index_budget_and_float16_flags_then_search_shows_recall(
     images: Path, encoder_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
