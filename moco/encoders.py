@@ -8,6 +8,7 @@ built by ``moco.resnet`` without importing torchvision (seconds of every command
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from moco import resnet
 
-ENCODERS: dict[str, Callable[[], nn.Module]] = {
+ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": resnet.resnet18,
     "resnet34": resnet.resnet34,
     "resnet50": resnet.resnet50,
@@ -55,20 +56,27 @@ def default_pooling(arch: str) -> str:
     return "stages" if feature_dim(arch) <= 512 else "avg"
 
 
-def build_encoder(arch: str, num_classes: int = 0, small_stem: bool = False) -> nn.Module:
+def build_encoder(
+    arch: str, num_classes: int = 0, small_stem: bool = False, *, empty: bool = False
+) -> nn.Module:
     """A randomly initialised backbone; ``num_classes=0`` gives ``fc = Identity`` (features out).
 
     Args:
         arch: a key of ``ENCODERS``.
         num_classes: width of the final linear layer, or 0 for none.
         small_stem: 3x3 stride-1 first conv and no max-pool, for small images.
+        empty: shapes only, on the ``meta`` device and not initialised, for weights loaded next
+            with ``load_state_dict(..., assign=True)``: the random initialisation they replace
+            took 0.26 s of every search by image with ResNet-18, 0.5 s with ResNet-50.
     """
-    net = ENCODERS[check_arch(arch)]()
-    if small_stem:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    dim = net.fc.in_features
-    net.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+    # empty draws no init at all: nn.init.normal_ on a meta tensor imports torch._dynamo (3 s)
+    with torch.device("meta") if empty else contextlib.nullcontext():
+        net = ENCODERS[check_arch(arch)](init=not empty)
+        if small_stem:
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        dim = net.fc.in_features
+        net.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
     return net
 
 

@@ -126,11 +126,11 @@ def load_backbone(
             f"Unreadable encoder weights {weights}: {e} (truncated or not a safetensors file; "
             "export the encoder again)"
         ) from e
-    model = build_encoder(cfg.arch, num_classes=0, small_stem=cfg.small_stem)
+    model = build_encoder(cfg.arch, num_classes=0, small_stem=cfg.small_stem, empty=True)
     state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     fitted = {k: state.pop(k) for k in list(state) if k.startswith(whiten.PREFIX)}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(
             f"Encoder weights {weights} do not fit its config ({cfg.arch}, "

@@ -96,6 +96,7 @@ class ResNet(nn.Module):
         layers: list[int],
         num_classes: int = 1000,
         width_per_group: int = 64,
+        init: bool = True,
     ) -> None:
         super().__init__()
         self.inplanes, self.base_width = 64, width_per_group
@@ -109,8 +110,9 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(512 * block.expansion, num_classes)
-        # torchvision's initialisation, in module order (the RNG draws follow it)
-        for m in self.modules():
+        # torchvision's initialisation, in module order (the RNG draws follow it); skipped for
+        # weights that are loaded next (``build_encoder(empty=True)``)
+        for m in self.modules() if init else ():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
@@ -140,25 +142,25 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def resnet18() -> ResNet:
-    return ResNet(BasicBlock, [2, 2, 2, 2])
+def resnet18(init: bool = True) -> ResNet:
+    return ResNet(BasicBlock, [2, 2, 2, 2], init=init)
 
 
-def resnet34() -> ResNet:
-    return ResNet(BasicBlock, [3, 4, 6, 3])
+def resnet34(init: bool = True) -> ResNet:
+    return ResNet(BasicBlock, [3, 4, 6, 3], init=init)
 
 
-def resnet50() -> ResNet:
-    return ResNet(Bottleneck, [3, 4, 6, 3])
+def resnet50(init: bool = True) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 6, 3], init=init)
 
 
-def resnet101() -> ResNet:
-    return ResNet(Bottleneck, [3, 4, 23, 3])
+def resnet101(init: bool = True) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 23, 3], init=init)
 
 
-def resnet152() -> ResNet:
-    return ResNet(Bottleneck, [3, 8, 36, 3])
+def resnet152(init: bool = True) -> ResNet:
+    return ResNet(Bottleneck, [3, 8, 36, 3], init=init)
 
 
-def wide_resnet50_2() -> ResNet:
-    return ResNet(Bottleneck, [3, 4, 6, 3], width_per_group=128)
+def wide_resnet50_2(init: bool = True) -> ResNet:
+    return ResNet(Bottleneck, [3, 4, 6, 3], width_per_group=128, init=init)
