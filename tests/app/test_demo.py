@@ -101,16 +101,20 @@ def test_a_second_first_run_waits_for_the_first_ones_build(
     second = threading.Thread(
         target=lambda: built.append(
             ensure_demo_collection(cache, encoder=encoder_dir, images=images)
-        )
+        ),
+        daemon=True,  # a failed assertion below must not leave pytest waiting on the lock
     )
-    second.start()
-    deadline = time.monotonic() + 60
-    while "waiting for it" not in caplog.text and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert f"another moco-search (pid {holder.pid}) is building the demo collection" in caplog.text
-    time.sleep(0.5)
-    assert not built and not list(cache.glob("encoder-*"))  # waits: touches nothing
-    holder.kill()  # the first ends (here as kill -9 would: its lock goes with it)
-    holder.wait()
+    try:
+        second.start()
+        deadline = time.monotonic() + 60
+        while "waiting for it" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        said = f"another moco-search (pid {holder.pid}) is building the demo collection"
+        assert said in caplog.text
+        time.sleep(0.5)
+        assert not built and not list(cache.glob("encoder-*"))  # waits: touches nothing
+    finally:
+        holder.kill()  # the first ends (here as kill -9 would: its lock goes with it)
+        holder.wait()
     second.join(timeout=120)
     assert built and (built[0] / "manifest.json").is_file()
