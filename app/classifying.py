@@ -10,13 +10,15 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.context import USER_PROBE, AppContext
 from app.handlers import GONE, UserError, decode_upload
 from indexes import Hit
-from indexes.classify import ProbeReport, train_probe
 from indexes.probes import DEFAULT_PROBE, list_probes
+
+if TYPE_CHECKING:
+    from indexes.classify import ProbeReport
 
 KNN = "knn"
 Progress = Callable[[float, str], None]
@@ -84,6 +86,8 @@ def probe_summary(ctx: AppContext, name: str | None) -> tuple[str, str | None]:
 
 def train(ctx: AppContext, source: str, progress: Progress | None = None) -> ProbeReport:
     """Train (or retrain) a probe on the indexer's labels (``default``) or the UI's (``ui``)."""
+    from indexes.classify import train_probe  # torch: not needed to serve the page
+
     if source == DEFAULT_PROBE:
         ids, labels = ctx.collection.labeled()
         ids = [int(i) for i in ids]

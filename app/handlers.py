@@ -24,7 +24,6 @@ from PIL import Image
 
 from app.context import AppContext
 from indexes import Filters, Hit
-from indexes.embed import draft_size
 from moco import ImageError, decoder_hint, load_image
 
 MAX_K = 100
@@ -97,6 +96,8 @@ def decode_upload(ctx: AppContext, image: Any) -> Image.Image:
     """
     if image is None or (isinstance(image, str) and not image):
         raise UserError("Upload, paste or drop an image first (or click an example).")
+    from indexes.embed import draft_size  # torch: loaded by ``warm`` after the page was served
+
     draft = draft_size(ctx.collection.encoder_config)
     try:
         return load_image(image, draft_size=draft, max_pixels=MAX_UPLOAD_PIXELS)

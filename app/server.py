@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,10 @@ def open_context(cfg: ServerConfig) -> Any:
 def launch(ctx: Any, cfg: ServerConfig) -> Any:
     """Build and start the demo without blocking; return the running ``gr.Blocks``."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no phoning home
+    # Gradio asks matplotlib for its backend around every event; unset, matplotlib resolves it by
+    # importing pyplot and probing GUI toolkits: 1.2 s of the first search. A server draws no
+    # windows, so name the headless backend before matplotlib is imported (a user's choice stands).
+    os.environ.setdefault("MPLBACKEND", "agg")
     from app.ui import CSS, build_demo
 
     warning = exposure_warning(cfg.host, cfg.auth, cfg.share)
@@ -121,6 +126,8 @@ def launch(ctx: Any, cfg: ServerConfig) -> Any:
         enable_monitoring=False,
         css=CSS,
     )
+    # The page is served without torch; the encoder loads while the user picks a first image.
+    threading.Thread(target=ctx.collection.warm, name="load-encoder", daemon=True).start()
     return demo
 
 

@@ -80,6 +80,9 @@ class Collection:
         self._db.execute(f"PRAGMA mmap_size={store.MMAP_BYTES}")
         self._encoder_dir = encoder
         self._model: Any = None
+        self._model_lock = threading.Lock()
+        self._encoder_changes = 0
+        """How many times a reload found another encoder: a load begun before one is dropped."""
         self._transform: Any = None
         self._filter_cache: dict[tuple[Any, ...], np.ndarray] = {}
         self._counts: dict[str, tuple[tuple[int, int], list[Any]]] = {}
@@ -110,6 +113,7 @@ class Collection:
             ):  # re-embedded (``index --reembed``): queries need the new encoder too
                 log.info("%s was re-embedded by another encoder: using it", self.path)
                 self._model, self._encoder_dir = None, None
+                self._encoder_changes += 1
             self.encoder_config = EncoderConfig.from_dict(self.manifest["encoder"]["config"])
             self.dim = int(self.manifest["feature_dim"])
             self._params = dict(self.manifest.get("index", {}).get("params", {}))
@@ -188,24 +192,50 @@ class Collection:
         searching by id, ``info`` and everything read from the stored vectors never wait for
         either."""
         from indexes import embed
-        from moco import eval_transform
 
         self.follow_index_runs()  # re-embedded meanwhile: the new encoder, not a loaded one
-        with self._lock:
-            if self._model is None:
-                path = self._encoder_path()
-                if not path.is_dir():
-                    raise EncoderMissing(self.encoder_missing())
-                self._check_encoder()
-                self.device = embed.default_device(self.device)  # None: a GPU if there is one
-                self._model, cfg = embed.load_model(path, self.device)
-                self._transform = eval_transform(cfg)
-            model, transform = self._model, self._transform
+        model, transform = self._loaded_encoder()
         draft = embed.draft_size(self.encoder_config)
         decoded = [embed.prepare(im, transform, draft) for im in images]
         if not decoded:
             return np.zeros((0, self.dim), dtype=np.float32)
         return embed.embed_decoded(model, decoded, self.device)
+
+    def _loaded_encoder(self) -> tuple[Any, Any]:
+        """The encoder and its transform, loaded on first use (torch imported with it).
+
+        Loaded under a lock of its own: the seconds it takes do not hold ``_lock``, which every
+        read of the database takes (a page served meanwhile would wait for torch). An encoder
+        that a reload replaced while it loaded is dropped and the new one loaded."""
+        from indexes import embed
+        from moco import eval_transform
+
+        with self._model_lock:
+            while True:
+                with self._lock:
+                    if self._model is not None:
+                        return self._model, self._transform
+                    path, changes = self._encoder_path(), self._encoder_changes
+                    if not path.is_dir():
+                        raise EncoderMissing(self.encoder_missing())
+                    self._check_encoder()
+                device = embed.default_device(self.device)  # None: a GPU if there is one
+                model, cfg = embed.load_model(path, device)
+                with self._lock:
+                    if changes == self._encoder_changes:  # else loop: load the new one
+                        self.device, self._model = device, model
+                        self._transform = eval_transform(cfg)
+
+    def warm(self) -> None:
+        """Import torch and load the encoder now, so that the first search by image does not
+        wait for them (3 to 4 s): the web UI calls it in the background once its page is
+        served. A fault is logged, not raised: the search that needs the encoder says it."""
+        if self.encoder_missing():  # said when the collection was opened
+            return
+        try:
+            self._loaded_encoder()
+        except Exception as e:  # said again, to the user, by the search that needs it
+            log.warning("Could not load the encoder of %s yet: %s", self.path, e)
 
     def query_vector(
         self,

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from moco.encoder_config import (
         CheckpointError,
         EncoderConfig,
+        describe_fit,
         encoder_dir,
         read_encoder_config,
     )
@@ -71,7 +72,6 @@ if TYPE_CHECKING:
     from moco.probe_meta import read_probe_meta
     from moco.published import resolve_encoder
     from moco.trainlog import epoch_numbers
-    from moco.whiten import describe_fit
 
 _WHERE = {
     "Busy": "moco.files",
@@ -102,7 +102,7 @@ _WHERE = {
     "classification_metrics": "moco.metrics",
     "config_from_args": "moco.flags",
     "default_device": "moco.distributed",
-    "describe_fit": "moco.whiten",
+    "describe_fit": "moco.encoder_config",
     "epoch_numbers": "moco.trainlog",
     "encoder_dir": "moco.encoder_config",
     "eval_transform": "moco.preprocess",

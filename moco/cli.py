@@ -105,8 +105,8 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from moco.encoder_config import describe_fit
     from moco.export import export_encoder
-    from moco.whiten import describe_fit
 
     cfg = export_encoder(
         args.checkpoint,

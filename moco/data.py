@@ -3,6 +3,9 @@
 One decoder, ``load_image``, is shared by pretraining and indexing so that both see the same
 pixels: EXIF orientation applied, alpha composited on a fixed background, 16-bit and CMYK
 converted, the first frame of an animation. Failures raise ``ImageError`` with a short reason.
+
+It imports no torch (seconds): the web UI decodes images for thumbnails before anything needs the
+network, and its page is served before torch is loaded.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ import os
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError, features
-from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +266,11 @@ def shared_files(paths: list[Path], others: list[Path]) -> int:
     return sum(os.path.realpath(p) in seen for p in paths)
 
 
-class ImageFiles(Dataset):
+class ImageFiles:
     """Images of a folder, ``(transform(img), index)`` per item; broken files give ``None``.
+
+    A map-style dataset (``__len__`` and ``__getitem__`` are all ``DataLoader`` asks of one), not a
+    ``torch.utils.data.Dataset`` subclass, so that this module imports no torch.
 
     A broken file is not fatal: ``__getitem__`` returns ``(None, index)``, ``collate_skip`` drops
     it from the batch, and the trainer logs the index in the run log.
@@ -289,6 +296,7 @@ def collate_skip(batch: list[tuple[Any, int]]) -> tuple[Any, torch.Tensor, list[
 
     The good items' indexes let MoCo tell which queued keys come from the same image.
     """
+    import torch
     from torch.utils.data import default_collate
 
     good = [x for x, _ in batch if x is not None]

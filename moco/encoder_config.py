@@ -100,3 +100,12 @@ def read_encoder_config(path: str | os.PathLike) -> EncoderConfig:
         return EncoderConfig.from_dict(data)
     except (TypeError, ValueError) as e:  # a missing 'arch', a mean that is not a list
         raise CheckpointError(f"Unreadable encoder config {path / CONFIG}: {e}") from e
+
+
+def describe_fit(fit: dict[str, object], code: bool = False) -> str:
+    """An encoder's fit (``EncoderConfig.fit``) in words: "centred on 1594 files of /pics".
+    Files, not images: a collection indexes one of each set of identical files, so the demo's
+    1,593 images were fitted on 1,594 files. ``code`` puts the folder in Markdown backticks."""
+    verb = {"center": "centred", "whiten": "whitened"}.get(str(fit.get("kind")), fit.get("kind"))
+    folder = f"`{fit.get('folder')}`" if code else fit.get("folder")
+    return f"{verb} on {fit.get('images')} files of {folder}"

@@ -51,15 +51,6 @@ def kind(tensors: dict[str, torch.Tensor]) -> str:
     return "whiten" if "matrix" in t else "center" if "mean" in t else "none"
 
 
-def describe_fit(fit: dict[str, object], code: bool = False) -> str:
-    """An encoder's fit (``EncoderConfig.fit``) in words: "centred on 1594 files of /pics".
-    Files, not images: a collection indexes one of each set of identical files, so the demo's
-    1,593 images were fitted on 1,594 files. ``code`` puts the folder in Markdown backticks."""
-    verb = {"center": "centred", "whiten": "whitened"}.get(str(fit.get("kind")), fit.get("kind"))
-    folder = f"`{fit.get('folder')}`" if code else fit.get("folder")
-    return f"{verb} on {fit.get('images')} files of {folder}"
-
-
 class TooFewImages(ValueError):
     """Whitening asked of fewer images than it needs (``MIN_IMAGES_PER_DIM`` per dimension)."""
 

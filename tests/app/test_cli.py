@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +16,41 @@ from app.server import exposure_warning, parse_auth
 
 
 @pytest.mark.slow
-def test_app_ready_and_exit(
-    collection_dir: Path, port: int, capsys: pytest.CaptureFixture[str]
+def test_app_in_a_fresh_process_serves_before_torch_and_without_pyplot(
+    collection_dir: Path, port: int
 ) -> None:
-    rc = launch.main(
-        ["app", "--collection", str(collection_dir), "--port", str(port), "--ready-and-exit"]
+    """As a user starts it. The page is built without torch (3 to 4 s), which ``warm`` then loads
+    with the encoder. The self-check search goes through Gradio's event path, which asks
+    matplotlib for its backend; unnamed, that imports pyplot (1.2 s of the first search)."""
+    argv = ["app", "--collection", str(collection_dir), "--port", str(port), "--ready-and-exit"]
+    code = f"""\
+import sys, launch
+from app.server import ServerConfig, open_context
+from app.ui import build_demo
+ctx = open_context(ServerConfig(collection={str(collection_dir)!r}))
+build_demo(ctx)
+print('torch before warm:', 'torch' in sys.modules)
+ctx.collection.warm()
+print('encoder after warm:', type(ctx.collection._loaded_encoder()[0]).__name__)
+ctx.collection.close()
+rc = launch.main({argv!r})
+print('pyplot imported:', 'matplotlib.pyplot' in sys.modules)
+sys.exit(rc)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(launch.__file__).parent,
     )
-    out = capsys.readouterr().out
-    assert rc == 0, out
+    out = res.stdout
+    assert res.returncode == 0, out + res.stderr
+    assert "torch before warm: False" in out and "encoder after warm: " in out, out
+    assert "encoder after warm: NoneType" not in out, out
     assert "ready at http://127.0.0.1:" in out and "returned 5 results" in out
+    assert "pyplot imported: False" in out, out
 
 
 @pytest.mark.slow

@@ -206,6 +206,48 @@ def test_an_open_collection_follows_index_runs_without_reload(
         assert said.levelno == logging.INFO and "an index run is in progress" in said.getMessage()
 
 
+def test_loading_the_encoder_holds_up_no_read_and_a_reembed_meanwhile_wins(
+    coll: Path, images: Path, other_encoder_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The web UI loads the encoder in the background (``warm``) while it serves its page: the
+    page's reads of the database must not wait for torch, and an encoder that a re-embed
+    replaced while it loaded must not be the one that embeds queries afterwards."""
+    from indexes import embed
+
+    loading, release = threading.Event(), threading.Event()
+    real, calls = embed.load_model, []
+
+    def held_first(path: Path, device: str) -> tuple:
+        calls.append(path)
+        if len(calls) == 1:  # the background load: held until the test lets it go
+            loading.set()
+            assert release.wait(60)
+        return real(path, device)
+
+    monkeypatch.setattr(embed, "load_model", held_first)
+    with Collection.open(coll) as c:
+        first = int(c.labeled()[0][0])
+        warm = threading.Thread(target=c.warm, daemon=True)
+        warm.start()
+        assert loading.wait(60)
+        read: list[object] = []  # read in a thread of its own: a blocked read fails, not hangs
+        reader = threading.Thread(
+            target=lambda: read.extend([len(c), c.search_id(first, k=1)[0].id]), daemon=True
+        )
+        reader.start()
+        reader.join(20)
+        assert read == [17, first], "a read waited for the encoder to load"
+
+        index_images([images], coll, other_encoder_dir, workers=0, reembed=True)
+        c.follow_index_runs()  # sees the new encoder while the old one is still loading
+        release.set()
+        warm.join(60)
+        query = images / "cat" / "001.png"
+        with Collection.open(coll) as fresh:
+            assert np.allclose(c.embed([query]), fresh.embed([query]), atol=1e-5)
+        assert len(calls) == 4  # old (dropped), the re-embed's, new, the fresh collection's
+
+
 def test_a_missing_collection_and_a_folder_that_is_not_one_are_told_apart(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"Collection not found: .*typo\.coll"):
         Collection.open(tmp_path / "typo.coll")
