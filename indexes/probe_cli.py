@@ -85,6 +85,7 @@ def image_files(paths: Sequence[str], skip: Callable[[str, str], None]) -> list[
 def run_predict(ns: argparse.Namespace) -> int:
     from indexes.classify import predict_images
     from indexes.collection import Collection
+    from indexes.embed import draft_size
     from indexes.store import printable
     from moco import ImageError, load_image
 
@@ -98,23 +99,26 @@ def run_predict(ns: argparse.Namespace) -> int:
         print(f"moco-search probe predict: {path}: skipped: {reason}", file=sys.stderr)
 
     alone = len(args.images) == 1 and not Path(args.images[0]).is_dir()
-
-    def readable(path: str) -> bool:
-        try:
-            check_image_file(path)
-            load_image(path)
-        except (OSError, ImageError) as e:
-            if alone:
-                raise  # the one image given: its error is the command's
-            skip(path, e.reason if isinstance(e, ImageError) else str(e))
-            return False
-        return True
-
     files = image_files(args.images, skip)
-    if alone:
-        readable(files[0])  # before the collection and torch load: a typo answers at once
+    if alone:  # before the collection and torch load: a typo or a folder answers at once
+        check_image_file(files[0])
     predicted = 0
     with Collection.open(args.collection, device=args.device) as col:
+        draft = draft_size(col.encoder_config)
+
+        def readable(path: str) -> bool:
+            """Decoded as embedding decodes it (a JPEG at reduced scale: a 108 MP photo is
+            readable, not a "decompression bomb")."""
+            try:
+                check_image_file(path)
+                load_image(path, draft_size=draft)
+            except (OSError, ImageError) as e:
+                if alone:
+                    raise  # the one image given: its error is the command's
+                skip(path, e.reason if isinstance(e, ImageError) else str(e))
+                return False
+            return True
+
         predict = partial(
             predict_images,
             col,
