@@ -25,9 +25,9 @@ from typing import Any
 
 import faiss
 import numpy as np
-from sqlite_utils import Database
 
 from indexes import vectors
+from indexes.store import Database
 
 EXACT_MAX = 4096
 """With an approximate index, filters matching at most this many images are scored exactly."""

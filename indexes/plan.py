@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from sqlite_utils import Database
-
 from indexes.scan import FileEntry, sha256_file
+from indexes.store import Database
 
 
 class Row(NamedTuple):

@@ -14,9 +14,9 @@ from typing import Any
 
 import faiss
 import numpy as np
-from sqlite_utils import Database
 
 from indexes import budget, store, vectors
+from indexes.store import Database
 
 log = logging.getLogger(__name__)
 

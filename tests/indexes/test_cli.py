@@ -13,10 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import launch
 from indexes import Collection
 from moco import TrainConfig
+from tests.indexes.conftest import image
 
 
 @pytest.fixture
@@ -93,7 +95,8 @@ def test_reading_a_collection_does_not_wait_for_torch(coll: Path, images: Path) 
     configs only: importing torch and torchvision took them 7 s and 860 MB instead of 0.8 s and
     90 MB. A search by image needs torch (which shows the check below can fail), not
     torchvision: its import took another 3 s (torch._dynamo, through torchvision.ops; a
-    ``with torch.device("meta")`` imports it too)."""
+    ``with torch.device("meta")`` imports it too). Nor pandas, which sqlite-utils imports when it
+    is installed (0.5 s of each command); whoever wants pandas later still gets it."""
     c = ["--collection", str(coll)]
     reads = [
         ["info", *c],
@@ -101,12 +104,14 @@ def test_reading_a_collection_does_not_wait_for_torch(coll: Path, images: Path) 
         ["duplicates", *c],
         ["export-embeddings", *c, "--out", str(coll.parent / "emb")],
     ]
-    loaded = "sorted(m for m in ('torch', 'torch._dynamo', 'torchvision') if m in sys.modules)"
+    heavy = ("pandas", "torch", "torch._dynamo", "torchvision")
+    loaded = f"sorted(m for m in {heavy!r} if m in sys.modules)"
     code = (
         f"import sys, launch\nfor argv in {reads!r}:\n    assert launch.main(argv) == 0, argv\n"
         f"print('before', {loaded})\n"
         f"assert launch.main({['search', *c, str(images / 'dog' / '002.png')]!r}) == 0\n"
         f"print('after', {loaded})\n"
+        "import pandas\nprint('then', pandas.DataFrame({'a': [1]}).shape)\n"
     )
     run = subprocess.run(
         [sys.executable, "-c", code],
@@ -118,6 +123,7 @@ def test_reading_a_collection_does_not_wait_for_torch(coll: Path, images: Path) 
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
     assert "before []" in lines and "after ['torch']" in lines, run.stdout[-2000:]
+    assert "then (1, 1)" in lines
     assert "collection " in run.stdout and (coll.parent / "emb" / "embeddings.npy").is_file()
 
 
@@ -271,27 +277,37 @@ def test_probe_predict_classifies_a_folder_chunk_by_chunk(
 ) -> None:
     """A folder given to ``probe predict`` is classified image by image, as ``index`` reads a
     folder (it said "is a folder: give image files"); a file it cannot read is skipped and the
-    others of its chunk are still classified, in order."""
+    others of its chunk are still classified, in order. A JPEG above Pillow's pixel limit is
+    decoded at reduced scale, as search decodes it: it was skipped as a "decompression bomb"
+    beside a broken file, and refused when given alone (Pillow's limit lowered here so that an
+    800x400 file stands for a 108 MP photo)."""
     import indexes.probe_cli
 
-    monkeypatch.setattr(indexes.probe_cli, "PREDICT_CHUNK", 3)
+    monkeypatch.setattr(indexes.probe_cli, "PREDICT_CHUNK", 4)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
     assert launch.main(["probe", "train", "--collection", str(coll)]) == 0
     new = tmp_path / "new"
     shutil.copytree(images / "dog", new / "dogs")  # 000-005.png
     shutil.copytree(images / "owl", new / ".thumbnails")  # hidden: passed over, as index does
-    (new / "dogs" / "002.png").write_bytes(b"broken")  # the first chunk: 000-002.png
+    (new / "dogs" / "002.png").write_bytes(b"broken")  # the first chunk: 000-002.png, 002a.jpg
+    pano = new / "dogs" / "002a.jpg"
+    image(5, size=(800, 400)).save(pano, quality=90)
     (new / "notes.txt").write_text("not an image: not tried")
     (new / "empty").mkdir()
     capsys.readouterr()
     assert launch.main(["probe", "predict", "--collection", str(coll), str(new)]) == 1
     out, err = capsys.readouterr()
     names = [line.split(": ")[0] for line in out.splitlines()]
-    assert names == [str(new / "dogs" / f"00{i}.png") for i in (0, 1, 3, 4, 5)]
+    assert names == [str(new / "dogs" / f"00{i}") for i in ("0.png", "1.png", "2a.jpg")] + [
+        str(new / "dogs" / f"00{i}.png") for i in (3, 4, 5)
+    ]
     assert err.splitlines() == [
         f"moco-search probe predict: {new / 'dogs' / '002.png'}: skipped: not an image"
     ]
     assert launch.main(["probe", "predict", "--collection", str(coll), str(new / "empty")]) == 2
     assert f"{new / 'empty'}: no image files in this folder (.avif " in capsys.readouterr().err
+    assert launch.main(["probe", "predict", "--collection", str(coll), str(pano)]) == 0
+    assert capsys.readouterr().out.startswith(f"{pano}: ")
 
 
 def test_index_budget_and_float16_flags_then_search_shows_recall(
@@ -469,8 +485,6 @@ def test_names_with_control_characters_print_on_one_line_each(
 ) -> None:
     """A file named with a newline split its hit across two lines of the table, and a name with
     an escape sequence drove the terminal; JSON keeps the names as they are."""
-    from tests.indexes.conftest import image
-
     images = tmp_path / "in\nbox"  # the folder: both a root and, below it, a label
     (images / "red\x1b[31m").mkdir(parents=True)
     for i, name in enumerate(["a\nb.png", "tab\there.png", "\x1b]0;pwned\x07.png"]):
