@@ -16,13 +16,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from indexes import (
     budget,
-    embed,
     faults,
     folders,
     manifest,
@@ -35,9 +34,11 @@ from indexes import (
     sync,
     vectors,
 )
-from indexes.embed import Decoded
 from indexes.scan import FileEntry
 from moco import EncoderConfig, heif_hint, read_encoder_config
+
+if TYPE_CHECKING:
+    from indexes.embed import Decoded
 
 log = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -305,7 +306,7 @@ def start_run(
             bind = False
         else:
             manifest.check_encoder(old, cfg, encoder, collection)  # raises: another's vectors
-    model = embed.load_model(encoder, embed.default_device(device))[0] if bind else None
+    model = _load_model(encoder, _device(device)) if bind else None
     collection.mkdir(parents=True, exist_ok=True)
     if old is not None and not (collection / store.DB_NAME).is_file():
         # the FAISS file holds the lost database's ids, which the new one hands out again:
@@ -468,7 +469,8 @@ def index_images(
     """
     preflight.check_options(batch_size, workers)
     limit = budget.parse_bytes(max_index_memory) if max_index_memory is not None else None
-    device = embed.default_device(device)
+    if device is not None:  # a wrong --device is said before any work
+        device = _device(device)
     options = FolderOptions(allow_empty, folder_labels, move_root, forget_root)
     t0 = time.perf_counter()
     with faults.disk_full_reported(collection), runlock.held(collection):
@@ -480,10 +482,10 @@ def index_images(
                 encoder,
                 labels_csv,
                 options,
-                device=device,
+                device=_device(device),
                 vector_dtype=vector_dtype,
                 batch_size=batch_size,
-                workers=embed.default_workers() if workers is None else workers,
+                workers=_workers(workers),
                 progress=progress,
             )
             if model is not None:  # folder moves done; the run below only adds what is new
@@ -503,14 +505,15 @@ def index_images(
         run.t0 = t0  # the summary's time includes the re-embedding
         try:
             if run.plan.todo:
+                device = _device(device)  # as start_run and _reembed resolved it
                 model = run.model if run.model is not None else model
                 if model is None:
-                    model = embed.load_model(run.encoder, device)[0]
+                    model = _load_model(run.encoder, device)
                 _embed_todo(
                     run,
                     model,
                     batch_size=batch_size,
-                    workers=embed.default_workers() if workers is None else workers,
+                    workers=_workers(workers),
                     device=device,
                     progress=progress,
                 )
@@ -519,8 +522,33 @@ def index_images(
             run.db.conn.close()
 
 
+def _device(device: str | None) -> str:
+    """``device``, or this process's GPU, or the CPU. torch is imported here and in
+    ``_load_model``, when a run has images to embed: its import takes 3 s, and a run that finds
+    nothing new (a nightly job) needs none."""
+    from indexes import embed
+
+    return embed.default_device(device)
+
+
+def _load_model(encoder: Path, device: str) -> Any:
+    """The encoder's network on ``device`` (torch imported here, as in ``_device``)."""
+    from indexes import embed
+
+    return embed.load_model(encoder, device)[0]
+
+
+def _workers(workers: int | None) -> int:
+    """``workers``, or the default decoding workers (asked when a run embeds, as ``_device``)."""
+    from indexes import embed
+
+    return embed.default_workers() if workers is None else workers
+
+
 def commit_failed(run: Run) -> list[tuple[FileEntry, int | None]]:
     """Record files that failed ``stat``; return the rest of the to-do list (to decode)."""
+    from indexes.embed import Decoded
+
     failed = [t for t in run.plan.todo if t[0].error]
     if failed:
         commit_batch(
@@ -548,6 +576,8 @@ def _embed_todo(
     The bar is closed on every exit, so that an error or "interrupted" starts its own line
     instead of being glued to the bar's last update.
     """
+    from indexes import embed
+
     total = len(run.plan.todo)
     with tqdm(total=total, unit="img", desc="indexing", mininterval=1.0, smoothing=0.1) as bar:
         todo = commit_failed(run)
@@ -616,7 +646,7 @@ def _reembed(
         switching=True,
     )
     try:
-        model = embed.load_model(run.encoder, device)[0]
+        model = _load_model(run.encoder, device)
         entry = manifest.encoder_entry(run.encoder, run.cfg)
         staged = switch.stage(
             run.db,

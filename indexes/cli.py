@@ -211,9 +211,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_index(ns: argparse.Namespace) -> int:
-    from indexes.distributed import index_distributed
-    from moco import world_size
-
     args = config_from_args(IndexArgs, ns)
     kwargs = dict(
         labels_csv=args.labels,
@@ -229,7 +226,11 @@ def run_index(ns: argparse.Namespace) -> int:
     one_process = dict(
         max_index_memory=args.max_index_memory, vector_dtype=args.vector_dtype, reembed=args.reembed
     )
-    if world_size() > 1:
+    # torchrun's env, as moco.world_size reads it before a process group exists; not that
+    # function itself, whose module imports torch: a run with nothing to embed needs none
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from indexes.distributed import index_distributed
+
         if args.max_index_memory is not None or args.vector_dtype is not None or args.reembed:
             raise ValueError(
                 "--max-index-memory, --vector-dtype and --reembed are not supported under "
