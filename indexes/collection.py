@@ -235,7 +235,12 @@ class Collection:
         try:
             self._loaded_encoder()
         except Exception as e:  # said again, to the user, by the search that needs it
-            log.warning("Could not load the encoder of %s yet: %s", self.path, e)
+            log.warning(
+                "The encoder of %s cannot be loaded: %s (a search by a new image fails until "
+                "it can)",
+                self.path,
+                e,
+            )
 
     def query_vector(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from indexes import Collection, Filters, index_images
 from indexes.build import start_run
+from moco import CheckpointError
 from tests.indexes.conftest import image, write_images
 
 
@@ -246,6 +248,26 @@ def test_loading_the_encoder_holds_up_no_read_and_a_reembed_meanwhile_wins(
         with Collection.open(coll) as fresh:
             assert np.allclose(c.embed([query]), fresh.embed([query]), atol=1e-5)
         assert len(calls) == 4  # old (dropped), the re-embed's, new, the fresh collection's
+
+
+def test_an_encoder_that_cannot_load_is_said_when_warmed_and_by_the_search(
+    coll: Path, images: Path, encoder_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``warm`` runs in the web UI's background thread: a corrupt encoder must be logged there
+    (the server's start), not raised into nowhere, and said again by the search that needs it."""
+    corrupt = tmp_path / "enc"
+    shutil.copytree(encoder_dir, corrupt)
+    weights = corrupt / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = b"\xff" * 64
+    weights.write_bytes(bytes(data))
+    with Collection.open(coll, encoder=corrupt) as c:
+        caplog.set_level(logging.WARNING)
+        c.warm()
+        (said,) = [r.getMessage() for r in caplog.records if "cannot be loaded" in r.getMessage()]
+        assert "do not match the hash in its config" in said, said
+        with pytest.raises(CheckpointError, match="do not match the hash in its config"):
+            c.embed([images / "cat" / "001.png"])
 
 
 def test_a_missing_collection_and_a_folder_that_is_not_one_are_told_apart(tmp_path: Path) -> None:
