@@ -101,13 +101,15 @@ def fitted_encoder(encoder: Path, images: Path, base: Path) -> Path:
     On the demo's split (fitted on the train split only) this raises the shipped encoder's kNN
     from 62.2 to 67.5 and recall@1 from 63.4 to 64.7, the probe 66.6 -> 66.9; the previous
     encoder's kNN rose from 55.3 to 60.3 (docs/demo-encoder.md)."""
-    from moco import export_encoder, read_encoder_config
+    from moco import read_encoder_config
 
     cfg = read_encoder_config(encoder)
     if cfg.fit:
         return encoder
     out = base / f"encoder-{cfg.content_hash[:16]}"
     if not (out / "config.json").is_file():  # written last: present means complete
+        from moco import export_encoder  # torch: to fit, on the first run only
+
         for old in base.glob("encoder-*"):  # the fit of an encoder no longer shipped
             shutil.rmtree(old, ignore_errors=True)
         log.info("fitting the demo encoder to the demo images (first run only)")
