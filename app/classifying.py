@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from app.context import USER_PROBE, AppContext
 from app.handlers import GONE, UserError, decode_upload
+from app.markup import code, md
 from indexes import Hit
 from indexes.probes import DEFAULT_PROBE, list_probes
 
@@ -58,7 +59,7 @@ def classify(
     top = {clf.classes[j]: float(p) for j, p in zip(order[0], probs[0], strict=True)}
     if method == KNN:
         return top, f"By a kNN vote among the labelled images ({len(clf.classes)} classes)."
-    return top, f"By the linear probe `{method}` ({len(clf.classes)} classes)."
+    return top, f"By the linear probe {code(method)} ({len(clf.classes)} classes)."
 
 
 def probe_summary(ctx: AppContext, name: str | None) -> tuple[str, str | None]:
@@ -78,10 +79,15 @@ def probe_summary(ctx: AppContext, name: str | None) -> tuple[str, str | None]:
         else "no held-out estimate"
     )
     return (
-        f"**Probe `{name}`**: {len(probes[name].get('classes', []))} classes, "
+        f"**Probe {code(name)}**: {len(probes[name].get('classes', []))} classes, "
         f"{m.get('n_labeled', '?')} labelled images; {acc}.",
         str(png) if png.is_file() else None,
     )
+
+
+def trained_markdown(report: ProbeReport) -> str:
+    """``ProbeReport.line`` for the page, the probe's name set off (the line names a label)."""
+    return f"**Probe {code(report.name)}**" + md(report.line().removeprefix(f"probe {report.name}"))
 
 
 def train(ctx: AppContext, source: str, progress: Progress | None = None) -> ProbeReport:
@@ -142,6 +148,6 @@ def label_image(ctx: AppContext, hit: Hit | None, label: str | None) -> str:
         labels = ctx.set_user_label(hit.id, label or None)
     except ValueError as e:  # "No image with id ...": removed by an index run since
         raise UserError(GONE) from e
-    name = Path(hit.relpath or str(hit.id)).name
-    done = f"labelled {name} as **{label}**" if label else f"removed the label of {name}"
-    return f"{done}. Labels given here: {tally(list(labels.values()))}."
+    name = md(Path(hit.relpath or str(hit.id)).name)
+    done = f"labelled {name} as **{md(label)}**" if label else f"removed the label of {name}"
+    return f"{done}. Labels given here: {md(tally(list(labels.values())))}."

@@ -218,7 +218,9 @@ class AppContext:
 
         def run() -> None:
             try:
-                report = index_images(roots, self.path, progress=progress, workers=0)
+                report = index_images(  # a symlink in an allowed folder leads nowhere else
+                    roots, self.path, progress=progress, workers=0, confine=self.allow_index
+                )
                 self.collection.reload()
                 self.forget_classifiers()
                 job.message = "Done: " + report.summary()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from app.context import AppContext
+from app.markup import code
 from moco import describe_fit, epoch_numbers, read_encoder_config
 
 
@@ -38,7 +39,7 @@ def encoder_markdown(ctx: AppContext) -> str:
         f"**Encoder** `{cfg.get('arch')}`{' (small stem)' if cfg.get('small_stem') else ''}, "
         f"{cfg.get('feature_dim')}-d features, input {cfg.get('image_size')} px "
         f"({cfg.get('interpolation')}, crop {cfg.get('crop_pct')}).",
-        f"- path: `{enc.get('path')}`",
+        f"- path: {code(enc.get('path'))}",
         f"- content hash: `{str(enc.get('content_hash', ''))[:16]}`",
         f"- source: {cfg.get('source') or 'unknown'}",
         f"- features: {cfg.get('pooling', 'avg')} pooling, " + fitted(cfg.get("fit") or {}),

@@ -32,6 +32,7 @@ import gradio as gr
 from app import classifying, encoder_info, handlers, overview
 from app.context import AppContext
 from app.handlers import UserError
+from app.markup import md, plain_html
 from indexes import EncoderMissing
 
 NO_PICK = "Click a result to select it: search from it, or mark it as more or less like this."
@@ -70,14 +71,14 @@ def explained(event: str, e: Exception) -> Exception:
 
 def warning(e: Exception) -> Any:
     """The page's answer: the sentence as a warning, and every output keeps what it shows."""
-    gr.Warning(str(e))
+    gr.Warning(plain_html(e))
     return gr.skip()  # one skip() stands for all of an event's outputs
 
 
 def kept(e: Exception, n: int) -> list[Any]:
     """``warning`` for an event that also outputs an upload box: skips for its ``n`` other
     outputs, while the box must be sent back what it shows (``app.ui.upload_image``)."""
-    gr.Warning(str(e))
+    gr.Warning(plain_html(e))
     return [gr.skip()] * n
 
 
@@ -169,7 +170,7 @@ class Events:
         return (
             *refined(r, hit),
             handlers.query_image(self.ctx, hit),
-            f"Searching from **{Path(hit.relpath).name}**",
+            f"Searching from **{md(Path(hit.relpath).name)}**",
         )
 
     def _mark(self, hit: Any, pos: list[int], neg: list[int], more: bool) -> tuple[Any, ...]:
@@ -238,14 +239,14 @@ class Events:
         try:
             return (q, *classifying.classify(self.ctx, q, how))
         except UserError as e:
-            return q, None, str(e)
+            return q, None, md(e)
 
     @guarded
     def do_train(self, src: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
         res = classifying.train(self.ctx, src, progress=lambda f, m: progress(f, desc=m))
         names = classifying.methods(self.ctx)
         return (
-            res.markdown(),
+            classifying.trained_markdown(res),
             picture(res.confusion_png),
             gr.update(choices=names, value=res.name),
         )
@@ -271,7 +272,7 @@ class Events:
         while not job.finished:
             progress((job.done, job.total or None), desc=job.line(), unit="images")
             time.sleep(0.25)
-        return (job.message, *self._collection_view(how))
+        return (md(job.message), *self._collection_view(how))
 
     @guarded
     def page_load(self, how: Any) -> tuple[Any, ...]:
@@ -321,4 +322,4 @@ class Events:
             return None, "No point there: click on a dot."
         rec = self.ctx.collection.records([hit_id])[0]
         shown = self.ctx.shown_file(rec.path, rec.meta())
-        return shown, f"**{rec.relpath}** (label: {rec.label or '-'}, id {rec.id})"
+        return shown, f"**{md(rec.relpath)}** (label: {md(rec.label or '-')}, id {rec.id})"

@@ -23,6 +23,7 @@ from typing import Any
 from PIL import Image
 
 from app.context import AppContext
+from app.markup import code, md
 from indexes import Filters, Hit
 from moco import ImageError, decoder_hint, load_image
 
@@ -66,12 +67,20 @@ class SearchResult:
     seconds: float
     why_none: str = ""
     """When nothing was found: why, in the user's terms (``none_found``)."""
+    unshown: int = 0
+    """Hits left out because their picture cannot be made now (``to_result``)."""
 
     def status(self) -> str:
         took = f"in {1000 * self.seconds:.0f} ms"
         if not self.hits and self.why_none:
             return f"No results {took}: {self.why_none}."
-        return f"{len(self.hits)} result{'' if len(self.hits) == 1 else 's'} {took}"
+        found = f"{len(self.hits)} result{'' if len(self.hits) == 1 else 's'} {took}"
+        if self.unshown:
+            found += (
+                f" ({self.unshown} more not shown: changed, moved or deleted since indexed; "
+                "index the collection again)"
+            )
+        return found
 
     def position(self, hit: Hit | None) -> int | None:
         """Where ``hit`` is among these results (the gallery's selection frame follows it)."""
@@ -174,9 +183,10 @@ def none_found(
         gone = [r for r in ctx.collection.manifest.get("roots", []) if not os.path.isdir(r)]
         if gone:  # a whole folder: moved, most likely, and one command finds it again
             return (
-                f"{what} can no longer be read: their folder {gone[0]} is gone. If it moved, "
-                f"`moco-search index --collection {ctx.path} --move-root {gone[0]} NEW_PLACE` "
-                "keeps every id and label"
+                f"{what} can no longer be read: their folder {md(gone[0])} is gone. If it "
+                "moved, "
+                + code(f"moco-search index --collection {ctx.path} --move-root {gone[0]} NEW_PLACE")
+                + " keeps every id and label"
             )
         return (
             f"{what} can no longer be read (moved or deleted since it was indexed? re-index "
@@ -185,10 +195,10 @@ def none_found(
     filters, text = make_filters(label, path_text), (path_text or "").strip()
     said = []
     if filters and filters.label:
-        said.append(f"label {filters.label!r}")
+        said.append(f"label {md(repr(filters.label))}")
     if filters and filters.path_glob:
         glob = filters.path_glob != f"*{text}*"
-        said.append(f"path {'glob' if glob else 'contains'} {text!r}")
+        said.append(f"path {'glob' if glob else 'contains'} {md(repr(text))}")
     if cut is not None:
         said.append(f"score at least {cut:g}")
     if said:
@@ -203,12 +213,17 @@ def to_result(
     query_id: int | None = None,
     filters: tuple[str | None, str | None, float | None] = (None, None, None),
 ) -> SearchResult:
-    """Hits as gallery tiles (thumbnails); a hit whose picture cannot be made now is dropped.
-    ``filters`` (label, path text, cut-off) say why, when nothing is left."""
+    """Hits as gallery tiles (thumbnails); a hit whose picture cannot be made now is dropped,
+    and counted in the status. ``filters`` (label, path text, cut-off) say why, when nothing is
+    left."""
     shown = [(h, p) for h in hits if (p := ctx.shown_file(h.path, h.meta)) is not None]
     why = "" if shown else none_found(ctx, len(hits), *filters)
     return SearchResult(
-        [(p, caption(h, query_id)) for h, p in shown], [h for h, _ in shown], seconds, why
+        [(p, caption(h, query_id)) for h, p in shown],
+        [h for h, _ in shown],
+        seconds,
+        why,
+        unshown=len(hits) - len(shown),
     )
 
 
@@ -289,9 +304,9 @@ def selected_hit(hits: Sequence[Hit] | None, index: Any) -> Hit:
 
 def selection_text(hit: Hit) -> str:
     """The line under the gallery that says which result is selected."""
-    label = f", label {hit.label}" if hit.label else ""
+    label = f", label {md(hit.label)}" if hit.label else ""
     return (
-        f"Selected **{Path(hit.relpath).name}** (score {hit.score:.3f}{label}): search from "
+        f"Selected **{md(Path(hit.relpath).name)}** (score {hit.score:.3f}{label}): search from "
         "it, or mark it as more or less like what you are looking for."
     )
 
@@ -326,7 +341,7 @@ def feedback_text(
         names = {r.id: Path(r.relpath).name for r in recs}
 
     def listed(ids: Sequence[int]) -> str:
-        return ", ".join(f"`{names.get(int(i), f'#{i}')}`" for i in ids) or "-"
+        return ", ".join(code(names.get(int(i), f"#{i}")) for i in ids) or "-"
 
     return f"**More like:** {listed(positives)} · **Less like:** {listed(negatives)}"
 

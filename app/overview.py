@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from app.context import AppContext
+from app.markup import code, md
 from indexes.duplicates import THRESHOLD
 
 MAP_W, MAP_H, MARGIN, LEGEND_W = 720, 520, 24, 170
@@ -27,13 +28,13 @@ MAP_MAX_POINTS = 5000
 
 
 def heading(ctx: AppContext) -> str:
-    return f"## moco-search · {ctx.title} · {len(ctx.collection)} images"
+    return f"## moco-search · {md(ctx.title)} · {len(ctx.collection)} images"
 
 
 def stats_markdown(ctx: AppContext) -> str:
     m = ctx.collection.manifest
     counts = m.get("counts", {})
-    roots = "\n".join(f"- `{r}`{_gone(ctx, r)}" for r in m.get("roots", []))
+    roots = "\n".join(f"- {code(r)}{_gone(ctx, r)}" for r in m.get("roots", []))
     labels = ctx.collection.label_counts()
     copies, errors = counts.get("duplicate", 0), counts.get("error", 0)
     return (
@@ -51,10 +52,8 @@ def _gone(ctx: AppContext, root: str) -> str:
     move; its images cannot be shown, and a re-scan is refused until then."""
     if os.path.isdir(root):
         return ""
-    return (
-        f" (gone; if it moved: `moco-search index --collection {ctx.path} --move-root {root} "
-        "NEW_PLACE`)"
-    )
+    move = f"moco-search index --collection {ctx.path} --move-root {root} NEW_PLACE"
+    return f" (gone; if it moved: {code(move)})"
 
 
 def index_box_label(ctx: AppContext) -> str:

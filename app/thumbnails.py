@@ -10,6 +10,11 @@ from a shown result embeds what was indexed), larger ones as a ``SIZE``-pixel We
 library would otherwise send megabytes per tile). Files are named by the content hash, so an
 edited image gets a new one, and written aside then renamed, so a concurrent search never serves
 half a file.
+
+A thumbnail is made only from bytes that hash to what the indexer recorded. The path a row names
+can point elsewhere by the time it is shown (a file replaced by a symlink to a picture outside
+every indexed folder, or edited): decoding whatever is there would show pixels the collection
+never indexed, and cache them under the indexed hash for every later copy of that image.
 """
 
 from __future__ import annotations
@@ -64,10 +69,12 @@ def thumbnail(
 ) -> str | None:
     """The file to show for the indexed image at ``path``, made in ``folder`` on first use.
 
-    None when it cannot be made (the file is unreadable now, or ``folder`` is full): the caller
-    shows nothing rather than fall back to serving the original.
+    None when it cannot be made (the file is unreadable now, no longer holds the bytes that were
+    indexed as ``sha256``, or ``folder`` is full): the caller shows nothing rather than fall back
+    to serving the original.
     """
     small = bool(width and height and max(width, height) <= size)
+    verified = bool(sha256)
     if not sha256:  # older rows: name it by where and what the file is instead
         try:
             st = os.stat(path)
@@ -78,7 +85,10 @@ def thumbnail(
     if out.is_file():
         return str(out)
     try:
-        im = load_image(path, draft_size=size)
+        data = Path(path).read_bytes()
+        if verified and hashlib.sha256(data).hexdigest() != sha256:
+            return None  # not what was indexed: changed, or swapped for another file since
+        im = load_image(data, draft_size=size)
         if max(im.size) > size:
             im.thumbnail((size, size))
         out.parent.mkdir(parents=True, exist_ok=True)

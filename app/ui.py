@@ -133,7 +133,7 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
                     gr.Markdown("### Label the selected search result")
                     new_label = gr.Textbox(label="Label (empty removes it)")
                     label_go = gr.Button("Label it")
-                    label_md = gr.Markdown()
+                    label_md = gr.Markdown(elem_id="label-md")
                 with gr.Column():
                     confusion = gr.Image(
                         picture(confusion_png),

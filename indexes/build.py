@@ -219,6 +219,7 @@ class FolderOptions:
     folder_labels: bool = False
     move_root: tuple[Path, Path] | None = None
     forget_root: Path | None = None
+    confine: tuple[str, ...] = ()
 
 
 @dataclass
@@ -350,7 +351,7 @@ def start_run(
         if vector_dtype is not None and vector_dtype != store.vector_dtype(db):
             n = store.set_vector_dtype(db, vector_dtype, cfg.feature_dim)
             log.info("%s: %d stored vectors converted to %s", collection, n, vector_dtype)
-        found = scan.scan(names, labels.by_path if labels else None)
+        found = scan.scan(names, labels.by_path if labels else None, options.confine)
         if labels and (unmatched := labels.unmatched(found.entries)):
             log.warning(
                 "%s: %d of its %d rows name no image file under %s (first: %s); their labels are "
@@ -447,6 +448,7 @@ def index_images(
     move_root: tuple[Path, Path] | None = None,
     forget_root: Path | None = None,
     reembed: bool = False,
+    confine: tuple[str | os.PathLike, ...] = (),
     progress: Progress | None = None,
 ) -> IndexReport:
     """Index the images under ``roots`` into ``collection``, incrementally and crash-safely.
@@ -466,12 +468,15 @@ def index_images(
     vectors and labels kept) and ``forget_root`` removes a folder's images, before the scan.
     ``reembed`` embeds the collection's images again with ``encoder``, another than the one it
     was built with, keeping ids and labels (``switch``); killed, the same call carries on.
+    ``confine`` (folders) keeps the files of roots inside them to them: one a symlink leads out
+    of is recorded as an error, not indexed (``scan.scan``; the web UI's ``--allow-index``).
     """
     preflight.check_options(batch_size, workers)
     limit = budget.parse_bytes(max_index_memory) if max_index_memory is not None else None
     if device is not None:  # a wrong --device is said before any work
         device = _device(device)
-    options = FolderOptions(allow_empty, folder_labels, move_root, forget_root)
+    real = tuple(os.path.realpath(c) for c in confine)
+    options = FolderOptions(allow_empty, folder_labels, move_root, forget_root, real)
     t0 = time.perf_counter()
     with faults.disk_full_reported(collection), runlock.held(collection):
         switched, model = 0, None

@@ -111,10 +111,6 @@ class ProbeReport:
             f"in {self.seconds:.1f} s)"
         )
 
-    def markdown(self) -> str:
-        """The same line for the UI, the probe's name set off."""
-        return f"**Probe `{self.name}`**" + self.line().removeprefix(f"probe {self.name}")
-
     def summary(self) -> str:
         """Several lines for ``probe train``: the estimate, how firm it is, each class."""
         lines = [

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from indexes.manifest import MANIFEST_NAME
 from indexes.store import DB_NAME
-from moco import IMAGE_EXTENSIONS, file_hash, walk_files
+from moco import IMAGE_EXTENSIONS, file_hash, is_within, walk_files
 
 
 @dataclass(frozen=True)
@@ -145,14 +145,27 @@ class Scan:
     hidden: list[str] = field(default_factory=list)
 
 
-def scan(roots: list[str], labels: dict[str, str] | None = None) -> Scan:
-    """Every image file under ``roots`` (absolute paths), sorted by root then relative path."""
+OUTSIDE = "outside the allowed folders"
+"""The reason recorded for a file that a symlink leads out of a confined folder."""
+
+
+def scan(
+    roots: list[str], labels: dict[str, str] | None = None, confine: tuple[str, ...] = ()
+) -> Scan:
+    """Every image file under ``roots`` (absolute paths), sorted by root then relative path.
+
+    A root inside one of the ``confine`` folders (real paths) keeps its files to them: a file
+    whose real path lies outside (reached through a symlink) is found with the error
+    ``OUTSIDE``, so it is neither embedded nor shown. The web UI confines what it indexes to the
+    folders ``--allow-index`` gave it; the command line follows links wherever they go.
+    """
     entries: list[FileEntry] = []
     skipped: Counter[str] = Counter()
     memo: dict[Path, bool] = {}
     hidden: list[Path] = []
     for root in roots:
         root_raw = os.fsencode(root)
+        limit = next((c for c in confine if is_within(os.path.realpath(root), c)), None)
         passed = len(hidden)
         for p in walk_files(root, hidden):
             if in_a_collection(p, root, memo):
@@ -165,6 +178,8 @@ def scan(roots: list[str], labels: dict[str, str] | None = None) -> Scan:
             path = os.fsdecode(os.path.join(root_raw, rel_raw))
             label = (labels or {}).get(path, folder_label(rel_raw))
             st, err = stat_error(path)
+            if st and limit and not is_within(os.path.realpath(path), limit):
+                st, err = None, OUTSIDE
             size = st.st_size if st else None
             mtime = st.st_mtime_ns if st else None
             entries.append(FileEntry(root, rel_raw, size, mtime, label, err))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,12 @@ def picture(label: str, i: int) -> Image.Image:
     arr[mask] = fg
     arr = np.clip(arr.astype(int) + rng.integers(-15, 15, arr.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(arr)
+
+
+def as_shown(markdown: str) -> str:
+    """``markdown`` roughly as the page shows it: ``app.markup``'s escapes and code tags undone
+    (the browser test renders the real thing)."""
+    return re.sub(r"\\(.)", r"\1", re.sub(r"</?code>", "", markdown))
 
 
 def write_tree(root: Path, labels: tuple[str, ...] = LABELS, n: int = PER_LABEL) -> Path:

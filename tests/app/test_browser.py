@@ -180,3 +180,31 @@ def test_a_heic_upload_is_drawn_searched_and_classified(
         "[...document.querySelectorAll('#classify-tab .fit-box .image-frame img')]"
         ".some(i => i.complete && i.naturalWidth === 360 && !i.src.includes('.heic'))"
     )
+
+
+def test_a_label_given_in_the_page_is_shown_as_the_text_typed(page: Any, server: Any) -> None:
+    """A label is one user's text in every user's page: Markdown and HTML in it are shown, not
+    rendered (an <img> fetched any address, a [link](...) was a link)."""
+    requested: list[str] = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.goto(server.local_url)
+    page.wait_for_function("document.querySelectorAll('#results img').length >= 12")
+    page.locator("#results img").nth(1).click()
+    page.wait_for_function("document.querySelector('#picked').innerText.includes('Selected')")
+    page.get_by_role("tab", name="Classify").click()
+    hostile = "<img src=http://t.example/x.gif> [l](http://t.example) *e* ~~s~~"
+    box = page.get_by_label("Label (empty removes it)")
+    box.fill(hostile)
+    page.get_by_role("button", name="Label it").click()
+    try:
+        page.wait_for_function("document.querySelector('#label-md').innerText.includes('labelled')")
+        said = page.locator("#label-md")
+        assert said.locator("strong").first.inner_text() == hostile  # our bold, its text
+        assert said.locator("img, a, em, del").count() == 0
+        assert not [u for u in requested if "t.example" in u]
+    finally:
+        box.fill("")
+        page.get_by_role("button", name="Label it").click()
+        page.wait_for_function(
+            "document.querySelector('#label-md').innerText.includes('removed the label')"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,9 @@ from PIL import Image
 from app import classifying, encoder_info, handlers, overview
 from app.context import USER_PROBE
 from app.handlers import UserError
+from app.markup import code, md
 from indexes import Hit
+from tests.app.conftest import as_shown
 
 
 def test_search_finds_the_query_first_with_captions(ctx: Any) -> None:
@@ -50,7 +53,7 @@ def test_an_empty_search_says_why(ctx: Any, tmp_path: Path, own_ctx: Any, tree: 
     img = Image.open(ctx.example)
     cases = {
         "path contains 'zzz'": dict(path_text="zzz"),
-        "label 'square', path glob 'circle/*'": dict(label="square", path_text="circle/*"),
+        "label 'square', path glob 'circle/\\*'": dict(label="square", path_text="circle/*"),
         "path contains 'stripes', score at least 0.9999": dict(
             path_text="stripes", min_score=0.9999
         ),
@@ -69,17 +72,16 @@ def test_an_empty_search_says_why(ctx: Any, tmp_path: Path, own_ctx: Any, tree: 
     status = handlers.search(gone, img, k=5).status()
     assert "the 2 images found can no longer be read" in status and "re-index" in status
     images.rename(tmp_path / "moved")  # the whole folder: the way to find it again
-    assert overview.stats_markdown(gone).endswith(
-        f"Folders:\n- `{images}` (gone; if it moved: `moco-search index --collection "
-        f"{tmp_path / 'coll'} --move-root {images} NEW_PLACE`)"
+    move = f"moco-search index --collection {tmp_path / 'coll'} --move-root {images} NEW_PLACE"
+    assert overview.stats_markdown(gone).endswith(  # Markdown: the paths as code, escaped
+        f"Folders:\n- {code(images)} (gone; if it moved: {code(move)})"
     )
     assert (
         handlers.search(gone, img, k=5)
         .status()
         .endswith(
-            f"the 2 images found can no longer be read: their folder {images} is gone. If it "
-            f"moved, `moco-search index --collection {tmp_path / 'coll'} --move-root {images} "
-            "NEW_PLACE` keeps every id and label."
+            f"the 2 images found can no longer be read: their folder {md(images)} is gone. If "
+            f"it moved, {code(move)} keeps every id and label."
         )
     )
 
@@ -178,7 +180,7 @@ def test_more_like_this_and_relevance_feedback(ctx: Any) -> None:
     assert first.hits[1].id not in ranks  # a "less like this" example is not shown again
     assert len(ranks) == 23 and hit.id in ranks
     assert refined.position(hit) == ranks.index(hit.id)  # the selection frame follows it
-    text = handlers.feedback_text(ctx, pos, neg)
+    text = as_shown(handlers.feedback_text(ctx, pos, neg))
     assert Path(hit.relpath).name in text and Path(first.hits[1].relpath).name in text
     assert handlers.caption(again.hits[0], query_id=hit.id).startswith("query · ")
     assert handlers.caption(again.hits[1], query_id=hit.id)[:5] == f"{again.hits[1].score:.3f}"
@@ -285,7 +287,7 @@ def test_label_a_few_images_and_train_a_probe(ctx: Any) -> None:
                 said = str(one_kind.value)
                 assert "at least 2 classes" in said and "so far: round: 2." in said
                 assert "label it below" in said
-        assert "boxy: 2" in msg and "round: 2" in msg
+        assert "boxy: 2" in as_shown(msg) and "round: 2" in as_shown(msg)
         from indexes import Collection
 
         with Collection.open(ctx.path) as cli_view:  # what probe train / classify-all see
@@ -317,6 +319,49 @@ def test_labels_of_an_older_version_move_into_the_database(ctx: Any) -> None:
     finally:
         ctx.set_user_label(first.id, None)
     assert ctx.user_labels() == {}
+
+
+def markup_left(markdown: str) -> str:
+    """What of ``markdown`` the page would read as markup: escapes and code tags taken out."""
+    return re.sub(r"</?code>", "", re.sub(r"\\.", "", markdown))
+
+
+def test_file_names_and_labels_are_shown_as_text_not_markup(
+    tmp_path: Path, own_ctx: Any, tree: Any
+) -> None:
+    """A label one user types, or a file named so in an indexed folder, reaches other users'
+    pages as text: not an image fetched from any address, a link, or formatting."""
+    import warnings
+
+    from app.events import Events
+
+    images = tree(tmp_path / "images", labels=("circle", "square"), n=2)
+    name = "<img src=x> **b** [l](u) `c`.png"
+    Image.open(images / "circle" / "circle_00.png").save(images / "circle" / name)
+    c = own_ctx(images)
+    hostile = "<img src=http://t.example/t> [l](http://t.example) ~~s~~ $$x$$"
+    hit = handlers.search(c, str(images / "circle" / name), k=1).hits[0]
+    other = handlers.search(c, str(images / "square" / "square_00.png"), k=1).hits[0]
+    labelled = classifying.label_image(c, hit, hostile)
+    classifying.label_image(c, other, "boxy")
+    res = classifying.train(c, USER_PROBE)
+    hit = handlers.search(c, str(images / "circle" / name), k=1).hits[0]
+    texts = {
+        "label": labelled,
+        "selection": handlers.selection_text(hit),
+        "feedback": handlers.feedback_text(c, [hit.id], []),
+        "probe": classifying.trained_markdown(res),
+        "index": Events(c).do_index("", "knn")[0],
+    }
+    for what, text in texts.items():
+        left = markup_left(text)
+        assert not re.search(r"[<>\[\]`$~]", left), (what, text)
+    assert name in as_shown(texts["selection"]) and name in as_shown(texts["feedback"])
+    assert hostile in as_shown(labelled) and name in as_shown(labelled)
+    with warnings.catch_warnings(record=True) as said:  # a refusal naming it: HTML, escaped
+        warnings.simplefilter("always")
+        Events(c).classify_page(str(images / "circle" / name), "<img src=x>")
+    assert "&lt;img src=x&gt;" in str(said[0].message) and "<img" not in str(said[0].message)
 
 
 def test_overview_stats_map_and_duplicates(ctx: Any) -> None:
@@ -412,6 +457,44 @@ def test_index_update_in_background_while_searching(
     assert hits[0].label == "dots" and ctx.shown_file(hits[0].path, hits[0].meta)
     with pytest.raises(PermissionError, match="not allowed"):
         ctx.start_index(str(tmp_path / "missing"))
+
+
+def test_ui_index_run_keeps_to_the_allowed_folders(tmp_path: Path, own_ctx: Any, tree: Any) -> None:
+    """``--allow-index`` lets the UI index a folder, not what its symlinks lead to: a linked
+    folder or file outside is recorded as an error, never embedded or shown; a link that stays
+    inside is indexed. The command line keeps following links (its user chose the folder)."""
+    from indexes.scan import OUTSIDE
+
+    images = tree(tmp_path / "images", labels=("circle",), n=2)
+    allowed = tree(tmp_path / "allowed", labels=("dots",), n=2)
+    private = tree(tmp_path / "private", labels=("secret",), n=2)
+    (allowed / "evil").symlink_to(private / "secret")
+    (allowed / "dots" / "one.png").symlink_to(private / "secret" / "secret_00.png")
+    (allowed / "raw").mkdir()  # passed over as a .dat file, indexed through an inside link
+    Image.new("RGB", (48, 40), (9, 99, 9)).save(allowed / "raw" / "pic.dat", "PNG")
+    (allowed / "dots" / "alias.png").symlink_to(allowed / "raw" / "pic.dat")
+    ctx = own_ctx(images, allow_index=(allowed,))
+    job = ctx.start_index(str(allowed))
+    for _ in range(600):
+        if job.finished:
+            break
+        threading.Event().wait(0.1)
+    assert job.message.startswith("Done") and f"{OUTSIDE}: 3" in job.message, job.message
+    relpaths = {r.relpath for r in ctx.collection.query_records("images.status = 'ok'")}
+    assert relpaths == {
+        "circle/circle_00.png",
+        "circle/circle_01.png",
+        "dots/dots_00.png",
+        "dots/dots_01.png",
+        "dots/alias.png",
+    }
+    hits = handlers.search(ctx, str(private / "secret" / "secret_00.png"), k=10).hits
+    assert not [h for h in hits if "secret" in h.path or h.relpath in ("dots/one.png",)]
+    from indexes import index_images
+
+    index_images([allowed], tmp_path / "coll", workers=0)  # the command line follows them
+    ok = {r.relpath for r in ctx.collection.query_records("images.status = 'ok'")}
+    assert {"dots/one.png", "evil/secret_01.png"} <= ok  # (evil/secret_00.png: its copy)
 
 
 def test_ui_index_run_while_the_command_line_indexes_is_refused_in_a_line(
@@ -544,6 +627,36 @@ def test_large_results_are_shown_as_thumbnails_kept_in_the_collection(
     assert handlers.search(c, str(small), k=4).gallery
 
 
+def test_a_file_swapped_since_indexing_is_not_shown(
+    tmp_path: Path, own_ctx: Any, tree: Any
+) -> None:
+    """A thumbnail shows only the bytes that were indexed: an indexed file replaced by a link to
+    a picture outside every root (or edited) is left out and counted, and nothing of the other
+    picture is cached under the indexed image's hash."""
+    images = tree(tmp_path / "images", labels=("circle",), n=3)
+    c = own_ctx(images)
+    swapped = images / "circle" / "circle_01.png"
+    original = tmp_path / "original.png"
+    swapped.rename(original)
+    private = tmp_path / "private.png"
+    Image.new("RGB", (48, 40), (0, 255, 0)).save(private)
+    swapped.symlink_to(private)
+    r = handlers.search(c, str(original), k=3)
+    assert "circle/circle_01.png" not in [h.relpath for h in r.hits] and len(r.hits) == 2
+    assert r.status().endswith(
+        "(1 more not shown: changed, moved or deleted since indexed; index the collection again)"
+    )
+    for made in (tmp_path / "coll" / "thumbs").rglob("*.*"):
+        with Image.open(made) as im:
+            assert im.convert("RGB").getpixel((0, 0)) != (0, 255, 0), made
+    swapped.unlink()
+    original.rename(swapped)  # the indexed bytes again: shown, as they were indexed
+    r = handlers.search(c, str(swapped), k=3)
+    assert r.hits[0].relpath == "circle/circle_01.png" and r.unshown == 0
+    with Image.open(r.gallery[0][0]) as shown, Image.open(swapped) as im:
+        assert shown.tobytes() == im.convert("RGB").tobytes()
+
+
 def test_build_demo_wires_every_event_without_a_server(ctx: Any) -> None:
     """The page builds with no server running; only search and classify are public API, and
     every event runs a method of ``Events`` (the queue API's names)."""
@@ -573,6 +686,6 @@ def test_the_map_html_escapes_names_and_a_click_is_found_on_the_server(ctx: Any)
     ev = Events(ctx)
     x, y = m.xy[2]
     _, text = ev.click_map(m, gr.EventData(None, {"x": x + 1.0, "y": y}))
-    assert m.names[2] in text
+    assert m.names[2] in as_shown(text)
     for bad in ({"x": "a", "y": 1}, {"x": 1e9, "y": 1e9}, {}, None):  # whatever a client sends
         assert ev.click_map(m, gr.EventData(None, bad))[1].startswith("No point there")
