@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import logging
 import os
 import signal
@@ -167,6 +168,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the exit's flush
         return 128 + signal.SIGPIPE  # fails again; the status a shell gives an untrapped SIGPIPE
     except OSError as e:
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and e.filename:
+            print(
+                f"moco-search {args.command}: error: {e.strerror}: {e.filename}",
+                file=sys.stderr,
+            )
+            return 2
         if e.errno not in DISK_FULL:
             raise
         print(
@@ -177,7 +184,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     except sqlite3.DatabaseError as e:
-        if type(e) is not sqlite3.DatabaseError:  # locked, full, read-only: said where they occur
+        from indexes.faults import is_disk_full
+
+        folder = getattr(args, "collection", None)
+        if isinstance(e, sqlite3.OperationalError) and folder and is_disk_full(e, folder):
+            print(  # even a search: SQLite makes its -shm and -wal files to read
+                f"moco-search {args.command}: error: Disk full at collection {folder}: SQLite "
+                "needs a little free space even to read it; free some space and re-run "
+                "(nothing was lost)",
+                file=sys.stderr,
+            )
+            return 2
+        if type(e) is not sqlite3.DatabaseError:  # locked, read-only: said where they occur
             raise
         print(  # "database disk image is malformed", "file is not a database"
             f"moco-search {args.command}: error: the collection's meta.db is damaged ({e}): "

@@ -331,6 +331,12 @@ def start_run(
             "generation": None,
         }
         manifest.write_manifest(collection, old)
+    elif old is not None and not set(names) <= set(old.get("roots", [])):
+        # a folder new to the collection is named before its first row is stored, as a new
+        # collection's are: killed while embedding it, a plain re-run (which scans the
+        # manifest's folders) carries on instead of leaving its rows to no run at all
+        old = {**old, "roots": sorted(set(old.get("roots", [])) | set(names))}
+        manifest.write_manifest(collection, old)
     db = store.open_store(collection / store.DB_NAME)
     try:
         if not switching and (left := switch.unfinished(db)):

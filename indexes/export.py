@@ -65,15 +65,23 @@ def export_embeddings(collection: str | os.PathLike, out: str | os.PathLike) -> 
     try:
         n = int(db.execute("SELECT count(*) FROM vectors").fetchone()[0])
         ids = np.empty(n, dtype=np.int64)
-        with atomic_file(out / "embeddings.npy") as tmp:
-            emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+        # Streamed with write(), not into a memory map: a map of the (sparse) file dies of
+        # SIGBUS ("Bus error") when the disk fills up, where a write says ENOSPC.
+        with atomic_file(out / "embeddings.npy") as tmp, open(tmp, "wb") as f:
+            header = {"descr": "<f4", "fortran_order": False, "shape": (n, dim)}
+            np.lib.format.write_array_header_1_0(f, header)
             pos = 0
             for chunk_ids, vecs in store.iter_vectors(db, dim):
-                emb[pos : pos + len(chunk_ids)] = vecs
+                if pos + len(chunk_ids) > n:
+                    break
+                f.write(np.ascontiguousarray(vecs, dtype="<f4").tobytes())
                 ids[pos : pos + len(chunk_ids)] = chunk_ids
                 pos += len(chunk_ids)
-            emb.flush()
-            del emb
+            if pos != n:
+                raise ValueError(
+                    f"collection {collection} changed while it was exported (an index run?): "
+                    "run the export again"
+                )
         with atomic_file(out / "ids.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, ids)
         _write_csv(db, out / "metadata.csv")

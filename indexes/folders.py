@@ -18,6 +18,7 @@ from pathlib import Path
 
 from indexes import manifest, store
 from indexes.preflight import distinct_roots
+from moco import is_within
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ def move_root(collection: Path, m: dict, old: Path, new: Path) -> dict:
         distinct_roots([dst], [r for r in roots if r not in (src, dst)])  # nested: refused
     db = store.open_store(collection / store.DB_NAME)
     try:
+        if dst != src:
+            check_moved_here(db, src, dst)
         with store.transaction(db):
             src_id, dst_id = store.root_id(db, src), store.root_id(db, dst)
             if src_id != dst_id:
@@ -71,6 +74,36 @@ def move_root(collection: Path, m: dict, old: Path, new: Path) -> dict:
     m = {**m, "roots": sorted({r for r in roots if r != src} | {dst}), "moved_roots": moved}
     manifest.write_manifest(collection, m)
     return m
+
+
+def check_moved_here(db: store.Database, src: str, dst: str) -> None:
+    """Refuse a ``--move-root`` whose ``dst`` does not hold ``src``'s images.
+
+    The move drops every row under ``src`` that ``dst`` lacks: given the wrong folder (a typo'd
+    path, another collection's photos, a folder inside ``src``), it would remove the images, their
+    ids and labels, in silence. So ``dst`` must hold at least half of the files indexed under
+    ``src``, at the same relative paths, and must not lie inside it.
+    """
+    if is_within(dst, src):
+        raise ValueError(
+            f"--move-root: {dst} lies inside {src}, so it is not where {src} moved; to index only "
+            f"that folder, --forget-root {src}, then index {dst}. Nothing was changed."
+        )
+    row = db.execute("SELECT id FROM roots WHERE path_raw = ?", [os.fsencode(src)]).fetchone()
+    rels = [
+        r[0]
+        for r in db.execute(
+            "SELECT relpath_raw FROM images WHERE root_id = ? ORDER BY relpath_raw",
+            [row[0] if row else -1],
+        )
+    ]
+    missing = [r for r in rels if not os.path.lexists(os.path.join(os.fsencode(dst), r))]
+    if rels and len(missing) > len(rels) / 2:
+        raise ValueError(
+            f"--move-root: {len(missing)} of the {len(rels)} files indexed under {src} are not "
+            f"under {dst} (first: {os.fsdecode(missing[0])}): is that where the folder moved? "
+            f"Nothing was changed. To drop the folder's images instead: --forget-root {src}"
+        )
 
 
 def forget_root(collection: Path, m: dict, old: Path) -> tuple[dict, int]:

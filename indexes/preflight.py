@@ -111,10 +111,35 @@ def check_options(batch_size: int, workers: int | None) -> None:
         raise ValueError(f"workers must be 0 or more, got {workers}")
 
 
+OWN_NAMES = {
+    *WRITTEN,
+    *(f"{store.DB_NAME}-{end}" for end in ("wal", "shm", "journal")),
+    "index.lock",
+    "thumbs",
+    "probes",
+    "app_labels.json",
+}
+"""What a collection may hold without its manifest (a first run killed early, a lost manifest)."""
+
+
 def check_collection(collection: Path) -> None:
-    """A collection path that is a file, or that cannot be written, is refused up front."""
+    """A collection path that is a file, or that cannot be written, is refused up front; so is
+    a folder that holds other things and no collection (an image folder, an encoder, a run, or
+    anything else): the run would write its database among them, and an image folder given as
+    its own collection came out empty, with rc 0."""
     if collection.exists() and not collection.is_dir():
         raise NotADirectoryError(f"Collection {collection} is a file, not a folder")
+    if collection.is_dir() and not (collection / manifest.MANIFEST_NAME).is_file():
+        names = {n for n in os.listdir(collection) if not n.endswith(".tmp")}
+        if others := sorted(names - OWN_NAMES):
+            what = manifest.not_a_collection(collection)
+            if what.startswith("Not a collection"):
+                what = (
+                    f"{collection} holds other files ({others[0]}"
+                    + (", ..." if len(others) > 1 else "")
+                    + ") and no collection: give a new or empty folder for the collection"
+                )
+            raise ValueError(f"{what}; nothing was written")
     existing = faults.nearest_existing(collection)
     if existing != collection.absolute():
         if why := faults.not_writable(existing):

@@ -36,7 +36,10 @@ def knn_predict(
     T: float = KNN_T,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """Class scores of each query: the sums of ``exp(sim / T)`` over its ``k`` nearest neighbours.
+    """Class scores of each query: the sums of ``exp(sim / T)`` over its ``k`` nearest neighbours,
+    each query's scaled by ``exp(-max sim / T)`` (its nearest neighbour weighs 1): unscaled, a
+    small ``T`` overflows float32 (``exp(1 / 0.01)``) into inf, and the shares into NaN. The
+    scaling changes neither the argmax nor the shares.
 
     Features are L2-normalised here, so ``sim`` is the cosine similarity whatever the caller
     passes. ``k`` larger than the training set uses every training feature.
@@ -75,7 +78,7 @@ def knn_predict(
     for start in range(0, queries.shape[0], chunk):
         sim = queries[start : start + chunk] @ bank.T  # BxN
         top_sim, top_idx = sim.topk(k, dim=1)  # Bxk
-        weights = (top_sim / T).exp()  # Bxk
+        weights = ((top_sim - top_sim[:, :1]) / T).exp()  # Bxk; topk sorts: column 0 is the max
         votes = torch.zeros(sim.shape[0], num_classes, device=bank.device)  # BxC
         votes.scatter_add_(1, labels[top_idx], weights)
         out[start : start + chunk] = votes.cpu()

@@ -51,6 +51,7 @@ HOLDER = """
 import fcntl, os, sys
 fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.ftruncate(fd, 0)  # as moco.files.exclusive does: a longer pid left there reads as another
 os.write(fd, str(os.getpid()).encode())
 print("held", flush=True)
 sys.stdin.read()

@@ -79,6 +79,28 @@ def test_kill_9_then_rerun_is_consistent(tmp_path: Path, encoder_dir: Path) -> N
         np.testing.assert_allclose(a.vectors(ids), b.vectors(ids), atol=1e-4)
 
 
+@pytest.mark.slow
+def test_a_folder_added_by_a_killed_run_is_carried_on_by_a_plain_rerun(
+    tmp_path: Path, encoder_dir: Path
+) -> None:
+    """``index --collection C NEW`` killed while embedding NEW: the re-run without folders (the
+    nightly one, or the one the disk-full message asks for) finishes NEW. The manifest named
+    only the old folders, so NEW's rows were orphans no run looked at again: searched, never
+    updated, their files' deletions never seen."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    write_images(old, {"a": 4})
+    write_images(new, {"b": 40}, start_seed=300)
+    coll = tmp_path / "c"
+    index_images([old], coll, encoder_dir, workers=0)
+    killed = kill_when(new, coll, encoder_dir, at_rows=10)
+    assert 10 <= killed < 44
+    report = index_images([], coll, None, workers=0)
+    assert report.added == 44 - killed and report.unchanged == killed
+    assert consistency(coll) == {"ok": 44}
+    with Collection.open(coll) as c:
+        assert c.manifest["roots"] == sorted([str(old), str(new)])
+
+
 def test_stale_faiss_file_is_reconciled(tmp_path: Path, encoder_dir: Path, images: Path) -> None:
     """A crash after the rows were committed but before index.faiss was saved."""
     coll = tmp_path / "c"

@@ -219,6 +219,42 @@ def test_full_disk_keeps_every_committed_batch(
     assert consistency(coll) == {"ok": 44}
 
 
+def test_reading_and_exporting_on_a_full_or_read_only_disk_say_so_in_a_line(
+    coll: Path, tmp_path: Path, mounts: list[Path], capsys: pytest.CaptureFixture
+) -> None:
+    """A search, a kNN classification on a full disk (SQLite makes its -shm file even to
+    read); an export onto a full disk (a memory map of a sparse file died of SIGBUS there) or a
+    read-only one: each one line, rc 2, no temporary file left."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount("-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk))
+    mounts.append(disk)
+    shutil.copytree(coll, disk / "coll")
+    (disk / "out").mkdir()
+    fill(disk, 0)
+    full = disk / "coll"
+    for command in (["search", "--id", "1"], ["probe", "classify-all", "--knn"]):
+        assert launch.main([*command, "--collection", str(full)]) == 2, command
+        assert error_line(capsys, command[0]).endswith(
+            f"error: Disk full at collection {full}: SQLite needs a little free space even to "
+            "read it; free some space and re-run (nothing was lost)"
+        )
+    assert (
+        launch.main(["export-embeddings", "--collection", str(coll), "--out", str(disk / "out")])
+        == 2
+    )
+    assert "error: Disk full while writing " in error_line(capsys, "export-embeddings")
+    assert not list((disk / "out").iterdir())
+    (disk / "filler").unlink()
+    assert launch.main(["search", "--id", "1", "--collection", str(full)]) == 0
+    capsys.readouterr()
+    ro = read_only_view(disk / "out", tmp_path / "ro", mounts)
+    assert launch.main(["export-embeddings", "--collection", str(coll), "--out", str(ro)]) == 2
+    assert error_line(capsys, "export-embeddings").endswith(
+        f"error: Read-only file system: {ro / 'embeddings.npy.tmp'}"
+    )
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 @pytest.mark.parametrize("name", ["index.faiss", "manifest.json"])
 def test_enospc_writing_a_file_leaves_no_temporary_file(

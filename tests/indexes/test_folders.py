@@ -105,7 +105,18 @@ def test_bad_moves_are_refused_before_anything_changes(
 ) -> None:
     before = paths_by_id(coll)
     (tmp_path / "a-file").write_text("x")
+    unrelated = tmp_path / "unrelated"  # a wrong NEW would drop every row it lacks, in silence
+    write_images(unrelated, {"fox": 3}, start_seed=700)
     cases = [
+        (
+            ["--move-root", str(images), str(unrelated)],
+            f"--move-root: 16 of the 16 files indexed under {images} are not under {unrelated} "
+            "(first: ",
+        ),
+        (
+            ["--move-root", str(images), str(images / "cat")],
+            f"--move-root: {images / 'cat'} lies inside {images}, so it is not where",
+        ),
         (
             ["--move-root", str(tmp_path / "typo"), str(images)],
             f"{tmp_path / 'typo'} is not a folder of collection {coll}; its folders: {images}",

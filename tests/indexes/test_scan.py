@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -225,10 +226,31 @@ def test_a_run_an_encoder_or_images_given_for_a_collection_say_what_to_do(
             ],
             f"{coll} is a collection, not an encoder: moco-search info --collection {coll} names",
         ),
+        *(  # ... and where a collection is written: it came out empty in the photos, rc 0
+            (
+                ["index", str(kept_inside), "--collection", str(where), "--encoder", str(encoder)],
+                said,
+            )
+            for where, said in [
+                (
+                    kept_inside,
+                    f"{kept_inside} is an image folder, not a collection: index it first",
+                ),
+                (encoder, f"{encoder} is an encoder, not a collection: index your images"),
+                (run, f"{run} is a pretraining run, not a collection: export its encoder"),
+                (
+                    tmp_path,
+                    f"{tmp_path} holds other files (coll) and no collection: give a new or "
+                    "empty folder for the collection",
+                ),
+            ]
+        ),
     ]:
+        before = {p: sorted(os.listdir(p)) for p in (kept_inside, encoder, run, tmp_path)}
         assert launch.main(argv) == 2, argv
         err = capsys.readouterr().err
         assert said in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert {p: sorted(os.listdir(p)) for p in before} == before  # not even an index.lock
     assert not (tmp_path / "c2").exists()
     # export RUN means its last checkpoint (it said "export its encoder first", to export)
     assert launch.main(["export", str(run), "--out", str(tmp_path / "enc")]) == 0

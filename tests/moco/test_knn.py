@@ -30,8 +30,21 @@ def test_equals_brute_force(k: int, chunk: int) -> None:
     queries = rng.normal(size=(11, 8)).astype(np.float32)
     got = knn_predict(bank, labels, queries, num_classes=4, k=k, T=0.1, chunk=chunk).numpy()
     want = brute_force(bank, labels, queries, 4, k, 0.1)
-    np.testing.assert_allclose(got, want, rtol=2e-4)
+    share = want / want.sum(1, keepdims=True)  # each query's scores are scaled, not changed
+    np.testing.assert_allclose(got / got.sum(1, keepdims=True), share, rtol=2e-4, atol=1e-7)
+    assert got.max(1).min() >= 1.0  # the nearest neighbour weighs 1
     assert got.shape == (11, 4) and got.dtype == np.float32
+
+
+def test_a_small_temperature_does_not_overflow() -> None:
+    """exp(sim / T) overflowed float32 past sim / T = 88: an exact match at T = 0.01 made the
+    vote inf and its share NaN (``probe predict --knn --knn-t 0.01`` printed "nan%", and its
+    JSON was not JSON)."""
+    bank = torch.tensor([[1.0, 0.0], [0.99, 0.141], [0.0, 1.0]])
+    scores = knn_predict(bank, torch.tensor([0, 1, 1]), bank[:1], 2, k=3, T=0.001)
+    assert torch.isfinite(scores).all() and scores.argmax(1).item() == 0
+    share = scores / scores.sum(1, keepdim=True)
+    assert share[0, 0] > 0.999 and torch.isfinite(share).all()
 
 
 def test_temperature_changes_the_vote() -> None:
