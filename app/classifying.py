@@ -108,7 +108,7 @@ def train(ctx: AppContext, source: str, progress: Progress | None = None) -> Pro
         )
     try:
         result = train_probe(ctx.collection, ids, labels, name=source, progress=progress)
-    except PermissionError as e:  # a read-only collection
+    except (PermissionError, FileNotFoundError) as e:  # a read-only collection, or one gone
         raise UserError(str(e)) from e
     ctx.forget_classifiers()
     return result

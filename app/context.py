@@ -23,6 +23,7 @@ from typing import Any
 
 from app.thumbnails import choose_thumbs_dir, thumbnail
 from indexes import Collection
+from indexes.manifest import MANIFEST_NAME
 from moco import KNN_K, is_within
 
 log = logging.getLogger(__name__)
@@ -209,6 +210,8 @@ class AppContext:
         with self._lock:
             if self.job is not None and not self.job.finished:
                 raise ValueError(f"An index run is already going on ({self.job.folder})")
+            if not (self.path / MANIFEST_NAME).is_file():  # the run would make it anew
+                raise ValueError(f"Collection {self.path} is gone (deleted or moved?)")
             roots = [self.check_index_folder(folder)] if folder else []
             job = IndexJob(folder=str(roots[0]) if roots else "the collection's folders")
             self.job = job

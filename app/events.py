@@ -106,6 +106,11 @@ def picture(path: Any) -> Any:
         return im.convert("RGB")
 
 
+def unselected(r: handlers.SearchResult) -> Any:
+    """New results' tiles, none framed as selected."""
+    return gr.Gallery(value=r.gallery, selected_index=None)
+
+
 def refined(r: handlers.SearchResult, hit: Any) -> tuple[Any, ...]:
     """A refined search's outputs; the gallery's selection frame follows the selected hit."""
     tiles = gr.Gallery(value=r.gallery, selected_index=r.position(hit))
@@ -127,10 +132,10 @@ class Events:
 
     @guarded
     def new_search(self, img: Any, k: Any, label: Any, text: Any, cut: Any) -> tuple[Any, ...]:
-        """The page's new query (Search, an upload, the first load): the old selection no
-        longer points at anything shown."""
+        """The page's new search (Search, the first load): the old selection no longer points
+        at anything shown, and neither does the gallery's frame (it stayed on the tile)."""
         r = handlers.search(self.ctx, img, k, label, text, cut)
-        return r.gallery, r.rows(), r.status(), r.hits, None, NO_PICK
+        return unselected(r), r.rows(), r.status(), r.hits, None, NO_PICK
 
     def upload_search(self, img: Any, k: Any, label: Any, text: Any, cut: Any) -> tuple[Any, ...]:
         """An upload: a new search, and the query box shows it as the browser can draw it
@@ -139,8 +144,17 @@ class Events:
             searched, shown = handlers.for_browser(self.ctx, img)
             r = handlers.search(self.ctx, searched, k, label, text, cut)
         except Exception as e:
-            return (*kept(explained("upload_search", e), 6), img)
-        return r.gallery, r.rows(), r.status(), r.hits, None, NO_PICK, shown
+            return (*kept(explained("upload_search", e), 9), img)
+        return (
+            unselected(r),
+            r.rows(),
+            r.status(),
+            r.hits,
+            None,
+            NO_PICK,
+            *self.clear_examples(),  # marked for another picture: not this one's examples
+            shown,
+        )
 
     def show_upload(self, img: Any) -> Any:
         """An upload to classify, as the browser can draw it (``handlers.for_browser``)."""
@@ -208,7 +222,9 @@ class Events:
         if not pos and not neg:
             raise UserError("Mark a result as more or less like this one first.")
         r = handlers.search(self.ctx, img, k, label, text, cut, positives=pos, negatives=neg)
-        return refined(r, hit)
+        if r.position(hit) is None:  # the selected result is no longer shown: not selected
+            return (*refined(r, None), None, NO_PICK)
+        return (*refined(r, hit), hit, gr.skip())
 
     @guarded
     def export_csv(self, found: list[Any]) -> Any:
@@ -238,8 +254,8 @@ class Events:
             return shown, gr.skip(), gr.skip()
         try:
             return (q, *classifying.classify(self.ctx, q, how))
-        except UserError as e:
-            return q, None, md(e)
+        except Exception as e:  # shown in the panel, which has no answer for this query yet
+            return q, None, md(explained("follow_query", e))
 
     @guarded
     def do_train(self, src: str, progress: gr.Progress = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
@@ -302,13 +318,16 @@ class Events:
             encoder_info.config_json(self.ctx),
         )
 
+    @guarded
     def find_duplicates(self, threshold: float) -> list[list[Any]]:
         return overview.duplicate_rows(self.ctx, threshold)
 
+    @guarded
     def draw_map(self) -> tuple[Any, Any]:
         m = overview.embedding_map(self.ctx)
         return m.html(), m
 
+    @guarded
     def click_map(self, m: overview.EmbeddingMap | None, evt: gr.EventData) -> tuple[Any, str]:
         """The image nearest the clicked pixel; ids are the map's own, looked up here (the
         client sends only where it was clicked, and that is checked to be two numbers)."""

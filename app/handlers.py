@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import tempfile
 import time
@@ -158,6 +159,20 @@ def check_k(k: Any) -> int:
     return k
 
 
+def check_cut(min_score: Any) -> float | None:
+    """The similarity cut-off, None for none (-1 or less); NaN, which no score passes, or a
+    value that is no number is refused."""
+    if min_score is None:
+        return None
+    try:
+        cut = float(min_score)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"The similarity cut-off must be a number, got {min_score!r}") from e
+    if math.isnan(cut):
+        raise UserError("The similarity cut-off must be a number from -1 to 1, got nan")
+    return None if cut <= -1 else cut
+
+
 QUERY_SCORE = 0.9999
 """A hit this similar to the query is the query itself (or an exact copy of it)."""
 
@@ -249,7 +264,7 @@ def search(
     query += [int(i) for i in positives]
     if not query:
         raise UserError("Upload, paste or drop an image first (or click an example).")
-    cut = None if min_score is None or float(min_score) <= -1 else float(min_score)
+    cut = check_cut(min_score)
     excluded = {int(i) for i in negatives}
     t0 = time.perf_counter()
     try:
@@ -280,7 +295,7 @@ def search_id(
     t0 = time.perf_counter()
     with still_indexed():
         vec = ctx.collection.vectors([int(image_id)])[0]
-    cut = None if min_score is None or float(min_score) <= -1 else float(min_score)
+    cut = check_cut(min_score)
     hits = ctx.collection.search_vector(
         vec, k, filters=make_filters(label, path_text), min_score=cut
     )

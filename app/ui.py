@@ -212,7 +212,7 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         query.upload(
             ev.upload_search,
             [query, *filters],
-            [*results, selected, picked, query],
+            [*results, selected, picked, positives, negatives, fb, query],
             **private,
         )
         if ctx.example:
@@ -226,7 +226,10 @@ def build_demo(ctx: AppContext) -> gr.Blocks:
         less.click(ev.mark_less, feedback, [positives, negatives, fb], **private)
         clear.click(ev.clear_examples, None, [positives, negatives, fb], **private)
         refine.click(
-            ev.do_refine, [query, positives, negatives, *filters, selected], results, **private
+            ev.do_refine,
+            [query, positives, negatives, *filters, selected],
+            [*results, selected, picked],
+            **private,
         )
         csv_btn.click(ev.export_csv, [hits], [download], **private)
         json_btn.click(ev.export_json, [hits], [download], **private)

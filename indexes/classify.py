@@ -33,6 +33,7 @@ import torch
 
 from indexes.collection import Collection
 from indexes.faults import not_writable
+from indexes.manifest import MANIFEST_NAME
 from indexes.probes import DEFAULT_PROBE, PROBES_DIR, probe_dir
 from moco import (
     KNN_K,
@@ -215,6 +216,11 @@ def train_probe(
     metrics = classification_metrics(scores, truth, classes)
     say(0.85, "training on every label")
     probe = fit_probe(x, y, cfg, classes=classes, encoder_hash=_encoder_hash(col))
+    if not (col.path / MANIFEST_NAME).is_file():  # save_probe would make its folder anew
+        raise FileNotFoundError(
+            f"Collection {col.path} is gone (deleted or moved since it was opened): the probe "
+            "was not saved"
+        )
     save_probe(
         probe, out, cfg=cfg, metrics={**metrics.to_dict(), "method": method, "n_labeled": len(ids)}
     )

@@ -208,3 +208,18 @@ def test_a_label_given_in_the_page_is_shown_as_the_text_typed(page: Any, server:
         page.wait_for_function(
             "document.querySelector('#label-md').innerText.includes('removed the label')"
         )
+
+
+def test_a_new_search_leaves_no_tile_framed_as_selected(page: Any, server: Any) -> None:
+    """The frame of a clicked tile stayed after Search while the selection was cleared: "+ More"
+    then said "Click a result first" beside a tile that looked selected."""
+    page.goto(server.local_url)
+    page.wait_for_function("document.querySelectorAll('#results img').length >= 12")
+    framed = page.locator("#results .thumbnail-item.selected")
+    page.locator("#results img").nth(3).click()
+    page.wait_for_function("document.querySelector('#picked').innerText.includes('Selected')")
+    assert framed.count() == 1
+    page.locator("#search-btn").click()
+    page.wait_for_function("document.querySelector('#picked').innerText.startsWith('Click')")
+    page.wait_for_timeout(300)
+    assert framed.count() == 0

@@ -86,6 +86,13 @@ def test_an_empty_search_says_why(ctx: Any, tmp_path: Path, own_ctx: Any, tree: 
     )
 
 
+@pytest.mark.parametrize("cut", [float("nan"), "x", [0.5]])
+def test_a_cut_off_that_is_no_number_is_a_user_error(ctx: Any, cut: Any) -> None:
+    """NaN passed Gradio's slider check, and no score passes NaN: "no image passes"."""
+    with pytest.raises(UserError, match="cut-off must be a number"):
+        handlers.search(ctx, ctx.example, k=3, min_score=cut)
+
+
 @pytest.mark.parametrize("k", [0, 101, "x", None])
 def test_bad_k_is_a_user_error(ctx: Any, k: Any) -> None:
     with pytest.raises(UserError, match="k must"):
@@ -655,6 +662,24 @@ def test_a_file_swapped_since_indexing_is_not_shown(
     assert r.hits[0].relpath == "circle/circle_01.png" and r.unshown == 0
     with Image.open(r.gallery[0][0]) as shown, Image.open(swapped) as im:
         assert shown.tobytes() == im.convert("RGB").tobytes()
+
+
+def test_selection_and_examples_follow_what_is_shown(ctx: Any) -> None:
+    """A refine that no longer shows the selected result unselects it ("Search from this one"
+    searched from a picture no longer on show); a new upload starts with no examples marked
+    for the old picture, and its tiles with none framed."""
+    from app.events import NO_PICK, Events
+
+    ev = Events(ctx)
+    picked = handlers.search(ctx, ctx.example, k=5).hits[2]
+    gone = ev.do_refine(ctx.example, [], [picked.id], 5, None, None, None, picked)
+    assert picked.id not in [h.id for h in gone[3]] and gone[4:] == (None, NO_PICK)
+    kept = ev.do_refine(ctx.example, [picked.id], [], 5, None, None, None, picked)
+    assert kept[3][kept[0].selected_index].id == picked.id and kept[4] is picked
+    fresh = ev.upload_search(ctx.example, 5, None, None, None)
+    assert fresh[0].selected_index is None and fresh[4:6] == (None, NO_PICK)
+    assert fresh[6:9] == ([], [], handlers.feedback_text(ctx, [], []))
+    assert ev.new_search(ctx.example, 5, None, None, None)[0].selected_index is None
 
 
 def test_build_demo_wires_every_event_without_a_server(ctx: Any) -> None:
