@@ -25,6 +25,7 @@ from typing import Any
 from moco.checkpoint import LAST
 from moco.config import MECHANISMS, TrainConfig, queue_only_flags
 from moco.files import output_folder
+from moco.recipe import check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +238,13 @@ def ablate(
     num_images = len(list_images(base.data))
     if num_images == 0:
         raise ValueError(f"No images found in {base.data}")
-    ks = tuple(sorted(ks)) or default_ks(num_images)
+    ks = tuple(sorted(set(ks))) or default_ks(num_images)  # --k 8,8 trained K = 8 twice
+    momenta = tuple(sorted(set(momenta)))
     momentum_k = momentum_k or min(ks, key=lambda k: abs(k - num_images / 10))
     cells = grid(mechanisms, ks, momenta, momentum_k, num_images)
     out = Path(base.out)
+    for cell in cells:  # before the first cell: --momentum 1.5 failed after the K table trained
+        check_ranges(cell_config(base, cell, out / "cells" / cell.name))
     (output_folder(out) / "cells").mkdir(exist_ok=True)
     results = []
     for i, cell in enumerate(cells, 1):

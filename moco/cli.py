@@ -7,6 +7,10 @@ the library: ``--moco-k`` is ``TrainConfig.moco_k``.
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +97,30 @@ HELP = {
 }
 
 
+@contextmanager
+def terminate_saves() -> Iterator[None]:
+    """SIGTERM ends a run as Ctrl-C does, saving where it is: ``timeout``, ``docker stop``,
+    systemd and a cluster's pre-emption send it, and the epoch in progress was lost."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set a handler (a run started from a thread)
+        return
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from moco.distributed import rank
     from moco.train import TrainConfig, log_summary, train
 
-    ckpt = train(config_from_args(TrainConfig, args), given=getattr(args, "given", None))
+    with terminate_saves():
+        ckpt = train(config_from_args(TrainConfig, args), given=getattr(args, "given", None))
     if rank() == 0:  # under torchrun, once
         print(log_summary(ckpt))
         print(f"next: moco-search export {ckpt} --out {ckpt.parent / 'encoder'}")

@@ -175,6 +175,14 @@ def resume_config(
                 f"{flag} cannot change when resuming: the run in {given.out} has "
                 f"{changed[k][0]!r}, not {changed[k][1]!r} (start a new --out for that)"
             )
+    if now.get("minutes", 0) > 0 and not saved.get("minutes", 0) > 0:
+        # A run trained by --epochs has no clock to plan from: taken as a --minutes run saved
+        # before it planned, it was started again, its checkpoint and log overwritten.
+        raise ValueError(
+            f"--minutes cannot be given to resume the run in {given.out}: it was trained by "
+            f"--epochs ({saved.get('epochs')}). Give --epochs N (more than the epochs done) to "
+            "train it on, or start a new --out for a run of a set time"
+        )
     merged = {**saved, **now, "data": given.data, "out": given.out, "resume": True}
     if "epochs" in changed and "total_steps" not in now:  # a new length: plan it from epochs
         merged.update(total_steps=0, minutes=0.0)

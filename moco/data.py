@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -172,7 +173,9 @@ def load_image(
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError("decompression bomb", str(e)) from e
+        # Pillow's sentence quotes its own limits (89 or 179 MP), not the one that holds here
+        size = re.search(r"\((\d+) pixels\)", str(e))
+        raise ImageError("decompression bomb", f"{int(size[1]):,} pixels" if size else "") from e
     except UnidentifiedImageError as e:  # Pillow's message names a BytesIO for bytes: say no more
         if not isinstance(source, (str, os.PathLike)):
             raise ImageError("not an image") from e

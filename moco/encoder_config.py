@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+MAX_IMAGE_SIZE = 2048
+"""The largest side an encoder trains or embeds at (224 in the paper): 100,000 was taken, and
+the run grew to gigabytes decoding its store before the kernel killed it."""
+
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -27,8 +27,10 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
 from moco import whiten
+from moco.data import ENCODER_FILES, RUN_FILES
 from moco.encoder_config import (
     CONFIG,
+    MAX_IMAGE_SIZE,
     WEIGHTS,
     CheckpointError,
     EncoderConfig,
@@ -235,6 +237,27 @@ FIT_IMAGES = 5000
 """``export`` fits its map on at most this many images of the folder (a fixed-seed sample)."""
 
 
+def check_encoder_out(out: Path) -> None:
+    """Refuse an ``--out`` that holds anything but an encoder: export wrote its two files into a
+    run (whose ``config.json`` it replaced), or among photos (which then read as an encoder's
+    folder, and their images were passed over by index and pretrain)."""
+    if not out.is_dir():
+        return
+    names = {n for n in os.listdir(out) if not n.endswith(".tmp")}
+    others = sorted(names - ENCODER_FILES)
+    if not others:
+        return
+    if names >= RUN_FILES:
+        raise ValueError(
+            f"--out {out} is a pretraining run: export into a folder of its own, such as "
+            f"--out {out / 'encoder'}"
+        )
+    raise ValueError(
+        f"--out {out} holds other files ({others[0]}{', ...' if len(others) > 1 else ''}): "
+        "export into a new or empty folder, or an encoder's to replace it"
+    )
+
+
 def export_encoder(
     checkpoint: str | os.PathLike,
     out: str | os.PathLike,
@@ -256,9 +279,13 @@ def export_encoder(
     map on up to ``fit_images`` images of the folder ``fit_on`` (default: the run's training
     folder; with none, "auto" exports without a map).
     """
-    if image_size is not None and image_size < 8:  # 0 silently meant the default
-        raise ValueError(f"--image-size must be >= 8, got {image_size}")
+    if image_size is not None and not 8 <= image_size <= MAX_IMAGE_SIZE:  # 0 silently meant
+        # the default; 100,000 ran out of memory
+        raise ValueError(
+            f"--image-size must be from 8 to {MAX_IMAGE_SIZE} pixels, got {image_size}"
+        )
     model, cfg, data = _frozen_source(checkpoint)
+    check_encoder_out(Path(out))
     with output_folder_for(out):  # made before the fitting, which takes minutes; gone if it fails
         pooling = default_pooling(cfg.arch) if pooling == "auto" else pooling
         cfg = dataclasses.replace(

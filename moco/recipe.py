@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moco.config import BN_SPLITS, MECHANISMS, queue_only_flags
+from moco.encoder_config import MAX_IMAGE_SIZE
 from moco.encoders import check_arch
 from moco.schedule import steps_in_budget
 
@@ -154,6 +155,9 @@ def auto_splits(per_process: int) -> int:
     return s
 
 
+SIDES = f"from 8 to {MAX_IMAGE_SIZE} pixels"
+
+
 def check_ranges(cfg: Any) -> None:
     """Refuse a number no run can use, naming its flag (unset ones, ``None``, are chosen later):
     these failed deep inside a run, as a ZeroDivisionError (``--epochs 0``, ``--moco-k 0``), a
@@ -167,8 +171,8 @@ def check_ranges(cfg: Any) -> None:
     for name, ok, need in (
         ("epochs", cfg.epochs >= 1, ">= 1"),
         ("batch_size", cfg.batch_size is None or cfg.batch_size >= 2, ">= 2"),
-        ("image_size", cfg.image_size is None or cfg.image_size >= 8, ">= 8"),
-        ("embed_size", cfg.embed_size is None or cfg.embed_size >= 8, ">= 8"),
+        ("image_size", cfg.image_size is None or 8 <= cfg.image_size <= MAX_IMAGE_SIZE, SIDES),
+        ("embed_size", cfg.embed_size is None or 8 <= cfg.embed_size <= MAX_IMAGE_SIZE, SIDES),
         ("bn_splits", cfg.bn_splits is None or cfg.bn_splits >= 1, ">= 1 (1: off)"),
         ("lr", cfg.lr is None or cfg.lr > 0, "> 0"),
         ("weight_decay", cfg.weight_decay is None or cfg.weight_decay >= 0, ">= 0"),

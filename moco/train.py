@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import time
 import warnings
@@ -107,6 +108,13 @@ def train(cfg: TrainConfig, given: Collection[str] | None = None) -> Path:
     the run with a ``DiskFullError`` that says what was kept: checkpoints and ``log.jsonl`` are
     written whole or not at all, and the log never runs ahead of ``checkpoint_last.pt``.
     """
+    if os.path.realpath(cfg.out) == os.path.realpath(cfg.data):
+        # A run kept below the folder is passed over; the folder itself is not: its curves.png
+        # became a training image on resume (and an indexed one)
+        raise ValueError(
+            f"--out {cfg.out} is the image folder itself: give the run a folder of its own, "
+            f"such as --out {Path(cfg.out).absolute().parent / 'runs' / Path(cfg.data).name}"
+        )
     try:
         with _held(Path(cfg.out)):
             return _train(cfg, given)
@@ -157,6 +165,9 @@ def _train(cfg: TrainConfig, given: Collection[str] | None) -> Path:
         cfg, changed = resume_config(cfg, resumed["config"], given)  # the run's own settings
         for name, (saved, now) in sorted(changed.items()):
             log.info("resume: --%s %s (the run had %s)", name.replace("_", "-"), now, saved)
+        had = str(resumed["config"].get("data") or cfg.data)
+        if os.path.realpath(had) != os.path.realpath(cfg.data):  # said, as a changed flag is
+            log.warning("resume: training on %s (the run had %s)", cfg.data, had)
         if cfg.minutes > 0 and not cfg.total_steps:
             # Saved before --minutes had timed its first steps and planned the run: its
             # schedule was a placeholder (the default epochs, with no clock on a resume), so

@@ -67,14 +67,17 @@ class RunLog:
         listed = self.out / "skipped.txt"
         if not listed.is_file():
             return set()
-        names = set(listed.read_text(errors="replace").splitlines())
+        # file names as the file system has them: bytes that are not UTF-8 round-trip
+        names = set(listed.read_text("utf-8", errors="surrogateescape").splitlines())
         return {i for i, p in enumerate(self.paths) if str(p) in names}
 
     def skipped(self, indexes: list[int]) -> None:
         new = [i for i in indexes if i not in self.bad]
         self.bad.update(new)
         if self.enabled and new:
-            with open(self.out / "skipped.txt", "a") as f:
+            with open(
+                self.out / "skipped.txt", "a", encoding="utf-8", errors="surrogateescape"
+            ) as f:
                 f.writelines(f"{self.paths[i]}\n" for i in new)
 
     def elapsed_before(self) -> float:

@@ -92,6 +92,10 @@ def test_queue_only_options_are_refused_before_any_cell_runs(
     err = capsys.readouterr().err
     assert "--local-crops and --exclude-nearest apply to MoCo's queue only" in err
     assert "Traceback" not in err
+    # a momentum no run can use: refused before the K table trains (it was refused after)
+    assert launch.main([*grid_args(emoji_dir, out), "--momentum", "0.9,1.5"]) == 2
+    assert "--moco-m must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert not (out / "cells").exists()
 
 
 def test_an_interrupted_grid_resumes_without_rerunning_finished_cells(

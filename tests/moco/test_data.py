@@ -93,6 +93,10 @@ def test_decompression_bomb_header(tmp_path: Path) -> None:
     path = _write(tmp_path / "bomb.png", _png_claiming(100_000, 100_000))
     assert path.stat().st_size < 200
     assert _reason(path) == "decompression bomb"
+    for side in (12_000, 100_000):  # Pillow's warning (over 89 MP) and error (over 179 MP)
+        with pytest.raises(ImageError) as refused:  # say the size, not Pillow's own limits
+            load_image(_write(tmp_path / "b.png", _png_claiming(side, side)))
+        assert refused.value.detail == f"{side * side:,} pixels"
 
 
 def test_decompression_bomb_below_pillow_limit(tmp_path: Path) -> None:

@@ -47,8 +47,9 @@ def test_export_embeds_at_the_runs_embed_size_unless_told(tmp_path: Path) -> Non
     torch.save(ckpt, tmp_path / "ckpt.pt")
     assert export_encoder(tmp_path / "ckpt.pt", tmp_path / "a").image_size == 48
     assert export_encoder(tmp_path / "ckpt.pt", tmp_path / "b", image_size=32).image_size == 32
-    with pytest.raises(ValueError, match="--image-size must be >= 8, got 0"):  # not the default
-        export_encoder(tmp_path / "ckpt.pt", tmp_path / "c", image_size=0)
+    for size in (0, 100_000):  # 0 was the default, 100,000 ran out of memory
+        with pytest.raises(ValueError, match=f"--image-size must be from 8 to 2048 .*got {size}"):
+            export_encoder(tmp_path / "ckpt.pt", tmp_path / "c", image_size=size)
     assert not (tmp_path / "c").exists()
 
 
@@ -174,6 +175,21 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert "sha256" in capsys.readouterr().out
     assert launch.main(["export", str(tmp_path / "none.pt"), "--out", str(tmp_path / "e")]) == 2
     assert "Checkpoint not found" in capsys.readouterr().err
+    assert launch.main(["export", str(tmp_path / "e"), "--out", str(tmp_path / "e")]) == 0
+    capsys.readouterr()  # an encoder's folder is replaced; a run's or one of photos is not
+    run, photos = tmp_path / "run", tmp_path / "photos"
+    for folder, names in ((run, ("config.json", "log.jsonl")), (photos, ("a.jpg", "b.png"))):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_text("{}")
+    for out, said in (
+        (run, f"--out {run} is a pretraining run: export into a folder of its own, such as "),
+        (photos, f"--out {photos} holds other files (a.jpg, ...): export into a new or empty"),
+    ):
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert launch.main(["export", str(tmp_path / "ckpt.pt"), "--out", str(out)]) == 2
+        assert said in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")

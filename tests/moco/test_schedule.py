@@ -89,7 +89,8 @@ def test_key_batchnorm_groups_hold_at_least_four_images() -> None:
     [
         ("epochs", 0, "--epochs must be >= 1, got 0"),  # was a ZeroDivisionError
         ("batch_size", 0, "--batch-size must be >= 2, got 0"),  # a BatchNorm error
-        ("image_size", 0, "--image-size must be >= 8, got 0"),  # silently the default
+        ("image_size", 0, "--image-size must be from 8 to 2048 pixels, got 0"),  # the default
+        ("image_size", 100_000, "--image-size must be from 8 to 2048 pixels, got 100000"),  # OOM
         ("lr", -1.0, "--lr must be > 0, got -1.0"),
         ("moco_t", 0.0, "--moco-t must be > 0, got 0.0"),  # a NaN loss at the first step
         ("moco_k", 0, "--moco-k must be >= 1, got 0"),  # a ZeroDivisionError

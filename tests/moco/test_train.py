@@ -212,6 +212,19 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(
     assert ckpt.read_bytes() == before
 
 
+def test_skipped_files_named_in_no_encoding_are_listed_as_the_disk_names_them(
+    tmp_path: Path,
+) -> None:
+    """A broken file whose name is not UTF-8 failed the run when skipped.txt was written
+    ("surrogates not allowed"); listed, it is read back as the same path on resume."""
+    from moco.trainlog import RunLog
+
+    paths = [tmp_path / os.fsdecode(b"caf\xe9.png"), tmp_path / "ok.png"]
+    RunLog(tmp_path / "run", tiny_cfg(tmp_path, tmp_path / "run"), paths).skipped([0])
+    assert (tmp_path / "run" / "skipped.txt").read_bytes() == os.fsencode(paths[0]) + b"\n"
+    assert RunLog(tmp_path / "run", tiny_cfg(tmp_path, tmp_path / "run"), paths).bad == {0}
+
+
 def test_broken_file_is_skipped_and_logged(emoji_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(emoji_dir, data)
@@ -451,7 +464,9 @@ def test_ctrl_c_just_after_an_epochs_checkpoint_keeps_its_log_row(
 
 
 @pytest.mark.slow
-def test_ctrl_c_saves_and_resume_finishes(emoji_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_saves_and_resume_finishes(emoji_dir: Path, tmp_path: Path, sig: int) -> None:
+    """Ctrl-C, and SIGTERM (timeout, docker stop, systemd), save the run where it is."""
     run = tmp_path / "run"
     args = [sys.executable, str(ROOT / "launch.py"), *tiny_pretrain_args(emoji_dir, run, 50)]
     proc = subprocess.Popen(
@@ -466,7 +481,7 @@ def test_ctrl_c_saves_and_resume_finishes(emoji_dir: Path, tmp_path: Path) -> No
     while not (run / "log.jsonl").exists() and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "continue with --resume" in err and "Traceback" not in err
@@ -629,6 +644,26 @@ def test_untrained_baseline_is_logged_and_is_a_real_measurement(
     assert row["untrained_view_recall"] > 100 / len(views)
 
 
+def test_a_run_in_its_own_image_folder_is_refused_before_writing(
+    emoji_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--out`` the image folder itself: a run below it is passed over, the folder itself is
+    not, so its curves.png was a training image on resume."""
+    import launch
+
+    data = tmp_path / "data"
+    shutil.copytree(emoji_dir, data)
+    before = sorted(p.name for p in data.iterdir())
+    assert launch.main(["pretrain", str(data), "--out", str(data) + "/", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "is the image folder itself: give the run a folder of its own, such as --out " in err
+    assert sorted(p.name for p in data.iterdir()) == before
+
+
+def resume_args(data: Path, run: Path) -> list[str]:
+    return ["pretrain", str(data), "--out", str(run), "--resume"]
+
+
 def test_resume_needs_only_data_and_out(
     emoji_dir: Path,
     tmp_path: Path,
@@ -667,12 +702,21 @@ def test_resume_needs_only_data_and_out(
     err = capsys.readouterr().err
     assert rc == 2 and "--moco-k cannot change when resuming" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    trained = (run / LAST).read_bytes()  # --minutes on an --epochs run: it was started again,
+    rc = launch.main([*resume_args(emoji_dir, run), "--minutes", "0.2"])  # its weights lost
+    err = capsys.readouterr().err
+    assert rc == 2 and f"--minutes cannot be given to resume the run in {run}" in err
+    assert len(err.strip().splitlines()) == 1 and (run / LAST).read_bytes() == trained
     # A flag set back to its default value overrides too (the run had --bn-splits 2).
     resume = ["pretrain", str(emoji_dir), "--out", str(run), "--resume", "--epochs", "3"]
     with caplog.at_level("INFO", logger="moco.train"):
         assert launch.main([*resume, "--bn-splits", "8", "--save-every", "0"]) == 0
     assert load_checkpoint_file(run / LAST)["config"]["bn_splits"] == 8
     assert "resume: --bn-splits 8 (the run had 2)" in caplog.text
+    moved = shutil.copytree(emoji_dir, tmp_path / "moved")  # another DATA is said too
+    with caplog.at_level("INFO", logger="moco.train"):
+        assert launch.main(["pretrain", str(moved), "--out", str(run), "--resume"]) == 0
+    assert f"resume: training on {moved} (the run had {emoji_dir})" in caplog.text
 
 
 def test_epoch_numbers_count_from_one_for_old_and_new_logs() -> None:
