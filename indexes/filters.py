@@ -34,6 +34,8 @@ EXACT_MAX = 4096
 POSTFILTER_MIN = 0.05
 """Filters keeping at least this fraction of the collection are applied after the search."""
 Found = list[tuple[int, float]]
+MAX_SIDE = 1 << 20
+"""The largest minimum width or height a filter takes (no image file is wider)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,14 @@ class Filters:
     min_height: int | None = None
     modified_after: float | None = None
     modified_before: float | None = None
+
+    def __post_init__(self) -> None:
+        for side in ("width", "height"):  # SQLite's integers end at 2**63: a traceback past it
+            least = getattr(self, f"min_{side}")
+            if least is not None and not 0 <= least <= MAX_SIDE:
+                raise ValueError(
+                    f"the minimum {side} must be from 0 to {MAX_SIDE:,} pixels, got {least}"
+                )
 
     def is_empty(self) -> bool:
         return all(v is None for v in vars(self).values())

@@ -90,6 +90,8 @@ def run_predict(ns: argparse.Namespace) -> int:
     from moco import ImageError, load_image
 
     args = config_from_args(PredictArgs, ns)
+    if args.top < 1:  # -1 sliced off the last label, 0 printed none
+        raise ValueError(f"--top must be at least 1, got {args.top}")
     if not args.images:
         raise ValueError("give at least one image file or folder to classify")
     skipped: list[str] = []

@@ -186,6 +186,9 @@ def test_cli(coll: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert all(r["label"] == r["top5"][0][0] and 0 < r["confidence"] <= 1 for r in rows)
     with pytest.raises(FileNotFoundError):
         run_cli(["probe", "predict", "nope.png", "--collection", str(coll)])
+    for top in ("0", "-1"):  # -1 sliced off the last label, 0 printed none
+        with pytest.raises(ValueError, match=f"--top must be at least 1, got {top}"):
+            run_cli(["probe", "predict", str(img), "--collection", str(coll), "--top", top])
 
 
 def test_a_damaged_probe_is_named_and_left_out_not_fatal(

@@ -88,6 +88,11 @@ def test_search_table_and_json(coll: Path, images: Path, capsys: pytest.CaptureF
         assert launch.main(["search", "--collection", str(coll), str(q), *flags]) == 0
         out, err = capsys.readouterr()
         assert len(out.splitlines()) == 1 and f"no results: {why}" in err, (flags, err)
+    huge = "9" * 22  # past SQLite's integers: a traceback (OverflowError)
+    assert launch.main(["search", "--collection", str(coll), str(q), "--min-width", huge]) == 2
+    assert f"error: the minimum width must be from 0 to 1,048,576 pixels, got {huge}" in (
+        capsys.readouterr().err
+    )
 
 
 def test_reading_a_collection_does_not_wait_for_torch(coll: Path, images: Path) -> None:
