@@ -279,10 +279,11 @@ def start_run(
     old = manifest.read_manifest(collection) if known else None
     if (move_root or forget_root) and old is None:
         raise ValueError("--move-root and --forget-root change a collection that exists")
+    forgotten = 0
     if move_root:
         old = folders.move_root(collection, old, *move_root)
     if forget_root:
-        old = folders.forget_root(collection, old, forget_root)[0]
+        old, forgotten = folders.forget_root(collection, old, forget_root)
     kept: list[str] = []
     if old is None and encoder is not None:  # a database without its manifest, or a new one
         kept = preflight.check_manifest_kept(collection, encoder)
@@ -383,7 +384,7 @@ def start_run(
         report = IndexReport(
             unchanged=p.unchanged,
             renamed=len(p.renames),
-            removed=len(p.delete),
+            removed=len(p.delete) + forgotten,  # --forget-root's count in the summary too
             skipped=found.skipped,
             hidden=len(found.hidden),
             first_hidden=found.hidden[0] if found.hidden else None,

@@ -128,6 +128,12 @@ class ProbeReport:
             )
         for cls, pc in sorted(self.metrics.per_class.items()):
             lines.append(f"  {cls}: {pc['accuracy']:.0f}% of {int(pc['n'])}")
+        tested = {c for c, pc in self.metrics.per_class.items() if pc["n"]}
+        if self.metrics.n and (untested := [c for c in self.classes if c not in tested]):
+            lines.append(  # its accuracy above says nothing of it
+                f"  never tested: {', '.join(untested)} (too few labelled images to hold one "
+                "out; label more of each)"
+            )
         lines.append(f"saved to {self.path} ({self.seconds:.1f}s)")
         return "\n".join(lines)
 

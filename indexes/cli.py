@@ -252,7 +252,7 @@ def run_index(ns: argparse.Namespace) -> int:
             return 0
         print(
             f"next: moco-search search --collection {args.collection} QUERY.jpg, or "
-            f"python launch.py --collection {args.collection} for the web UI"
+            f"moco-search app --collection {args.collection} for the web UI"
         )
     return 0
 
@@ -313,6 +313,8 @@ def check_image_file(path: str | Path, what: str = "Image") -> None:
             f"{what} {path} is a folder: give image files (to add a "
             "folder to a collection, use moco-search index)"
         )
+    if Path(path).exists() and not Path(path).is_file():  # a FIFO, a device: "not found" lied
+        raise ValueError(f"{what} {path} is not a regular file")
     if not Path(path).is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
 

@@ -35,7 +35,8 @@ POSTFILTER_MIN = 0.05
 """Filters keeping at least this fraction of the collection are applied after the search."""
 Found = list[tuple[int, float]]
 MAX_SIDE = 1 << 20
-"""The largest minimum width or height a filter takes (no image file is wider)."""
+"""The largest minimum width or height a filter takes (past any photo's; SQLite's integers
+end at 2**63)."""
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,9 @@ def run_predict(ns: argparse.Namespace) -> int:
                 check_image_file(path)
                 load_image(path, draft_size=draft)
             except (OSError, ImageError) as e:
+                if alone and isinstance(e, ImageError) and path not in str(e):  # named, as
+                    named = f"{path} ({e.detail})" if e.detail else path  # search names it
+                    raise ImageError(e.reason, named) from e
                 if alone:
                     raise  # the one image given: its error is the command's
                 skip(path, e.reason if isinstance(e, ImageError) else str(e))

@@ -64,7 +64,7 @@ class Labels:
     """A ``--labels`` CSV: each absolute path's label, and each row's path as written with the
     absolute paths it may mean (a relative one, under each root)."""
 
-    by_path: dict[str, str]
+    by_path: dict[str, str | None]
     rows: list[tuple[str, list[str]]]
 
     def unmatched(self, entries: list[FileEntry]) -> list[str]:
@@ -88,13 +88,31 @@ def read_labels(csv_path: str | os.PathLike, roots: list[str]) -> Labels:
         raise ValueError(
             f"{csv_path} needs a header with 'path' and 'label' columns, found {reader.fieldnames}"
         )
+    given: dict[str, tuple[int, str | None]] = {}
     for row in reader:
-        p = row["path"]
+        line = reader.line_num
+        fields = [v for k, v in row.items() if k is not None and v is not None]
+        fields += row.get(None) or []  # past the header's: a comma in an unquoted path
+        if len(fields) != len(reader.fieldnames):
+            raise ValueError(
+                f"{csv_path}, line {line}: {len(fields)} fields where the header has "
+                f"{len(reader.fieldnames)}: put a path or label holding the delimiter in double "
+                'quotes ("a, b.jpg")'
+            )
+        p, label = row["path"], (row["label"] or "").strip() or None  # empty: no label
+        if any(c in "\r\n" for c in p + (label or "")):
+            raise ValueError(f"{csv_path}, line {line}: a quote is opened and never closed")
+        if p in given and given[p][1] != label:
+            raise ValueError(
+                f"{csv_path}: {p} is labelled twice, {given[p][1]!r} (line {given[p][0]}) and "
+                f"{label!r} (line {line})"
+            )
+        given[p] = (line, label)
         candidates = [p] if os.path.isabs(p) else [os.path.join(r, p) for r in roots]
         candidates = [os.path.normpath(c) for c in candidates]
         labels.rows.append((p, candidates))
         for c in candidates:
-            labels.by_path[c] = row["label"]
+            labels.by_path[c] = label
     return labels
 
 
@@ -150,7 +168,7 @@ OUTSIDE = "outside the allowed folders"
 
 
 def scan(
-    roots: list[str], labels: dict[str, str] | None = None, confine: tuple[str, ...] = ()
+    roots: list[str], labels: dict[str, str | None] | None = None, confine: tuple[str, ...] = ()
 ) -> Scan:
     """Every image file under ``roots`` (absolute paths), sorted by root then relative path.
 

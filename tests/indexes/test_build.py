@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -257,6 +258,32 @@ def test_a_labels_csv_that_is_not_text_says_so(
     csv.write_bytes(b"path,label\ncat/000.png,caf\xe9\n")  # Latin-1, not UTF-8
     with pytest.raises(ValueError, match=r"labels.csv is not UTF-8 text \(byte 0xe9 at offset"):
         build(images, tmp_path / "c", encoder_dir, labels_csv=csv)
+
+
+def test_a_labels_csv_row_that_cannot_mean_what_it_says_is_refused_by_line(
+    images: Path, encoder_dir: Path, tmp_path: Path
+) -> None:
+    """Each was accepted in silence: a path labelled twice (the last won), an unquoted comma
+    (the label became the path's second half), a quote never closed (the label ran to the end
+    of the file). An empty label is no label, and spaces around one are not part of it."""
+    csv = tmp_path / "labels.csv"
+    for text, said in [
+        (
+            "path,label\ncat/000.png,tabby\ndog/000.png,pug\ncat/000.png,pug\n",
+            "cat/000.png is labelled twice, 'tabby' (line 2) and 'pug' (line 4)",
+        ),
+        ("path,label\ncat/000.png,a,b\n", "line 2: 3 fields where the header has 2"),
+        ('path,label\ncat/000.png,"tabby\ndog/000.png,pug\n', "line 3: a quote is opened"),
+    ]:
+        csv.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(said)):
+            build(images, tmp_path / "c", encoder_dir, labels_csv=csv)
+        assert not (tmp_path / "c").exists()
+    csv.write_text("path,label\ncat/000.png,  tabby \ncat/001.png,\ncat/000.png,tabby\n")
+    build(images, tmp_path / "c", encoder_dir, labels_csv=csv)
+    with Collection.open(tmp_path / "c") as c:
+        counts = c.label_counts()
+    assert counts["tabby"] == 1 and counts["cat"] == 4 and "" not in counts
 
 
 def test_a_collection_inside_its_images_folder_does_not_index_itself(

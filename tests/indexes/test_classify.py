@@ -20,6 +20,7 @@ from indexes.classify import (
     read_predictions,
     train_collection_probe,
 )
+from indexes.classify import train_probe as train_labels
 from indexes.probe_cli import add_commands
 from indexes.probes import list_probes, probe_dir
 from moco.probe import ProbeMismatchError, save_probe, train_probe
@@ -122,6 +123,13 @@ def test_few_labels_report_a_wide_interval(tmp_path: Path, encoder_dir: Path) ->
     assert report.metrics.n == 6 and report.n_labeled == 6
     lo, hi = report.metrics.top1_ci
     assert hi - lo > 30.0 and "only 6 test images" in report.summary()
+    with Collection.open(small) as c:  # a class of one image is never held out
+        ids, labels = c.labeled()
+    one = train_labels(small, ids.tolist(), ["odd", *labels[1:]])
+    assert "odd" not in one.metrics.per_class or not one.metrics.per_class["odd"]["n"]
+    untested = next(x for x in one.summary().splitlines() if "never tested" in x)
+    assert "odd" in untested and "too few labelled images to hold one out" in untested
+    assert "never tested" not in report.summary()
 
 
 def test_one_class_is_refused(tmp_path: Path, encoder_dir: Path) -> None:

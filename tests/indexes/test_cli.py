@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -315,6 +316,13 @@ def test_probe_predict_classifies_a_folder_chunk_by_chunk(
     assert f"{new / 'empty'}: no image files in this folder (.avif " in capsys.readouterr().err
     assert launch.main(["probe", "predict", "--collection", str(coll), str(pano)]) == 0
     assert capsys.readouterr().out.startswith(f"{pano}: ")
+    bad, fifo = new / "dogs" / "empty.png", new / "fifo.png"  # one file: named, as search does
+    bad.write_bytes(b"")
+    assert launch.main(["probe", "predict", "--collection", str(coll), str(bad)]) == 2
+    assert capsys.readouterr().err.endswith(f"error: empty file: {bad}\n")
+    os.mkfifo(fifo)  # "not found", though it is there
+    assert launch.main(["probe", "predict", "--collection", str(coll), str(fifo)]) == 2
+    assert capsys.readouterr().err.endswith(f"error: Image {fifo} is not a regular file\n")
 
 
 def test_index_budget_and_float16_flags_then_search_shows_recall(
