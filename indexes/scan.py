@@ -91,11 +91,13 @@ def read_labels(csv_path: str | os.PathLike, roots: list[str]) -> Labels:
     given: dict[str, tuple[int, str | None]] = {}
     for row in reader:
         line = reader.line_num
-        fields = [v for k, v in row.items() if k is not None and v is not None]
-        fields += row.get(None) or []  # past the header's: a comma in an unquoted path
-        if len(fields) != len(reader.fieldnames):
+        # Fields past the header's (a comma in an unquoted path), or no path or label: a
+        # trailing column of the header's own may be left out
+        if row.get(None) or row["path"] is None or row["label"] is None:
+            n = sum(v is not None for k, v in row.items() if k is not None)
+            n += len(row.get(None) or [])
             raise ValueError(
-                f"{csv_path}, line {line}: {len(fields)} fields where the header has "
+                f"{csv_path}, line {line}: {n} field{'s' * (n != 1)} where the header has "
                 f"{len(reader.fieldnames)}: put a path or label holding the delimiter in double "
                 'quotes ("a, b.jpg")'
             )

@@ -273,13 +273,16 @@ def test_a_labels_csv_row_that_cannot_mean_what_it_says_is_refused_by_line(
             "cat/000.png is labelled twice, 'tabby' (line 2) and 'pug' (line 4)",
         ),
         ("path,label\ncat/000.png,a,b\n", "line 2: 3 fields where the header has 2"),
+        ("path,label\ncat/000.png\n", "line 2: 1 field where the header has 2"),
         ('path,label\ncat/000.png,"tabby\ndog/000.png,pug\n', "line 3: a quote is opened"),
     ]:
         csv.write_text(text)
         with pytest.raises(ValueError, match=re.escape(said)):
             build(images, tmp_path / "c", encoder_dir, labels_csv=csv)
         assert not (tmp_path / "c").exists()
-    csv.write_text("path,label\ncat/000.png,  tabby \ncat/001.png,\ncat/000.png,tabby\n")
+    csv.write_text(  # a trailing column of the header's own may be left out
+        "path,label,note\ncat/000.png,  tabby ,x\ncat/001.png,\ncat/000.png,tabby\n"
+    )
     build(images, tmp_path / "c", encoder_dir, labels_csv=csv)
     with Collection.open(tmp_path / "c") as c:
         counts = c.label_counts()
